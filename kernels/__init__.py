@@ -1,0 +1,1 @@
+"""Triton kernels (installed as ``fusedattn.kernels``). Importing this package imports triton."""
