@@ -74,6 +74,8 @@ def softmax_context(s: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tenso
     """
     H = s.shape[1]
     v = _expand_heads(v, H)
+    if s.shape[-1] == 0:  # no keys at all: zeros (still connected to the graph) and lse = -inf
+        return torch.matmul(s, v), s.sum(-1) + float("-inf")
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     m = s.amax(dim=-1, keepdim=True).detach()

@@ -1,0 +1,162 @@
+"""Helpers for numerical-equivalence tests of any backend against the reference.
+
+The tolerance rule is FlashAttention's: against a float64 reference, a fused
+result's error may be at most ``2x`` the error of the same reference computed in
+the input dtype, plus a small absolute floor (scaled by the reference's
+magnitude, so that sums over long rows are judged fairly)::
+
+    |fused - ref64|.max() <= 2 * |ref_in_dtype - ref64|.max() + floor * max(1, |ref64|.max())
+
+The same rule is applied to ``out``, ``lse`` and every gradient.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+from . import api, reference
+
+# absolute floors per input dtype (relative to max(1, |ref|))
+FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One attention call: sizes, options and how the inputs are made."""
+
+    score: str = "additive"          # "additive" | "dot"
+    B: int = 1
+    H: int = 2
+    Hk: int = 2
+    Lq: int = 17
+    Lk: int = 17
+    D: int = 16
+    Dv: int = 16
+    causal: bool = False
+    lengths: Optional[tuple] = None  # key_lengths per batch entry
+    dtype: torch.dtype = torch.float32
+    magnitude: float = 1.0           # multiplies q and k: 30 or 1e4 saturate the tanh
+    strided: bool = False            # q/k/v as transposed views of (B, L, H, D)
+    scale: Optional[float] = None
+    seed: int = 0
+
+    def with_(self, **kw) -> Case:
+        return replace(self, **kw)
+
+    def __str__(self) -> str:
+        parts = [self.score, f"B{self.B}H{self.H}/{self.Hk}", f"Lq{self.Lq}Lk{self.Lk}",
+                 f"D{self.D}Dv{self.Dv}", str(self.dtype).replace("torch.", "")]
+        if self.causal:
+            parts.append("causal")
+        if self.lengths is not None:
+            parts.append("len" + "-".join(map(str, self.lengths)))
+        if self.magnitude != 1.0:
+            parts.append(f"x{self.magnitude:g}")
+        if self.strided:
+            parts.append("strided")
+        return "_".join(parts)
+
+
+def make_inputs(case: Case, device="cpu"):
+    """``(q, k, v, w_or_None, key_lengths_or_None)`` in ``case.dtype``, deterministic in ``case.seed``."""
+    g = torch.Generator().manual_seed(case.seed)
+
+    def rand(B, H, L, D, mag):
+        if case.strided:  # a (B, L, H, D) buffer viewed as (B, H, L, D)
+            return (torch.randn(B, L, H, D, generator=g, dtype=torch.float64) * mag).transpose(1, 2)
+        return torch.randn(B, H, L, D, generator=g, dtype=torch.float64) * mag
+
+    mag = case.magnitude
+    qk_mag = mag if case.score == "additive" else math.sqrt(mag)
+    q = rand(case.B, case.H, case.Lq, case.D, qk_mag)
+    k = rand(case.B, case.Hk, case.Lk, case.D, qk_mag)
+    v = rand(case.B, case.Hk, case.Lk, case.Dv, 1.0)
+    w = torch.randn(case.H, case.D, generator=g, dtype=torch.float64) / math.sqrt(case.D) \
+        if case.score == "additive" else None
+    lengths = None if case.lengths is None else torch.tensor(case.lengths, dtype=torch.int32, device=device)
+
+    def cast(t):
+        return None if t is None else t.to(device=device, dtype=case.dtype)
+
+    return cast(q), cast(k), cast(v), cast(w), lengths
+
+
+def run(case: Case, backend: str, q, k, v, w, key_lengths, dout=None):
+    """Forward (+ backward when ``dout`` is given) through the public API.
+
+    Returns ``{"out", "lse", "dq", "dk", "dv", ["dw"]}``.
+    """
+    inputs = (q, k, v) + ((w,) if w is not None else ())
+    leaves = [t.detach().requires_grad_(dout is not None) for t in inputs]
+    if case.score == "additive":
+        out, lse = api.additive_attention(*leaves, key_lengths=key_lengths, causal=case.causal,
+                                          return_lse=True, backend=backend)
+    else:
+        out, lse = api.dot_product_attention(*leaves, scale=case.scale, key_lengths=key_lengths,
+                                             causal=case.causal, return_lse=True, backend=backend)
+    res = {"out": out.detach(), "lse": lse.detach()}
+    if dout is not None:
+        grads = torch.autograd.grad(out, leaves, dout)
+        res.update(zip(("dq", "dk", "dv", "dw"), grads))
+    return res
+
+
+def run_reference(case: Case, q, k, v, w, key_lengths, dout=None, upcast_to=None):
+    """The reference (autograd-differentiated ``fusedattn.reference``), optionally on upcast inputs."""
+    def prep(t):
+        return None if t is None else t.detach().to(upcast_to or t.dtype)
+
+    q, k, v, w = (prep(t) for t in (q, k, v, w))
+    leaves = [t.requires_grad_(dout is not None) for t in (q, k, v) + ((w,) if w is not None else ())]
+    if case.score == "additive":
+        out, lse = reference.additive_attention(*leaves, key_lengths=key_lengths, causal=case.causal,
+                                                return_lse=True)
+    else:
+        out, lse = reference.dot_product_attention(*leaves, scale=case.scale, key_lengths=key_lengths,
+                                                   causal=case.causal, return_lse=True)
+    res = {"out": out.detach(), "lse": lse.detach()}
+    if dout is not None:
+        grads = torch.autograd.grad(out, leaves, prep(dout))
+        res.update(zip(("dq", "dk", "dv", "dw"), grads))
+    return res
+
+
+def _err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max abs difference, treating equal infinities (lse = -inf rows) as exact."""
+    a, b = a.double(), b.double()
+    same_inf = torch.isinf(a) & torch.isinf(b) & (a == b)
+    diff = torch.where(same_inf, torch.zeros_like(a), (a - b).abs())
+    return float(diff.max()) if diff.numel() else 0.0
+
+
+def assert_within_rule(name: str, fused: torch.Tensor, ref64: torch.Tensor, ref_dtype: torch.Tensor,
+                       dtype: torch.dtype, slack: float = 2.0) -> None:
+    if fused.shape != ref64.shape:
+        raise AssertionError(f"{name}: shape {tuple(fused.shape)} != reference {tuple(ref64.shape)}")
+    if torch.isnan(fused).any() and not torch.isnan(ref64).any():
+        raise AssertionError(f"{name}: NaN in the fused result but not in the reference")
+    finite = ref64[torch.isfinite(ref64)]
+    mag = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
+    err, err_ref = _err(fused, ref64), _err(ref_dtype, ref64)
+    bound = slack * err_ref + FLOOR[dtype] * mag
+    if not err <= bound:
+        raise AssertionError(f"{name}: max error {err:.3e} > {slack:g} x reference-in-{dtype} error "
+                             f"{err_ref:.3e} + floor {FLOOR[dtype] * mag:.1e}")
+
+
+def check_backend(case: Case, backend: str, backward: bool = True, device="cpu") -> None:
+    """Run ``case`` through ``backend`` and the reference; assert the tolerance rule everywhere."""
+    q, k, v, w, lengths = make_inputs(case, device)
+    dout = None
+    if backward:
+        g = torch.Generator().manual_seed(case.seed + 1)
+        dout = torch.randn(case.B, case.H, case.Lq, case.Dv, generator=g, dtype=torch.float64)
+        dout = dout.to(device=device, dtype=case.dtype)
+    fused = run(case, backend, q, k, v, w, lengths, dout)
+    ref64 = run_reference(case, q, k, v, w, lengths, dout, upcast_to=torch.float64)
+    ref_dt = run_reference(case, q, k, v, w, lengths, dout)
+    for name in ref64:
+        assert_within_rule(f"{case} [{backend}] {name}", fused[name], ref64[name], ref_dt[name], case.dtype)
