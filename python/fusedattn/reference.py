@@ -38,6 +38,18 @@ def allowed_mask(B: int, Lq: int, Lk: int, key_lengths: Optional[torch.Tensor], 
     return mask
 
 
+def zero_padding(x: torch.Tensor, key_lengths: Optional[torch.Tensor]) -> torch.Tensor:
+    """Zero the key rows ``j >= key_lengths[b]`` of a ``(B, Hk, Lk, ·)`` tensor.
+
+    Padded keys and values never contribute, whatever they hold (even NaN).
+    """
+    if key_lengths is None:
+        return x
+    j = torch.arange(x.shape[2], device=x.device).view(1, 1, -1, 1)
+    keep = j < key_lengths.to(x.device).view(-1, 1, 1, 1)
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def _expand_heads(x: torch.Tensor, H: int) -> torch.Tensor:
     """(B, Hk, L, D) -> (B, H, L, D): query head h reads head h // (H // Hk)."""
     Hk = x.shape[1]
@@ -100,6 +112,7 @@ def additive_attention(q, k, v, w, *, key_lengths=None, causal=False, return_lse
     dtype = q.dtype
     cd = _compute_dtype(dtype, upcast)
     q, k, v, w = (t.to(cd) for t in (q, k, v, w))
+    k, v = zero_padding(k, key_lengths), zero_padding(v, key_lengths)
     B, _, Lq, _ = q.shape
     Lk = k.shape[2]
     s = additive_scores(q, k, w, chunk=chunk)
@@ -115,6 +128,7 @@ def dot_product_attention(q, k, v, *, scale=None, key_lengths=None, causal=False
     dtype = q.dtype
     cd = _compute_dtype(dtype, upcast)
     q, k, v = (t.to(cd) for t in (q, k, v))
+    k, v = zero_padding(k, key_lengths), zero_padding(v, key_lengths)
     B, _, Lq, D = q.shape
     Lk = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)

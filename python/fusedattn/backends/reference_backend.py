@@ -27,6 +27,7 @@ class ReferenceBackend(Backend):
     def additive_backward(self, dout, q, k, v, w, key_lengths, causal, out, lse):
         dtype = q.dtype
         dout, q, k, v, w = _upcast(dout, q, k, v, w)
+        k, v = reference.zero_padding(k, key_lengths), reference.zero_padding(v, key_lengths)
         H, Hk = q.shape[1], k.shape[1]
         ke = reference._expand_heads(k, H)
         t = torch.tanh(q.unsqueeze(3) + ke.unsqueeze(2))                 # (B, H, Lq, Lk, A)
@@ -45,6 +46,7 @@ class ReferenceBackend(Backend):
     def dot_backward(self, dout, q, k, v, key_lengths, scale, causal, out, lse):
         dtype = q.dtype
         dout, q, k, v = _upcast(dout, q, k, v)
+        k, v = reference.zero_padding(k, key_lengths), reference.zero_padding(v, key_lengths)
         H, Hk = q.shape[1], k.shape[1]
         ke = reference._expand_heads(k, H)
         s = reference.dot_scores(q, k, scale)
