@@ -22,7 +22,7 @@ def _extensions():
         "fusedattn._C",
         sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args=["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG"],
+        extra_compile_args=["-O3", "-std=c++20", "-fopenmp", "-DNDEBUG"],
         extra_link_args=["-fopenmp"],
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -1,0 +1,136 @@
+"""Quick CPU timings of the fused kernels (torch.ops.fusedattn_cpu) against the reference and SDPA.
+
+Usage: python benchmarks/cpu_quick.py [additive|dot|decode|memory|all]
+Ratios are taken within one run; the machine is noisy, so each figure is the best of a few repeats.
+"""
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import fusedattn._C  # noqa: F401  (registers torch.ops.fusedattn_cpu)
+from fusedattn import reference as R
+
+ops = torch.ops.fusedattn_cpu
+
+
+def best(fn, reps=5, warmup=1):
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return min(ts)
+
+
+def additive(L=1024, A=128, Dv=128):
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, L, A), torch.randn(1, 1, L, A)
+    v, w = torch.randn(1, 1, L, Dv), torch.randn(1, A) * 0.1
+    do = torch.randn(1, 1, L, Dv)
+
+    def f_fwd():
+        return ops.additive_fwd(q, k, v, w, None, False)
+
+    def f_fb():
+        o, lse = ops.additive_fwd(q, k, v, w, None, False)
+        return ops.additive_bwd(do, q, k, v, w, None, False, o, lse)
+
+    def r_fwd():
+        with torch.no_grad():
+            return R.additive_attention(q, k, v, w)
+
+    def r_fb():
+        ts = [t.detach().requires_grad_() for t in (q, k, v, w)]
+        R.additive_attention(*ts).backward(do)
+
+    tf, tfb = best(f_fwd), best(f_fb)
+    rf, rfb = best(r_fwd, reps=2), best(r_fb, reps=2)
+    triples = L * L * A
+    print(f"additive L={L} A={A} Dv={Dv}: fused fwd {tf*1e3:.1f} ms ({triples/tf/1e9:.2f} G triples/s), "
+          f"reference fwd {rf*1e3:.0f} ms -> {rf/tf:.0f}x")
+    print(f"additive L={L} A={A} Dv={Dv}: fused fwd+bwd {tfb*1e3:.1f} ms, reference fwd+bwd {rfb*1e3:.0f} ms "
+          f"-> {rfb/tfb:.0f}x")
+
+
+def dot(B=1, H=4, L=4096, D=64, causal=False):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
+    do = torch.randn(B, H, L, D)
+    scale = 1 / math.sqrt(D)
+
+    def f_fwd():
+        return ops.dot_fwd(q, k, v, None, scale, causal)
+
+    def f_fb():
+        o, lse = ops.dot_fwd(q, k, v, None, scale, causal)
+        return ops.dot_bwd(do, q, k, v, None, scale, causal, o, lse)
+
+    def s_fwd():
+        with torch.no_grad():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    def s_fb():
+        ts = [t.detach().requires_grad_() for t in (q, k, v)]
+        F.scaled_dot_product_attention(*ts, is_causal=causal).backward(do)
+
+    tf, sf = best(f_fwd), best(s_fwd)
+    tfb, sfb = best(f_fb, reps=3), best(s_fb, reps=3)
+    print(f"dot B={B} H={H} L={L} D={D} causal={causal}: fwd fused {tf*1e3:.0f} ms, sdpa {sf*1e3:.0f} ms "
+          f"-> {sf/tf:.2f}x sdpa speed; fwd+bwd fused {tfb*1e3:.0f} ms, sdpa {sfb*1e3:.0f} ms "
+          f"-> {sfb/tfb:.2f}x")
+
+
+def decode(Lk=4000, D=128):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 1, 1, D), torch.randn(1, 1, Lk, D), torch.randn(1, 1, Lk, D)
+    w = torch.randn(1, D) * 0.1
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        t = best(lambda: ops.additive_fwd(q, k, v, w, None, False), reps=20)
+        print(f"additive decode Lq=1 Lk={Lk} A={D}, {n} thread(s): {t*1e6:.0f} us "
+              f"({Lk*D/t/1e9:.2f} G triples/s)")
+    torch.set_num_threads(2)
+
+
+def memory(L=16384, A=128, Lbig=65536):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, L, A) for _ in range(3))
+    w = torch.randn(1, A) * 0.1
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    ops.additive_fwd(q, k, v, w, None, False)
+    t = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"additive fwd L={L} A={A}: {t:.2f} s, peak RSS grew {(after-before)/1024:.0f} MiB "
+          f"(inputs {3*L*A*4/2**20:.0f} MiB)")
+    if Lbig:
+        q, k, v, do = (torch.randn(1, 1, Lbig, A) for _ in range(4))
+        t0 = time.perf_counter()
+        o, lse = ops.additive_fwd(q, k, v, w, None, False)
+        t1 = time.perf_counter()
+        ops.additive_bwd(do, q, k, v, w, None, False, o, lse)
+        t2 = time.perf_counter()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(f"additive L={Lbig} A={A}: fwd {t1-t0:.1f} s, bwd {t2-t1:.1f} s, "
+              f"process peak RSS {peak/1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    what = sys.argv[1] if len(sys.argv) > 1 else "all"
+    print(f"threads={torch.get_num_threads()} avx2={ops.uses_avx2()}")
+    if what in ("additive", "all"):
+        additive()
+    if what in ("dot", "all"):
+        dot()
+    if what in ("decode", "all"):
+        decode()
+    if what == "memory":
+        memory()

@@ -1,0 +1,717 @@
+// fusedattn_cpu: fused additive and dot-product attention for the CPU, forward and backward.
+//
+// Ops (schemas in TORCH_LIBRARY below):
+//   additive_fwd(q, k, v, w, key_lengths?, causal) -> (out, lse)
+//   additive_bwd(dout, q, k, v, w, key_lengths?, causal, out, lse) -> (dq, dk, dv, dw)
+//   dot_fwd(q, k, v, key_lengths?, scale, causal) -> (out, lse)
+//   dot_bwd(dout, q, k, v, key_lengths?, scale, causal, out, lse) -> (dq, dk, dv)
+//
+// Layout: the launchers copy q, k, v (and w, dout) into contiguous float32 buffers; that is
+// O(L*D) against the O(Lq*Lk*D) work. No Lq x Lk tensor is ever stored: work is done on
+// (query tile x key tile) blocks held in per-thread scratch.
+//
+// Forward: work items (batch, head, query tile, key split); each owns its output rows. When there
+// are few items (a decoder step against long keys) the keys are split and the partial results are
+// merged by their log-sum-exp. The split count depends only on the sizes, never on the thread
+// count, so results are bitwise equal for any number of threads.
+//
+// Backward: work items (batch, kv head, key chunk); an item owns the dK/dV rows of its key tiles
+// (grouped query heads are summed inside the item) and writes dQ into a buffer private to its key
+// chunk; the chunk buffers (and dw partials) are then summed in a fixed order.
+#include <ATen/Parallel.h>
+#include <Python.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "kernels.h"
+
+// Single-precision GEMM of the BLAS bundled with libtorch_cpu (column-major, Fortran interface).
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
+                       const int* k, const float* alpha, const float* a, const int* lda,
+                       const float* b, const int* ldb, const float* beta, float* c, const int* ldc);
+
+namespace fusedattn_cpu {
+namespace {
+
+using at::Tensor;
+
+constexpr float kNegInf = -INFINITY;
+// Beyond this magnitude e^{2x} over/underflows in float32: such rows use tanh directly.
+constexpr float kExpLimit = 40.f;
+
+Isa pick_isa() {
+  const char* env = std::getenv("FUSEDATTN_CPU_ISA");
+  if (env != nullptr && std::strcmp(env, "scalar") == 0) return Isa{false};
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return Isa{has};
+}
+
+// Row-major C[M x N] = alpha * op(A) * op(B) + beta * C through the column-major sgemm.
+void gemm(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda,
+          const float* B, int ldb, float beta, float* C, int ldc) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    for (int i = 0; i < M; ++i)
+      for (int j = 0; j < N; ++j) C[(int64_t)i * ldc + j] = beta == 0.f ? 0.f : beta * C[(int64_t)i * ldc + j];
+    return;
+  }
+  const char ca = tb ? 'T' : 'N', cb = ta ? 'T' : 'N';
+  sgemm_(&ca, &cb, &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+
+// 64-byte aligned float scratch.
+struct Buf {
+  float* p = nullptr;
+  explicit Buf(int64_t n) {
+    size_t bytes = ((size_t)std::max<int64_t>(n, 1) * sizeof(float) + 63) / 64 * 64;
+    p = static_cast<float*>(std::aligned_alloc(64, bytes));
+    TORCH_CHECK(p != nullptr, "fusedattn_cpu: out of memory for scratch");
+  }
+  ~Buf() { std::free(p); }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  float* data() { return p; }
+};
+
+// Runs body(pull) on up to get_num_threads() threads; pull() hands out item indices 0..n-1
+// (-1 when done). Items own disjoint outputs, so which thread runs an item does not matter.
+template <class Body>
+void parallel_items(int64_t n, const Body& body) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  auto pull = [&]() -> int64_t {
+    const int64_t i = next.fetch_add(1);
+    return i < n ? i : -1;
+  };
+  const int64_t nt = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) { body(pull); });
+}
+
+struct Problem {
+  int64_t B, H, Hk, G, Lq, Lk, D, Dv;
+  bool causal;
+  std::vector<int64_t> klen;
+  // Keys j < lim(b, i) are allowed for query i.
+  int64_t lim(int64_t b, int64_t i) const {
+    int64_t l = klen[b];
+    if (causal) l = std::min<int64_t>(l, i + Lk - Lq + 1);
+    return std::max<int64_t>(l, 0);
+  }
+};
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ----------------------------------------------------------------------------- checks
+
+void check_qkv(const char* op, const Tensor& q, const Tensor& k, const Tensor& v) {
+  for (const Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->defined(), op, ": undefined tensor");
+    TORCH_CHECK(t->device().is_cpu(), op, ": tensors must be on the CPU, got ", t->device());
+    TORCH_CHECK(t->dim() == 4, op, ": q, k, v must have 4 dimensions, got shape ", t->sizes());
+  }
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, op,
+              ": dtype must be float32 or bfloat16, got ", q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hk = k.size(1), Lk = k.size(2);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B, op, ": batch sizes differ: q ", q.sizes(), ", k ",
+              k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(k.size(3) == D, op, ": q and k head dims differ: q ", q.sizes(), ", k ", k.sizes());
+  TORCH_CHECK(v.size(1) == Hk && v.size(2) == Lk, op, ": k and v must agree in heads and length: k ",
+              k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(Hk > 0 ? H % Hk == 0 : H == 0, op, ": H=", H, " must be a multiple of Hk=", Hk);
+}
+
+std::vector<int64_t> read_lengths(const char* op, const c10::optional<Tensor>& kl, int64_t B,
+                                  int64_t Lk) {
+  std::vector<int64_t> out(B, Lk);
+  if (!kl.has_value() || !kl->defined()) return out;
+  const Tensor& t = *kl;
+  TORCH_CHECK(t.device().is_cpu(), op, ": key_lengths must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == at::kInt, op, ": key_lengths must be int32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == B, op, ": key_lengths must have shape (", B, ",), got ",
+              t.sizes());
+  Tensor c = t.contiguous();
+  const int32_t* p = c.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(p[b] >= 0 && p[b] <= Lk, op, ": key_lengths[", b, "]=", p[b], " not in [0, ", Lk, "]");
+    out[b] = p[b];
+  }
+  return out;
+}
+
+void check_w(const char* op, const Tensor& w, const Tensor& q) {
+  TORCH_CHECK(w.defined() && w.device().is_cpu(), op, ": w must be a CPU tensor");
+  TORCH_CHECK(w.scalar_type() == q.scalar_type(), op, ": w dtype ", w.scalar_type(),
+              " differs from q dtype ", q.scalar_type());
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == q.size(1) && w.size(1) == q.size(3), op,
+              ": w must have shape (H, D) = (", q.size(1), ", ", q.size(3), "), got ", w.sizes());
+}
+
+void check_bwd(const char* op, const Tensor& dout, const Tensor& out, const Tensor& lse,
+               const Tensor& q, const Tensor& v) {
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Dv = v.size(3);
+  for (const Tensor* t : {&dout, &out}) {
+    TORCH_CHECK(t->defined() && t->device().is_cpu(), op, ": dout and out must be CPU tensors");
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), op, ": dout/out dtype ", t->scalar_type(),
+                " differs from q dtype ", q.scalar_type());
+    TORCH_CHECK(t->dim() == 4 && t->size(0) == B && t->size(1) == H && t->size(2) == Lq &&
+                    t->size(3) == Dv,
+                op, ": dout/out must have shape (", B, ", ", H, ", ", Lq, ", ", Dv, "), got ", t->sizes());
+  }
+  TORCH_CHECK(lse.defined() && lse.device().is_cpu() && lse.scalar_type() == at::kFloat, op,
+              ": lse must be a float32 CPU tensor");
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == Lq, op,
+              ": lse must have shape (", B, ", ", H, ", ", Lq, "), got ", lse.sizes());
+}
+
+Tensor f32(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+Problem make_problem(const Tensor& q, const Tensor& k, const Tensor& v,
+                     std::vector<int64_t> klen, bool causal) {
+  Problem p;
+  p.B = q.size(0); p.H = q.size(1); p.Lq = q.size(2); p.D = q.size(3);
+  p.Hk = k.size(1); p.Lk = k.size(2); p.Dv = v.size(3);
+  p.G = p.Hk > 0 ? p.H / p.Hk : 1;
+  p.causal = causal;
+  p.klen = std::move(klen);
+  return p;
+}
+
+bool empty_problem(const Problem& p) { return p.B == 0 || p.H == 0 || p.Lq == 0 || p.Lk == 0; }
+
+// ----------------------------------------------------------------------------- score providers
+
+// s_ij = scale * q_i . k_j through sgemm.
+struct DotScores {
+  const float* q;  // (B, H, Lq, D)
+  const float* k;  // (B, Hk, Lk, D)
+  float scale;
+  const Problem* p;
+  static constexpr int BQ = 128, BK = 256;
+  const float* qrow(int64_t b, int64_t h, int64_t i) const { return q + ((b * p->H + h) * p->Lq + i) * p->D; }
+  const float* krow(int64_t b, int64_t hk, int64_t j) const { return k + ((b * p->Hk + hk) * p->Lk + j) * p->D; }
+  void tile(Isa, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* S) const {
+    const int D = (int)p->D;
+    gemm(false, true, nr, nc, D, scale, qrow(b, h, i0), D, krow(b, h / p->G, j0), D, 0.f, S, BK);
+  }
+};
+
+// s_ij = sum_a w_a tanh(q_ia + k_ja) = sum_a w_a - 2 sum_a w_a / (1 + e^{2 q_ia} e^{2 k_ja}),
+// with a direct tanh for rows whose |values| exceed kExpLimit (flagged).
+struct AddScores {
+  const float* q;    // (B, H, Lq, A)
+  const float* k;    // (B, Hk, Lk, A)
+  const float* w;    // (H, A)
+  const float* Eq;   // (B, H, Lq, A): e^{2q}, 1 on flagged rows
+  const float* EkT;  // (B, Hk, A, LkP): e^{2k} transposed and padded with 1
+  const uint8_t* qflag;  // (B, H, Lq)
+  const uint8_t* kflag;  // (B, Hk, Lk)
+  int64_t LkP;
+  const Problem* p;
+  static constexpr int BQ = 32, BK = 64;
+
+  const float* eq(int64_t b, int64_t h, int64_t i) const { return Eq + ((b * p->H + h) * p->Lq + i) * p->D; }
+  const float* ekt(int64_t b, int64_t hk, int64_t j) const { return EkT + (b * p->Hk + hk) * p->D * LkP + j; }
+  bool qf(int64_t b, int64_t h, int64_t i) const { return qflag[(b * p->H + h) * p->Lq + i] != 0; }
+  bool kf(int64_t b, int64_t hk, int64_t j) const { return kflag[(b * p->Hk + hk) * p->Lk + j] != 0; }
+  const float* qrow(int64_t b, int64_t h, int64_t i) const { return q + ((b * p->H + h) * p->Lq + i) * p->D; }
+  const float* krow(int64_t b, int64_t hk, int64_t j) const { return k + ((b * p->Hk + hk) * p->Lk + j) * p->D; }
+  bool flagged(int64_t b, int64_t h, int64_t i, int64_t j) const { return qf(b, h, i) || kf(b, h / p->G, j); }
+
+  float direct(int64_t b, int64_t h, int64_t i, int64_t j) const {
+    const float* x = qrow(b, h, i);
+    const float* y = krow(b, h / p->G, j);
+    const float* wh = w + h * p->D;
+    float s = 0.f;
+    for (int64_t a = 0; a < p->D; ++a) s += wh[a] * std::tanh(x[a] + y[a]);
+    return s;
+  }
+
+  void tile(Isa isa, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* S) const {
+    const int64_t hk = h / p->G;
+    const int nc8 = (int)round_up(nc, 8);
+    add_scores(isa, nr, nc8, (int)p->D, eq(b, h, i0), ekt(b, hk, j0), LkP, w + h * p->D, S, BK);
+    for (int i = 0; i < nr; ++i)
+      for (int j = 0; j < nc; ++j)
+        if (flagged(b, h, i0 + i, j0 + j)) S[i * BK + j] = direct(b, h, i0 + i, j0 + j);
+  }
+};
+
+// ----------------------------------------------------------------------------- forward
+
+// out_f (B, H, Lq, Dv) float32 and lse (B, H, Lq) float32, both preallocated and contiguous.
+template <class Scores>
+void forward(const Problem& p, const Scores& sc, const float* v, float* out, float* lse, Isa isa) {
+  constexpr int BQ = Scores::BQ, BK = Scores::BK;
+  const int64_t nqt = (p.Lq + BQ - 1) / BQ, nkt = (p.Lk + BK - 1) / BK;
+  const int64_t base_items = p.B * p.H * nqt;
+  // Few items (e.g. one decoder step): split the keys so every core has work.
+  int64_t nsplit = 1;
+  if (base_items < 8) nsplit = std::min<int64_t>(nkt, (8 + base_items - 1) / base_items);
+  const int64_t chunk = round_up((p.Lk + nsplit - 1) / nsplit, BK);
+  nsplit = (p.Lk + chunk - 1) / chunk;
+  const int64_t rows = p.B * p.H * p.Lq;
+  std::vector<float> part_o, part_m, part_l;
+  if (nsplit > 1) {
+    part_o.assign(nsplit * rows * p.Dv, 0.f);
+    part_m.assign(nsplit * rows, kNegInf);
+    part_l.assign(nsplit * rows, 0.f);
+  }
+  const int Dv = (int)p.Dv;
+
+  parallel_items(base_items * nsplit, [&](auto pull) {
+    Buf S(BQ * BK), O(BQ * std::max<int64_t>(p.Dv, 1));
+    float m[BQ], l[BQ];
+    int64_t lims[BQ];
+    for (int64_t it; (it = pull()) >= 0;) {
+      const int64_t s = it % nsplit, rest = it / nsplit;
+      // last query tiles first: under a causal mask they have the most keys
+      const int64_t qt = nqt - 1 - rest % nqt, bh = rest / nqt, b = bh / p.H, h = bh % p.H, hk = h / p.G;
+      const int64_t i0 = qt * BQ;
+      const int nr = (int)std::min<int64_t>(BQ, p.Lq - i0);
+      const int64_t kb = s * chunk, ke = std::min<int64_t>(p.Lk, kb + chunk);
+      int64_t kmax = 0;
+      for (int i = 0; i < nr; ++i) {
+        lims[i] = p.lim(b, i0 + i);
+        kmax = std::max(kmax, lims[i]);
+        m[i] = kNegInf;
+        l[i] = 0.f;
+      }
+      std::memset(O.data(), 0, sizeof(float) * nr * Dv);
+      const int64_t kend = std::min(ke, kmax);
+      for (int64_t j0 = kb; j0 < kend; j0 += BK) {
+        const int nc = (int)std::min<int64_t>(BK, kend - j0);
+        sc.tile(isa, b, h, i0, nr, j0, nc, S.data());
+        for (int i = 0; i < nr; ++i) {
+          float* srow = S.data() + i * BK;
+          const int valid = (int)std::clamp<int64_t>(lims[i] - j0, 0, nc);
+          for (int j = valid; j < nc; ++j) srow[j] = kNegInf;
+          const float mn = std::max(m[i], valid > 0 ? row_max(isa, srow, valid) : kNegInf);
+          if (mn == kNegInf) {  // nothing allowed yet in this row
+            std::memset(srow, 0, sizeof(float) * nc);
+            continue;
+          }
+          const float alpha = m[i] == kNegInf ? 0.f : std::exp(m[i] - mn);
+          const float sum = exp_sub_sum(isa, srow, nc, mn);
+          l[i] = l[i] * alpha + sum;
+          m[i] = mn;
+          if (alpha != 1.f) {
+            float* o = O.data() + (int64_t)i * Dv;
+            for (int d = 0; d < Dv; ++d) o[d] *= alpha;
+          }
+        }
+        gemm(false, false, nr, Dv, nc, 1.f, S.data(), BK, v + ((b * p.Hk + hk) * p.Lk + j0) * p.Dv, Dv,
+             1.f, O.data(), Dv);
+      }
+      const int64_t row0 = (b * p.H + h) * p.Lq + i0;
+      for (int i = 0; i < nr; ++i) {
+        const float* o = O.data() + (int64_t)i * Dv;
+        if (nsplit > 1) {
+          const int64_t r = s * rows + row0 + i;
+          std::memcpy(part_o.data() + r * Dv, o, sizeof(float) * Dv);
+          part_m[r] = m[i];
+          part_l[r] = l[i];
+          continue;
+        }
+        float* dst = out + (row0 + i) * Dv;
+        if (l[i] > 0.f) {
+          const float inv = 1.f / l[i];
+          for (int d = 0; d < Dv; ++d) dst[d] = o[d] * inv;
+          lse[row0 + i] = m[i] + std::log(l[i]);
+        } else {
+          for (int d = 0; d < Dv; ++d) dst[d] = 0.f;
+          lse[row0 + i] = kNegInf;
+        }
+      }
+    }
+  });
+
+  if (nsplit > 1) {  // merge the key splits by log-sum-exp, in split order
+    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        float M = kNegInf;
+        for (int64_t s = 0; s < nsplit; ++s) M = std::max(M, part_m[s * rows + r]);
+        float* dst = out + r * Dv;
+        for (int d = 0; d < Dv; ++d) dst[d] = 0.f;
+        if (M == kNegInf) {
+          lse[r] = kNegInf;
+          continue;
+        }
+        float L = 0.f;
+        for (int64_t s = 0; s < nsplit; ++s) {
+          const float ms = part_m[s * rows + r];
+          if (ms == kNegInf) continue;
+          const float c = std::exp(ms - M);
+          L += part_l[s * rows + r] * c;
+          const float* o = part_o.data() + (s * rows + r) * Dv;
+          for (int d = 0; d < Dv; ++d) dst[d] += c * o[d];
+        }
+        const float inv = 1.f / L;
+        for (int d = 0; d < Dv; ++d) dst[d] *= inv;
+        lse[r] = M + std::log(L);
+      }
+    });
+  }
+}
+
+// ----------------------------------------------------------------------------- backward
+
+// delta_i = dout_i . out_i, taken from the diagonal of dout_tile . out_tile^T computed by the
+// same sgemm call shape (rows, K = Dv) that computes dP = dout_tile . V^T in the backward. Where
+// the softmax is saturated (out_i equals one v_j bit for bit) dP_ij - delta_i is then exactly 0,
+// as in the reference, instead of a rounding difference between two summation orders.
+std::vector<float> row_delta(const Problem& p, int BQ, const float* dout, const float* out) {
+  std::vector<float> delta(p.B * p.H * p.Lq);
+  const int64_t nqt = (p.Lq + BQ - 1) / BQ;
+  const int Dv = (int)p.Dv;
+  at::parallel_for(0, p.B * p.H * nqt, 1, [&](int64_t t0, int64_t t1) {
+    Buf tmp((int64_t)BQ * BQ);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t bh = t / nqt, i0 = (t % nqt) * BQ;
+      const int nr = (int)std::min<int64_t>(BQ, p.Lq - i0);
+      const int64_t row0 = bh * p.Lq + i0;
+      gemm(false, true, nr, nr, Dv, 1.f, dout + row0 * p.Dv, Dv, out + row0 * p.Dv, Dv, 0.f, tmp.data(), BQ);
+      for (int i = 0; i < nr; ++i) delta[row0 + i] = tmp.data()[(int64_t)i * BQ + i];
+    }
+  });
+  return delta;
+}
+
+// Gradient consumers: given dS for a (query tile x key tile), accumulate into
+// dq rows (dqr, leading dim D), the key-tile accumulator dkacc, and per-item state.
+struct DotGrad {
+  const DotScores* sc;
+  static int dk_size(const Problem& p, int BK) { return BK * (int)p.D; }
+  static int dw_size(const Problem&) { return 0; }
+  void consume(Isa, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, const float* dS,
+               float* dqr, float* dkacc, float*) const {
+    const Problem& p = *sc->p;
+    const int D = (int)p.D, BK = DotScores::BK;
+    gemm(true, false, nc, D, nr, sc->scale, dS, BK, sc->qrow(b, h, i0), D, 1.f, dkacc, D);
+    gemm(false, false, nr, D, nc, sc->scale, dS, BK, sc->krow(b, h / p.G, j0), D, 1.f, dqr, D);
+  }
+  // dk rows j (tile-local) from the accumulator.
+  void write_dk(const Problem& p, const float* dkacc, int nc, float* dk) const {
+    std::memcpy(dk, dkacc, sizeof(float) * nc * p.D);
+  }
+};
+
+// dw state per (item, group member): [0..A) = sum dS (r - 1/2) over fast pairs, [A..2A) = sum dS t
+// over direct pairs; dw = -2 [0..A) + [A..2A). dk accumulator: A x BK, then an A x BK buffer.
+struct AddGrad {
+  const AddScores* sc;
+  static int dk_size(const Problem& p, int BK) { return 2 * BK * (int)p.D; }
+  static int dw_size(const Problem& p) { return 2 * (int)p.D; }
+  void consume(Isa isa, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* dS,
+               float* dqr, float* dkT, float* dwst) const {
+    const Problem& p = *sc->p;
+    const int A = (int)p.D, BK = AddScores::BK;
+    const int64_t hk = h / p.G;
+    const float* wh = sc->w + h * A;
+    const int nc8 = (int)round_up(nc, 8);
+    // pairs that need the direct tanh: handle them here and drop them from the fast kernel
+    for (int i = 0; i < nr; ++i) {
+      for (int j = 0; j < nc; ++j) {
+        float& ds = dS[i * BK + j];
+        if (ds == 0.f || !sc->flagged(b, h, i0 + i, j0 + j)) continue;
+        const float* x = sc->qrow(b, h, i0 + i);
+        const float* y = sc->krow(b, hk, j0 + j);
+        float* dq = dqr + (int64_t)i * A;
+        for (int a = 0; a < A; ++a) {
+          const float t = std::tanh(x[a] + y[a]);
+          const float g = ds * wh[a] * (1.f - t * t);
+          dq[a] += g;
+          dkT[a * BK + j] += g;
+          dwst[A + a] += ds * t;
+        }
+        ds = 0.f;
+      }
+    }
+    // the fast kernel sums this tile's dk terms into a zeroed buffer (blocked summation)
+    float* tmp = dkT + (int64_t)A * BK;
+    std::memset(tmp, 0, sizeof(float) * A * BK);
+    add_bwd(isa, nr, nc8, A, sc->eq(b, h, i0), sc->ekt(b, hk, j0), sc->LkP, wh, dS, BK, dqr, tmp, BK, dwst);
+    for (int64_t e = 0; e < (int64_t)A * BK; ++e) dkT[e] += tmp[e];
+  }
+  void write_dk(const Problem& p, const float* dkT, int nc, float* dk) const {
+    const int A = (int)p.D, BK = AddScores::BK;
+    for (int j = 0; j < nc; ++j)
+      for (int a = 0; a < A; ++a) dk[(int64_t)j * A + a] = dkT[a * BK + j];
+  }
+};
+
+// Fills dq (B,H,Lq,D), dk (B,Hk,Lk,D), dv (B,Hk,Lk,Dv) (float32, contiguous, zeroed) and
+// returns the dw state partials (items x G x dw_size) for the caller to reduce.
+template <class Scores, class Grad>
+std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, const float* v,
+                            const float* dout, const float* lse, const float* delta, float* dq,
+                            float* dk, float* dv, int64_t* n_items_out, Isa isa) {
+  constexpr int BQ = Scores::BQ, BK = Scores::BK;
+  const int64_t nkt = (p.Lk + BK - 1) / BK;
+  const int64_t bhk = p.B * p.Hk;
+  int64_t nchunk = std::min<int64_t>(nkt, (8 + bhk - 1) / bhk);
+  const int64_t dq_numel = p.B * p.H * p.Lq * p.D;
+  // cap the private dQ buffers at 512 MiB
+  while (nchunk > 1 && nchunk * dq_numel * 4 > (int64_t(512) << 20)) --nchunk;
+  std::vector<float> dq_part;
+  if (nchunk > 1) dq_part.assign(nchunk * dq_numel, 0.f);
+  const int64_t n_items = bhk * nchunk;
+  *n_items_out = n_items;
+  const int dws = Grad::dw_size(p);
+  std::vector<float> dw_part(std::max<int64_t>(n_items * p.G * dws, 1), 0.f);
+  const int Dv = (int)p.Dv;
+
+  parallel_items(n_items, [&](auto pull) {
+    Buf S(BQ * BK), dP(BQ * BK), dkacc(Grad::dk_size(p, BK)), dvacc(BK * std::max(Dv, 1));
+    for (int64_t it; (it = pull()) >= 0;) {
+      const int64_t c = it % nchunk, bk_ = it / nchunk, b = bk_ / p.Hk, hk = bk_ % p.Hk;
+      float* dqbase = nchunk > 1 ? dq_part.data() + c * dq_numel : dq;
+      float* dwst_item = dw_part.data() + it * p.G * dws;
+      for (int64_t kt = c; kt < nkt; kt += nchunk) {
+        const int64_t j0 = kt * BK;
+        if (j0 >= p.klen[b]) continue;  // dk, dv stay zero
+        const int nc = (int)std::min<int64_t>(BK, p.Lk - j0);
+        std::memset(dkacc.data(), 0, sizeof(float) * Grad::dk_size(p, BK));
+        std::memset(dvacc.data(), 0, sizeof(float) * BK * Dv);
+        const float* vt = v + ((b * p.Hk + hk) * p.Lk + j0) * p.Dv;
+        const int64_t istart = p.causal ? std::max<int64_t>(0, j0 - (p.Lk - p.Lq)) : 0;
+        for (int64_t g = 0; g < p.G; ++g) {
+          const int64_t h = hk * p.G + g;
+          float* dwst = dwst_item + g * dws;
+          for (int64_t i0 = istart / BQ * BQ; i0 < p.Lq; i0 += BQ) {
+            const int nr = (int)std::min<int64_t>(BQ, p.Lq - i0);
+            const int64_t row0 = (b * p.H + h) * p.Lq + i0;
+            sc.tile(isa, b, h, i0, nr, j0, nc, S.data());
+            const float* dor = dout + row0 * p.Dv;
+            gemm(false, true, nr, nc, Dv, 1.f, dor, Dv, vt, Dv, 0.f, dP.data(), BK);
+            bool any = false;
+            for (int i = 0; i < nr; ++i) {
+              float* srow = S.data() + i * BK;
+              float* drow = dP.data() + i * BK;
+              const float L = lse[row0 + i];
+              const int valid = (int)std::clamp<int64_t>(p.lim(b, i0 + i) - j0, 0, nc);
+              if (L == kNegInf || valid == 0) {
+                std::memset(srow, 0, sizeof(float) * BK);
+                std::memset(drow, 0, sizeof(float) * BK);
+                continue;
+              }
+              any = true;
+              exp_sub_sum(isa, srow, valid, L);
+              for (int j = valid; j < BK; ++j) srow[j] = 0.f;
+              const float dl = delta[row0 + i];
+              for (int j = 0; j < valid; ++j) drow[j] = srow[j] * (drow[j] - dl);
+              for (int j = valid; j < BK; ++j) drow[j] = 0.f;
+            }
+            if (!any) continue;
+            gemm(true, false, nc, Dv, nr, 1.f, S.data(), BK, dor, Dv, 1.f, dvacc.data(), Dv);
+            gr.consume(isa, b, h, i0, nr, j0, nc, dP.data(), dqbase + row0 * p.D, dkacc.data(), dwst);
+          }
+        }
+        gr.write_dk(p, dkacc.data(), nc, dk + ((b * p.Hk + hk) * p.Lk + j0) * p.D);
+        std::memcpy(dv + ((b * p.Hk + hk) * p.Lk + j0) * p.Dv, dvacc.data(), sizeof(float) * nc * Dv);
+      }
+    }
+  });
+
+  if (nchunk > 1) {  // dq = sum of the chunk buffers, in chunk order
+    at::parallel_for(0, dq_numel, 4096, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e) {
+        float s = 0.f;
+        for (int64_t c = 0; c < nchunk; ++c) s += dq_part[c * dq_numel + e];
+        dq[e] = s;
+      }
+    });
+  }
+  return dw_part;
+}
+
+// ----------------------------------------------------------------------------- additive setup
+
+struct AddData {
+  Tensor q, k, w, Eq, EkT, qflag, kflag;
+  AddScores sc;
+};
+
+void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tensor& k, const Tensor& w) {
+  const int64_t A = p.D;
+  d.q = f32(q);
+  d.k = f32(k);
+  d.w = f32(w);
+  const int64_t LkP = round_up(std::max<int64_t>(p.Lk, 1), AddScores::BK);
+  d.Eq = at::empty({p.B, p.H, p.Lq, A}, at::kFloat);
+  d.EkT = at::empty({p.B, p.Hk, A, LkP}, at::kFloat);
+  d.qflag = at::empty({p.B, p.H, p.Lq}, at::kByte);
+  d.kflag = at::empty({p.B, p.Hk, p.Lk}, at::kByte);
+  const float* qp = d.q.data_ptr<float>();
+  const float* kp = d.k.data_ptr<float>();
+  float* eq = d.Eq.data_ptr<float>();
+  float* ekt = d.EkT.data_ptr<float>();
+  uint8_t* qf = d.qflag.data_ptr<uint8_t>();
+  uint8_t* kf = d.kflag.data_ptr<uint8_t>();
+  auto bad = [](float x) { return !(std::fabs(x) <= kExpLimit); };  // also NaN
+  at::parallel_for(0, p.B * p.H * p.Lq, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* x = qp + r * A;
+      bool f = false;
+      for (int64_t a = 0; a < A; ++a) f = f || bad(x[a]);
+      qf[r] = f;
+      for (int64_t a = 0; a < A; ++a) eq[r * A + a] = f ? 1.f : std::exp(2.f * x[a]);
+    }
+  });
+  at::parallel_for(0, p.B * p.Hk, 1, [&](int64_t h0, int64_t h1) {
+    for (int64_t bh = h0; bh < h1; ++bh) {
+      float* e = ekt + bh * A * LkP;
+      for (int64_t j = 0; j < LkP; ++j) {
+        bool f = false;
+        const float* y = kp + (bh * p.Lk + j) * A;
+        if (j < p.Lk) {
+          for (int64_t a = 0; a < A; ++a) f = f || bad(y[a]);
+          kf[bh * p.Lk + j] = f;
+        }
+        for (int64_t a = 0; a < A; ++a) e[a * LkP + j] = (j >= p.Lk || f) ? 1.f : std::exp(2.f * y[a]);
+      }
+    }
+  });
+  AddScores& sc = d.sc;
+  sc.q = qp; sc.k = kp; sc.w = d.w.data_ptr<float>();
+  sc.Eq = eq; sc.EkT = ekt; sc.qflag = qf; sc.kflag = kf; sc.LkP = LkP; sc.p = &p;
+}
+
+std::tuple<Tensor, Tensor> empty_fwd(const Tensor& q, const Tensor& v) {
+  Tensor out = at::zeros({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
+  Tensor lse = at::full({q.size(0), q.size(1), q.size(2)}, kNegInf, q.options().dtype(at::kFloat));
+  return {out, lse};
+}
+
+// ----------------------------------------------------------------------------- ops
+
+std::tuple<Tensor, Tensor> additive_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                        const Tensor& w, const c10::optional<Tensor>& key_lengths,
+                                        bool causal) {
+  const char* op = "fusedattn_cpu::additive_fwd";
+  check_qkv(op, q, k, v);
+  check_w(op, w, q);
+  Problem p = make_problem(q, k, v, read_lengths(op, key_lengths, q.size(0), k.size(2)), causal);
+  if (empty_problem(p)) return empty_fwd(q, v);
+  AddData d;
+  prepare_additive(d, p, q, k, w);
+  Tensor vf = f32(v);
+  Tensor out = at::empty({p.B, p.H, p.Lq, p.Dv}, q.options().dtype(at::kFloat));
+  Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
+  forward(p, d.sc, vf.data_ptr<float>(), out.data_ptr<float>(), lse.data_ptr<float>(), pick_isa());
+  return {out.to(q.scalar_type()), lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> additive_bwd(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& w,
+    const c10::optional<Tensor>& key_lengths, bool causal, const Tensor& out, const Tensor& lse) {
+  const char* op = "fusedattn_cpu::additive_bwd";
+  check_qkv(op, q, k, v);
+  check_w(op, w, q);
+  check_bwd(op, dout, out, lse, q, v);
+  Problem p = make_problem(q, k, v, read_lengths(op, key_lengths, q.size(0), k.size(2)), causal);
+  if (empty_problem(p))
+    return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v), at::zeros_like(w)};
+  AddData d;
+  prepare_additive(d, p, q, k, w);
+  Tensor vf = f32(v), dof = f32(dout), of = f32(out), lsef = lse.contiguous();
+  std::vector<float> delta = row_delta(p, AddScores::BQ, dof.data_ptr<float>(), of.data_ptr<float>());
+  auto fo = q.options().dtype(at::kFloat);
+  Tensor dq = at::zeros({p.B, p.H, p.Lq, p.D}, fo), dk = at::zeros({p.B, p.Hk, p.Lk, p.D}, fo);
+  Tensor dv = at::zeros({p.B, p.Hk, p.Lk, p.Dv}, fo);
+  AddGrad gr{&d.sc};
+  int64_t n_items = 0;
+  std::vector<float> dwp = backward(p, d.sc, gr, vf.data_ptr<float>(), dof.data_ptr<float>(),
+                                    lsef.data_ptr<float>(), delta.data(), dq.data_ptr<float>(),
+                                    dk.data_ptr<float>(), dv.data_ptr<float>(), &n_items, pick_isa());
+  // items are (b, hk, chunk) in that order; reduce per query head h = hk*G + g in item order
+  const int64_t A = p.D, dws = AddGrad::dw_size(p), per_bhk = n_items / (p.B * p.Hk);
+  Tensor dw = at::zeros({p.H, A}, fo);
+  float* dwo = dw.data_ptr<float>();
+  for (int64_t h = 0; h < p.H; ++h) {
+    const int64_t hk = h / p.G, g = h % p.G;
+    for (int64_t b = 0; b < p.B; ++b)
+      for (int64_t c = 0; c < per_bhk; ++c) {
+        const float* st = dwp.data() + (((b * p.Hk + hk) * per_bhk + c) * p.G + g) * dws;
+        for (int64_t a = 0; a < A; ++a) dwo[h * A + a] += -2.f * st[a] + st[A + a];
+      }
+  }
+  const auto dt = q.scalar_type();
+  return {dq.to(dt), dk.to(dt), dv.to(dt), dw.to(dt)};
+}
+
+std::tuple<Tensor, Tensor> dot_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                   const c10::optional<Tensor>& key_lengths, double scale, bool causal) {
+  const char* op = "fusedattn_cpu::dot_fwd";
+  check_qkv(op, q, k, v);
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  Problem p = make_problem(q, k, v, read_lengths(op, key_lengths, q.size(0), k.size(2)), causal);
+  if (empty_problem(p)) return empty_fwd(q, v);
+  Tensor qf = f32(q), kf = f32(k), vf = f32(v);
+  DotScores sc{qf.data_ptr<float>(), kf.data_ptr<float>(), (float)scale, &p};
+  Tensor out = at::empty({p.B, p.H, p.Lq, p.Dv}, q.options().dtype(at::kFloat));
+  Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
+  forward(p, sc, vf.data_ptr<float>(), out.data_ptr<float>(), lse.data_ptr<float>(), pick_isa());
+  return {out.to(q.scalar_type()), lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> dot_bwd(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                           const Tensor& v, const c10::optional<Tensor>& key_lengths,
+                                           double scale, bool causal, const Tensor& out, const Tensor& lse) {
+  const char* op = "fusedattn_cpu::dot_bwd";
+  check_qkv(op, q, k, v);
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  check_bwd(op, dout, out, lse, q, v);
+  Problem p = make_problem(q, k, v, read_lengths(op, key_lengths, q.size(0), k.size(2)), causal);
+  if (empty_problem(p)) return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v)};
+  Tensor qf = f32(q), kf = f32(k), vf = f32(v), dof = f32(dout), of = f32(out), lsef = lse.contiguous();
+  DotScores sc{qf.data_ptr<float>(), kf.data_ptr<float>(), (float)scale, &p};
+  std::vector<float> delta = row_delta(p, DotScores::BQ, dof.data_ptr<float>(), of.data_ptr<float>());
+  auto fo = q.options().dtype(at::kFloat);
+  Tensor dq = at::zeros({p.B, p.H, p.Lq, p.D}, fo), dk = at::zeros({p.B, p.Hk, p.Lk, p.D}, fo);
+  Tensor dv = at::zeros({p.B, p.Hk, p.Lk, p.Dv}, fo);
+  DotGrad gr{&sc};
+  int64_t n_items = 0;
+  backward(p, sc, gr, vf.data_ptr<float>(), dof.data_ptr<float>(), lsef.data_ptr<float>(), delta.data(),
+           dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(), &n_items, pick_isa());
+  const auto dt = q.scalar_type();
+  return {dq.to(dt), dk.to(dt), dv.to(dt)};
+}
+
+bool has_avx2() { return pick_isa().avx2; }
+
+}  // namespace
+}  // namespace fusedattn_cpu
+
+TORCH_LIBRARY(fusedattn_cpu, m) {
+  m.def("additive_fwd(Tensor q, Tensor k, Tensor v, Tensor w, Tensor? key_lengths, bool causal) -> (Tensor, Tensor)");
+  m.def("additive_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor w, Tensor? key_lengths, bool causal, "
+        "Tensor out, Tensor lse) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("dot_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_lengths, float scale, bool causal) -> (Tensor, Tensor)");
+  m.def("dot_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? key_lengths, float scale, bool causal, "
+        "Tensor out, Tensor lse) -> (Tensor, Tensor, Tensor)");
+  // Whether the AVX2+FMA kernels are in use (CPU support and FUSEDATTN_CPU_ISA != "scalar").
+  m.def("uses_avx2() -> bool", &fusedattn_cpu::has_avx2);
+}
+
+TORCH_LIBRARY_IMPL(fusedattn_cpu, CPU, m) {
+  m.impl("additive_fwd", &fusedattn_cpu::additive_fwd);
+  m.impl("additive_bwd", &fusedattn_cpu::additive_bwd);
+  m.impl("dot_fwd", &fusedattn_cpu::dot_fwd);
+  m.impl("dot_bwd", &fusedattn_cpu::dot_bwd);
+}
+
+// The extension module itself is empty: importing it registers the ops above.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,492 @@
+"""Fused additive (Bahdanau) attention: forward and backward Triton kernels.
+
+Scores ``s_ij = sum_a w_a * tanh(q_ia + k_ja)`` are rebuilt tile by tile and never stored.
+Per (query tile, key tile) the A axis is walked one column at a time: a query column
+``q[:, a]`` (BLOCK_M,) and a key column ``k[:, a]`` (BLOCK_N,) are loaded as vectors and
+the triple work is a rank-1 update of a (BLOCK_M, BLOCK_N) register tile.
+
+tanh without a tanh per triple::
+
+    tanh(x + y) = 1 - 2 r,   r = 1 / (1 + e^{2x} e^{2y})
+    sum_a w_a tanh(x_a + y_a) = sum_a w_a - 2 sum_a w_a r_a
+    1 - tanh^2 = 4 r (1 - r)
+
+A prologue (``_attn_exp_table``) computes ``e^{2x}`` once per element of q and of k
+(O((Lq + Lk) A) exps, Cody-Waite reduced so the relative error does not grow with |x|) into
+float32 tables stored transposed, (B, H, A, L), so the column of a tile is a contiguous
+vector load; it also writes each row's max|x|. Each triple then costs an FMA
+(``1 + e^{2x} e^{2y}``), a reciprocal and an FMA. That is exact in floating point as long
+as neither factor overflows or flushes: every (query tile, key tile) pair with
+``max|q|, max|k| <= 40`` (both factors finite normal numbers; their product may over- or
+underflow, which gives r = 0 or 1, the correct saturated limits) takes this path; any other
+tile takes the DIRECT path ``r = 1 / (1 + exp(2 (x + y)))`` with one exp per triple.
+
+Backward (FlashAttention-2 structure, deterministic, no atomics):
+``dS = P * (dP - delta)``; ``dq_ia = 4 w_a sum_j dS_ij r (1 - r)``,
+``dk_ja = 4 w_a sum_i dS_ij r (1 - r)``, ``dw_a = sum_ij dS_ij (1 - 2 r)``.
+The dK/dV kernel works on transposed tiles (keys as rows), so both dQ and dK reduce along
+axis 1. A register tile cannot be indexed by column, so the per-column sums are accumulated
+in program-owned float32 scratch in global memory, stored transposed (B, H, A, L) so one
+column is contiguous (read-modify-write of one column per ``a``; a barrier separates
+consecutive tiles). ``dw`` is written as per-(b, h, query row) partials that the host sums
+in a fixed order.
+"""
+import triton
+import triton.language as tl
+
+from .common import _exp2x, _mma
+
+EXP_SAFE = tl.constexpr(40.0)  # |x| <= 40: e^{2x} in [1.8e-35, 5.5e34], finite and normal in float32
+
+
+# ----------------------------------------------------------------------------------------
+# configurations (GPU); the interpreter uses INTERPRET_CONFIG
+# ----------------------------------------------------------------------------------------
+# Each entry: (predicate, config); the first match wins. Chosen from the compile check: the
+# largest tile without spills on sm_80 and sm_90. BLOCK_M = 16 rows x BLOCK_N = 128 columns
+# puts 16 rows x 1 column of the score tile in each thread (Triton's default blocked layout),
+# so a column step is 4 vector loads + 16 x (FMA, MUFU.RCP, FMA).
+FWD_CONFIGS = [  # predicate on (BLOCK_DV, fp32, decode)
+    (lambda dv, f32, decode: not f32 and dv <= 128, dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=1)),
+    (lambda dv, f32, decode: not f32, dict(BLOCK_M=16, BLOCK_N=128, num_warps=8, num_stages=1)),
+    (lambda dv, f32, decode: dv <= 128, dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1)),
+    (lambda dv, f32, decode: True, dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=1)),
+]
+BWD_DKDV_CONFIGS = [  # predicate on (BLOCK_DV, fp32); BLOCK_N keys are the tile rows
+    (lambda dv, f32: not f32 and dv <= 32, dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=1)),
+    (lambda dv, f32: dv <= 64, dict(BLOCK_M=16, BLOCK_N=128, num_warps=8, num_stages=1)),
+    (lambda dv, f32: dv <= 128, dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=1)),
+    (lambda dv, f32: True, dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1)),
+]
+BWD_DQ_CONFIGS = [  # predicate on (BLOCK_DV, fp32)
+    (lambda dv, f32: not f32 and dv <= 128, dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=1)),
+    (lambda dv, f32: not f32, dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=1)),
+    (lambda dv, f32: dv <= 32, dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=1)),
+    (lambda dv, f32: dv <= 64, dict(BLOCK_M=16, BLOCK_N=128, num_warps=8, num_stages=1)),
+    (lambda dv, f32: dv <= 128, dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=1)),
+    (lambda dv, f32: True, dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1)),
+]
+INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)
+INTERPRET_DECODE_CONFIG = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1)
+
+
+def prune_fwd_config(BLOCK_DV, fp32, decode):
+    """The forward config for a padded value width, float32 inputs?, decode (Lq <= 16)?"""
+    return next(dict(c) for pred, c in FWD_CONFIGS if pred(BLOCK_DV, fp32, decode))
+
+
+def prune_bwd_configs(BLOCK_DV, fp32):
+    """(dK/dV config, dQ config) for a padded value width and float32 inputs?"""
+    dkdv = next(dict(c) for pred, c in BWD_DKDV_CONFIGS if pred(BLOCK_DV, fp32))
+    dq = next(dict(c) for pred, c in BWD_DQ_CONFIGS if pred(BLOCK_DV, fp32))
+    return dkdv, dq
+
+
+# ----------------------------------------------------------------------------------------
+# exponential tables (prologue)
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _attn_exp_table(X, ET, XMAX,
+                    stride_xb, stride_xh, stride_xl, stride_xd,
+                    stride_eb, stride_eh, stride_ea,
+                    Hx, L, A,
+                    BLOCK_L: tl.constexpr, BLOCK_A: tl.constexpr):
+    """ET[b, h, a, l] = exp(2 * clamp(x[b, h, l, a], -40, 40)) (float32, transposed so a column
+    of a tile is contiguous; rows L..grid end are written as exp(0) = 1, so the padding the
+    main kernels read unmasked is finite) and XMAX[b, h, l] = max_a |x[b, h, l, a]|."""
+    pid_l = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b64 = (off_bh // Hx).to(tl.int64)
+    off_h64 = (off_bh % Hx).to(tl.int64)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask_l = offs_l < L
+    x_base = X + off_b64 * stride_xb + off_h64 * stride_xh + offs_l[:, None] * stride_xl
+    e_base = ET + off_b64 * stride_eb + off_h64 * stride_eh + offs_l[:, None]
+    mx = tl.zeros([BLOCK_L], dtype=tl.float32)
+    for a0 in range(0, A, BLOCK_A):
+        offs_a = a0 + tl.arange(0, BLOCK_A)
+        mask = mask_l[:, None] & (offs_a[None, :] < A)
+        x = tl.load(x_base + offs_a[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+        mx = tl.maximum(mx, tl.max(tl.abs(x), axis=1))
+        e = _exp2x(tl.minimum(tl.maximum(x, -EXP_SAFE), EXP_SAFE))
+        tl.store(e_base + offs_a[None, :] * stride_ea, e, mask=offs_a[None, :] < A)
+    tl.store(XMAX + off_bh.to(tl.int64) * L + offs_l, mx, mask=mask_l)
+
+
+# ----------------------------------------------------------------------------------------
+# score helpers: a "row" side (tile rows) and a "col" side (tile columns); tanh(x + y) is
+# symmetric, so the dK/dV kernel uses keys as rows and queries as columns.
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _w_sum(W_h, stride_wa, A):
+    total = tl.zeros([], dtype=tl.float32)
+    for a in range(0, A):
+        total += tl.load(W_h + a * stride_wa).to(tl.float32)
+    return total
+
+
+@triton.jit
+def _score_rsum(XE, YE, X, Y, offs_x, offs_y, mask_x, mask_y,
+                stride_xea, stride_yea, stride_xl, stride_yl, stride_xd, stride_yd, W_h, stride_wa, A,
+                BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr,
+                DIRECT: tl.constexpr, FAST_RCP: tl.constexpr):
+    """sum_a (-2 w_a) r_a over all A columns, (BLOCK_X, BLOCK_Y) float32, with
+    r = 1 / (1 + e^{2(x_ia + y_ja)}) (tanh = 1 - 2 r). XE/YE (exp tables) and X/Y (inputs) are
+    scalar base pointers; offs_* are int32 row indices (int32 offsets instead of pointer
+    tensors save two registers per element)."""
+    acc = tl.zeros([BLOCK_X, BLOCK_Y], dtype=tl.float32)
+    for a in range(0, A):
+        w2 = tl.load(W_h + a * stride_wa).to(tl.float32) * -2.0
+        # -- r = 1 / (1 + e^{2(x_ia + y_ja)}) for column a (inlined: the interpreter pays ~1 ms
+        #    per nested jit call) --
+        if DIRECT:
+            x = tl.load(X + (offs_x * stride_xl + a * stride_xd), mask=mask_x, other=0.0).to(tl.float32)
+            y = tl.load(Y + (offs_y * stride_yl + a * stride_yd), mask=mask_y, other=0.0).to(tl.float32)
+            z = tl.exp((x[:, None] + y[None, :]) * 2.0) + 1.0
+        else:
+            # tables are padded (finite values) to a multiple of 128 rows: no masks, vector loads
+            ex = tl.load(XE + (offs_x + a * stride_xea))
+            ey = tl.load(YE + (offs_y + a * stride_yea))
+            z = ex[:, None] * ey[None, :] + 1.0
+        if FAST_RCP:  # one MUFU.RCP (GPU only: inline PTX does not run under the interpreter)
+            r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [z],
+                                          dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            r = 1.0 / z
+        acc += w2 * r
+    return acc
+
+
+@triton.jit
+def _scores(XE, YE, X, Y, offs_x, offs_y, mask_x, mask_y,
+            stride_xea, stride_yea, stride_xl, stride_yl, stride_xd, stride_yd, W_h, stride_wa, A, wsum, fast,
+            BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, FAST_RCP: tl.constexpr):
+    """Score tile sum_a w_a tanh(x_ia + y_ja); ``fast`` (a scalar) picks the factored path."""
+    if fast:
+        acc = _score_rsum(XE, YE, X, Y, offs_x, offs_y, mask_x, mask_y,
+                          stride_xea, stride_yea, stride_xl, stride_yl, stride_xd, stride_yd, W_h, stride_wa, A,
+                          BLOCK_X, BLOCK_Y, False, FAST_RCP)
+    else:
+        acc = _score_rsum(XE, YE, X, Y, offs_x, offs_y, mask_x, mask_y,
+                          stride_xea, stride_yea, stride_xl, stride_yl, stride_xd, stride_yd, W_h, stride_wa, A,
+                          BLOCK_X, BLOCK_Y, True, FAST_RCP)
+    return acc + wsum
+
+
+@triton.jit
+def _grad_columns(XE, YE, X, Y, offs_x, offs_y, mask_x, mask_y,
+                  stride_xea, stride_yea, stride_xl, stride_yl, stride_xd, stride_yd, W_h, stride_wa, A,
+                  ds, ds_sum, DX, DW, stride_dxa,
+                  WITH_DW: tl.constexpr, DIRECT: tl.constexpr, FAST_RCP: tl.constexpr):
+    """For every column a, reduce over the tile's columns (axis 1):
+    dx[:, a] += 4 w_a sum_j ds r (1 - r)  and, WITH_DW, dw[:, a] += sum_j ds (1 - 2 r).
+    dx/dw are float32 scratch, transposed (column a contiguous), owned by this program."""
+    for a in range(0, A):
+        w4 = tl.load(W_h + a * stride_wa).to(tl.float32) * 4.0
+        # -- r = 1 / (1 + e^{2(x_ia + y_ja)}) for column a (inlined: the interpreter pays ~1 ms
+        #    per nested jit call) --
+        if DIRECT:
+            x = tl.load(X + (offs_x * stride_xl + a * stride_xd), mask=mask_x, other=0.0).to(tl.float32)
+            y = tl.load(Y + (offs_y * stride_yl + a * stride_yd), mask=mask_y, other=0.0).to(tl.float32)
+            z = tl.exp((x[:, None] + y[None, :]) * 2.0) + 1.0
+        else:
+            # tables are padded (finite values) to a multiple of 128 rows: no masks, vector loads
+            ex = tl.load(XE + (offs_x + a * stride_xea))
+            ey = tl.load(YE + (offs_y + a * stride_yea))
+            z = ex[:, None] * ey[None, :] + 1.0
+        if FAST_RCP:  # one MUFU.RCP (GPU only: inline PTX does not run under the interpreter)
+            r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [z],
+                                          dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            r = 1.0 / z
+        u = ds * r
+        col = tl.sum(u - u * r, axis=1) * w4
+        # scratch rows are padded to a multiple of 128: no masks (padding rows get zeros)
+        cur = tl.load(DX + (offs_x + a * stride_dxa))
+        tl.store(DX + (offs_x + a * stride_dxa), cur + col)
+        if WITH_DW:
+            cw = ds_sum - 2.0 * tl.sum(u, axis=1)
+            cur_w = tl.load(DW + (offs_x + a * stride_dxa))
+            tl.store(DW + (offs_x + a * stride_dxa), cur_w + cw)
+
+
+# ----------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _attn_fwd_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, Out, LSE,
+                       stride_qb, stride_qh, stride_qm, stride_qd,
+                       stride_kb, stride_kh, stride_kn, stride_kd,
+                       stride_vb, stride_vh, stride_vn, stride_vd,
+                       stride_wh, stride_wa,
+                       stride_eqb, stride_eqh, stride_eqa,
+                       stride_ekb, stride_ekh, stride_eka,
+                       stride_os, stride_ob, stride_oh, stride_om, stride_od,
+                       stride_ls, stride_lb, stride_lh, stride_lm,
+                       H, Hk, Lq, Lk, A, Dv, CAUSAL_SHIFT, SPLIT_N,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
+                       FAST_RCP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One program: BLOCK_M query rows of one (b, h), keys [pid_s*SPLIT_N, +SPLIT_N).
+
+    Key j is allowed for row i iff j < KLEN[b] and j <= i + CAUSAL_SHIFT
+    (CAUSAL_SHIFT = Lk - Lq when causal, Lk otherwise). EQ/EK are the transposed exp tables
+    and QMAX/KMAX the row max|x| from ``_attn_exp_table``. Writes the normalized output and
+    the natural-log LSE of its split (the final result when there is a single split).
+    """
+    tl.static_assert(BLOCK_N >= 16)
+    tl.static_assert(BLOCK_DV >= 16)
+    pid_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    off_hk = off_h // (H // Hk)
+    off_b64 = off_b.to(tl.int64)
+    off_h64 = off_h.to(tl.int64)
+    off_hk64 = off_hk.to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_m = offs_m < Lq
+    mask_dv = offs_dv < Dv
+
+    q_base = Q + off_b64 * stride_qb + off_h64 * stride_qh
+    eq_base = EQ + off_b64 * stride_eqb + off_h64 * stride_eqh
+    k_base = K + off_b64 * stride_kb + off_hk64 * stride_kh
+    ek_base = EK + off_b64 * stride_ekb + off_hk64 * stride_ekh
+    kmax_base = KMAX + (off_b64 * Hk + off_hk64) * Lk
+    v_base = V + off_b64 * stride_vb + off_hk64 * stride_vh
+    W_h = W + off_h64 * stride_wh
+
+    # -- key range of this program --
+    klen = tl.load(KLEN + off_b)
+    n_lo = pid_s * SPLIT_N
+    n_hi = tl.minimum(klen, (pid_m + 1) * BLOCK_M + CAUSAL_SHIFT)
+    n_hi = tl.minimum(n_hi, n_lo + SPLIT_N)
+
+    wsum = _w_sum(W_h, stride_wa, A)
+    qmax = tl.load(QMAX + off_bh.to(tl.int64) * Lq + offs_m, mask=mask_m, other=0.0)
+    q_ok = tl.max(qmax, axis=0) <= EXP_SAFE
+
+    m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        mask_n = offs_n < Lk
+        # -- scores --
+        kmax = tl.load(kmax_base + offs_n, mask=mask_n, other=0.0)
+        fast = q_ok & (tl.max(kmax, axis=0) <= EXP_SAFE)
+        s = _scores(eq_base, ek_base, q_base, k_base, offs_m, offs_n, mask_m, mask_n,
+                    stride_eqa, stride_eka, stride_qm, stride_kn, stride_qd, stride_kd,
+                    W_h, stride_wa, A, wsum, fast,
+                    BLOCK_M, BLOCK_N, FAST_RCP)
+        allowed = (offs_n[None, :] < klen) & (offs_n[None, :] <= offs_m[:, None] + CAUSAL_SHIFT)
+        s = tl.where(allowed, s, -float("inf"))
+        # -- online softmax --
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        # -- P @ V --
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION)
+        m_i = m_new
+
+    # -- epilogue: empty rows give out = 0, lse = -inf --
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, -float("inf"), m_i + tl.log(l_safe))
+    o_ptrs = (Out + pid_s.to(tl.int64) * stride_os + off_b64 * stride_ob + off_h64 * stride_oh
+              + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_dv[None, :])
+    l_ptrs = LSE + pid_s.to(tl.int64) * stride_ls + off_b64 * stride_lb + off_h64 * stride_lh + offs_m * stride_lm
+    tl.store(l_ptrs, lse, mask=mask_m)
+
+
+# ----------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _attn_bwd_dkdv_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta, DKT, DV,
+                            stride_qb, stride_qh, stride_qm, stride_qd,
+                            stride_kb, stride_kh, stride_kn, stride_kd,
+                            stride_vb, stride_vh, stride_vn, stride_vd,
+                            stride_wh, stride_wa,
+                            stride_eqb, stride_eqh, stride_eqa,
+                            stride_ekb, stride_ekh, stride_eka,
+                            stride_dob, stride_doh, stride_dom, stride_dod,
+                            stride_dkb, stride_dkh, stride_dka,
+                            stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                            H, Hk, Lq, Lk, A, Dv, CAUSAL_SHIFT,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
+                            FAST_RCP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One program: BLOCK_N keys of one (b, kv head); loops over the group's query heads and
+    the query tiles that can see these keys. Tiles are transposed (keys are rows), so the
+    dK reduction over queries runs along axis 1. DKT is float32 scratch (B, Hk, A, >=Lk),
+    zero-initialized; DV is written once. LSE and Delta are contiguous (B, H, Lq) float32."""
+    tl.static_assert(BLOCK_M >= 16)
+    tl.static_assert(BLOCK_DV >= 16)
+    pid_n = tl.program_id(0)
+    off_bhk = tl.program_id(1)
+    off_b = off_bhk // Hk
+    off_hk = off_bhk % Hk
+    GROUP = H // Hk
+    off_b64 = off_b.to(tl.int64)
+    off_hk64 = off_hk.to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_n = offs_n < Lk
+    mask_dv = offs_dv < Dv
+
+    k_base = K + off_b64 * stride_kb + off_hk64 * stride_kh
+    ek_base = EK + off_b64 * stride_ekb + off_hk64 * stride_ekh
+    dk_base = DKT + off_b64 * stride_dkb + off_hk64 * stride_dkh
+    v = tl.load(V + off_b64 * stride_vb + off_hk64 * stride_vh + offs_n[:, None] * stride_vn
+                + offs_dv[None, :] * stride_vd, mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
+    kmax = tl.load(KMAX + off_bhk.to(tl.int64) * Lk + offs_n, mask=mask_n, other=0.0)
+    k_ok = tl.max(kmax, axis=0) <= EXP_SAFE
+
+    # -- query tiles that can see a key of this tile: i >= j - CAUSAL_SHIFT, and none if masked --
+    klen = tl.load(KLEN + off_b)
+    m_lo = tl.maximum(pid_n * BLOCK_N - CAUSAL_SHIFT, 0)
+    m_lo = (m_lo // BLOCK_M) * BLOCK_M
+    m_hi = tl.where(pid_n * BLOCK_N < klen, Lq, 0)
+
+    dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for g in range(0, GROUP):
+        off_h64 = (off_hk * GROUP + g).to(tl.int64)
+        q_base = Q + off_b64 * stride_qb + off_h64 * stride_qh
+        eq_base = EQ + off_b64 * stride_eqb + off_h64 * stride_eqh
+        do_base = DO + off_b64 * stride_dob + off_h64 * stride_doh
+        row_base = (off_b64 * H + off_h64) * Lq
+        W_h = W + off_h64 * stride_wh
+        wsum = _w_sum(W_h, stride_wa, A)
+        for start_m in range(m_lo, m_hi, BLOCK_M):
+            offs_m = start_m + offs_m0
+            mask_m = offs_m < Lq
+            # -- transposed scores and probabilities (recomputed) --
+            qmax = tl.load(QMAX + row_base + offs_m, mask=mask_m, other=0.0)
+            fast = k_ok & (tl.max(qmax, axis=0) <= EXP_SAFE)
+            sT = _scores(ek_base, eq_base, k_base, q_base, offs_n, offs_m, mask_n, mask_m,
+                         stride_eka, stride_eqa, stride_kn, stride_qm, stride_kd, stride_qd,
+                         W_h, stride_wa, A, wsum, fast,
+                         BLOCK_N, BLOCK_M, FAST_RCP)
+            allowed = ((offs_n[:, None] < klen) & (offs_n[:, None] <= offs_m[None, :] + CAUSAL_SHIFT)
+                       & mask_m[None, :])
+            lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0)
+            lse = tl.where(lse == -float("inf"), 0.0, lse)
+            pT = tl.where(allowed, tl.exp(sT - lse[None, :]), 0.0)
+            # -- dV and dS^T --
+            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                         mask=mask_m[:, None] & mask_dv[None, :], other=0.0)
+            dv_acc += _mma(pT.to(do.dtype), do, DOT_PRECISION)
+            dpT = _mma(v, tl.trans(do), DOT_PRECISION)
+            delta = tl.load(Delta + row_base + offs_m, mask=mask_m, other=0.0)
+            dsT = pT * (dpT - delta[None, :])
+            # -- dK columns --
+            if fast:
+                _grad_columns(ek_base, eq_base, k_base, q_base, offs_n, offs_m, mask_n, mask_m,
+                              stride_eka, stride_eqa, stride_kn, stride_qm, stride_kd, stride_qd,
+                              W_h, stride_wa, A, dsT, 0.0, dk_base, dk_base, stride_dka, False, False, FAST_RCP)
+            else:
+                _grad_columns(ek_base, eq_base, k_base, q_base, offs_n, offs_m, mask_n, mask_m,
+                              stride_eka, stride_eqa, stride_kn, stride_qm, stride_kd, stride_qd,
+                              W_h, stride_wa, A, dsT, 0.0, dk_base, dk_base, stride_dka, False, True, FAST_RCP)
+            tl.debug_barrier()  # the next tile reads the dK columns stored above
+
+    tl.store(DV + off_b64 * stride_dvb + off_hk64 * stride_dvh + offs_n[:, None] * stride_dvn
+             + offs_dv[None, :] * stride_dvd, dv_acc.to(DV.dtype.element_ty),
+             mask=mask_n[:, None] & mask_dv[None, :])
+
+
+@triton.jit
+def _attn_bwd_dq_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta, DQT, DWT,
+                          stride_qb, stride_qh, stride_qm, stride_qd,
+                          stride_kb, stride_kh, stride_kn, stride_kd,
+                          stride_vb, stride_vh, stride_vn, stride_vd,
+                          stride_wh, stride_wa,
+                          stride_eqb, stride_eqh, stride_eqa,
+                          stride_ekb, stride_ekh, stride_eka,
+                          stride_dob, stride_doh, stride_dom, stride_dod,
+                          stride_dqb, stride_dqh, stride_dqa,
+                          H, Hk, Lq, Lk, A, Dv, CAUSAL_SHIFT,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
+                          FAST_RCP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One program: BLOCK_M query rows of one (b, h); loops over the allowed key tiles.
+    DQT and DWT (per-row dw partials) are float32 scratch (B, H, A, >=Lq), zero-initialized,
+    sharing the strides ``stride_dq*``."""
+    tl.static_assert(BLOCK_N >= 16)
+    tl.static_assert(BLOCK_DV >= 16)
+    pid_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    off_hk = off_h // (H // Hk)
+    off_b64 = off_b.to(tl.int64)
+    off_h64 = off_h.to(tl.int64)
+    off_hk64 = off_hk.to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_m = offs_m < Lq
+    mask_dv = offs_dv < Dv
+
+    q_base = Q + off_b64 * stride_qb + off_h64 * stride_qh
+    eq_base = EQ + off_b64 * stride_eqb + off_h64 * stride_eqh
+    k_base = K + off_b64 * stride_kb + off_hk64 * stride_kh
+    ek_base = EK + off_b64 * stride_ekb + off_hk64 * stride_ekh
+    kmax_base = KMAX + (off_b64 * Hk + off_hk64) * Lk
+    v_base = V + off_b64 * stride_vb + off_hk64 * stride_vh
+    W_h = W + off_h64 * stride_wh
+    dq_base = DQT + off_b64 * stride_dqb + off_h64 * stride_dqh
+    dw_base = DWT + off_b64 * stride_dqb + off_h64 * stride_dqh
+    row_base = (off_b64 * H + off_h64) * Lq
+
+    do = tl.load(DO + off_b64 * stride_dob + off_h64 * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_dv[None, :] * stride_dod, mask=mask_m[:, None] & mask_dv[None, :], other=0.0)
+    lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0)
+    lse = tl.where(lse == -float("inf"), 0.0, lse)
+    delta = tl.load(Delta + row_base + offs_m, mask=mask_m, other=0.0)
+
+    klen = tl.load(KLEN + off_b)
+    n_hi = tl.minimum(klen, (pid_m + 1) * BLOCK_M + CAUSAL_SHIFT)
+    wsum = _w_sum(W_h, stride_wa, A)
+    qmax = tl.load(QMAX + row_base + offs_m, mask=mask_m, other=0.0)
+    q_ok = tl.max(qmax, axis=0) <= EXP_SAFE
+
+    for start_n in range(0, n_hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        mask_n = offs_n < Lk
+        # -- scores and probabilities (recomputed) --
+        kmax = tl.load(kmax_base + offs_n, mask=mask_n, other=0.0)
+        fast = q_ok & (tl.max(kmax, axis=0) <= EXP_SAFE)
+        s = _scores(eq_base, ek_base, q_base, k_base, offs_m, offs_n, mask_m, mask_n,
+                    stride_eqa, stride_eka, stride_qm, stride_kn, stride_qd, stride_kd,
+                    W_h, stride_wa, A, wsum, fast,
+                    BLOCK_M, BLOCK_N, FAST_RCP)
+        allowed = ((offs_n[None, :] < klen) & (offs_n[None, :] <= offs_m[:, None] + CAUSAL_SHIFT)
+                   & mask_m[:, None])
+        p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
+        # -- dS --
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
+        dp = _mma(do, tl.trans(v), DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        ds_sum = tl.sum(ds, axis=1)
+        # -- dQ and dw columns --
+        if fast:
+            _grad_columns(eq_base, ek_base, q_base, k_base, offs_m, offs_n, mask_m, mask_n,
+                          stride_eqa, stride_eka, stride_qm, stride_kn, stride_qd, stride_kd,
+                          W_h, stride_wa, A, ds, ds_sum, dq_base, dw_base, stride_dqa, True, False, FAST_RCP)
+        else:
+            _grad_columns(eq_base, ek_base, q_base, k_base, offs_m, offs_n, mask_m, mask_n,
+                          stride_eqa, stride_eka, stride_qm, stride_kn, stride_qd, stride_kd,
+                          W_h, stride_wa, A, ds, ds_sum, dq_base, dw_base, stride_dqa, True, True, FAST_RCP)
+        tl.debug_barrier()  # the next tile reads the dQ/dw columns stored above

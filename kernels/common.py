@@ -1,0 +1,100 @@
+"""Kernels shared by the additive and dot-product paths.
+
+- ``_attn_bwd_preprocess``: ``delta = rowsum(dO * O)`` in float32 (the FlashAttention-2
+  backward preamble).
+- ``_attn_fwd_merge``: flash-decoding epilogue; merges per-split partial outputs by their
+  log-sum-exp.
+- ``_exp2x``: ``exp(2x)`` with a Cody-Waite range reduction, so the relative error does not
+  grow with ``|x|`` (a plain ``tl.exp`` multiplies by log2(e) first and loses ~|2x|*2^-24).
+"""
+import triton
+import triton.language as tl
+
+LN2_HI = tl.constexpr(0.693145751953125)  # 0x3f317200: 15 significant bits, so k * LN2_HI is exact for |k| < 512
+LN2_LO = tl.constexpr(1.428606765330187e-06)
+TWO_LOG2E = tl.constexpr(2.8853900817779268)
+
+
+@triton.jit
+def _exp2x(x):
+    """exp(2x) for |x| <= 40 (callers check the range), relative error ~ a few ulp."""
+    k = tl.floor(x * TWO_LOG2E + 0.5)
+    f = (x * 2.0 - k * LN2_HI) - k * LN2_LO
+    return tl.exp(f) * tl.exp2(k)
+
+
+@triton.jit
+def _mma(a, b, DOT_PRECISION: tl.constexpr):
+    """tl.dot with float32 accumulation. DOT_PRECISION "upcast" (used only under the
+    interpreter, whose numpy dot mishandles bfloat16 and is slow for float16) multiplies the
+    operands as float32: the same numbers a tensor core computes from 16-bit operands."""
+    if DOT_PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _attn_bwd_preprocess(O, DO, Delta,
+                         stride_ob, stride_oh, stride_om, stride_od,
+                         stride_dob, stride_doh, stride_dom, stride_dod,
+                         H, Lq, Dv,
+                         BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Delta[b, h, i] = sum_d O[b, h, i, d] * dO[b, h, i, d] (float32, Delta contiguous)."""
+    pid_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_DV)
+    mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < Dv)
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om
+                + offs_d[None, :] * stride_od, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, axis=1)
+    tl.store(Delta + off_bh.to(tl.int64) * Lq + offs_m, delta, mask=offs_m < Lq)
+
+
+@triton.jit
+def _attn_fwd_merge(OP, LSEP, Out, LSE,
+                    stride_ps, stride_pb, stride_ph, stride_pm, stride_pd,
+                    stride_ls, stride_lb, stride_lh, stride_lm,
+                    stride_ob, stride_oh, stride_om, stride_od,
+                    stride_lseb, stride_lseh, stride_lsem,
+                    H, Lq, Dv, NUM_SPLITS,
+                    BLOCK_DV: tl.constexpr):
+    """Merge NUM_SPLITS normalized partial outputs (OP, fp32) with their LSEs (LSEP).
+
+    out = sum_s exp(lse_s - lse) * o_s with lse = logsumexp_s lse_s; rows whose splits are
+    all empty (lse_s = -inf) get out = 0 and lse = -inf. One program per (b, h, query row).
+    """
+    off_m = tl.program_id(0).to(tl.int64)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_DV)
+    mask_d = offs_d < Dv
+    lsep = LSEP + off_b * stride_lb + off_h * stride_lh + off_m * stride_lm
+    op = OP + off_b * stride_pb + off_h * stride_ph + off_m * stride_pm + offs_d * stride_pd
+    # -- online merge over splits, in a fixed order --
+    m = tl.full([], -float("inf"), tl.float32)
+    l = tl.zeros([], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    for s in range(0, NUM_SPLITS):
+        lse_s = tl.load(lsep + s * stride_ls)
+        o_s = tl.load(op + s * stride_ps, mask=mask_d, other=0.0)
+        m_new = tl.maximum(m, lse_s)
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        beta = tl.exp(lse_s - m_safe)
+        l = l * alpha + beta
+        acc = acc * alpha + beta * o_s
+        m = m_new
+    # -- epilogue --
+    l_safe = tl.where(l == 0.0, 1.0, l)
+    out = acc / l_safe
+    lse = tl.where(l == 0.0, -float("inf"), m + tl.log(l_safe))
+    tl.store(Out + off_b * stride_ob + off_h * stride_oh + off_m * stride_om + offs_d * stride_od,
+             out.to(Out.dtype.element_ty), mask=mask_d)
+    tl.store(LSE + off_b * stride_lseb + off_h * stride_lseh + off_m * stride_lsem, lse)

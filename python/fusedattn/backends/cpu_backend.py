@@ -1,0 +1,58 @@
+"""The CPU backend: fused C++ kernels from the extension ``fusedattn._C`` (``csrc/``).
+
+Importing ``fusedattn._C`` registers the ops ``torch.ops.fusedattn_cpu.*``; it is
+imported lazily, on first use, so the package imports without the extension and
+``available_backends()["cpu"]`` carries the reason it could not be loaded.
+
+The kernels compute in float32 (bfloat16 inputs are converted to float32 on entry
+and the results back); they never store an ``Lq x Lk`` tensor. Inputs with any
+strides are accepted: the C++ launchers copy them to contiguous float32 buffers,
+an ``O(L*D)`` cost against the ``O(Lq*Lk*D)`` work.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .base import Backend
+
+_LOAD_ERROR: Optional[str] = None
+_LOADED = False
+
+
+def _load() -> Optional[str]:
+    """Import the extension once; None on success, else the reason it failed."""
+    global _LOADED, _LOAD_ERROR
+    if not _LOADED:
+        _LOADED = True
+        try:
+            from .. import _C  # noqa: F401  (registers torch.ops.fusedattn_cpu)
+        except (ImportError, OSError) as e:
+            _LOAD_ERROR = f"the C++ extension fusedattn._C is not available ({e}); " \
+                          "build it with `pip install --no-build-isolation -e .`"
+    return _LOAD_ERROR
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+    devices = frozenset({"cpu"})
+    dtypes = frozenset({torch.float32, torch.bfloat16})
+    description = ("fused C++ kernels (AVX2+FMA with a scalar fallback), float32 compute, "
+                   "online softmax; never stores an Lq x Lk tensor")
+
+    def unavailable_reason(self) -> Optional[str]:
+        return _load()
+
+    def additive_forward(self, q, k, v, w, key_lengths, causal):
+        return torch.ops.fusedattn_cpu.additive_fwd(q, k, v, w, key_lengths, bool(causal))
+
+    def additive_backward(self, dout, q, k, v, w, key_lengths, causal, out, lse):
+        return torch.ops.fusedattn_cpu.additive_bwd(dout, q, k, v, w, key_lengths, bool(causal), out, lse)
+
+    def dot_forward(self, q, k, v, key_lengths, scale, causal):
+        return torch.ops.fusedattn_cpu.dot_fwd(q, k, v, key_lengths, float(scale), bool(causal))
+
+    def dot_backward(self, dout, q, k, v, key_lengths, scale, causal, out, lse):
+        return torch.ops.fusedattn_cpu.dot_bwd(dout, q, k, v, key_lengths, float(scale), bool(causal),
+                                               out, lse)

@@ -1,0 +1,269 @@
+"""The Triton backend: fused FlashAttention-2-style kernels from ``fusedattn.kernels``.
+
+Runs on CUDA tensors, and on CPU tensors only when ``TRITON_INTERPRET=1`` was set before the
+kernels were imported (the interpreter; used by the tests). Importing this module imports
+triton and the kernels but never queries a GPU.
+
+Host code only: checks, strides, scratch buffers, grids and launches. Per call the
+launchers pick a configuration deterministically from the padded head widths, the dtype and
+whether the call is a decode step (``Lq <= 16``); ``fusedattn.tools.gpu_compile_check``
+compiles every configuration these pickers can return.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+
+from fusedattn.kernels import additive as _add
+from fusedattn.kernels import dot as _dot
+from fusedattn.kernels.common import _attn_bwd_preprocess, _attn_fwd_merge
+
+from .base import Backend
+
+DECODE_MAX_LQ = 16
+MAX_HEAD_DIM = 256
+MAX_SPLITS = 64
+
+
+def interpreting() -> bool:
+    """True when the kernels were decorated under TRITON_INTERPRET=1 (triton decides at import)."""
+    return type(_add._attn_fwd_additive).__name__ == "InterpretedFunction"
+
+
+def block_dim(d: int) -> int:
+    """Padded power-of-two width (>= 16) of a head dimension, as the kernels tile it."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs never use plain TF32: 3xTF32 on the GPU (fp32-level accuracy on tensor
+    cores), exact fp32 under the interpreter; 16-bit inputs ignore the setting on the GPU."""
+    if interpreting():
+        return "ieee" if dtype == torch.float32 else "upcast"  # see kernels.common._mma
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # the interpreter: behave like an H100
+
+
+def num_splits_for(B: int, H: int, Lq: int, Lk: int, block_m: int, block_n: int, device) -> int:
+    """Flash-decoding split count: >1 only for Lq <= 16 when B*H*m_tiles programs would
+    leave the GPU idle; each split keeps at least one key tile."""
+    if Lq > DECODE_MAX_LQ:
+        return 1
+    programs = B * H * triton.cdiv(Lq, block_m)
+    n_tiles = triton.cdiv(Lk, block_n)
+    want = triton.cdiv(2 * _sm_count(device), programs)
+    return max(1, min(want, n_tiles, MAX_SPLITS))
+
+
+def _klen(key_lengths: Optional[torch.Tensor], B: int, Lk: int, device) -> torch.Tensor:
+    if key_lengths is None:
+        return torch.full((B,), Lk, dtype=torch.int32, device=device)
+    return key_lengths.to(device=device, dtype=torch.int32).contiguous()
+
+
+def _causal_shift(causal: bool, Lq: int, Lk: int) -> int:
+    """Key j is allowed for query i iff j <= i + shift; non-causal: shift = Lk (always true)."""
+    return Lk - Lq if causal else Lk
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    devices = frozenset({"cuda", "cpu"}) if interpreting() else frozenset({"cuda"})
+    dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
+    max_head_dim = MAX_HEAD_DIM
+    description = ("fused Triton kernels (FlashAttention-2 forward/backward, online softmax, "
+                   "flash-decoding); CPU tensors only under TRITON_INTERPRET=1")
+
+    # -- environment ----------------------------------------------------------
+    def unavailable_reason(self) -> Optional[str]:
+        if interpreting():
+            return None
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return "TRITON_INTERPRET=1 was set after fusedattn.kernels was imported"
+        if not torch.cuda.is_available():
+            return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU)"
+        return None
+
+    # -- forward ----------------------------------------------------------------
+    def additive_forward(self, q, k, v, w, key_lengths, causal, num_splits=None):
+        return _forward("additive", q, k, v, w, key_lengths, 1.0, causal, num_splits)
+
+    def dot_forward(self, q, k, v, key_lengths, scale, causal, num_splits=None):
+        return _forward("dot", q, k, v, None, key_lengths, scale, causal, num_splits)
+
+    # -- backward ---------------------------------------------------------------
+    def additive_backward(self, dout, q, k, v, w, key_lengths, causal, out, lse):
+        q, k, v, w, dout, out = _unit_last(q, k, v, w, dout, out)
+        B, H, Lq, A = q.shape
+        _, Hk, Lk, Dv = v.shape
+        BLOCK_DV = block_dim(Dv)
+        if interpreting():
+            cfg_kv = cfg_q = dict(_add.INTERPRET_CONFIG)
+        else:
+            cfg_kv, cfg_q = _add.prune_bwd_configs(BLOCK_DV, q.dtype == torch.float32)
+        klen = _klen(key_lengths, B, Lk, q.device)
+        shift = _causal_shift(causal, Lq, Lk)
+        lse = lse.float().contiguous()
+        delta = _delta(out, dout)
+        eq, qmax = _exp_table(q)
+        ek, kmax = _exp_table(k)
+        dkt = torch.zeros(B, Hk, A, _pad(Lk), dtype=torch.float32, device=q.device)
+        dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+        dqt = torch.zeros(B, H, A, _pad(Lq), dtype=torch.float32, device=q.device)
+        dwt = torch.zeros_like(dqt)
+        common = dict(FAST_RCP=not interpreting(), DOT_PRECISION=dot_precision(q.dtype))
+        grid = (triton.cdiv(Lk, cfg_kv["BLOCK_N"]), B * Hk)
+        _add._attn_bwd_dkdv_additive[grid](
+            q, k, v, w, eq, ek, qmax, kmax, klen, dout, lse, delta, dkt, dv,
+            *q.stride(), *k.stride(), *v.stride(), *w.stride(),
+            *eq.stride()[:3], *ek.stride()[:3], *dout.stride(),
+            *dkt.stride()[:3], *dv.stride(),
+            H, Hk, Lq, Lk, A, Dv, shift,
+            BLOCK_DV=BLOCK_DV, **cfg_kv, **common)
+        grid = (triton.cdiv(Lq, cfg_q["BLOCK_M"]), B * H)
+        _add._attn_bwd_dq_additive[grid](
+            q, k, v, w, eq, ek, qmax, kmax, klen, dout, lse, delta, dqt, dwt,
+            *q.stride(), *k.stride(), *v.stride(), *w.stride(),
+            *eq.stride()[:3], *ek.stride()[:3], *dout.stride(),
+            *dqt.stride()[:3],
+            H, Hk, Lq, Lk, A, Dv, shift,
+            BLOCK_DV=BLOCK_DV, **cfg_q, **common)
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        dq.copy_(dqt[..., :Lq].transpose(-1, -2))
+        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        dk.copy_(dkt[..., :Lk].transpose(-1, -2))
+        dw = dwt[..., :Lq].sum(dim=(0, 3))  # per-row partials (zero in the padding) summed in a fixed order
+        return dq, dk, dv, dw.to(w.dtype)
+
+    def dot_backward(self, dout, q, k, v, key_lengths, scale, causal, out, lse):
+        q, k, v, dout, out = _unit_last(q, k, v, dout, out)
+        B, H, Lq, D = q.shape
+        _, Hk, Lk, Dv = v.shape
+        BLOCK_D = BLOCK_DV = max(block_dim(D), block_dim(Dv))  # one width: fewer kernel variants
+        if interpreting():
+            cfg_kv = cfg_q = dict(_dot.INTERPRET_CONFIG)
+        else:
+            cfg_kv, cfg_q = _dot.prune_bwd_configs(BLOCK_D, BLOCK_DV)
+        klen = _klen(key_lengths, B, Lk, q.device)
+        shift = _causal_shift(causal, Lq, Lk)
+        lse = lse.float().contiguous()
+        delta = _delta(out, dout)
+        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+        dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+        common = dict(BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, DOT_PRECISION=dot_precision(q.dtype))
+        grid = (triton.cdiv(Lk, cfg_kv["BLOCK_N"]), B * Hk)
+        _dot._attn_bwd_dkdv_dot[grid](
+            q, k, v, klen, dout, lse, delta, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+            float(scale), H, Hk, Lq, Lk, D, Dv, shift, **cfg_kv, **common)
+        grid = (triton.cdiv(Lq, cfg_q["BLOCK_M"]), B * H)
+        _dot._attn_bwd_dq_dot[grid](
+            q, k, v, klen, dout, lse, delta, dq,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+            float(scale), H, Hk, Lq, Lk, D, Dv, shift, **cfg_q, **common)
+        return dq, dk, dv
+
+
+def _pad(n: int) -> int:
+    """Row padding of the exp tables and gradient scratch (>= every BLOCK_M/BLOCK_N)."""
+    return (n + 127) // 128 * 128
+
+
+def _unit_last(*ts):
+    """Last dimension contiguous (the kernels are compiled for unit inner strides)."""
+    return tuple(t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in ts)
+
+
+def _exp_table(x: torch.Tensor):
+    """(E, XMAX): E = exp(2 clamp(x, +-40)) as float32 (B, Hx, A, L padded to 16), transposed;
+    XMAX = max_a |x| as float32 (B, Hx, L)."""
+    B, Hx, L, A = x.shape
+    et = torch.empty(B, Hx, A, _pad(L), dtype=torch.float32, device=x.device)
+    xmax = torch.empty(B, Hx, L, dtype=torch.float32, device=x.device)
+    BLOCK_L, BLOCK_A = 64, min(64, block_dim(A))
+    _add._attn_exp_table[(et.shape[-1] // BLOCK_L, B * Hx)](
+        x, et, xmax, *x.stride(), *et.stride()[:3], Hx, L, A,
+        BLOCK_L=BLOCK_L, BLOCK_A=BLOCK_A, num_warps=4)
+    return et, xmax
+
+
+def _delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    """delta = rowsum(dO * O) in float32, contiguous (B, H, Lq)."""
+    B, H, Lq, Dv = out.shape
+    delta = torch.empty(B, H, Lq, dtype=torch.float32, device=out.device)
+    BLOCK_M = 64
+    _attn_bwd_preprocess[(triton.cdiv(Lq, BLOCK_M), B * H)](
+        out, dout, delta, *out.stride(), *dout.stride(), H, Lq, Dv,
+        BLOCK_M=BLOCK_M, BLOCK_DV=block_dim(Dv), num_warps=4)
+    return delta
+
+
+def _forward(score, q, k, v, w, key_lengths, scale, causal, num_splits):
+    """Shared forward launcher: single pass, or flash-decoding splits + LSE merge."""
+    q, k, v = _unit_last(q, k, v)
+    if w is not None:
+        (w,) = _unit_last(w)
+    B, H, Lq, D = q.shape
+    _, Hk, Lk, Dv = v.shape
+    BLOCK_D, BLOCK_DV = block_dim(D), block_dim(Dv)
+    if score == "dot":
+        BLOCK_D = BLOCK_DV = max(BLOCK_D, BLOCK_DV)  # one width: fewer kernel variants
+    decode = Lq <= DECODE_MAX_LQ
+    kern = _add if score == "additive" else _dot
+    if interpreting():
+        cfg = dict(kern.INTERPRET_DECODE_CONFIG if decode else kern.INTERPRET_CONFIG)
+    elif score == "additive":
+        cfg = _add.prune_fwd_config(BLOCK_DV, q.dtype == torch.float32, decode)
+    else:
+        cfg = _dot.prune_fwd_config(BLOCK_D, BLOCK_DV, decode)
+    if num_splits is None:
+        num_splits = num_splits_for(B, H, Lq, Lk, cfg["BLOCK_M"], cfg["BLOCK_N"], q.device)
+    n_tiles = triton.cdiv(Lk, cfg["BLOCK_N"])
+    num_splits = max(1, min(int(num_splits), n_tiles))
+    split_n = triton.cdiv(n_tiles, num_splits) * cfg["BLOCK_N"]
+    num_splits = triton.cdiv(Lk, split_n)
+
+    klen = _klen(key_lengths, B, Lk, q.device)
+    shift = _causal_shift(causal, Lq, Lk)
+    out = torch.empty(B, H, Lq, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    if num_splits == 1:
+        o_buf, l_buf, stride_os, stride_ls = out, lse, 0, 0
+    else:
+        o_buf = torch.empty(num_splits, B, H, Lq, Dv, dtype=torch.float32, device=q.device)
+        l_buf = torch.empty(num_splits, B, H, Lq, dtype=torch.float32, device=q.device)
+        stride_os, stride_ls = o_buf.stride(0), l_buf.stride(0)
+    o_strides = o_buf.stride()[-4:]
+    l_strides = l_buf.stride()[-3:]
+    grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H, num_splits)
+    if score == "additive":
+        eq, qmax = _exp_table(q)
+        ek, kmax = _exp_table(k)
+        _add._attn_fwd_additive[grid](
+            q, k, v, w, eq, ek, qmax, kmax, klen, o_buf, l_buf,
+            *q.stride(), *k.stride(), *v.stride(), *w.stride(),
+            *eq.stride()[:3], *ek.stride()[:3],
+            stride_os, *o_strides, stride_ls, *l_strides,
+            H, Hk, Lq, Lk, D, Dv, shift, split_n,
+            BLOCK_DV=BLOCK_DV, FAST_RCP=not interpreting(), DOT_PRECISION=dot_precision(q.dtype), **cfg)
+    else:
+        _dot._attn_fwd_dot[grid](
+            q, k, v, klen, o_buf, l_buf,
+            *q.stride(), *k.stride(), *v.stride(),
+            stride_os, *o_strides, stride_ls, *l_strides,
+            float(scale), H, Hk, Lq, Lk, D, Dv, shift, split_n,
+            BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, DOT_PRECISION=dot_precision(q.dtype), **cfg)
+    if num_splits > 1:
+        _attn_fwd_merge[(Lq, B * H)](
+            o_buf, l_buf, out, lse, *o_buf.stride(), *l_buf.stride(), *out.stride(), *lse.stride(),
+            H, Lq, Dv, num_splits, BLOCK_DV=BLOCK_DV, num_warps=1)
+    return out, lse

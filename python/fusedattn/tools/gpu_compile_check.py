@@ -1,0 +1,345 @@
+"""Ahead-of-time compile check of every Triton kernel variant the triton backend can launch.
+
+No GPU is needed: each (kernel, configuration, dtype, constexpr variant) that the launchers in
+``fusedattn.backends.triton_backend`` can pick is compiled with ``triton.compile`` for each
+requested CUDA architecture; resources are read from the cubin with the ``cuobjdump`` shipped
+in the triton wheel.
+
+Command line::
+
+    python -m fusedattn.tools.gpu_compile_check --arch 80 90 [--quick] [--jobs N] [--json PATH]
+
+prints one row per compile and exits non-zero on a compile error, any spill (STACK or LOCAL
+> 0), more than 255 registers, or shared memory above the arch limit (sm_80: 163 KB,
+sm_90: 227 KB per block). ``--quick`` compiles a reduced set (fp16 and fp32; head widths
+64 and 256) for CI. The process must not have ``TRITON_INTERPRET=1`` when the kernels are
+imported; ``compile_rows`` re-runs itself in a clean subprocess if it has.
+
+Python API (for benchmarks / GPU models)::
+
+    from fusedattn.tools.gpu_compile_check import compile_rows
+    rows = compile_rows(archs=(80, 90), quick=False, jobs=2)
+
+returns a list of dicts, one per compile, with keys
+
+- ``kernel`` (str, the @triton.jit function name), ``arch`` (int, e.g. 90), ``dtype``
+  ("fp16" | "bf16" | "fp32"), ``variant`` (str, e.g. "decode-split"), ``config`` (dict of the
+  constexprs and ``num_warps``/``num_stages``),
+- ``error`` (None or the compile error text),
+- ``regs``, ``stack``, ``local``, ``shared`` (bytes of dynamic shared memory Triton
+  requests) and ``shared_static`` (bytes, from the cubin),
+- ``mufu``: {kind: count} over the whole SASS (e.g. {"EX2": 40, "RCP": 64}),
+- ``loops``: one dict per innermost SASS loop that issues MUFU instructions, in address
+  order, with ``instr`` (instructions in the loop body), ``mufu`` ({kind: count} in the body),
+  ``elems`` (score elements, i.e. (i, j) pairs for dot kernels and (i, j, a) triples for
+  additive kernels, that one pass of the body computes per thread, ``tile_rows *
+  tile_cols / threads * unroll``), ``instr_per_elem`` and ``mufu_per_elem`` ({kind: float}),
+- ``problems``: list of str (empty when the row passes).
+
+For additive kernels the score loop over ``a`` issues exactly one reciprocal per triple by
+construction, so ``unroll`` is inferred as round(RCP in body / (tile elements per thread)).
+For dot kernels the key-tile loop is taken as one pass (unroll 1).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures as cf
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+ARCH_SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+MAX_REGS = 255
+DTYPES = ("fp16", "bf16", "fp32")
+WIDTHS = (16, 32, 64, 128, 256)
+QUICK_DTYPES = ("fp16", "fp32")
+QUICK_WIDTHS = (64, 256)
+
+# pointer arguments that are always float32 / int32 (everything else is in the input dtype)
+_FP32_PTRS = {"EQ", "EK", "QMAX", "KMAX", "LSE", "Delta", "DKT", "DQT", "DWT", "ET", "XMAX",
+              "OP", "LSEP"}
+_I32_PTRS = {"KLEN"}
+# integer arguments the host always pads to a multiple of 16 (Triton specializes on that)
+_INT_ARGS = {"H", "Hk", "Hx", "Lq", "Lk", "L", "A", "D", "Dv", "CAUSAL_SHIFT", "SPLIT_N", "NUM_SPLITS"}
+_DIV16_INTS = {"stride_eqa", "stride_eka", "stride_dka", "stride_dqa", "stride_ea",
+               "stride_eqb", "stride_eqh", "stride_ekb", "stride_ekh", "stride_dkb", "stride_dkh",
+               "stride_dqb", "stride_dqh", "stride_eb", "stride_eh"}
+# unit strides: the launchers make the last dimension contiguous, and Triton specializes an
+# integer argument equal to 1 as a constant, so this is the variant that runs
+_UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod", "stride_dvd",
+                 "stride_dkd", "stride_dqd", "stride_xd", "stride_pd", "stride_wa", "stride_lm",
+                 "stride_lsem"}
+
+
+def _kernels():
+    from fusedattn.kernels import additive, common, dot
+    return additive, dot, common
+
+
+def _FWD_VARIANTS(dt):
+    """(variant, decode?, Out dtype): decode splits write float32 partials."""
+    return (("", False, dt), ("decode", True, dt), ("decode-split", True, "fp32"))
+
+
+def variants(quick: bool = False) -> list[dict]:
+    """Every (kernel, dtype, constexpr/config) variant the launchers can pick."""
+    additive, dot, _ = _kernels()
+    dtypes = QUICK_DTYPES if quick else DTYPES
+    widths = QUICK_WIDTHS if quick else WIDTHS
+    out = []
+
+    def add(kernel, dtype, variant, cfg, tile=None, score="", out_dtype=None):
+        cfg = dict(cfg)
+        out.append(dict(kernel=kernel, dtype=dtype, variant=variant, config=cfg, tile=tile,
+                        score=score, out_dtype=out_dtype or dtype))
+
+    for dt in dtypes:
+        prec = "tf32x3" if dt == "fp32" else "tf32"
+        # -- prologue / epilogue kernels --
+        for ba in (16, 32, 64) if not quick else (64,):
+            add("_attn_exp_table", dt, "", dict(BLOCK_L=64, BLOCK_A=ba, num_warps=4, num_stages=1))
+        for bdv in widths:
+            add("_attn_bwd_preprocess", dt, "", dict(BLOCK_M=64, BLOCK_DV=bdv, num_warps=4, num_stages=1))
+            add("_attn_fwd_merge", dt, "", dict(BLOCK_DV=bdv, num_warps=1, num_stages=1))
+        # -- additive --
+        for bdv in widths:
+            for variant, decode, odt in _FWD_VARIANTS(dt):
+                if variant == "decode-split" and dt == "fp32":
+                    continue  # same signature as "decode"
+                cfg = additive.prune_fwd_config(bdv, dt == "fp32", decode)
+                cfg.update(BLOCK_DV=bdv, FAST_RCP=True, DOT_PRECISION=prec)
+                add("_attn_fwd_additive", dt, variant, cfg, (cfg["BLOCK_M"], cfg["BLOCK_N"]), "additive", odt)
+            kv, q = additive.prune_bwd_configs(bdv, dt == "fp32")
+            kv.update(BLOCK_DV=bdv, FAST_RCP=True, DOT_PRECISION=prec)
+            q.update(BLOCK_DV=bdv, FAST_RCP=True, DOT_PRECISION=prec)
+            add("_attn_bwd_dkdv_additive", dt, "", kv, (kv["BLOCK_N"], kv["BLOCK_M"]), "additive")
+            add("_attn_bwd_dq_additive", dt, "", q, (q["BLOCK_M"], q["BLOCK_N"]), "additive")
+        # -- dot (the launcher pads D and Dv to one width: BLOCK_D == BLOCK_DV) --
+        for bd in widths:
+            for variant, decode, odt in _FWD_VARIANTS(dt):
+                cfg = dot.prune_fwd_config(bd, bd, decode)
+                cfg.update(BLOCK_D=bd, BLOCK_DV=bd, DOT_PRECISION=prec)
+                add("_attn_fwd_dot", dt, variant, cfg, (cfg["BLOCK_M"], cfg["BLOCK_N"]), "dot", odt)
+            kv, q = dot.prune_bwd_configs(bd, bd)
+            kv.update(BLOCK_D=bd, BLOCK_DV=bd, DOT_PRECISION=prec)
+            q.update(BLOCK_D=bd, BLOCK_DV=bd, DOT_PRECISION=prec)
+            add("_attn_bwd_dkdv_dot", dt, "", kv, (kv["BLOCK_N"], kv["BLOCK_M"]), "dot")
+            add("_attn_bwd_dq_dot", dt, "", q, (q["BLOCK_M"], q["BLOCK_N"]), "dot")
+    # drop exact duplicates (e.g. a decode config equal to the regular one)
+    seen, unique = set(), []
+    for v in out:
+        key = (v["kernel"], v["dtype"], v["out_dtype"], tuple(sorted(v["config"].items())))
+        if key not in seen:
+            seen.add(key)
+            unique.append(v)
+    out = unique
+    return out
+
+
+def _find_fn(name):
+    for mod in _kernels():
+        if hasattr(mod, name):
+            return getattr(mod, name)
+    raise KeyError(name)
+
+
+def _signature(fn, v):
+    cfg = v["config"]
+    sig, attrs = {}, {}
+    for idx, name in enumerate(fn.arg_names):
+        if name in cfg or name in _UNIT_STRIDES:
+            sig[name] = "constexpr"
+        elif name == "scale":
+            sig[name] = "fp32"
+        elif name[0].isupper() and name not in _INT_ARGS:
+            if name in _FP32_PTRS:
+                sig[name] = "*fp32"
+            elif name in _I32_PTRS:
+                sig[name] = "*i32"
+            elif name == "Out":
+                sig[name] = "*" + v["out_dtype"]
+            else:
+                sig[name] = "*" + v["dtype"]
+            attrs[(idx,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "i32"
+            if name in _DIV16_INTS:
+                attrs[(idx,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def _cuobjdump():
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def _parse_sass(sass: str):
+    ins = []
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2)))
+    return ins
+
+
+def _loops(ins):
+    """Innermost loops (backward branches) that contain MUFU instructions."""
+    spans = []
+    for addr, text in ins:
+        m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", text)
+        if m and int(m.group(1), 16) <= addr:
+            spans.append((int(m.group(1), 16), addr))
+    inner = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
+    res = []
+    for lo, hi in sorted(set(inner)):
+        body = [t for a, t in ins if lo <= a <= hi]
+        mufu = collections.Counter(m for t in body for m in re.findall(r"MUFU\.(\w+)", t))
+        if mufu:
+            res.append(dict(instr=len(body), mufu=dict(mufu)))
+    return res
+
+
+def compile_one(v: dict, arch: int) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = _find_fn(v["kernel"])
+    cfg = dict(v["config"])
+    opts = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
+    row = dict(kernel=v["kernel"], arch=arch, dtype=v["dtype"], variant=v["variant"],
+               config=dict(v["config"]), error=None, regs=None, stack=None, local=None,
+               shared=None, shared_static=None, mufu={}, loops=[], problems=[])
+    try:
+        sig, attrs = _signature(fn, v)
+        consts = dict(cfg, **{n: 1 for n in fn.arg_names if n in _UNIT_STRIDES})
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+        c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+    except Exception as e:  # a compile error is a result, reported in the row
+        row["error"] = f"{type(e).__name__}: {e}"[:2000]
+        row["problems"].append("compile error")
+        return row
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(c.asm["cubin"])
+        res = subprocess.run([_cuobjdump(), "-res-usage", path], capture_output=True, text=True).stdout
+        sass = subprocess.run([_cuobjdump(), "-sass", path], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
+    row["regs"], row["stack"], row["shared_static"], row["local"] = (int(x) for x in m.groups())
+    row["shared"] = int(c.metadata.shared)
+    ins = _parse_sass(sass)
+    row["mufu"] = dict(collections.Counter(m for _, t in ins for m in re.findall(r"MUFU\.(\w+)", t)))
+    threads = 32 * opts["num_warps"]
+    if v["tile"]:
+        per_thread = v["tile"][0] * v["tile"][1] / threads
+        for lp in _loops(ins):
+            unroll = 1
+            if v["score"] == "additive" and lp["mufu"].get("RCP"):
+                unroll = max(1, round(lp["mufu"]["RCP"] / per_thread))
+            elems = per_thread * unroll
+            lp.update(elems=elems, instr_per_elem=round(lp["instr"] / elems, 2),
+                      mufu_per_elem={k: round(n / elems, 3) for k, n in lp["mufu"].items()})
+            row["loops"].append(lp)
+    if row["stack"] or row["local"]:
+        row["problems"].append(f"spill (STACK={row['stack']}, LOCAL={row['local']})")
+    if row["regs"] > MAX_REGS:
+        row["problems"].append(f"{row['regs']} registers > {MAX_REGS}")
+    limit = ARCH_SHARED_LIMIT.get(arch, 227 * 1024)
+    if row["shared"] + row["shared_static"] > limit:
+        row["problems"].append(f"shared {row['shared'] + row['shared_static']} B > {limit} B")
+    return row
+
+
+def _task(args):
+    return compile_one(*args)
+
+
+def compile_rows(archs=(80, 90), quick: bool = False, jobs: int = 2, only=None) -> list[dict]:
+    """Compile every variant for every arch; returns the rows described in the module docstring.
+    ``only``: optional list of substrings; keep the kernels whose name contains one of them."""
+    from fusedattn.kernels import additive
+    if type(additive._attn_fwd_additive).__name__ == "InterpretedFunction":
+        # kernels were decorated for the interpreter: redo the work in a clean process
+        env = {k: val for k, val in os.environ.items() if k != "TRITON_INTERPRET"}
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "rows.json")
+            cmd = [sys.executable, "-m", "fusedattn.tools.gpu_compile_check", "--arch",
+                   *map(str, archs), "--jobs", str(jobs), "--json", path, "--no-print"]
+            if quick:
+                cmd.append("--quick")
+            if only:
+                cmd += ["--only", *only]
+            subprocess.run(cmd, env=env, check=False)
+            with open(path) as f:
+                return json.load(f)
+    return list(iter_rows(archs, quick, jobs, only))
+
+
+def iter_rows(archs=(80, 90), quick: bool = False, jobs: int = 2, only=None):
+    """Like ``compile_rows`` (in a process without TRITON_INTERPRET), yielding rows in order."""
+    tasks = [(v, arch) for arch in archs for v in variants(quick)
+             if not only or any(o in v["kernel"] for o in only)]
+    if jobs <= 1:
+        for t in tasks:
+            yield compile_one(*t)
+        return
+    import multiprocessing as mp
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("fork")) as ex:
+        yield from ex.map(_task, tasks)
+
+
+def _fmt_cfg(cfg):
+    short = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_D": "D", "BLOCK_DV": "DV", "BLOCK_L": "L",
+             "BLOCK_A": "A", "num_warps": "w", "num_stages": "s"}
+    return ",".join(f"{short[k]}{v}" for k, v in cfg.items() if k in short)
+
+
+def format_row(r: dict) -> str:
+    head = f"{r['kernel']:<26} sm_{r['arch']} {r['dtype']:<4} {r['variant']:<12} {_fmt_cfg(r['config']):<26}"
+    if r["error"]:
+        return f"{head} ERROR {r['error'].splitlines()[0][:80]}"
+    mufu = " ".join(f"{k}:{n}" for k, n in sorted(r["mufu"].items()))
+    loops = "; ".join(
+        f"{lp['instr_per_elem']}i " + "+".join(f"{n}{k}" for k, n in sorted(lp["mufu_per_elem"].items()))
+        for lp in r["loops"] if "instr_per_elem" in lp)
+    flag = "" if not r["problems"] else "  <-- " + "; ".join(r["problems"])
+    return (f"{head} REG {r['regs']:>3} STACK {r['stack']:>3} LOCAL {r['local']:>3} SHARED {r['shared']:>6} "
+            f"MUFU[{mufu}] per-elem[{loops}]{flag}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    ap.add_argument("--quick", action="store_true", help="reduced set for CI")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--json", default=None, help="write the rows to this file")
+    ap.add_argument("--only", nargs="+", default=None, help="kernel-name substrings to keep")
+    ap.add_argument("--no-print", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("gpu_compile_check: unset TRITON_INTERPRET (the kernels must be compiled, not interpreted)",
+              file=sys.stderr)
+        return 2
+    t0 = time.time()
+    rows = []
+    for r in iter_rows(tuple(args.arch), quick=args.quick, jobs=args.jobs, only=args.only):
+        rows.append(r)
+        if not args.no_print:
+            print(format_row(r), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    bad = [r for r in rows if r["problems"]]
+    if not args.no_print:
+        print(f"{len(rows)} compiles, {len(bad)} with problems, {time.time() - t0:.0f} s")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

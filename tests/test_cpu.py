@@ -1,0 +1,303 @@
+"""The CPU backend (fused C++ kernels, ``torch.ops.fusedattn_cpu``) against the reference.
+
+Oracle: ``fusedattn.reference`` on float64 inputs (autograd for the gradients). Rule (as in
+FlashAttention's tests): for out, lse, dq, dk, dv and dw,
+``max|fused - oracle| <= 2 * max|reference_in_dtype - oracle| + atol`` with
+``atol = 2e-6 * max(1, max|oracle|)`` (a few float32 ulps of the largest value).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fusedattn import reference as R
+from fusedattn.backends import unavailable_reason
+
+_REASON = unavailable_reason("cpu")
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"cpu backend unavailable: {_REASON}")
+
+if _REASON is None:
+    from fusedattn.backends.cpu_backend import CpuBackend
+
+    BACKEND = CpuBackend()
+    OPS = torch.ops.fusedattn_cpu
+
+
+# ------------------------------------------------------------------------------ helpers
+
+def _inputs(score, B, H, Hk, Lq, Lk, D, Dv, *, pre=1.0, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Lq, D, generator=g) * pre
+    k = torch.randn(B, Hk, Lk, D, generator=g) * pre
+    v = torch.randn(B, Hk, Lk, Dv, generator=g)
+    w = torch.randn(H, D, generator=g) * (0.3 if score == "additive" else 1.0)
+    do = torch.randn(B, H, Lq, Dv, generator=g)
+    return tuple(t.to(dtype) for t in (q, k, v, w, do))
+
+
+def _fused(score, q, k, v, w, do, kl, causal, scale):
+    if score == "additive":
+        out, lse = BACKEND.additive_forward(q, k, v, w, kl, causal)
+        grads = BACKEND.additive_backward(do, q, k, v, w, kl, causal, out, lse)
+    else:
+        out, lse = BACKEND.dot_forward(q, k, v, kl, scale, causal)
+        grads = BACKEND.dot_backward(do, q, k, v, kl, scale, causal, out, lse)
+    return (out, lse, *grads)
+
+
+def _ref(score, q, k, v, w, do, kl, causal, scale, dtype):
+    inputs = (q, k, v, w) if score == "additive" else (q, k, v)
+    leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
+    if score == "additive":
+        out, lse = R.additive_attention(*leaves, key_lengths=kl, causal=causal, return_lse=True)
+    else:
+        out, lse = R.dot_product_attention(*leaves, scale=scale, key_lengths=kl, causal=causal,
+                                           return_lse=True)
+    out.backward(do.to(dtype))
+    return (out.detach(), lse.detach(), *[t.grad for t in leaves])
+
+
+_NAMES = ("out", "lse", "dq", "dk", "dv", "dw")
+
+
+def _max_err(a, b):
+    a, b = a.double(), b.double()
+    fin = torch.isfinite(b)
+    assert torch.equal(torch.isfinite(a), fin), "non-finite entries differ"
+    return (a[fin] - b[fin]).abs().max().item() if fin.any() else 0.0
+
+
+def _compare(score, q, k, v, w, do, kl, causal, scale=None, fused=None):
+    """Apply the tolerance rule to every output; returns the fused results."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    fused = fused if fused is not None else _fused(score, q, k, v, w, do, kl, causal, scale)
+    oracle = _ref(score, q, k, v, w, do, kl, causal, scale, torch.float64)
+    in_dtype = _ref(score, q, k, v, w, do, kl, causal, scale, q.dtype)
+    for name, f, o, r in zip(_NAMES, fused, oracle, in_dtype):
+        assert f.shape == o.shape, name
+        assert f.dtype == (torch.float32 if name == "lse" else q.dtype), name
+        fin = o[torch.isfinite(o)]
+        mag = fin.abs().max().item() if fin.numel() else 0.0
+        ef, er = _max_err(f, o), _max_err(r, o)
+        assert ef <= 2 * er + 2e-6 * max(1.0, mag), f"{name}: fused err {ef:.3g}, reference err {er:.3g}"
+    return fused
+
+
+def _lengths(vals):
+    return None if vals is None else torch.tensor(vals, dtype=torch.int32)
+
+
+# ------------------------------------------------------------------------------ equivalence
+
+# (B, H, Hk, Lq, Lk, D, Dv, causal, key_lengths)
+GRID = [
+    (1, 1, 1, 1, 1, 16, 16, False, None),
+    (2, 2, 2, 17, 17, 16, 24, True, None),
+    (2, 4, 2, 64, 97, 40, 40, True, [97, 0]),       # causal Lq < Lk, GQA, a length of 0
+    (1, 2, 1, 97, 64, 100, 16, True, None),         # causal Lq > Lk: 33 fully masked rows
+    (2, 2, 2, 257, 17, 128, 64, False, [5, 17]),
+    (1, 1, 1, 17, 1025, 40, 100, False, [1000]),
+    (1, 3, 1, 1025, 97, 64, 32, True, [90]),
+]
+
+
+@pytest.mark.parametrize("score", ["additive", "dot"])
+@pytest.mark.parametrize("case", GRID, ids=lambda c: "B{}H{}Hk{}Lq{}Lk{}D{}Dv{}c{}kl{}".format(*c))
+def test_matches_reference(score, case):
+    B, H, Hk, Lq, Lk, D, Dv, causal, kl = case
+    q, k, v, w, do = _inputs(score, B, H, Hk, Lq, Lk, D, Dv)
+    _compare(score, q, k, v, w, do, _lengths(kl), causal)
+
+
+@pytest.mark.parametrize("pre", [30.0, 1e4])
+@pytest.mark.parametrize("causal", [False, True])
+def test_additive_large_preactivations(pre, causal):
+    """|q|, |k| beyond 40: those rows take the direct-tanh path; mixed rows too."""
+    q, k, v, w, do = _inputs("additive", 1, 2, 1, 33, 70, 40, 16, pre=pre)
+    q[:, :, ::3] /= pre  # some rows within the exp-factorized range, some beyond
+    k[:, :, ::4] /= pre
+    _compare("additive", q, k, v, w, do, None, causal)
+
+
+def test_dot_scaled_scores():
+    q, k, v, w, do = _inputs("dot", 1, 2, 1, 33, 70, 40, 16, pre=3.0)
+    _compare("dot", q, k, v, w, do, None, True)
+
+
+@pytest.mark.parametrize("score", ["additive", "dot"])
+def test_strided_inputs(score):
+    """Transposed views of a (B, L, H, D) layout and a non-contiguous w."""
+    B, H, Hk, Lq, Lk, D, Dv = 2, 4, 2, 37, 70, 40, 24
+    q, k, v, w, do = _inputs(score, B, H, Hk, Lq, Lk, D, Dv)
+    qs, ks, vs = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    ws = w.t().contiguous().t()
+    assert not qs.is_contiguous() and not ws.is_contiguous()
+    fused = _compare(score, qs, ks, vs, ws, do, _lengths([70, 33]), True)
+    contiguous = _fused(score, q, k, v, w, do, _lengths([70, 33]), True, 1 / math.sqrt(D))
+    for a, b in zip(fused, contiguous):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("score", ["additive", "dot"])
+@pytest.mark.parametrize("kl,causal", [(None, False), ([3000], True)])
+def test_decode_split_keys(score, kl, causal):
+    """Lq = 1 against Lk = 4000: the keys are split across work items and merged by LSE."""
+    q, k, v, w, do = _inputs(score, 1, 2, 1, 1, 4000, 64, 32)
+    _compare(score, q, k, v, w, do, _lengths(kl), causal)
+
+
+@pytest.mark.parametrize("score", ["additive", "dot"])
+def test_fully_masked_rows_are_zero(score):
+    q, k, v, w, do = _inputs(score, 2, 2, 2, 20, 8, 16, 16)
+    kl = _lengths([0, 8])
+    out, lse, dq, dk, dv, *rest = _fused(score, q, k, v, w, do, kl, True, 0.25)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isneginf(lse[0]).all()
+    assert torch.equal(out[1, :, :12], torch.zeros_like(out[1, :, :12]))  # causal, Lq > Lk
+    assert torch.isneginf(lse[1, :, :12]).all() and torch.isfinite(lse[1, :, 12:]).all()
+    for g in (dq[0], dk[0], dv[0], dq[1, :, :12]):
+        assert torch.equal(g, torch.zeros_like(g))
+    for t in (out, dq, dk, dv, *rest):
+        assert not t.isnan().any()
+
+
+@pytest.mark.parametrize("score", ["additive", "dot"])
+def test_bfloat16(score):
+    """bfloat16 inputs, float32 compute: within the rule against the reference in bfloat16."""
+    q, k, v, w, do = _inputs(score, 1, 2, 2, 33, 50, 40, 24, dtype=torch.bfloat16)
+    _compare(score, q, k, v, w, do, _lengths([45]), True)
+
+
+@pytest.mark.parametrize("score", ["additive", "dot"])
+def test_scalar_fallback(score, monkeypatch):
+    """FUSEDATTN_CPU_ISA=scalar selects the portable loops (used on CPUs without AVX2)."""
+    q, k, v, w, do = _inputs(score, 1, 2, 1, 45, 83, 40, 24)
+    kl = _lengths([80])
+    monkeypatch.setenv("FUSEDATTN_CPU_ISA", "scalar")
+    assert not OPS.uses_avx2()
+    scalar = _compare(score, q, k, v, w, do, kl, True)
+    monkeypatch.delenv("FUSEDATTN_CPU_ISA")
+    vector = _fused(score, q, k, v, w, do, kl, True, 1 / math.sqrt(40))
+    for a, b in zip(scalar, vector):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ determinism
+
+@pytest.mark.parametrize("score", ["additive", "dot"])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 300, 700), (1, 2, 1, 1, 4000), (2, 4, 2, 70, 300)])
+def test_one_vs_two_threads_bitwise(score, shape):
+    B, H, Hk, Lq, Lk = shape
+    q, k, v, w, do = _inputs(score, B, H, Hk, Lq, Lk, 64, 48)
+    kl = _lengths([Lk - 5] + [Lk] * (B - 1))
+    old = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 2):
+            torch.set_num_threads(n)
+            results.append(_fused(score, q, k, v, w, do, kl, True, 0.125))
+    finally:
+        torch.set_num_threads(old)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------ validation
+
+def _good():
+    q = torch.randn(2, 4, 5, 8)
+    k = torch.randn(2, 2, 6, 8)
+    v = torch.randn(2, 2, 6, 3)
+    w = torch.randn(4, 8)
+    return q, k, v, w
+
+
+_BAD_FWD = {
+    "q rank 3": lambda q, k, v, w, kl: (q[0], k, v, w, kl),
+    "float64": lambda q, k, v, w, kl: (q.double(), k.double(), v.double(), w.double(), kl),
+    "int dtype": lambda q, k, v, w, kl: (q.int(), k.int(), v.int(), w.int(), kl),
+    "mixed dtypes": lambda q, k, v, w, kl: (q, k.bfloat16(), v, w, kl),
+    "head dim mismatch": lambda q, k, v, w, kl: (q, k[..., :7], v, w[:, :7], kl),
+    "batch mismatch": lambda q, k, v, w, kl: (q, k[:1], v[:1], w, kl),
+    "v length mismatch": lambda q, k, v, w, kl: (q, k, v[:, :, :5], w, kl),
+    "H % Hk": lambda q, k, v, w, kl: (q[:, :3], k, v, w[:3], kl),
+    "lengths dtype": lambda q, k, v, w, kl: (q, k, v, w, kl.long()),
+    "lengths size": lambda q, k, v, w, kl: (q, k, v, w, kl[:1]),
+    "lengths range": lambda q, k, v, w, kl: (q, k, v, w, kl + 5),
+    "negative length": lambda q, k, v, w, kl: (q, k, v, w, kl - 7),
+}
+
+
+@pytest.mark.parametrize("bad", list(_BAD_FWD))
+def test_malformed_forward_inputs_raise(bad):
+    q, k, v, w = _good()
+    kl = torch.tensor([6, 3], dtype=torch.int32)
+    q, k, v, w, kl = _BAD_FWD[bad](q, k, v, w, kl)
+    with pytest.raises(RuntimeError):
+        OPS.additive_fwd(q, k, v, w, kl, False)
+    with pytest.raises(RuntimeError):
+        OPS.dot_fwd(q, k, v, kl, 0.5, False)
+
+
+def test_malformed_w_scale_and_backward_inputs_raise():
+    q, k, v, w = _good()
+    with pytest.raises(RuntimeError):
+        OPS.additive_fwd(q, k, v, w[:, :4], None, False)
+    with pytest.raises(RuntimeError):
+        OPS.additive_fwd(q, k, v, w.bfloat16(), None, False)
+    with pytest.raises(RuntimeError):
+        OPS.dot_fwd(q, k, v, None, math.inf, False)
+    out, lse = OPS.dot_fwd(q, k, v, None, 0.5, False)
+    aout, alse = OPS.additive_fwd(q, k, v, w, None, False)
+    do = torch.randn_like(out)
+    bad = {
+        "dout shape": (do[:, :, :4], out, lse),
+        "out dtype": (do, out.bfloat16(), lse),
+        "lse dtype": (do, out, lse.double()),
+        "lse shape": (do, out, lse[:, :, :4]),
+    }
+    for d, o, l in bad.values():
+        with pytest.raises(RuntimeError):
+            OPS.dot_bwd(d, q, k, v, None, 0.5, False, o, l)
+        with pytest.raises(RuntimeError):
+            OPS.additive_bwd(d, q, k, v, w, None, False, o, l)
+    # the well-formed calls work
+    assert len(OPS.dot_bwd(do, q, k, v, None, 0.5, False, out, lse)) == 3
+    assert len(OPS.additive_bwd(do, q, k, v, w, None, False, aout, alse)) == 4
+
+
+def test_empty_sizes():
+    q, k, v, w = _good()
+    out, lse = OPS.additive_fwd(q, k[:, :, :0], v[:, :, :0], w, None, False)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+    out, lse = OPS.dot_fwd(q[:, :, :0], k, v, None, 0.5, False)
+    assert out.shape == (2, 4, 0, 3) and lse.shape == (2, 4, 0)
+
+
+# ------------------------------------------------------------------------------ public API
+
+def test_public_api_autograd():
+    import fusedattn
+
+    assert fusedattn.available_backends()["cpu"] is None
+    q, k, v, w, do = _inputs("additive", 2, 2, 1, 19, 33, 24, 16)
+    kl = torch.tensor([33, 20], dtype=torch.int32)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, w)]
+    out = fusedattn.additive_attention(*leaves, key_lengths=kl, causal=True, backend="cpu")
+    out.backward(do)
+    fused = _fused("additive", q, k, v, w, do, kl, True, None)
+    assert torch.equal(out.detach(), fused[0])
+    for leaf, g in zip(leaves, fused[2:]):
+        assert torch.equal(leaf.grad, g)
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = fusedattn.dot_product_attention(*leaves, key_lengths=kl, causal=True, return_lse=True,
+                                               backend="cpu")
+    out.backward(do)
+    fused = _fused("dot", q, k, v, None, do, kl, True, 1 / math.sqrt(24))
+    assert torch.equal(out.detach(), fused[0]) and torch.equal(lse, fused[1])
+    for leaf, g in zip(leaves, fused[2:]):
+        assert torch.equal(leaf.grad, g)

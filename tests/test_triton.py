@@ -1,0 +1,177 @@
+"""The triton backend (``fusedattn.kernels`` under TRITON_INTERPRET=1 on CPU) against the reference.
+
+Oracle and rule: ``fusedattn.testing`` (FlashAttention's rule: error against a float64
+reference <= 2 x the error of the reference computed in the input dtype + a small floor),
+applied to out, lse, dq, dk, dv and dw.
+
+The cases are a covering set, not a cross product: every Lq/Lk in {1, 17, 64, 97, 257},
+every D/A in {16, 40, 64, 100, 128} plus 256, Dv != D, causal with Lq < Lk and Lq > Lk,
+key lengths including 0 (fully masked rows), grouped heads, pre-activations scaled by 30
+and 1e4 (saturated tanh: the direct-tanh tiles), transposed (B, L, H, D) inputs,
+fp32/fp16/bf16 and the flash-decoding split path. Interpreter block sizes are
+``INTERPRET_CONFIG`` in the kernel modules (Lq, Lk = 97 and 257 span several tiles).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fusedattn import testing
+from fusedattn.backends import unavailable_reason
+from fusedattn.testing import Case
+
+_REASON = unavailable_reason("triton")
+pytestmark = [pytest.mark.triton,
+              pytest.mark.skipif(_REASON is not None, reason=f"triton backend unavailable: {_REASON}")]
+
+if _REASON is None:
+    from fusedattn.backends import triton_backend as tb
+
+    BACKEND = tb.TritonBackend()
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+# ------------------------------------------------------------------------------ cases
+ADDITIVE = [
+    Case(B=1, H=2, Hk=2, Lq=17, Lk=64, D=16, Dv=24),
+    Case(B=2, H=2, Hk=1, Lq=97, Lk=64, D=40, Dv=24, causal=True, lengths=(64, 30)),
+    Case(B=1, H=1, Hk=1, Lq=64, Lk=97, D=100, Dv=64, causal=True),                 # Lq < Lk
+    Case(B=1, H=1, Hk=1, Lq=257, Lk=17, D=64, Dv=40, causal=True),                 # Lq > Lk
+    Case(B=2, H=2, Hk=2, Lq=64, Lk=257, D=128, Dv=64, lengths=(0, 200), dtype=F16),
+    Case(B=1, H=2, Hk=1, Lq=97, Lk=97, D=40, Dv=80, causal=True, dtype=BF16),
+    Case(B=1, H=1, Hk=1, Lq=64, Lk=64, D=64, Dv=32, magnitude=30.0),
+    Case(B=1, H=1, Hk=1, Lq=17, Lk=97, D=16, Dv=16, magnitude=1e4, causal=True),
+    Case(B=1, H=2, Hk=2, Lq=64, Lk=17, D=40, Dv=16, magnitude=30.0, dtype=F16),
+    Case(B=1, H=4, Hk=2, Lq=17, Lk=97, D=40, Dv=16, strided=True, lengths=(50,)),
+    Case(B=1, H=1, Hk=1, Lq=1, Lk=257, D=64, Dv=32, lengths=(131,)),               # decode split
+    Case(B=2, H=2, Hk=1, Lq=16, Lk=257, D=40, Dv=64, causal=True, lengths=(257, 3), dtype=F16),
+    Case(B=1, H=1, Hk=1, Lq=64, Lk=1, D=16, Dv=16, causal=True),
+    Case(B=1, H=1, Hk=1, Lq=1, Lk=1, D=100, Dv=40),
+    Case(B=1, H=1, Hk=1, Lq=17, Lk=64, D=256, Dv=256),
+]
+DOT = [Case(score="dot", **{f: getattr(c, f) for f in ("B", "H", "Hk", "Lq", "Lk", "D", "Dv", "causal",
+                                                       "lengths", "dtype", "strided")})
+       for c in ADDITIVE if c.magnitude == 1.0]
+DOT += [
+    Case(score="dot", B=1, H=2, Hk=2, Lq=97, Lk=97, D=64, Dv=64, magnitude=30.0, scale=0.05),
+    Case(score="dot", B=1, H=1, Hk=1, Lq=64, Lk=64, D=128, Dv=100, dtype=BF16, causal=True),
+]
+
+
+def _launch(case: Case, q, k, v, w, lengths, dout, num_splits=None):
+    """Forward and backward straight through the launchers (no op layer)."""
+    if case.score == "additive":
+        out, lse = BACKEND.additive_forward(q, k, v, w, lengths, case.causal, num_splits=num_splits)
+        grads = BACKEND.additive_backward(dout, q, k, v, w, lengths, case.causal, out, lse)
+        names = ("dq", "dk", "dv", "dw")
+    else:
+        scale = case.scale if case.scale is not None else q.shape[-1] ** -0.5
+        out, lse = BACKEND.dot_forward(q, k, v, lengths, scale, case.causal, num_splits=num_splits)
+        grads = BACKEND.dot_backward(dout, q, k, v, lengths, scale, case.causal, out, lse)
+        names = ("dq", "dk", "dv")
+    return {"out": out, "lse": lse, **dict(zip(names, grads))}
+
+
+def _check_launchers(case: Case, num_splits=None):
+    q, k, v, w, lengths = testing.make_inputs(case)
+    g = torch.Generator().manual_seed(case.seed + 1)
+    dout = torch.randn(case.B, case.H, case.Lq, case.Dv, generator=g, dtype=torch.float64).to(case.dtype)
+    fused = _launch(case, q, k, v, w, lengths, dout, num_splits)
+    ref64 = testing.run_reference(case, q, k, v, w, lengths, dout, upcast_to=torch.float64)
+    ref_dt = testing.run_reference(case, q, k, v, w, lengths, dout)
+    for name in ref64:
+        assert fused[name].dtype == (torch.float32 if name == "lse" else case.dtype), name
+        assert fused[name].shape == ref64[name].shape, name
+        assert not torch.isnan(fused[name]).any(), f"{case} {name}: NaN"
+        testing.assert_within_rule(f"{case} [triton] {name}", fused[name], ref64[name], ref_dt[name],
+                                   case.dtype)
+    return fused
+
+
+@pytest.mark.parametrize("case", ADDITIVE + DOT, ids=str)
+def test_forward_backward(case):
+    _check_launchers(case)
+
+
+# ------------------------------------------------------------------------------ decode splits
+@pytest.mark.parametrize("score", ["additive", "dot"])
+def test_decode_split_matches_single_pass(score):
+    """Flash-decoding: 1 program vs. 5 key splits merged by LSE (and masked-out splits)."""
+    case = Case(score=score, B=2, H=2, Hk=1, Lq=3, Lk=257, D=40, Dv=24, causal=True, lengths=(257, 70))
+    q, k, v, w, lengths = testing.make_inputs(case)
+    dout = torch.zeros(case.B, case.H, case.Lq, case.Dv)
+    one = _launch(case, q, k, v, w, lengths, dout, num_splits=1)
+    split = _check_launchers(case, num_splits=5)
+    assert tb.num_splits_for(2, 2, 3, 257, 16, 64, q.device) == 5  # what the launcher picks by itself
+    torch.testing.assert_close(split["out"], one["out"], rtol=0, atol=2e-6)
+    torch.testing.assert_close(split["lse"], one["lse"], rtol=0, atol=2e-6)
+
+
+# ------------------------------------------------------------------------------ masked rows
+@pytest.mark.parametrize("score", ["additive", "dot"])
+def test_fully_masked_rows(score):
+    """key_lengths = 0 and causal rows with no key: out = 0, lse = -inf, zero gradients."""
+    case = Case(score=score, B=2, H=1, Hk=1, Lq=20, Lk=5, D=16, Dv=16, causal=True, lengths=(0, 5))
+    fused = _check_launchers(case)
+    assert torch.isneginf(fused["lse"][0]).all() and (fused["out"][0] == 0).all()
+    assert (fused["dq"][0] == 0).all() and (fused["dk"][0] == 0).all() and (fused["dv"][0] == 0).all()
+    # batch 1: rows i < Lq - Lk see no key under the bottom-right causal mask
+    assert torch.isneginf(fused["lse"][1, :, :15]).all() and torch.isfinite(fused["lse"][1, :, 15:]).all()
+    assert (fused["dq"][1, :, :15] == 0).all()
+
+
+def test_direct_tanh_tiles_are_exact():
+    """|q| > 40 on some rows only: those tiles take the direct path, others the factored one."""
+    case = Case(B=1, H=1, Hk=1, Lq=97, Lk=64, D=40, Dv=16)
+    q, k, v, w, lengths = testing.make_inputs(case)
+    q[0, 0, 70:] *= 200.0  # the last query tile only
+    k[0, 0, :5] += 45.0    # one key tile
+    dout = torch.randn(1, 1, 97, 16, generator=torch.Generator().manual_seed(3))
+    fused = _launch(case, q, k, v, w, lengths, dout)
+    ref64 = testing.run_reference(case, q, k, v, w, lengths, dout, upcast_to=torch.float64)
+    ref_dt = testing.run_reference(case, q, k, v, w, lengths, dout)
+    for name in ref64:
+        testing.assert_within_rule(f"direct {name}", fused[name], ref64[name], ref_dt[name], F32)
+
+
+def test_deterministic():
+    case = Case(B=1, H=4, Hk=1, Lq=40, Lk=97, D=40, Dv=16, causal=True)
+    q, k, v, w, lengths = testing.make_inputs(case)
+    dout = torch.randn(1, 4, 40, 16, generator=torch.Generator().manual_seed(1))
+    a = _launch(case, q, k, v, w, lengths, dout)
+    b = _launch(case, q, k, v, w, lengths, dout)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+# ------------------------------------------------------------------------------ public API
+@pytest.mark.parametrize("case", [
+    Case(B=2, H=2, Hk=1, Lq=33, Lk=70, D=40, Dv=24, causal=True, lengths=(70, 0)),
+    Case(score="dot", B=1, H=2, Hk=2, Lq=70, Lk=33, D=40, Dv=24, causal=True, strided=True),
+    Case(B=1, H=2, Hk=2, Lq=5, Lk=40, D=16, Dv=8, dtype=F16),
+], ids=str)
+def test_public_api(case):
+    testing.check_backend(case, "triton")
+
+
+def test_backend_declarations():
+    assert BACKEND.name == "triton"
+    assert "cpu" in BACKEND.devices and "cuda" in BACKEND.devices
+    assert BACKEND.unavailable_reason() is None
+    assert torch.float64 not in BACKEND.dtypes
+    q = torch.zeros(1, 1, 2, 300)
+    assert BACKEND.not_supported_reasons("dot", q, q, q)  # head dim above max_head_dim
+
+
+# ------------------------------------------------------------------------------ compile check
+@pytest.mark.slow
+def test_gpu_compile_check_quick():
+    """The AOT compile check (sm_80, sm_90, reduced set) passes: no errors, spills or overflows."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "fusedattn.tools.gpu_compile_check", "--arch", "80", "90",
+                          "--quick"], env=env, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
