@@ -1,6 +1,6 @@
 """Quick CPU timings of the fused kernels (torch.ops.fusedattn_cpu) against the reference and SDPA.
 
-Usage: python benchmarks/cpu_quick.py [additive|dot|decode|memory|all]
+Usage: python benchmarks/cpu_quick.py [additive|dot|decode|memory|all] [threads]
 Ratios are taken within one run; the machine is noisy, so each figure is the best of a few repeats.
 """
 from __future__ import annotations
@@ -30,6 +30,19 @@ def best(fn, reps=5, warmup=1):
     return min(ts)
 
 
+def race(fns, reps=5):
+    """Best time of each function, calls interleaved so machine noise hits all of them alike."""
+    for f in fns:
+        f()
+    out = [float("inf")] * len(fns)
+    for _ in range(reps):
+        for n, f in enumerate(fns):
+            t0 = time.perf_counter()
+            f()
+            out[n] = min(out[n], time.perf_counter() - t0)
+    return out
+
+
 def additive(L=1024, A=128, Dv=128):
     torch.manual_seed(0)
     q, k = torch.randn(1, 1, L, A), torch.randn(1, 1, L, A)
@@ -51,8 +64,8 @@ def additive(L=1024, A=128, Dv=128):
         ts = [t.detach().requires_grad_() for t in (q, k, v, w)]
         R.additive_attention(*ts).backward(do)
 
-    tf, tfb = best(f_fwd), best(f_fb)
-    rf, rfb = best(r_fwd, reps=2), best(r_fb, reps=2)
+    tf, rf = race([f_fwd, r_fwd], reps=3)
+    tfb, rfb = race([f_fb, r_fb], reps=3)
     triples = L * L * A
     print(f"additive L={L} A={A} Dv={Dv}: fused fwd {tf*1e3:.1f} ms ({triples/tf/1e9:.2f} G triples/s), "
           f"reference fwd {rf*1e3:.0f} ms -> {rf/tf:.0f}x")
@@ -81,8 +94,8 @@ def dot(B=1, H=4, L=4096, D=64, causal=False):
         ts = [t.detach().requires_grad_() for t in (q, k, v)]
         F.scaled_dot_product_attention(*ts, is_causal=causal).backward(do)
 
-    tf, sf = best(f_fwd), best(s_fwd)
-    tfb, sfb = best(f_fb, reps=3), best(s_fb, reps=3)
+    tf, sf = race([f_fwd, s_fwd], reps=6)
+    tfb, sfb = race([f_fb, s_fb], reps=4)
     print(f"dot B={B} H={H} L={L} D={D} causal={causal}: fwd fused {tf*1e3:.0f} ms, sdpa {sf*1e3:.0f} ms "
           f"-> {sf/tf:.2f}x sdpa speed; fwd+bwd fused {tfb*1e3:.0f} ms, sdpa {sfb*1e3:.0f} ms "
           f"-> {sfb/tfb:.2f}x")
@@ -92,12 +105,8 @@ def decode(Lk=4000, D=128):
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 1, 1, D), torch.randn(1, 1, Lk, D), torch.randn(1, 1, Lk, D)
     w = torch.randn(1, D) * 0.1
-    for n in (1, 2):
-        torch.set_num_threads(n)
-        t = best(lambda: ops.additive_fwd(q, k, v, w, None, False), reps=20)
-        print(f"additive decode Lq=1 Lk={Lk} A={D}, {n} thread(s): {t*1e6:.0f} us "
-              f"({Lk*D/t/1e9:.2f} G triples/s)")
-    torch.set_num_threads(2)
+    t = best(lambda: ops.additive_fwd(q, k, v, w, None, False), reps=20)
+    print(f"additive decode Lq=1 Lk={Lk} A={D}: {t*1e6:.0f} us ({Lk*D/t/1e9:.2f} G triples/s)")
 
 
 def memory(L=16384, A=128, Lbig=65536):
@@ -125,6 +134,8 @@ def memory(L=16384, A=128, Lbig=65536):
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
+    if len(sys.argv) > 2:
+        torch.set_num_threads(int(sys.argv[2]))
     print(f"threads={torch.get_num_threads()} avx2={ops.uses_avx2()}")
     if what in ("additive", "all"):
         additive()

@@ -6,9 +6,15 @@
 //   dot_fwd(q, k, v, key_lengths?, scale, causal) -> (out, lse)
 //   dot_bwd(dout, q, k, v, key_lengths?, scale, causal, out, lse) -> (dq, dk, dv)
 //
-// Layout: the launchers copy q, k, v (and w, dout) into contiguous float32 buffers; that is
-// O(L*D) against the O(Lq*Lk*D) work. No Lq x Lk tensor is ever stored: work is done on
-// (query tile x key tile) blocks held in per-thread scratch.
+// Layout: the launchers make q, k, v (and w, dout, out) contiguous float32 (a copy only when they
+// are strided or bfloat16); that is O(L*D) against the O(Lq*Lk*D) work. No Lq x Lk tensor is ever
+// stored: work is done on (query tile x key tile) blocks held in per-thread scratch. Tiles go
+// through the sgemm bundled with libtorch_cpu (QK^T, PV and the backward products) and through the
+// AVX2 / scalar loops of kernels.cpp (additive scores, softmax exponentials).
+//
+// Additive scores use tanh(x + y) = 1 - 2 / (1 + e^{2x} e^{2y}) with e^{2q} per query row and
+// e^{2k} per key row computed once per call; a row with some |value| > 40 (or NaN) is flagged and
+// its pairs use tanh directly, so the result is accurate for every finite input.
 //
 // Forward: work items (batch, head, query tile, key split); each owns its output rows. When there
 // are few items (a decoder step against long keys) the keys are split and the partial results are
@@ -449,7 +455,8 @@ struct AddGrad {
   }
 };
 
-// Fills dq (B,H,Lq,D), dk (B,Hk,Lk,D), dv (B,Hk,Lk,Dv) (float32, contiguous, zeroed) and
+// Fills dq (B,H,Lq,D), dk (B,Hk,Lk,D), dv (B,Hk,Lk,Dv) (float32, contiguous; every element is
+// written, so they may be uninitialized) and
 // returns the dw state partials (items x G x dw_size) for the caller to reduce.
 template <class Scores, class Grad>
 std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, const float* v,
@@ -475,11 +482,20 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
     for (int64_t it; (it = pull()) >= 0;) {
       const int64_t c = it % nchunk, bk_ = it / nchunk, b = bk_ / p.Hk, hk = bk_ % p.Hk;
       float* dqbase = nchunk > 1 ? dq_part.data() + c * dq_numel : dq;
+      if (nchunk == 1)  // this item owns the dq rows of its query heads
+        std::memset(dq + (b * p.H + hk * p.G) * p.Lq * p.D, 0, sizeof(float) * p.G * p.Lq * p.D);
       float* dwst_item = dw_part.data() + it * p.G * dws;
       for (int64_t kt = c; kt < nkt; kt += nchunk) {
         const int64_t j0 = kt * BK;
-        if (j0 >= p.klen[b]) continue;  // dk, dv stay zero
         const int nc = (int)std::min<int64_t>(BK, p.Lk - j0);
+        if (j0 >= p.klen[b]) {  // no query sees these keys
+          std::memset(dk + ((b * p.Hk + hk) * p.Lk + j0) * p.D, 0, sizeof(float) * nc * p.D);
+          std::memset(dv + ((b * p.Hk + hk) * p.Lk + j0) * p.Dv, 0, sizeof(float) * nc * Dv);
+          continue;
+        }
+        // keys at or beyond key_lengths are never read (padding may hold anything, even NaN);
+        // their dk, dv rows stay zero
+        const int ncv = (int)std::min<int64_t>(nc, p.klen[b] - j0);
         std::memset(dkacc.data(), 0, sizeof(float) * Grad::dk_size(p, BK));
         std::memset(dvacc.data(), 0, sizeof(float) * BK * Dv);
         const float* vt = v + ((b * p.Hk + hk) * p.Lk + j0) * p.Dv;
@@ -490,15 +506,15 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
           for (int64_t i0 = istart / BQ * BQ; i0 < p.Lq; i0 += BQ) {
             const int nr = (int)std::min<int64_t>(BQ, p.Lq - i0);
             const int64_t row0 = (b * p.H + h) * p.Lq + i0;
-            sc.tile(isa, b, h, i0, nr, j0, nc, S.data());
+            sc.tile(isa, b, h, i0, nr, j0, ncv, S.data());
             const float* dor = dout + row0 * p.Dv;
-            gemm(false, true, nr, nc, Dv, 1.f, dor, Dv, vt, Dv, 0.f, dP.data(), BK);
+            gemm(false, true, nr, ncv, Dv, 1.f, dor, Dv, vt, Dv, 0.f, dP.data(), BK);
             bool any = false;
             for (int i = 0; i < nr; ++i) {
               float* srow = S.data() + i * BK;
               float* drow = dP.data() + i * BK;
               const float L = lse[row0 + i];
-              const int valid = (int)std::clamp<int64_t>(p.lim(b, i0 + i) - j0, 0, nc);
+              const int valid = (int)std::clamp<int64_t>(p.lim(b, i0 + i) - j0, 0, ncv);
               if (L == kNegInf || valid == 0) {
                 std::memset(srow, 0, sizeof(float) * BK);
                 std::memset(drow, 0, sizeof(float) * BK);
@@ -512,8 +528,8 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
               for (int j = valid; j < BK; ++j) drow[j] = 0.f;
             }
             if (!any) continue;
-            gemm(true, false, nc, Dv, nr, 1.f, S.data(), BK, dor, Dv, 1.f, dvacc.data(), Dv);
-            gr.consume(isa, b, h, i0, nr, j0, nc, dP.data(), dqbase + row0 * p.D, dkacc.data(), dwst);
+            gemm(true, false, ncv, Dv, nr, 1.f, S.data(), BK, dor, Dv, 1.f, dvacc.data(), Dv);
+            gr.consume(isa, b, h, i0, nr, j0, ncv, dP.data(), dqbase + row0 * p.D, dkacc.data(), dwst);
           }
         }
         gr.write_dk(p, dkacc.data(), nc, dk + ((b * p.Hk + hk) * p.Lk + j0) * p.D);
@@ -557,28 +573,51 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
   float* ekt = d.EkT.data_ptr<float>();
   uint8_t* qf = d.qflag.data_ptr<uint8_t>();
   uint8_t* kf = d.kflag.data_ptr<uint8_t>();
-  auto bad = [](float x) { return !(std::fabs(x) <= kExpLimit); };  // also NaN
-  at::parallel_for(0, p.B * p.H * p.Lq, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* x = qp + r * A;
-      bool f = false;
-      for (int64_t a = 0; a < A; ++a) f = f || bad(x[a]);
-      qf[r] = f;
-      for (int64_t a = 0; a < A; ++a) eq[r * A + a] = f ? 1.f : std::exp(2.f * x[a]);
-    }
-  });
-  at::parallel_for(0, p.B * p.Hk, 1, [&](int64_t h0, int64_t h1) {
-    for (int64_t bh = h0; bh < h1; ++bh) {
-      float* e = ekt + bh * A * LkP;
-      for (int64_t j = 0; j < LkP; ++j) {
-        bool f = false;
-        const float* y = kp + (bh * p.Lk + j) * A;
-        if (j < p.Lk) {
-          for (int64_t a = 0; a < A; ++a) f = f || bad(y[a]);
-          kf[bh * p.Lk + j] = f;
+  // 1 when some |x| > kExpLimit or x is NaN (branch-free, so the loop vectorizes)
+  auto flagged_row = [](const float* x, int64_t n) {
+    int f = 0;
+    for (int64_t a = 0; a < n; ++a) f |= !(std::fabs(x[a]) <= kExpLimit);
+    return f != 0;
+  };
+  const Isa isa = pick_isa();
+  // one parallel region: items [0, nqb) are blocks of 64 query rows, the rest key blocks of 64
+  // (per kv head), transposed into EkT (A, LkP); padding and flagged keys hold 1.
+  constexpr int64_t KB = 64;
+  const int64_t nq = p.B * p.H * p.Lq, nqb = (nq + KB - 1) / KB, nkb = LkP / KB;
+  parallel_items(nqb + p.B * p.Hk * nkb, [&](auto pull) {
+    Buf tmp(KB * A);
+    for (int64_t t; (t = pull()) >= 0;) {
+      if (t < nqb) {
+        for (int64_t r = t * KB; r < std::min(nq, (t + 1) * KB); ++r) {
+          const float* x = qp + r * A;
+          const bool f = flagged_row(x, A);
+          qf[r] = f;
+          if (f) {
+            for (int64_t a = 0; a < A; ++a) eq[r * A + a] = 1.f;
+          } else {
+            exp2x(isa, x, eq + r * A, (int)A);
+          }
         }
-        for (int64_t a = 0; a < A; ++a) e[a * LkP + j] = (j >= p.Lk || f) ? 1.f : std::exp(2.f * y[a]);
+        continue;
       }
+      t -= nqb;
+      const int64_t bh = t / nkb, jb = (t % nkb) * KB;
+      float* tb = tmp.data();
+      for (int64_t j = 0; j < KB; ++j) {
+        const int64_t jj = jb + j;
+        bool f = jj >= p.Lk;
+        if (!f) {
+          const float* y = kp + (bh * p.Lk + jj) * A;
+          f = flagged_row(y, A);
+          kf[bh * p.Lk + jj] = f;
+          if (!f) exp2x(isa, y, tb + j * A, (int)A);
+        }
+        if (f)
+          for (int64_t a = 0; a < A; ++a) tb[j * A + a] = 1.f;
+      }
+      float* e = ekt + bh * A * LkP + jb;
+      for (int64_t a = 0; a < A; ++a)
+        for (int64_t j = 0; j < KB; ++j) e[a * LkP + j] = tb[j * A + a];
     }
   });
   AddScores& sc = d.sc;
@@ -626,8 +665,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> additive_bwd(
   Tensor vf = f32(v), dof = f32(dout), of = f32(out), lsef = lse.contiguous();
   std::vector<float> delta = row_delta(p, AddScores::BQ, dof.data_ptr<float>(), of.data_ptr<float>());
   auto fo = q.options().dtype(at::kFloat);
-  Tensor dq = at::zeros({p.B, p.H, p.Lq, p.D}, fo), dk = at::zeros({p.B, p.Hk, p.Lk, p.D}, fo);
-  Tensor dv = at::zeros({p.B, p.Hk, p.Lk, p.Dv}, fo);
+  Tensor dq = at::empty({p.B, p.H, p.Lq, p.D}, fo), dk = at::empty({p.B, p.Hk, p.Lk, p.D}, fo);
+  Tensor dv = at::empty({p.B, p.Hk, p.Lk, p.Dv}, fo);
   AddGrad gr{&d.sc};
   int64_t n_items = 0;
   std::vector<float> dwp = backward(p, d.sc, gr, vf.data_ptr<float>(), dof.data_ptr<float>(),
@@ -677,8 +716,8 @@ std::tuple<Tensor, Tensor, Tensor> dot_bwd(const Tensor& dout, const Tensor& q, 
   DotScores sc{qf.data_ptr<float>(), kf.data_ptr<float>(), (float)scale, &p};
   std::vector<float> delta = row_delta(p, DotScores::BQ, dof.data_ptr<float>(), of.data_ptr<float>());
   auto fo = q.options().dtype(at::kFloat);
-  Tensor dq = at::zeros({p.B, p.H, p.Lq, p.D}, fo), dk = at::zeros({p.B, p.Hk, p.Lk, p.D}, fo);
-  Tensor dv = at::zeros({p.B, p.Hk, p.Lk, p.Dv}, fo);
+  Tensor dq = at::empty({p.B, p.H, p.Lq, p.D}, fo), dk = at::empty({p.B, p.Hk, p.Lk, p.D}, fo);
+  Tensor dv = at::empty({p.B, p.Hk, p.Lk, p.Dv}, fo);
   DotGrad gr{&sc};
   int64_t n_items = 0;
   backward(p, sc, gr, vf.data_ptr<float>(), dof.data_ptr<float>(), lsef.data_ptr<float>(), delta.data(),

@@ -39,9 +39,8 @@ void add_bwd_scalar(int nr, int nc8, int A, const float* Eq, const float* EkT, i
       const float* ds = dS + (int64_t)i * ldS;
       float acc = 0.f;
       for (int j = 0; j < nc8; ++j) {
-        const float pk = e * k[j];
-        const float r = 1.f / (1.f + pk);
-        const float m = ds[j] * (std::fmin(pk, 3.4028234e38f) * r * r);
+        const float r = 1.f / (1.f + e * k[j]);
+        const float m = ds[j] * (r - r * r);
         acc += m;
         dk[j] += w4 * m;
         dw += ds[j] * (r - 0.5f);
@@ -81,12 +80,14 @@ AVX2_FN inline float hsum8(__m256 v) {
 }
 
 // exp(x) for x <= 88 (Cephes-style: x = n ln2 + r, degree-6 polynomial in r, scale by 2^n);
-// x < -87 gives 0 (the true value is below the smallest normal float and negligible here).
+// x < -87 gives 0 (the true value is below the smallest normal float and negligible here);
+// NaN gives NaN.
 AVX2_FN inline __m256 exp8(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-87.f);
   const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);  // also false for NaN
-  x = _mm256_max_ps(x, lo);
-  x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
+  // operand order: max/min return their second operand when one is NaN, so NaN propagates
+  x = _mm256_max_ps(lo, x);
+  x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x);
   __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
@@ -152,13 +153,12 @@ AVX2_FN void add_scores_avx2(int nr, int nc8, int A, const float* Eq, const floa
   }
 }
 
-// One row i against nc8 keys for dim a: r = 1/(1+p), p = Eq*EkT; u = r(1 - r) computed as
-// min(p, FLT_MAX) r^2, which keeps its relative accuracy when r is near 1 (1 - r = p r exactly).
+// r = 1/(1+p), p = e*k; returns u = r(1 - r) = r - r*r (one fused op; its absolute error, about
+// one float32 ulp of 1, matches that of 1 - t^2 computed from a rounded t).
 AVX2_FN inline __m256 add_bwd_u(__m256 e, __m256 k, __m256* r) {
-  const __m256 p = _mm256_mul_ps(e, k);
-  *r = _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_add_ps(p, _mm256_set1_ps(1.f)));
-  const __m256 pr = _mm256_mul_ps(_mm256_min_ps(p, _mm256_set1_ps(3.4028234e38f)), *r);
-  return _mm256_mul_ps(pr, *r);
+  const __m256 one = _mm256_set1_ps(1.f);
+  *r = _mm256_div_ps(one, _mm256_fmadd_ps(e, k, one));
+  return _mm256_fnmadd_ps(*r, *r, *r);
 }
 
 // NI query rows against nc8 keys for one dim a; dk is loaded and stored once per NI rows.
@@ -238,7 +238,22 @@ AVX2_FN float exp_sub_sum_avx2(float* x, int n, float m) {
   return hsum8(acc);
 }
 
+AVX2_FN void exp2x_avx2(const float* x, float* y, int n) {
+  const __m256 two = _mm256_set1_ps(2.f);
+  int j = 0;
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(y + j, exp8(_mm256_mul_ps(two, _mm256_loadu_ps(x + j))));
+  for (; j < n; ++j) y[j] = std::exp(2.f * x[j]);
+}
+
 }  // namespace
+
+void exp2x(Isa isa, const float* x, float* y, int n) {
+  if (isa.avx2) {
+    exp2x_avx2(x, y, n);
+  } else {
+    for (int j = 0; j < n; ++j) y[j] = std::exp(2.f * x[j]);
+  }
+}
 
 void add_scores(Isa isa, int nr, int nc8, int A, const float* Eq, const float* EkT, int64_t ldk,
                 const float* w, float* S, int ldS) {

@@ -26,6 +26,9 @@ void add_scores(Isa isa, int nr, int nc8, int A, const float* Eq, const float* E
 void add_bwd(Isa isa, int nr, int nc8, int A, const float* Eq, const float* EkT, int64_t ldk,
              const float* w, const float* dS, int ldS, float* dq, float* dkT, int ldd, float* dwr);
 
+// y[j] = exp(2 x[j]) for |x[j]| <= 40.
+void exp2x(Isa isa, const float* x, float* y, int n);
+
 // Row helpers of the online softmax.
 float row_max(Isa isa, const float* x, int n);
 // x[j] = exp(x[j] - m) (0 where x[j] - m < -87, so -inf gives 0); returns the sum.

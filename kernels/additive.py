@@ -52,19 +52,14 @@ FWD_CONFIGS = [  # predicate on (BLOCK_DV, fp32, decode)
     (lambda dv, f32, decode: dv <= 128, dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1)),
     (lambda dv, f32, decode: True, dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=1)),
 ]
-BWD_DKDV_CONFIGS = [  # predicate on (BLOCK_DV, fp32); BLOCK_N keys are the tile rows
-    (lambda dv, f32: not f32 and dv <= 32, dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=1)),
-    (lambda dv, f32: dv <= 64, dict(BLOCK_M=16, BLOCK_N=128, num_warps=8, num_stages=1)),
-    (lambda dv, f32: dv <= 128, dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=1)),
-    (lambda dv, f32: True, dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1)),
+# The backward walks Dv in chunks of BLOCK_DV <= 64 columns (32 for float32), so its configs
+# depend on the chunk width and the dtype only.
+BWD_DKDV_CONFIGS = [  # predicate on (BLOCK_DV chunk, fp32); BLOCK_N keys are the tile rows
+    (lambda dv, f32: True, dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1)),
 ]
-BWD_DQ_CONFIGS = [  # predicate on (BLOCK_DV, fp32)
-    (lambda dv, f32: not f32 and dv <= 128, dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=1)),
-    (lambda dv, f32: not f32, dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=1)),
-    (lambda dv, f32: dv <= 32, dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=1)),
-    (lambda dv, f32: dv <= 64, dict(BLOCK_M=16, BLOCK_N=128, num_warps=8, num_stages=1)),
-    (lambda dv, f32: dv <= 128, dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=1)),
-    (lambda dv, f32: True, dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1)),
+BWD_DQ_CONFIGS = [  # predicate on (BLOCK_DV chunk, fp32)
+    (lambda dv, f32: not f32, dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=1)),
+    (lambda dv, f32: True, dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1)),
 ]
 INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)
 INTERPRET_DECODE_CONFIG = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1)
@@ -326,8 +321,9 @@ def _attn_bwd_dkdv_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta
                             FAST_RCP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program: BLOCK_N keys of one (b, kv head); loops over the group's query heads and
     the query tiles that can see these keys. Tiles are transposed (keys are rows), so the
-    dK reduction over queries runs along axis 1. DKT is float32 scratch (B, Hk, A, >=Lk),
-    zero-initialized; DV is written once. LSE and Delta are contiguous (B, H, Lq) float32."""
+    dK reduction over queries runs along axis 1. DKT is float32 scratch (B, Hk, A, >=Lk) and
+    DV float32 scratch (B, Hk, >=Lk, >=Dv rounded up to BLOCK_DV), both zero-initialized with
+    rows padded to a multiple of 128. LSE and Delta are contiguous (B, H, Lq) float32."""
     tl.static_assert(BLOCK_M >= 16)
     tl.static_assert(BLOCK_DV >= 16)
     pid_n = tl.program_id(0)
@@ -342,13 +338,11 @@ def _attn_bwd_dkdv_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask_n = offs_n < Lk
-    mask_dv = offs_dv < Dv
 
     k_base = K + off_b64 * stride_kb + off_hk64 * stride_kh
     ek_base = EK + off_b64 * stride_ekb + off_hk64 * stride_ekh
     dk_base = DKT + off_b64 * stride_dkb + off_hk64 * stride_dkh
-    v = tl.load(V + off_b64 * stride_vb + off_hk64 * stride_vh + offs_n[:, None] * stride_vn
-                + offs_dv[None, :] * stride_vd, mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
+    v_base = V + off_b64 * stride_vb + off_hk64 * stride_vh
     kmax = tl.load(KMAX + off_bhk.to(tl.int64) * Lk + offs_n, mask=mask_n, other=0.0)
     k_ok = tl.max(kmax, axis=0) <= EXP_SAFE
 
@@ -358,7 +352,7 @@ def _attn_bwd_dkdv_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta
     m_lo = (m_lo // BLOCK_M) * BLOCK_M
     m_hi = tl.where(pid_n * BLOCK_N < klen, Lq, 0)
 
-    dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    dv_base = DV + off_b64 * stride_dvb + off_hk64 * stride_dvh
     for g in range(0, GROUP):
         off_h64 = (off_hk * GROUP + g).to(tl.int64)
         q_base = Q + off_b64 * stride_qb + off_h64 * stride_qh
@@ -383,10 +377,20 @@ def _attn_bwd_dkdv_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta
             lse = tl.where(lse == -float("inf"), 0.0, lse)
             pT = tl.where(allowed, tl.exp(sT - lse[None, :]), 0.0)
             # -- dV and dS^T --
-            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                         mask=mask_m[:, None] & mask_dv[None, :], other=0.0)
-            dv_acc += _mma(pT.to(do.dtype), do, DOT_PRECISION)
-            dpT = _mma(v, tl.trans(do), DOT_PRECISION)
+            # Dv is walked in BLOCK_DV chunks: dV accumulates in program-owned float32 scratch
+            # (rows padded: no row mask) and dP^T sums over the chunks, so no (BLOCK_N, Dv)
+            # tile stays live across the A loops whatever Dv is
+            dpT = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            for c in range(0, Dv, BLOCK_DV):
+                offs_c = c + offs_dv
+                mask_c = offs_c < Dv
+                do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_c[None, :] * stride_dod,
+                             mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+                v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_c[None, :] * stride_vd,
+                            mask=mask_n[:, None] & mask_c[None, :], other=0.0)
+                dv_ptrs = dv_base + offs_n[:, None] * stride_dvn + offs_c[None, :] * stride_dvd
+                tl.store(dv_ptrs, tl.load(dv_ptrs) + _mma(pT.to(do.dtype), do, DOT_PRECISION))
+                dpT += _mma(v, tl.trans(do), DOT_PRECISION)
             delta = tl.load(Delta + row_base + offs_m, mask=mask_m, other=0.0)
             dsT = pT * (dpT - delta[None, :])
             # -- dK columns --
@@ -398,11 +402,7 @@ def _attn_bwd_dkdv_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta
                 _grad_columns(ek_base, eq_base, k_base, q_base, offs_n, offs_m, mask_n, mask_m,
                               stride_eka, stride_eqa, stride_kn, stride_qm, stride_kd, stride_qd,
                               W_h, stride_wa, A, dsT, 0.0, dk_base, dk_base, stride_dka, False, True, FAST_RCP)
-            tl.debug_barrier()  # the next tile reads the dK columns stored above
-
-    tl.store(DV + off_b64 * stride_dvb + off_hk64 * stride_dvh + offs_n[:, None] * stride_dvn
-             + offs_dv[None, :] * stride_dvd, dv_acc.to(DV.dtype.element_ty),
-             mask=mask_n[:, None] & mask_dv[None, :])
+            tl.debug_barrier()  # the next tile reads the dK columns and dV rows stored above
 
 
 @triton.jit
@@ -436,7 +436,6 @@ def _attn_bwd_dq_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta, 
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask_m = offs_m < Lq
-    mask_dv = offs_dv < Dv
 
     q_base = Q + off_b64 * stride_qb + off_h64 * stride_qh
     eq_base = EQ + off_b64 * stride_eqb + off_h64 * stride_eqh
@@ -449,8 +448,7 @@ def _attn_bwd_dq_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta, 
     dw_base = DWT + off_b64 * stride_dqb + off_h64 * stride_dqh
     row_base = (off_b64 * H + off_h64) * Lq
 
-    do = tl.load(DO + off_b64 * stride_dob + off_h64 * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_dv[None, :] * stride_dod, mask=mask_m[:, None] & mask_dv[None, :], other=0.0)
+    do_base = DO + off_b64 * stride_dob + off_h64 * stride_doh
     lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0)
     lse = tl.where(lse == -float("inf"), 0.0, lse)
     delta = tl.load(Delta + row_base + offs_m, mask=mask_m, other=0.0)
@@ -474,10 +472,16 @@ def _attn_bwd_dq_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta, 
         allowed = ((offs_n[None, :] < klen) & (offs_n[None, :] <= offs_m[:, None] + CAUSAL_SHIFT)
                    & mask_m[:, None])
         p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
-        # -- dS --
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
-        dp = _mma(do, tl.trans(v), DOT_PRECISION)
+        # -- dS (dP summed over Dv chunks; dO re-read from cache) --
+        dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for c in range(0, Dv, BLOCK_DV):
+            offs_c = c + offs_dv
+            mask_c = offs_c < Dv
+            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_c[None, :] * stride_dod,
+                         mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_c[None, :] * stride_vd,
+                        mask=mask_n[:, None] & mask_c[None, :], other=0.0)
+            dp += _mma(do, tl.trans(v), DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         ds_sum = tl.sum(ds, axis=1)
         # -- dQ and dw columns --

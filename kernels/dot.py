@@ -16,14 +16,16 @@ from .common import _mma
 # ----------------------------------------------------------------------------------------
 # Each entry: (predicate on (BLOCK_D, BLOCK_DV, decode), config). The first match wins.
 FWD_CONFIGS = [
-    (lambda d, dv, decode: decode and max(d, dv) <= 128, dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2)),
-    (lambda d, dv, decode: decode, dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2)),
-    (lambda d, dv, decode: max(d, dv) <= 64, dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2)),
+    (lambda d, dv, decode: decode and max(d, dv) <= 128, dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1)),
+    (lambda d, dv, decode: decode, dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)),
+    (lambda d, dv, decode: max(d, dv) <= 32, dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2)),
+    (lambda d, dv, decode: max(d, dv) <= 64, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
     (lambda d, dv, decode: max(d, dv) <= 128, dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)),
     (lambda d, dv, decode: True, dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)),
 ]
 BWD_DKDV_CONFIGS = [
-    (lambda d, dv: max(d, dv) <= 64, dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=1)),
+    (lambda d, dv: max(d, dv) <= 32, dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=1)),
+    (lambda d, dv: max(d, dv) <= 64, dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)),
     (lambda d, dv: max(d, dv) <= 128, dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)),
     (lambda d, dv: True, dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1)),
 ]

@@ -41,7 +41,8 @@ ADDITIVE = [
     Case(B=2, H=2, Hk=1, Lq=97, Lk=64, D=40, Dv=24, causal=True, lengths=(64, 30)),
     Case(B=1, H=1, Hk=1, Lq=64, Lk=97, D=100, Dv=64, causal=True),                 # Lq < Lk
     Case(B=1, H=1, Hk=1, Lq=257, Lk=17, D=64, Dv=40, causal=True),                 # Lq > Lk
-    Case(B=2, H=2, Hk=2, Lq=64, Lk=257, D=128, Dv=64, lengths=(0, 200), dtype=F16),
+    Case(B=2, H=1, Hk=1, Lq=64, Lk=257, D=64, Dv=40, lengths=(0, 200), dtype=F16),
+    Case(B=1, H=1, Hk=1, Lq=64, Lk=97, D=128, Dv=17, lengths=(90,)),
     Case(B=1, H=2, Hk=1, Lq=97, Lk=97, D=40, Dv=80, causal=True, dtype=BF16),
     Case(B=1, H=1, Hk=1, Lq=64, Lk=64, D=64, Dv=32, magnitude=30.0),
     Case(B=1, H=1, Hk=1, Lq=17, Lk=97, D=16, Dv=16, magnitude=1e4, causal=True),
@@ -100,15 +101,16 @@ def test_forward_backward(case):
 # ------------------------------------------------------------------------------ decode splits
 @pytest.mark.parametrize("score", ["additive", "dot"])
 def test_decode_split_matches_single_pass(score):
-    """Flash-decoding: 1 program vs. 5 key splits merged by LSE (and masked-out splits)."""
-    case = Case(score=score, B=2, H=2, Hk=1, Lq=3, Lk=257, D=40, Dv=24, causal=True, lengths=(257, 70))
+    """Flash-decoding: 1 program vs. 5 key splits merged by LSE (including all-masked splits)."""
+    case = Case(score=score, B=2, H=2, Hk=1, Lq=3, Lk=257, D=16, Dv=24, causal=True, lengths=(257, 70))
     q, k, v, w, lengths = testing.make_inputs(case)
-    dout = torch.zeros(case.B, case.H, case.Lq, case.Dv)
-    one = _launch(case, q, k, v, w, lengths, dout, num_splits=1)
-    split = _check_launchers(case, num_splits=5)
     assert tb.num_splits_for(2, 2, 3, 257, 16, 64, q.device) == 5  # what the launcher picks by itself
-    torch.testing.assert_close(split["out"], one["out"], rtol=0, atol=2e-6)
-    torch.testing.assert_close(split["lse"], one["lse"], rtol=0, atol=2e-6)
+    fwd = BACKEND.additive_forward if score == "additive" else BACKEND.dot_forward
+    args = (q, k, v, w, lengths, False) if score == "additive" else (q, k, v, lengths, 0.25, False)
+    one, split = fwd(*args, num_splits=1), fwd(*args, num_splits=5)
+    torch.testing.assert_close(split[0], one[0], rtol=0, atol=2e-6)
+    torch.testing.assert_close(split[1], one[1], rtol=0, atol=2e-6)
+    assert torch.isneginf(split[1][1, :, :]).sum() == 0  # batch 1: 70 keys, every row sees some
 
 
 # ------------------------------------------------------------------------------ masked rows
@@ -139,9 +141,9 @@ def test_direct_tanh_tiles_are_exact():
 
 
 def test_deterministic():
-    case = Case(B=1, H=4, Hk=1, Lq=40, Lk=97, D=40, Dv=16, causal=True)
+    case = Case(B=1, H=4, Hk=1, Lq=20, Lk=70, D=16, Dv=16, causal=True)
     q, k, v, w, lengths = testing.make_inputs(case)
-    dout = torch.randn(1, 4, 40, 16, generator=torch.Generator().manual_seed(1))
+    dout = torch.randn(1, 4, 20, 16, generator=torch.Generator().manual_seed(1))
     a = _launch(case, q, k, v, w, lengths, dout)
     b = _launch(case, q, k, v, w, lengths, dout)
     for name in a:

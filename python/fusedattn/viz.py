@@ -35,6 +35,12 @@ def _ticks(n: int, max_labels: int) -> list[int]:
     return list(range(0, n, step))
 
 
+def _thinned(ticks: list[int]) -> str:
+    if len(ticks) < 2 or ticks[1] == 1:
+        return ""
+    return f" (a label every {ticks[1]} tokens)"
+
+
 def plot_alignment(weights, source: Union[str, Sequence[str]], target: Union[str, Sequence[str]],
                    path: str, *, title: Optional[str] = None, max_labels: int = 60, dpi: int = 150) -> str:
     """Draw an attention alignment as a labelled heatmap PNG, the classic translation figure.
@@ -84,13 +90,13 @@ def plot_alignment(weights, source: Union[str, Sequence[str]], target: Union[str
         ax.xaxis.tick_top()
         ax.xaxis.set_label_position("top")
         ax.tick_params(length=0)
-        ax.set_xlabel("source" + (f" (every {xt[1] - xt[0]}th label)" if len(xt) > 1 and xt[1] > 1 else ""))
-        ax.set_ylabel("output" + (f" (every {yt[1] - yt[0]}th label)" if len(yt) > 1 and yt[1] > 1 else ""))
+        ax.set_xlabel("source" + _thinned(xt))
+        ax.set_ylabel("output" + _thinned(yt))
         if title:
             ax.set_title(title, fontsize=10, pad=24)
         fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02, label="attention weight")
         fig.tight_layout()
-        fig.savefig(path, dpi=dpi)
+        fig.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.15)
     finally:
         plt.close(fig)
     return path

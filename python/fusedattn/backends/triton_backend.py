@@ -26,6 +26,7 @@ from .base import Backend
 DECODE_MAX_LQ = 16
 MAX_HEAD_DIM = 256
 MAX_SPLITS = 64
+BWD_DV_CHUNK = 64  # additive backward: Dv is processed in chunks of this many columns
 
 
 def interpreting() -> bool:
@@ -104,7 +105,8 @@ class TritonBackend(Backend):
         q, k, v, w, dout, out = _unit_last(q, k, v, w, dout, out)
         B, H, Lq, A = q.shape
         _, Hk, Lk, Dv = v.shape
-        BLOCK_DV = block_dim(Dv)
+        # the backward walks Dv in chunks (64 columns, 32 for float32)
+        BLOCK_DV = min(BWD_DV_CHUNK // (2 if q.dtype == torch.float32 else 1), block_dim(Dv))
         if interpreting():
             cfg_kv = cfg_q = dict(_add.INTERPRET_CONFIG)
         else:
@@ -116,16 +118,17 @@ class TritonBackend(Backend):
         eq, qmax = _exp_table(q)
         ek, kmax = _exp_table(k)
         dkt = torch.zeros(B, Hk, A, _pad(Lk), dtype=torch.float32, device=q.device)
-        dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+        dv32 = torch.zeros(B, Hk, _pad(Lk), triton.cdiv(Dv, BLOCK_DV) * BLOCK_DV, dtype=torch.float32,
+                           device=q.device)
         dqt = torch.zeros(B, H, A, _pad(Lq), dtype=torch.float32, device=q.device)
         dwt = torch.zeros_like(dqt)
         common = dict(FAST_RCP=not interpreting(), DOT_PRECISION=dot_precision(q.dtype))
         grid = (triton.cdiv(Lk, cfg_kv["BLOCK_N"]), B * Hk)
         _add._attn_bwd_dkdv_additive[grid](
-            q, k, v, w, eq, ek, qmax, kmax, klen, dout, lse, delta, dkt, dv,
+            q, k, v, w, eq, ek, qmax, kmax, klen, dout, lse, delta, dkt, dv32,
             *q.stride(), *k.stride(), *v.stride(), *w.stride(),
             *eq.stride()[:3], *ek.stride()[:3], *dout.stride(),
-            *dkt.stride()[:3], *dv.stride(),
+            *dkt.stride()[:3], *dv32.stride(),
             H, Hk, Lq, Lk, A, Dv, shift,
             BLOCK_DV=BLOCK_DV, **cfg_kv, **common)
         grid = (triton.cdiv(Lq, cfg_q["BLOCK_M"]), B * H)
@@ -140,6 +143,7 @@ class TritonBackend(Backend):
         dq.copy_(dqt[..., :Lq].transpose(-1, -2))
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         dk.copy_(dkt[..., :Lk].transpose(-1, -2))
+        dv = dv32[:, :, :Lk, :Dv].to(v.dtype)
         dw = dwt[..., :Lq].sum(dim=(0, 3))  # per-row partials (zero in the padding) summed in a fixed order
         return dq, dk, dv, dw.to(w.dtype)
 
@@ -196,14 +200,20 @@ def _exp_table(x: torch.Tensor):
     return et, xmax
 
 
+def preprocess_block_m(BLOCK_DV: int) -> int:
+    """Rows per program of the delta kernel: at most 4096 elements per tile."""
+    return min(64, 4096 // BLOCK_DV)
+
+
 def _delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
     """delta = rowsum(dO * O) in float32, contiguous (B, H, Lq)."""
     B, H, Lq, Dv = out.shape
     delta = torch.empty(B, H, Lq, dtype=torch.float32, device=out.device)
-    BLOCK_M = 64
+    BLOCK_DV = block_dim(Dv)
+    BLOCK_M = preprocess_block_m(BLOCK_DV)
     _attn_bwd_preprocess[(triton.cdiv(Lq, BLOCK_M), B * H)](
         out, dout, delta, *out.stride(), *dout.stride(), H, Lq, Dv,
-        BLOCK_M=BLOCK_M, BLOCK_DV=block_dim(Dv), num_warps=4)
+        BLOCK_M=BLOCK_M, BLOCK_DV=BLOCK_DV, num_warps=4)
     return delta
 
 

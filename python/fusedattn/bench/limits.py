@@ -17,7 +17,8 @@ Two figures:
 * ``fma``: fp32 FMA throughput, from a C loop of independent vector FMAs (the hardware peak the
   compiler can reach) and, for reference, a large fp32 ``torch.mm`` (what a BLAS reaches).
 
-Each figure is the best of a few timed runs of ~``seconds`` each, on ``threads`` threads.
+Each figure is the best of a few timed runs of ~``seconds`` each, on ``threads`` threads; the
+bench measures before and after its cases and keeps the better of the two (``best_of``).
 """
 from __future__ import annotations
 
@@ -290,4 +291,18 @@ def measure(threads: int = 2, seconds: float = 0.3) -> dict:
             best = max(ok, key=lambda k: ok[k]["triples_per_s"])
             out["additive_variant"], out["additive_triples_per_s"] = best, ok[best]["triples_per_s"]
         out["fma_gflops"] = max(out["variants"][f"{isa}_fma_gflops"] for isa, _ in isas)
+    return out
+
+
+def best_of(a: dict, b: dict) -> dict:
+    """Merge two ``measure`` results of one run (before and after the cases): each figure is the
+    larger of the two, since other load on the cores can only lower a measured rate."""
+    out = dict(a)
+    for key in ("additive_triples_per_s", "fma_gflops", "matmul_gflops"):
+        if (b.get(key) or 0) > (a.get(key) or 0):
+            out[key] = b[key]
+            if key == "additive_triples_per_s":
+                out["additive_variant"] = b["additive_variant"]
+    out["measurements"] = [{k: m.get(k) for k in ("additive_triples_per_s", "additive_variant", "fma_gflops",
+                                                  "matmul_gflops", "variants")} for m in (a, b)]
     return out

@@ -59,6 +59,21 @@ def machine_info(threads: int, repeats: int) -> dict:
     return info
 
 
+def extension_fingerprint() -> dict | None:
+    """sha256 (first 12 hex) and mtime of the built C++ extension, to tell if it changed mid-run."""
+    import glob
+    import hashlib
+    from datetime import datetime, timezone
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    libs = sorted(glob.glob(os.path.join(here, "_C*.so")) + glob.glob(os.path.join(here, "_C*.pyd")))
+    if not libs:
+        return None
+    with open(libs[0], "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    mtime = datetime.fromtimestamp(os.path.getmtime(libs[0]), timezone.utc).isoformat(timespec="seconds")
+    return {"file": os.path.basename(libs[0]), "sha256": digest, "mtime_utc": mtime}
+
+
 def _group_key(r: dict) -> tuple:
     return (r["score"], r["pass"], r["device"], r["dtype"], r["B"], r["H"], r["Hk"], r["Lq"], r["Lk"],
             r["D"], r["Dv"], r["causal"])

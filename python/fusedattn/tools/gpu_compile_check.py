@@ -63,6 +63,7 @@ QUICK_WIDTHS = (64, 256)
 # pointer arguments that are always float32 / int32 (everything else is in the input dtype)
 _FP32_PTRS = {"EQ", "EK", "QMAX", "KMAX", "LSE", "Delta", "DKT", "DQT", "DWT", "ET", "XMAX",
               "OP", "LSEP"}
+_FP32_PTRS_BY_KERNEL = {"_attn_bwd_dkdv_additive": {"DV"}}
 _I32_PTRS = {"KLEN"}
 # integer arguments the host always pads to a multiple of 16 (Triton specializes on that)
 _INT_ARGS = {"H", "Hk", "Hx", "Lq", "Lk", "L", "A", "D", "Dv", "CAUSAL_SHIFT", "SPLIT_N", "NUM_SPLITS"}
@@ -88,6 +89,8 @@ def _FWD_VARIANTS(dt):
 
 def variants(quick: bool = False) -> list[dict]:
     """Every (kernel, dtype, constexpr/config) variant the launchers can pick."""
+    from fusedattn.backends.triton_backend import preprocess_block_m
+
     additive, dot, _ = _kernels()
     dtypes = QUICK_DTYPES if quick else DTYPES
     widths = QUICK_WIDTHS if quick else WIDTHS
@@ -96,7 +99,7 @@ def variants(quick: bool = False) -> list[dict]:
     def add(kernel, dtype, variant, cfg, tile=None, score="", out_dtype=None):
         cfg = dict(cfg)
         out.append(dict(kernel=kernel, dtype=dtype, variant=variant, config=cfg, tile=tile,
-                        score=score, out_dtype=out_dtype or dtype))
+                        score=score, out_dtype=out_dtype or dtype, aligned=True))
 
     for dt in dtypes:
         prec = "tf32x3" if dt == "fp32" else "tf32"
@@ -104,9 +107,10 @@ def variants(quick: bool = False) -> list[dict]:
         for ba in (16, 32, 64) if not quick else (64,):
             add("_attn_exp_table", dt, "", dict(BLOCK_L=64, BLOCK_A=ba, num_warps=4, num_stages=1))
         for bdv in widths:
-            add("_attn_bwd_preprocess", dt, "", dict(BLOCK_M=64, BLOCK_DV=bdv, num_warps=4, num_stages=1))
+            add("_attn_bwd_preprocess", dt, "", dict(BLOCK_M=preprocess_block_m(bdv), BLOCK_DV=bdv,
+                                                     num_warps=4, num_stages=1))
             add("_attn_fwd_merge", dt, "", dict(BLOCK_DV=bdv, num_warps=1, num_stages=1))
-        # -- additive --
+        # -- additive (the backward walks Dv in chunks of at most 64 columns) --
         for bdv in widths:
             for variant, decode, odt in _FWD_VARIANTS(dt):
                 if variant == "decode-split" and dt == "fp32":
@@ -114,6 +118,8 @@ def variants(quick: bool = False) -> list[dict]:
                 cfg = additive.prune_fwd_config(bdv, dt == "fp32", decode)
                 cfg.update(BLOCK_DV=bdv, FAST_RCP=True, DOT_PRECISION=prec)
                 add("_attn_fwd_additive", dt, variant, cfg, (cfg["BLOCK_M"], cfg["BLOCK_N"]), "additive", odt)
+            if bdv > (32 if dt == "fp32" else 64):
+                continue  # the launcher's Dv chunk
             kv, q = additive.prune_bwd_configs(bdv, dt == "fp32")
             kv.update(BLOCK_DV=bdv, FAST_RCP=True, DOT_PRECISION=prec)
             q.update(BLOCK_DV=bdv, FAST_RCP=True, DOT_PRECISION=prec)
@@ -157,7 +163,7 @@ def _signature(fn, v):
         elif name == "scale":
             sig[name] = "fp32"
         elif name[0].isupper() and name not in _INT_ARGS:
-            if name in _FP32_PTRS:
+            if name in _FP32_PTRS or name in _FP32_PTRS_BY_KERNEL.get(v["kernel"], ()):
                 sig[name] = "*fp32"
             elif name in _I32_PTRS:
                 sig[name] = "*i32"
@@ -168,7 +174,7 @@ def _signature(fn, v):
             attrs[(idx,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "i32"
-            if name in _DIV16_INTS:
+            if name in _DIV16_INTS or (v.get("aligned") and name.startswith("stride_")):
                 attrs[(idx,)] = [["tt.divisibility", 16]]
     return sig, attrs
 
