@@ -301,7 +301,8 @@ void forward(const Problem& p, const Scores& sc, const float* v, float* out, flo
           float* srow = S.data() + i * BK;
           const int valid = (int)std::clamp<int64_t>(lims[i] - j0, 0, nc);
           for (int j = valid; j < nc; ++j) srow[j] = kNegInf;
-          const float mn = std::max(m[i], valid > 0 ? row_max(isa, srow, valid) : kNegInf);
+          const float rm = valid > 0 ? row_max(isa, srow, valid) : kNegInf;
+          const float mn = (rm > m[i] || std::isnan(rm)) ? rm : m[i];  // a NaN score stays NaN
           if (mn == kNegInf) {  // nothing allowed yet in this row
             std::memset(srow, 0, sizeof(float) * nc);
             continue;
@@ -329,7 +330,7 @@ void forward(const Problem& p, const Scores& sc, const float* v, float* out, flo
           continue;
         }
         float* dst = out + (row0 + i) * Dv;
-        if (l[i] > 0.f) {
+        if (l[i] > 0.f || std::isnan(l[i])) {  // NaN inputs give a NaN row
           const float inv = 1.f / l[i];
           for (int d = 0; d < Dv; ++d) dst[d] = o[d] * inv;
           lse[row0 + i] = m[i] + std::log(l[i]);
@@ -345,7 +346,10 @@ void forward(const Problem& p, const Scores& sc, const float* v, float* out, flo
     at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         float M = kNegInf;
-        for (int64_t s = 0; s < nsplit; ++s) M = std::max(M, part_m[s * rows + r]);
+        for (int64_t s = 0; s < nsplit; ++s) {
+          const float ms = part_m[s * rows + r];
+          M = (ms > M || std::isnan(ms)) ? ms : M;
+        }
         float* dst = out + r * Dv;
         for (int d = 0; d < Dv; ++d) dst[d] = 0.f;
         if (M == kNegInf) {

@@ -51,9 +51,11 @@ void add_bwd_scalar(int nr, int nc8, int A, const float* Eq, const float* EkT, i
   }
 }
 
-float row_max_scalar(const float* x, int n) {
+float row_max_scalar(const float* x, int n) {  // NaN if any x is NaN
   float m = -INFINITY;
-  for (int j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  for (int j = 0; j < n; ++j) m = (x[j] > m || x[j] != x[j]) ? x[j] : m;
+  for (int j = 0; j < n; ++j)
+    if (x[j] != x[j]) return x[j];
   return m;
 }
 
@@ -206,16 +208,24 @@ AVX2_FN void add_bwd_avx2(int nr, int nc8, int A, const float* Eq, const float* 
   }
 }
 
-AVX2_FN float row_max_avx2(const float* x, int n) {
-  __m256 m = _mm256_set1_ps(-INFINITY);
+AVX2_FN float row_max_avx2(const float* x, int n) {  // NaN if any x is NaN
+  __m256 m = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
   int j = 0;
-  for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + j));
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = _mm256_loadu_ps(x + j);
+    m = _mm256_max_ps(m, v);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
   __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
   h = _mm_max_ps(h, _mm_movehl_ps(h, h));
   h = _mm_max_ss(h, _mm_movehdup_ps(h));
   float r = _mm_cvtss_f32(h);
-  for (; j < n; ++j) r = x[j] > r ? x[j] : r;
-  return r;
+  bool any_nan = _mm256_movemask_ps(nan) != 0;
+  for (; j < n; ++j) {
+    any_nan = any_nan || x[j] != x[j];
+    r = x[j] > r ? x[j] : r;
+  }
+  return any_nan ? NAN : r;
 }
 
 AVX2_FN float exp_sub_sum_avx2(float* x, int n, float m) {

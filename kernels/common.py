@@ -93,7 +93,7 @@ def _attn_fwd_merge(OP, LSEP, Out, LSE,
         m = m_new
     # -- epilogue --
     l_safe = tl.where(l == 0.0, 1.0, l)
-    out = acc / l_safe
+    out = acc * tl.fdiv(1.0, l_safe, ieee_rounding=False)
     lse = tl.where(l == 0.0, -float("inf"), m + tl.log(l_safe))
     tl.store(Out + off_b * stride_ob + off_h * stride_oh + off_m * stride_om + offs_d * stride_od,
              out.to(Out.dtype.element_ty), mask=mask_d)

@@ -15,16 +15,24 @@ from .common import _mma
 # configurations (GPU); the interpreter uses INTERPRET_CONFIG
 # ----------------------------------------------------------------------------------------
 # Each entry: (predicate on (BLOCK_D, BLOCK_DV, decode), config). The first match wins.
+# Chosen with the compile check (no spills on sm_80 and sm_90). float32 inputs use 3xTF32
+# dots (three MMAs, split operands) and get their own, smaller tiles.
 FWD_CONFIGS = [
-    (lambda d, dv, decode: decode and max(d, dv) <= 128, dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1)),
     (lambda d, dv, decode: decode, dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)),
     (lambda d, dv, decode: max(d, dv) <= 32, dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2)),
     (lambda d, dv, decode: max(d, dv) <= 64, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
     (lambda d, dv, decode: max(d, dv) <= 128, dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)),
     (lambda d, dv, decode: True, dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)),
 ]
+FWD_CONFIGS_FP32 = [
+    (lambda d, dv, decode: decode and max(d, dv) <= 64, dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)),
+    (lambda d, dv, decode: decode, dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)),
+    (lambda d, dv, decode: max(d, dv) <= 32, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
+    (lambda d, dv, decode: max(d, dv) <= 64, dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1)),
+    (lambda d, dv, decode: max(d, dv) <= 128, dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)),
+    (lambda d, dv, decode: True, dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)),
+]
 BWD_DKDV_CONFIGS = [
-    (lambda d, dv: max(d, dv) <= 32, dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=1)),
     (lambda d, dv: max(d, dv) <= 64, dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)),
     (lambda d, dv: max(d, dv) <= 128, dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)),
     (lambda d, dv: True, dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1)),
@@ -32,21 +40,34 @@ BWD_DKDV_CONFIGS = [
 BWD_DQ_CONFIGS = [
     (lambda d, dv: max(d, dv) <= 64, dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=1)),
     (lambda d, dv: max(d, dv) <= 128, dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)),
-    (lambda d, dv: True, dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=1)),
+    (lambda d, dv: True, dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)),
+]
+BWD_DKDV_CONFIGS_FP32 = [
+    (lambda d, dv: max(d, dv) <= 64, dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)),
+    (lambda d, dv: max(d, dv) <= 128, dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)),
+    (lambda d, dv: True, dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)),
+]
+BWD_DQ_CONFIGS_FP32 = [
+    (lambda d, dv: max(d, dv) <= 64, dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)),
+    (lambda d, dv: max(d, dv) <= 128, dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)),
+    (lambda d, dv: True, dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)),
 ]
 INTERPRET_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
 INTERPRET_DECODE_CONFIG = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1)
 
 
-def prune_fwd_config(BLOCK_D, BLOCK_DV, decode):
-    """The forward config for padded head widths and the decode (Lq <= 16) flag."""
-    return next(dict(c) for pred, c in FWD_CONFIGS if pred(BLOCK_D, BLOCK_DV, decode))
+def prune_fwd_config(BLOCK_D, BLOCK_DV, fp32, decode):
+    """The forward config for padded head widths, float32 inputs?, decode (Lq <= 16)?"""
+    table = FWD_CONFIGS_FP32 if fp32 else FWD_CONFIGS
+    return next(dict(c) for pred, c in table if pred(BLOCK_D, BLOCK_DV, decode))
 
 
-def prune_bwd_configs(BLOCK_D, BLOCK_DV):
-    """(dK/dV config, dQ config) for padded head widths."""
-    dkdv = next(dict(c) for pred, c in BWD_DKDV_CONFIGS if pred(BLOCK_D, BLOCK_DV))
-    dq = next(dict(c) for pred, c in BWD_DQ_CONFIGS if pred(BLOCK_D, BLOCK_DV))
+def prune_bwd_configs(BLOCK_D, BLOCK_DV, fp32):
+    """(dK/dV config, dQ config) for padded head widths and float32 inputs?"""
+    kv_table = BWD_DKDV_CONFIGS_FP32 if fp32 else BWD_DKDV_CONFIGS
+    q_table = BWD_DQ_CONFIGS_FP32 if fp32 else BWD_DQ_CONFIGS
+    dkdv = next(dict(c) for pred, c in kv_table if pred(BLOCK_D, BLOCK_DV))
+    dq = next(dict(c) for pred, c in q_table if pred(BLOCK_D, BLOCK_DV))
     return dkdv, dq
 
 
@@ -124,7 +145,8 @@ def _attn_fwd_dot(Q, K, V, KLEN, Out, LSE,
 
     # -- epilogue: empty rows give out = 0, lse = -inf --
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    # approximate (2 ulp) reciprocal: no IEEE-division slow-path call (and its stack frame)
+    out = acc * tl.fdiv(tl.full([BLOCK_M], 1.0, tl.float32), l_safe, ieee_rounding=False)[:, None]
     lse = tl.where(l_i == 0.0, -float("inf"), m_i + tl.log(l_safe))
     o_ptrs = (Out + pid_s.to(tl.int64) * stride_os + off_b64 * stride_ob + off_h64 * stride_oh
               + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od)

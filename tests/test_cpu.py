@@ -183,6 +183,28 @@ def test_fully_masked_rows_are_zero(score):
 
 
 @pytest.mark.parametrize("score", ["additive", "dot"])
+def test_padding_is_never_read_and_nan_stays_in_its_row(score):
+    """Keys at or beyond key_lengths may hold NaN/inf: results equal those of clean padding.
+    A NaN in one query row makes that output row NaN and leaves the other rows unchanged."""
+    q, k, v, w, do = _inputs(score, 2, 2, 1, 40, 300, 24, 16)
+    kl = _lengths([300, 70])
+    kp, vp = k.clone(), v.clone()
+    kp[1, :, 70:] = float("nan")
+    vp[1, :, 70:] = float("inf")
+    clean = _fused(score, q, k, v, w, do, kl, False, 0.2)
+    dirty = _fused(score, q, kp, vp, w, do, kl, False, 0.2)
+    for a, b in zip(clean, dirty):
+        assert torch.equal(a, b)
+    qn = q.clone()
+    qn[1, 0, 5, 3] = float("nan")
+    out, lse = _fused(score, qn, k, v, w, do, kl, False, 0.2)[:2]
+    bad = torch.zeros_like(out, dtype=torch.bool)
+    bad[1, 0, 5] = True
+    assert out[bad].isnan().all() and lse[1, 0, 5].isnan()
+    assert torch.equal(out[~bad], clean[0][~bad])
+
+
+@pytest.mark.parametrize("score", ["additive", "dot"])
 def test_bfloat16(score):
     """bfloat16 inputs, float32 compute: within the rule against the reference in bfloat16."""
     q, k, v, w, do = _inputs(score, 1, 2, 2, 33, 50, 40, 24, dtype=torch.bfloat16)

@@ -155,7 +155,7 @@ class TritonBackend(Backend):
         if interpreting():
             cfg_kv = cfg_q = dict(_dot.INTERPRET_CONFIG)
         else:
-            cfg_kv, cfg_q = _dot.prune_bwd_configs(BLOCK_D, BLOCK_DV)
+            cfg_kv, cfg_q = _dot.prune_bwd_configs(BLOCK_D, BLOCK_DV, q.dtype == torch.float32)
         klen = _klen(key_lengths, B, Lk, q.device)
         shift = _causal_shift(causal, Lq, Lk)
         lse = lse.float().contiguous()
@@ -234,7 +234,7 @@ def _forward(score, q, k, v, w, key_lengths, scale, causal, num_splits):
     elif score == "additive":
         cfg = _add.prune_fwd_config(BLOCK_DV, q.dtype == torch.float32, decode)
     else:
-        cfg = _dot.prune_fwd_config(BLOCK_D, BLOCK_DV, decode)
+        cfg = _dot.prune_fwd_config(BLOCK_D, BLOCK_DV, q.dtype == torch.float32, decode)
     if num_splits is None:
         num_splits = num_splits_for(B, H, Lq, Lk, cfg["BLOCK_M"], cfg["BLOCK_N"], q.device)
     n_tiles = triton.cdiv(Lk, cfg["BLOCK_N"])

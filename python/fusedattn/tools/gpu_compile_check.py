@@ -128,10 +128,10 @@ def variants(quick: bool = False) -> list[dict]:
         # -- dot (the launcher pads D and Dv to one width: BLOCK_D == BLOCK_DV) --
         for bd in widths:
             for variant, decode, odt in _FWD_VARIANTS(dt):
-                cfg = dot.prune_fwd_config(bd, bd, decode)
+                cfg = dot.prune_fwd_config(bd, bd, dt == "fp32", decode)
                 cfg.update(BLOCK_D=bd, BLOCK_DV=bd, DOT_PRECISION=prec)
                 add("_attn_fwd_dot", dt, variant, cfg, (cfg["BLOCK_M"], cfg["BLOCK_N"]), "dot", odt)
-            kv, q = dot.prune_bwd_configs(bd, bd)
+            kv, q = dot.prune_bwd_configs(bd, bd, dt == "fp32")
             kv.update(BLOCK_D=bd, BLOCK_DV=bd, DOT_PRECISION=prec)
             q.update(BLOCK_D=bd, BLOCK_DV=bd, DOT_PRECISION=prec)
             add("_attn_bwd_dkdv_dot", dt, "", kv, (kv["BLOCK_N"], kv["BLOCK_M"]), "dot")
