@@ -33,6 +33,7 @@ FWD_CONFIGS_FP32 = [
     (lambda d, dv, decode: True, dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)),
 ]
 BWD_DKDV_CONFIGS = [
+    (lambda d, dv: max(d, dv) <= 32, dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)),
     (lambda d, dv: max(d, dv) <= 64, dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)),
     (lambda d, dv: max(d, dv) <= 128, dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)),
     (lambda d, dv: True, dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1)),
