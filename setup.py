@@ -7,7 +7,7 @@ is used (an isolated build would pull a CUDA torch).
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -34,7 +34,7 @@ setup(
     name="fusedattn",
     version="0.1.0",
     description="Fused additive (Bahdanau) and dot-product attention kernels for PyTorch",
-    packages=["fusedattn", "fusedattn.backends", "fusedattn.tools", "fusedattn.kernels"],
+    packages=["fusedattn", *(f"fusedattn.{p}" for p in find_packages("python/fusedattn")), "fusedattn.kernels"],
     package_dir={"fusedattn": "python/fusedattn", "fusedattn.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
