@@ -37,7 +37,9 @@ test: $(STAMP)
 	env -u TRITON_INTERPRET $(PY) -m fusedattn.tools.gpu_compile_check --arch 80 90 --quick
 
 bench: $(STAMP)
-	$(PY) -m fusedattn.bench --json out/bench.json --plot out/bench.png
+	mkdir -p out
+	$(PY) -m pytest benchmarks/ --benchmark-only --benchmark-json=out/bench-pytest.json -q
+	$(PY) -m fusedattn.bench --json out/bench.json --plot docs/perf.png --markdown out/perf.md
 
 clean:
 	rm -rf build out *.egg-info python/fusedattn/_C*.so

@@ -68,9 +68,12 @@ def test_memory_matches_the_references_materialized_tensors(score, pass_):
     # additive: N = 512*512*64 floats = 64 MiB; forward holds 2N, backward 3N. dot, 8 heads: S = 8 MiB, 4S.
     shape = dict(H=1, Hk=1, D=64, Dv=64) if score == "additive" else dict(H=8, Hk=8, D=64, Dv=64)
     case = harness.Case(score=score, backend="reference", pass_=pass_, Lq=512, Lk=512, **shape)
-    res = harness.run_case(case.spec(), repeats=0, budget_s=0.0)
+    res = harness.run_isolated(case.spec(), repeats=0, budget_s=0.0, threads=2, timeout=120)  # as the bench
     predicted = harness.predicted_bytes(case)
-    assert 0.9 * predicted <= res["peak_mem_mib"] * MiB <= 1.3 * predicted, (res, predicted / MiB)
+    # 64 MiB tensors are always mmapped: exact. 8 MiB ones come from the heap, where glibc reuses a
+    # freed block or not depending on its layout: 3 to 4 S resident (measured 25 and 33 MiB).
+    low = 0.9 if score == "additive" else 0.7
+    assert low * predicted <= res["peak_mem_mib"] * MiB <= 1.3 * predicted, (res, predicted / MiB)
 
 
 def test_isolated_worker_returns_measurements():
@@ -100,7 +103,7 @@ def test_skipped_records_carry_predicted_bytes():
 def test_time_cap_skips_with_predicted_seconds():
     cases = harness.standard_cases(scores=("dot",), lengths=(32, 4096), backends=("chunked",),
                                    passes=("fwd",))
-    cfg = harness.RunConfig(time_cap_s=1e-6, isolate=False, repeats=1, budget_s=0.05)
+    cfg = harness.RunConfig(time_cap_s=1e-6, slow_cap_s=1e-6, isolate=False, repeats=1, budget_s=0.05)
     recs = harness.run_cases(cases, cfg)
     assert not recs[0]["skipped"]
     assert recs[1]["skipped"].startswith("predicted") and recs[1]["predicted_s"] > 0

@@ -89,7 +89,7 @@ def test_additive_large_operands_that_cancel(name):
 @pytest.mark.parametrize("name", USABLE)
 @pytest.mark.parametrize("score", ["additive", "dot"])
 def test_nan_stays_in_its_rows(name, score):
-    case = Case(score=score, B=2, H=2, Hk=1, Lq=6, Lk=7, D=8, Dv=4)
+    case = Case(score=score, B=2, H=4, Hk=2, Lq=6, Lk=7, D=8, Dv=4)
     q, k, v, w, _ = make_inputs(case)
     args = lambda q, k, v: (q, k, v, w) if score == "additive" else (q, k, v)  # noqa: E731
     fn = fusedattn.additive_attention if score == "additive" else fusedattn.dot_product_attention
@@ -101,11 +101,17 @@ def test_nan_stays_in_its_rows(name, score):
     bad = torch.zeros_like(out, dtype=torch.bool)
     bad[1, 0, 2] = True
     assert torch.isnan(out[bad]).all() and torch.equal(out[~bad], clean[~bad])
-    # an Inf in key (b=0, kv head 0, j=4) touches only batch 0 (its kv head serves both query heads)
+    # an Inf in key (b=0, kv head 0, j=4) touches only batch 0's query heads 0 and 1 (its group)
     kn = k.clone()
     kn[0, 0, 4, 1] = float("inf")
     out = fn(*args(q, kn, v), backend=name)
-    assert torch.equal(out[1], clean[1])
+    assert torch.equal(out[1], clean[1]) and torch.equal(out[0, 2:], clean[0, 2:])
+    # a NaN in value (b=1, kv head 1, j=0) touches only batch 1's query heads 2 and 3
+    vn = v.clone()
+    vn[1, 1, 0, 2] = float("nan")
+    out = fn(*args(q, k, vn), backend=name)
+    assert torch.equal(out[0], clean[0]) and torch.equal(out[1, :2], clean[1, :2])
+    assert torch.isnan(out[1, 2:]).any()
 
 
 @pytest.mark.parametrize("name", USABLE)
@@ -208,7 +214,7 @@ def test_no_memory_growth_over_1000_calls(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", FUSED)
+@pytest.mark.parametrize("name", [n for n in FUSED if n != "triton"])  # interpreter: too slow at 8 GiB
 def test_64bit_offsets(name):
     # more than 2^31 elements in one tensor: v of (1, 1, Lk, Dv) with Lk * Dv > 2^31
     Lk, Dv = 2**25 + 3, 64

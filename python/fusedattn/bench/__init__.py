@@ -25,12 +25,18 @@ What is measured, and how:
   ``harness.measure_cpu_peak``). This counts every page the call touches, including memory an
   extension allocates outside torch's allocator. Outputs and gradients count (the call makes
   them). tests/test_bench.py checks it against a known allocation and against the reference's
-  materialized tensors. On CUDA: ``torch.cuda.max_memory_allocated`` above the allocation before.
+  materialized tensors. In one long-lived process (``--quick``, ``--no-isolate``) it can
+  undercount when the allocator hands the call pages that stayed resident from an earlier case
+  (seen: one 8 MiB block of 32 MiB); the fresh interpreter of the default run avoids that.
+  On CUDA: ``torch.cuda.max_memory_allocated`` above the allocation before.
 * Skips: the reference's peak is predicted from its materialized tensors
   (``harness.predicted_bytes``) and the case is recorded as skipped with ``predicted_bytes`` if
   that exceeds the budget (8 GiB); any case whose single call is predicted, from the previous
-  length of its series scaled by the work, to take longer than the time cap is skipped with
+  length of its series scaled by the work, to take longer than the time cap (60 s for the
+  reference and chunked baselines, 300 s for the others; 10 s with ``--quick``) is skipped with
   ``predicted_s``.
+* ``--from-json PATH`` re-derives ratios, the H100 rows, the table and the plot from an earlier
+  run's records without running anything.
 * Machine limit (``limits``), measured in the same run: the additive inner loop
   ``sum_a w_a / (1 + E_q E_k)`` in a C kernel compiled at run time, and the fp32 FMA peak;
   ``pct_of_limit`` relates every additive figure to the first and every dot figure to the second.

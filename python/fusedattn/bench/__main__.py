@@ -54,12 +54,60 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit-seconds", type=float, help="duration of each limit microbenchmark run")
     p.add_argument("--model", action=argparse.BooleanOptionalAction, default=True,
                    help="add the modeled H100 rows (compiles the Triton kernels for sm_90; default yes)")
+    p.add_argument("--from-json", metavar="PATH",
+                   help="run nothing: re-derive the model rows, ratios, table and plot from the measured "
+                        "records of an earlier run's JSON")
     p.add_argument("--no-limit", action="store_true", help="skip the machine-limit microbenchmarks")
     return p.parse_args(argv)
 
 
+def rerender(a) -> int:
+    """--from-json: the earlier run's measurements, with the H100 model rows recomputed."""
+    with open(a.from_json) as f:
+        data = json.load(f)
+    records = [r for r in data["records"] if not r.get("modeled")]
+    settings = data["settings"]
+    if a.model:
+        counts, note = load_counts(settings["dtype"])
+    else:
+        counts, note = {}, "not modeled (--no-model)"
+    records += report.model_records(records, counts)
+    report.finalize(records, data["limit"])
+    records.sort(key=lambda r: (harness.SCORES.index(r["score"]), harness.PASSES.index(r["pass"]), r["Lq"],
+                                r.get("modeled", False)))
+    settings["h100_model"] = note
+    settings["h100_counts"] = {"|".join(k): v for k, v in counts.items()}
+    _write(a, data["machine"], data["limit"], settings, records, note)
+    return 0
+
+
+def _write(a, machine, limit, settings, records, counts_note) -> None:
+    print(report.limit_summary(limit))
+    print(f"load average (1 min) before / after: {machine['loadavg_start']} / {machine['loadavg_end']}")
+    print(f"torch threads {machine['torch_threads']}; time = median of up to {settings['repeats']} calls "
+          f"after warm-up; x ref / x best = speed-up over the reference / the fastest baseline; H100 rows: "
+          f"{counts_note}")
+    print(report.table(records))
+    print(f"({len(records)} records; cases ran in {settings['elapsed_s']:.0f} s)")
+    for path in (a.json, a.plot, a.markdown):
+        if path and os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"machine": machine, "limit": limit, "settings": settings, "records": records}, f,
+                      indent=1)
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write(f"{report.limit_summary(limit)}\n\n{report.markdown_table(records)}\n")
+    if a.plot:
+        report.plot(records, a.plot, title=f"fusedattn on {machine.get('cpu_model') or settings['device']}, "
+                                             f"{machine['torch_threads']} threads, {settings['dtype']}")
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.from_json:
+        return rerender(a)
     t_start = time.time()
     quick = a.quick
     lengths = [int(x) for x in a.lengths] if a.lengths else \
@@ -123,25 +171,7 @@ def main(argv=None) -> int:
                 "started_utc": datetime.fromtimestamp(t_start, timezone.utc).isoformat(timespec="seconds"),
                 "elapsed_s": round(elapsed, 1), "shapes": harness.SHAPES,
                 "h100_counts": {"|".join(k): v for k, v in counts.items()}}
-    print(report.limit_summary(limit))
-    print(f"load average (1 min) before / after: {machine['loadavg_start']} / {machine['loadavg_end']}")
-    print(f"torch threads {a.threads}; time = median of up to {cfg.repeats} calls after warm-up; "
-          f"x ref / x best = speed-up over the reference / the fastest baseline; H100 rows: {counts_note}")
-    print(report.table(records))
-    print(f"({len(records)} records in {elapsed:.0f} s)")
-    for path in (a.json, a.plot, a.markdown):
-        if path and os.path.dirname(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"machine": machine, "limit": limit, "settings": settings, "records": records}, f,
-                      indent=1)
-    if a.markdown:
-        with open(a.markdown, "w") as f:
-            f.write(f"{report.limit_summary(limit)}\n\n{report.markdown_table(records)}\n")
-    if a.plot:
-        report.plot(records, a.plot, title=f"fusedattn on {machine.get('cpu_model') or a.device}, "
-                                             f"{a.threads} threads, {a.dtype}")
+    _write(a, machine, limit, settings, records, counts_note)
     return 0
 
 

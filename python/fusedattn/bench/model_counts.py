@@ -65,23 +65,29 @@ def _compile_counts(dtype: str, shapes: dict) -> dict:
     from fusedattn.tools import gpu_compile_check as gcc
     tdt = TRITON_DTYPE[dtype]
     wanted = {k for ks in KERNELS.values() for k in ks}
-    rows = {}
+    # per kernel: the variant with the head-width tile that serves these shapes: BLOCK_DV equal to
+    # Dv rounded up to a power of two, else the widest BLOCK_DV below it (a launcher that loops
+    # over Dv in chunks); for dot kernels BLOCK_D must match D too
+    best: dict = {}
     for v in gcc.variants(quick=False):
         if v["kernel"] not in wanted or v["dtype"] != tdt or v["variant"] != "":
             continue
         score = "additive" if v["kernel"].endswith("additive") else "dot"
-        s = shapes[score]
+        s, cfg = shapes[score], v["config"]
+        bdv = cfg.get("BLOCK_DV", 0)
+        if bdv > _pow2(s["Dv"]) or (score == "dot" and cfg.get("BLOCK_D") not in (None, _pow2(s["D"]))):
+            continue
+        if v["kernel"] not in best or bdv > best[v["kernel"]][0]:
+            best[v["kernel"]] = (bdv, v, score)
+    rows = {}
+    for name, (_, v, score) in best.items():
         cfg = v["config"]
-        if cfg.get("BLOCK_DV") != _pow2(s["Dv"]) or (score == "dot" and cfg.get("BLOCK_D") != _pow2(s["D"])):
-            continue
-        if v["kernel"] in rows:
-            continue
         r = gcc.compile_one(v, ARCH)
         if r["error"]:
             raise RuntimeError(f"{v['kernel']} failed to compile for sm_{ARCH}: {r['error'][:200]}")
         mufu, instr = loop_counts(score, r["loops"])
-        rows[v["kernel"]] = {"mufu_per_elem": mufu, "instr_per_elem": instr, "regs": r["regs"],
-                             "config": {k: cfg[k] for k in cfg if k.startswith(("BLOCK", "num_"))}}
+        rows[name] = {"mufu_per_elem": mufu, "instr_per_elem": instr, "regs": r["regs"],
+                      "config": {k: cfg[k] for k in cfg if k.startswith(("BLOCK", "num_"))}}
     out = {}
     for (score, pass_), kernels in KERNELS.items():
         missing = [k for k in kernels if k not in rows]
