@@ -169,6 +169,30 @@ def test_backend_declarations():
     assert BACKEND.not_supported_reasons("dot", q, q, q)  # head dim above max_head_dim
 
 
+@pytest.mark.parametrize("score", ["additive", "dot"])
+def test_grid_axis_limit(score):
+    """B*H programs go on CUDA grid axis 1 (<= 65535): larger batches are refused up front."""
+    q = torch.zeros(65536, 1, 1, 16)
+    with pytest.raises(ValueError, match="65536"):
+        if score == "additive":
+            BACKEND.additive_forward(q, q, q, torch.zeros(16), None, False)
+        else:
+            BACKEND.dot_forward(q, q, q, None, 0.25, False)
+
+
+@pytest.mark.parametrize("fp32", [False, True])
+def test_dot_configs_chunk_the_head_width(fp32):
+    """Every picked dot config has a BLOCK_DC that divides the padded width (the compile check
+    compiles exactly these)."""
+    from fusedattn.kernels import dot
+    for width in (16, 32, 64, 128, 256):
+        cfgs = [dot.prune_fwd_config(width, width, fp32, d) for d in (False, True)]
+        cfgs += list(dot.prune_bwd_configs(width, width, fp32))
+        cfgs += [dot.interpret_config(width, width, d) for d in (False, True)]
+        for cfg in cfgs:
+            assert 16 <= cfg["BLOCK_DC"] <= width and width % cfg["BLOCK_DC"] == 0, (width, cfg)
+
+
 # ------------------------------------------------------------------------------ compile check
 @pytest.mark.slow
 def test_gpu_compile_check_quick():

@@ -27,6 +27,7 @@ DECODE_MAX_LQ = 16
 MAX_HEAD_DIM = 256
 MAX_SPLITS = 64
 BWD_DV_CHUNK = 64  # additive backward: Dv is processed in chunks of this many columns
+MAX_GRID_Y = 65535  # CUDA limit on grid axis 1, which carries the (batch, head) index
 
 
 def interpreting() -> bool:
@@ -45,6 +46,15 @@ def dot_precision(dtype: torch.dtype) -> str:
     if interpreting():
         return "ieee" if dtype == torch.float32 else "upcast"  # see kernels.common._mma
     return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def check_grid(q: torch.Tensor, k: torch.Tensor) -> None:
+    """Every launch puts B*H (or B*Hk <= B*H) programs on grid axis 1 (at most 65535)."""
+    B, H = q.shape[0], q.shape[1]
+    if B * H > MAX_GRID_Y:
+        raise ValueError(f"triton backend: batch * heads = {B} * {H} = {B * H} exceeds the CUDA grid "
+                         f"limit of {MAX_GRID_Y} (q shape {tuple(q.shape)}, k shape {tuple(k.shape)}); "
+                         f"split the batch")
 
 
 def _sm_count(device: torch.device) -> int:
@@ -102,6 +112,7 @@ class TritonBackend(Backend):
 
     # -- backward ---------------------------------------------------------------
     def additive_backward(self, dout, q, k, v, w, key_lengths, causal, out, lse):
+        check_grid(q, k)
         q, k, v, w, dout, out = _unit_last(q, k, v, w, dout, out)
         B, H, Lq, A = q.shape
         _, Hk, Lk, Dv = v.shape
@@ -148,12 +159,13 @@ class TritonBackend(Backend):
         return dq, dk, dv, dw.to(w.dtype)
 
     def dot_backward(self, dout, q, k, v, key_lengths, scale, causal, out, lse):
+        check_grid(q, k)
         q, k, v, dout, out = _unit_last(q, k, v, dout, out)
         B, H, Lq, D = q.shape
         _, Hk, Lk, Dv = v.shape
         BLOCK_D = BLOCK_DV = max(block_dim(D), block_dim(Dv))  # one width: fewer kernel variants
         if interpreting():
-            cfg_kv = cfg_q = dict(_dot.INTERPRET_CONFIG)
+            cfg_kv = cfg_q = _dot.interpret_config(BLOCK_D, BLOCK_DV, False)
         else:
             cfg_kv, cfg_q = _dot.prune_bwd_configs(BLOCK_D, BLOCK_DV, q.dtype == torch.float32)
         klen = _klen(key_lengths, B, Lk, q.device)
@@ -219,6 +231,7 @@ def _delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
 
 def _forward(score, q, k, v, w, key_lengths, scale, causal, num_splits):
     """Shared forward launcher: single pass, or flash-decoding splits + LSE merge."""
+    check_grid(q, k)
     q, k, v = _unit_last(q, k, v)
     if w is not None:
         (w,) = _unit_last(w)
@@ -229,7 +242,9 @@ def _forward(score, q, k, v, w, key_lengths, scale, causal, num_splits):
         BLOCK_D = BLOCK_DV = max(BLOCK_D, BLOCK_DV)  # one width: fewer kernel variants
     decode = Lq <= DECODE_MAX_LQ
     kern = _add if score == "additive" else _dot
-    if interpreting():
+    if interpreting() and score == "dot":
+        cfg = _dot.interpret_config(BLOCK_D, BLOCK_DV, decode)
+    elif interpreting():
         cfg = dict(kern.INTERPRET_DECODE_CONFIG if decode else kern.INTERPRET_CONFIG)
     elif score == "additive":
         cfg = _add.prune_fwd_config(BLOCK_DV, q.dtype == torch.float32, decode)

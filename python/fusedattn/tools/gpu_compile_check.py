@@ -7,13 +7,16 @@ in the triton wheel.
 
 Command line::
 
-    python -m fusedattn.tools.gpu_compile_check --arch 80 90 [--quick] [--jobs N] [--json PATH]
+    python -m fusedattn.tools.gpu_compile_check --arch 80 90 [--quick] [--unaligned] [--jobs N] [--json PATH]
 
 prints one row per compile and exits non-zero on a compile error, any spill (STACK or LOCAL
 > 0), more than 255 registers, or shared memory above the arch limit (sm_80: 163 KB,
 sm_90: 227 KB per block). ``--quick`` compiles a reduced set (fp16 and fp32; head widths
-64 and 256) for CI. The process must not have ``TRITON_INTERPRET=1`` when the kernels are
-imported; ``compile_rows`` re-runs itself in a clean subprocess if it has.
+64 and 256) for CI. ``--unaligned`` adds one "unaligned" variant per kernel and dtype (fp16,
+fp32) whose row/head strides are not multiples of 16 elements (e.g. a contiguous D=40; not
+yet spill-free for every kernel, so it is opt-in). The process must not have
+``TRITON_INTERPRET=1`` when the kernels are imported; ``compile_rows`` re-runs itself in a
+clean subprocess if it has.
 
 Python API (for benchmarks / GPU models)::
 
@@ -87,8 +90,9 @@ def _FWD_VARIANTS(dt):
     return (("", False, dt), ("decode", True, dt), ("decode-split", True, "fp32"))
 
 
-def variants(quick: bool = False) -> list[dict]:
-    """Every (kernel, dtype, constexpr/config) variant the launchers can pick."""
+def variants(quick: bool = False, unaligned: bool = False) -> list[dict]:
+    """Every (kernel, dtype, constexpr/config) variant the launchers can pick (``unaligned``:
+    plus one variant per kernel and dtype with strides that are not multiples of 16)."""
     from fusedattn.backends.triton_backend import preprocess_block_m
 
     additive, dot, _ = _kernels()
@@ -136,10 +140,22 @@ def variants(quick: bool = False) -> list[dict]:
             q.update(BLOCK_D=bd, BLOCK_DV=bd, DOT_PRECISION=prec)
             add("_attn_bwd_dkdv_dot", dt, "", kv, (kv["BLOCK_N"], kv["BLOCK_M"]), "dot")
             add("_attn_bwd_dq_dot", dt, "", q, (q["BLOCK_M"], q["BLOCK_N"]), "dot")
+    if unaligned:
+        # one variant per kernel and dtype (fp16, fp32) with row/head strides that are not
+        # multiples of 16 elements (e.g. a contiguous D=40): Triton then drops the divisibility
+        # specialization and vectorizes loads differently; the widest tile up to 64 columns
+        best = {}
+        for v in out:
+            w = max(v["config"].get(k, 0) for k in ("BLOCK_D", "BLOCK_DV", "BLOCK_A"))
+            key = (v["kernel"], v["dtype"])
+            if v["variant"] == "" and v["dtype"] in QUICK_DTYPES and w <= 64 and w > best.get(key, (0,))[0]:
+                best[key] = (w, v)
+        for _, v in best.values():
+            out.append(dict(v, variant="unaligned", aligned=False, config=dict(v["config"])))
     # drop exact duplicates (e.g. a decode config equal to the regular one)
     seen, unique = set(), []
     for v in out:
-        key = (v["kernel"], v["dtype"], v["out_dtype"], tuple(sorted(v["config"].items())))
+        key = (v["kernel"], v["dtype"], v["out_dtype"], v["aligned"], tuple(sorted(v["config"].items())))
         if key not in seen:
             seen.add(key)
             unique.append(v)
@@ -266,7 +282,8 @@ def _task(args):
     return compile_one(*args)
 
 
-def compile_rows(archs=(80, 90), quick: bool = False, jobs: int = 2, only=None) -> list[dict]:
+def compile_rows(archs=(80, 90), quick: bool = False, jobs: int = 2, only=None,
+                 unaligned: bool = False) -> list[dict]:
     """Compile every variant for every arch; returns the rows described in the module docstring.
     ``only``: optional list of substrings; keep the kernels whose name contains one of them."""
     from fusedattn.kernels import additive
@@ -279,17 +296,19 @@ def compile_rows(archs=(80, 90), quick: bool = False, jobs: int = 2, only=None) 
                    *map(str, archs), "--jobs", str(jobs), "--json", path, "--no-print"]
             if quick:
                 cmd.append("--quick")
+            if unaligned:
+                cmd.append("--unaligned")
             if only:
                 cmd += ["--only", *only]
             subprocess.run(cmd, env=env, check=False)
             with open(path) as f:
                 return json.load(f)
-    return list(iter_rows(archs, quick, jobs, only))
+    return list(iter_rows(archs, quick, jobs, only, unaligned))
 
 
-def iter_rows(archs=(80, 90), quick: bool = False, jobs: int = 2, only=None):
+def iter_rows(archs=(80, 90), quick: bool = False, jobs: int = 2, only=None, unaligned: bool = False):
     """Like ``compile_rows`` (in a process without TRITON_INTERPRET), yielding rows in order."""
-    tasks = [(v, arch) for arch in archs for v in variants(quick)
+    tasks = [(v, arch) for arch in archs for v in variants(quick, unaligned)
              if not only or any(o in v["kernel"] for o in only)]
     if jobs <= 1:
         for t in tasks:
@@ -301,8 +320,8 @@ def iter_rows(archs=(80, 90), quick: bool = False, jobs: int = 2, only=None):
 
 
 def _fmt_cfg(cfg):
-    short = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_D": "D", "BLOCK_DV": "DV", "BLOCK_L": "L",
-             "BLOCK_A": "A", "num_warps": "w", "num_stages": "s"}
+    short = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_D": "D", "BLOCK_DV": "DV", "BLOCK_DC": "DC",
+             "BLOCK_L": "L", "BLOCK_A": "A", "num_warps": "w", "num_stages": "s"}
     return ",".join(f"{short[k]}{v}" for k, v in cfg.items() if k in short)
 
 
@@ -323,6 +342,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     ap.add_argument("--quick", action="store_true", help="reduced set for CI")
+    ap.add_argument("--unaligned", action="store_true",
+                    help="add one variant per kernel/dtype with strides not multiple of 16 (e.g. D=40)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--json", default=None, help="write the rows to this file")
     ap.add_argument("--only", nargs="+", default=None, help="kernel-name substrings to keep")
@@ -334,7 +355,8 @@ def main(argv=None) -> int:
         return 2
     t0 = time.time()
     rows = []
-    for r in iter_rows(tuple(args.arch), quick=args.quick, jobs=args.jobs, only=args.only):
+    for r in iter_rows(tuple(args.arch), quick=args.quick, jobs=args.jobs, only=args.only,
+                       unaligned=args.unaligned):
         rows.append(r)
         if not args.no_print:
             print(format_row(r), flush=True)
