@@ -88,7 +88,8 @@ def _attn_exp_table(X, ET, XMAX,
                     BLOCK_L: tl.constexpr, BLOCK_A: tl.constexpr):
     """ET[b, h, a, l] = exp(2 * clamp(x[b, h, l, a], -40, 40)) (float32, transposed so a column
     of a tile is contiguous; rows L..grid end are written as exp(0) = 1, so the padding the
-    main kernels read unmasked is finite) and XMAX[b, h, l] = max_a |x[b, h, l, a]|."""
+    main kernels read unmasked is finite) and XMAX[b, h, l] = max_a |x[b, h, l, a]| (inf for a
+    row holding a NaN)."""
     pid_l = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b64 = (off_bh // Hx).to(tl.int64)
@@ -102,7 +103,9 @@ def _attn_exp_table(X, ET, XMAX,
         offs_a = a0 + tl.arange(0, BLOCK_A)
         mask = mask_l[:, None] & (offs_a[None, :] < A)
         x = tl.load(x_base + offs_a[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
-        mx = tl.maximum(mx, tl.max(tl.abs(x), axis=1))
+        # a NaN counts as out of range, so its row takes the direct path and stays NaN
+        # (the clamp below would turn it into a finite number)
+        mx = tl.maximum(mx, tl.max(tl.where(x == x, tl.abs(x), float("inf")), axis=1))
         e = _exp2x(tl.minimum(tl.maximum(x, -EXP_SAFE), EXP_SAFE))
         tl.store(e_base + offs_a[None, :] * stride_ea, e, mask=offs_a[None, :] < A)
     tl.store(XMAX + off_bh.to(tl.int64) * L + offs_l, mx, mask=mask_l)

@@ -86,6 +86,12 @@ def test_additive_large_operands_that_cancel(name):
     assert err <= 2 * err32 + 2e-5, (err, err32)
 
 
+def _same(a, b):
+    """Finite and equal up to float32 rounding: a kernel may take another (equally exact) path
+    for a tile that holds a non-finite value, so untouched rows need not be bitwise equal."""
+    return bool(torch.isfinite(a).all()) and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", USABLE)
 @pytest.mark.parametrize("score", ["additive", "dot"])
 def test_nan_stays_in_its_rows(name, score):
@@ -100,17 +106,17 @@ def test_nan_stays_in_its_rows(name, score):
     out = fn(*args(qn, k, v), backend=name)
     bad = torch.zeros_like(out, dtype=torch.bool)
     bad[1, 0, 2] = True
-    assert torch.isnan(out[bad]).all() and torch.equal(out[~bad], clean[~bad])
+    assert torch.isnan(out[bad]).all() and _same(out[~bad], clean[~bad])
     # an Inf in key (b=0, kv head 0, j=4) touches only batch 0's query heads 0 and 1 (its group)
     kn = k.clone()
     kn[0, 0, 4, 1] = float("inf")
     out = fn(*args(q, kn, v), backend=name)
-    assert torch.equal(out[1], clean[1]) and torch.equal(out[0, 2:], clean[0, 2:])
+    assert _same(out[1], clean[1]) and _same(out[0, 2:], clean[0, 2:])
     # a NaN in value (b=1, kv head 1, j=0) touches only batch 1's query heads 2 and 3
     vn = v.clone()
     vn[1, 1, 0, 2] = float("nan")
     out = fn(*args(q, k, vn), backend=name)
-    assert torch.equal(out[0], clean[0]) and torch.equal(out[1, :2], clean[1, :2])
+    assert _same(out[0], clean[0]) and _same(out[1, :2], clean[1, :2])
     assert torch.isnan(out[1, 2:]).any()
 
 

@@ -21,6 +21,7 @@ from fusedattn.kernels import additive as _add
 from fusedattn.kernels import dot as _dot
 from fusedattn.kernels.common import _attn_bwd_preprocess, _attn_fwd_merge
 
+from .. import reference
 from .base import Backend
 
 DECODE_MAX_LQ = 16
@@ -113,6 +114,7 @@ class TritonBackend(Backend):
     # -- backward ---------------------------------------------------------------
     def additive_backward(self, dout, q, k, v, w, key_lengths, causal, out, lse):
         check_grid(q, k)
+        k, v = _zero_padding(k, v, key_lengths)
         q, k, v, w, dout, out = _unit_last(q, k, v, w, dout, out)
         B, H, Lq, A = q.shape
         _, Hk, Lk, Dv = v.shape
@@ -160,6 +162,7 @@ class TritonBackend(Backend):
 
     def dot_backward(self, dout, q, k, v, key_lengths, scale, causal, out, lse):
         check_grid(q, k)
+        k, v = _zero_padding(k, v, key_lengths)
         q, k, v, dout, out = _unit_last(q, k, v, dout, out)
         B, H, Lq, D = q.shape
         _, Hk, Lk, Dv = v.shape
@@ -192,6 +195,15 @@ class TritonBackend(Backend):
 def _pad(n: int) -> int:
     """Row padding of the exp tables and gradient scratch (>= every BLOCK_M/BLOCK_N)."""
     return (n + 127) // 128 * 128
+
+
+def _zero_padding(k, v, key_lengths):
+    """Keys and values past key_lengths are never used, whatever they hold (even NaN or inf):
+    the tiles load rows up to Lk, so the padded rows are replaced by zeros first (an O(Lk D)
+    copy, only when key_lengths is given)."""
+    if key_lengths is None:
+        return k, v
+    return reference.zero_padding(k, key_lengths), reference.zero_padding(v, key_lengths)
 
 
 def _unit_last(*ts):
@@ -232,6 +244,7 @@ def _delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
 def _forward(score, q, k, v, w, key_lengths, scale, causal, num_splits):
     """Shared forward launcher: single pass, or flash-decoding splits + LSE merge."""
     check_grid(q, k)
+    k, v = _zero_padding(k, v, key_lengths)
     q, k, v = _unit_last(q, k, v)
     if w is not None:
         (w,) = _unit_last(w)
