@@ -34,7 +34,7 @@ in a fixed order.
 import triton
 import triton.language as tl
 
-from .common import _exp2x, _mma
+from .common import _exp2x, _mma, _online_softmax
 
 EXP_SAFE = tl.constexpr(40.0)  # |x| <= 40: e^{2x} in [1.8e-35, 5.5e34], finite and normal in float32
 
@@ -283,16 +283,11 @@ def _attn_fwd_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, Out, LSE,
         allowed = (offs_n[None, :] < klen) & (offs_n[None, :] <= offs_m[:, None] + CAUSAL_SHIFT)
         s = tl.where(allowed, s, -float("inf"))
         # -- online softmax --
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
         # -- P @ V --
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
         acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION)
-        m_i = m_new
 
     # -- epilogue: empty rows give out = 0, lse = -inf --
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)

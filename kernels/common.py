@@ -35,6 +35,20 @@ def _mma(a, b, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _online_softmax(s, m_i, l_i):
+    """One key tile of the forward's online softmax over the (already masked) scores s.
+
+    Returns ``(p, alpha, m_new, l_new)``: the tile's unnormalized weights, the factor that
+    rescales the running output, the new row max and row sum. Rows with no allowed key so far
+    keep m = -inf and l = 0 (their max is replaced by 0 before the exp, so no NaN)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
 def _attn_bwd_preprocess(O, DO, Delta,
                          stride_ob, stride_oh, stride_om, stride_od,
                          stride_dob, stride_doh, stride_dom, stride_dod,

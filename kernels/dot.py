@@ -9,7 +9,7 @@ so grouped heads are summed without atomics) and a dQ kernel per query tile.
 import triton
 import triton.language as tl
 
-from .common import _mma
+from .common import _mma, _online_softmax
 
 
 @triton.jit
@@ -180,16 +180,11 @@ def _attn_fwd_dot(Q, K, V, KLEN, Out, LSE,
         allowed = (offs_n[None, :] < klen) & (offs_n[None, :] <= offs_m[:, None] + CAUSAL_SHIFT)
         s = tl.where(allowed, s, -float("inf"))
         # -- online softmax --
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
         # -- P @ V --
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
         acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION)
-        m_i = m_new
 
     # -- epilogue: empty rows give out = 0, lse = -inf --
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
