@@ -34,7 +34,7 @@ in a fixed order.
 import triton
 import triton.language as tl
 
-from .common import _exp2x, _mma, _online_softmax
+from .common import SIZE_ARGS, _exp2x, _mma, _online_softmax
 
 EXP_SAFE = tl.constexpr(40.0)  # |x| <= 40: e^{2x} in [1.8e-35, 5.5e34], finite and normal in float32
 
@@ -80,7 +80,7 @@ def prune_bwd_configs(BLOCK_DV, fp32):
 # ----------------------------------------------------------------------------------------
 # exponential tables (prologue)
 # ----------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=SIZE_ARGS)
 def _attn_exp_table(X, ET, XMAX,
                     stride_xb, stride_xh, stride_xl, stride_xd,
                     stride_eb, stride_eh, stride_ea,
@@ -211,7 +211,7 @@ def _grad_columns(XE, YE, X, Y, offs_x, offs_y, mask_x, mask_y,
 # ----------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=SIZE_ARGS)
 def _attn_fwd_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, Out, LSE,
                        stride_qb, stride_qh, stride_qm, stride_qd,
                        stride_kb, stride_kh, stride_kn, stride_kd,
@@ -304,7 +304,7 @@ def _attn_fwd_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, Out, LSE,
 # ----------------------------------------------------------------------------------------
 # backward
 # ----------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=SIZE_ARGS)
 def _attn_bwd_dkdv_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta, DKT, DV,
                             stride_qb, stride_qh, stride_qm, stride_qd,
                             stride_kb, stride_kh, stride_kn, stride_kd,
@@ -404,7 +404,7 @@ def _attn_bwd_dkdv_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta
             tl.debug_barrier()  # the next tile reads the dK columns and dV rows stored above
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZE_ARGS)
 def _attn_bwd_dq_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta, DQT, DWT,
                           stride_qb, stride_qh, stride_qm, stride_qd,
                           stride_kb, stride_kh, stride_kn, stride_kd,

@@ -9,7 +9,7 @@ so grouped heads are summed without atomics) and a dQ kernel per query tile.
 import triton
 import triton.language as tl
 
-from .common import _mma, _online_softmax
+from .common import SIZE_ARGS, _mma, _online_softmax
 
 
 @triton.jit
@@ -114,7 +114,7 @@ def prune_bwd_configs(BLOCK_D, BLOCK_DV, fp32):
 # ----------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=SIZE_ARGS)
 def _attn_fwd_dot(Q, K, V, KLEN, Out, LSE,
                   stride_qb, stride_qh, stride_qm, stride_qd,
                   stride_kb, stride_kh, stride_kn, stride_kd,
@@ -201,7 +201,7 @@ def _attn_fwd_dot(Q, K, V, KLEN, Out, LSE,
 # ----------------------------------------------------------------------------------------
 # backward
 # ----------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=SIZE_ARGS)
 def _attn_bwd_dkdv_dot(Q, K, V, KLEN, DO, LSE, Delta, DK, DV,
                        stride_qb, stride_qh, stride_qm, stride_qd,
                        stride_kb, stride_kh, stride_kn, stride_kd,
@@ -298,7 +298,7 @@ def _attn_bwd_dkdv_dot(Q, K, V, KLEN, DO, LSE, Delta, DK, DV,
              mask=mask_n[:, None] & mask_dv[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZE_ARGS)
 def _attn_bwd_dq_dot(Q, K, V, KLEN, DO, LSE, Delta, DQ,
                      stride_qb, stride_qh, stride_qm, stride_qd,
                      stride_kb, stride_kh, stride_kn, stride_kd,

@@ -150,6 +150,77 @@ def test_deterministic():
         assert torch.equal(a[name], b[name]), name
 
 
+# ------------------------------------------------------------------------------ launch contract
+class _Spy:
+    """Stands in for a @triton.jit kernel: records every launch's arguments, then runs it."""
+
+    def __init__(self, fn, calls):
+        self.fn, self.calls = fn, calls
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((self.fn, dict(zip(self.fn.arg_names, args))))
+            return self.fn[grid](*args, **kwargs)
+        return launch
+
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """The same values at an address 1 element past a 16-byte boundary, row stride D + 1."""
+    buf = torch.zeros(*t.shape[:-1], t.shape[-1] + 1, dtype=t.dtype)
+    buf[..., 1:] = t
+    return buf[..., 1:]
+
+
+@pytest.mark.parametrize("case", [
+    Case(B=2, H=2, Hk=1, Lq=17, Lk=97, D=40, Dv=24, causal=True, lengths=(97, 30)),
+    Case(B=1, H=3, Hk=3, Lq=3, Lk=130, D=20, Dv=17, lengths=(100,)),   # decode split, H = 3
+    Case(score="dot", B=2, H=2, Hk=1, Lq=17, Lk=97, D=40, Dv=24, causal=True, lengths=(97, 30)),
+    Case(score="dot", B=1, H=3, Hk=3, Lq=3, Lk=130, D=20, Dv=17, lengths=(100,)),
+], ids=str)
+def test_launch_contract(case, monkeypatch):
+    """Every launch meets the contract the compile check compiles for (kernels.common): pointers
+    16-byte aligned, unit last strides, every other stride a multiple of 16, even for a D = 40,
+    Dv = 17 or Lq = 17 problem whose inputs sit at a misaligned address; results still match."""
+    from fusedattn.kernels import additive, common, dot
+    from fusedattn.tools.gpu_compile_check import _UNIT_STRIDES
+
+    calls = []
+    monkeypatch.setattr(tb, "interpreting", lambda: True)  # it looks at the kernel objects' type
+    for mod, names in ((additive, ("_attn_fwd_additive", "_attn_bwd_dkdv_additive", "_attn_bwd_dq_additive",
+                                   "_attn_exp_table")),
+                       (dot, ("_attn_fwd_dot", "_attn_bwd_dkdv_dot", "_attn_bwd_dq_dot"))):
+        for name in names:
+            monkeypatch.setattr(mod, name, _Spy(getattr(mod, name), calls))
+    for name in ("_attn_bwd_preprocess", "_attn_fwd_merge"):
+        monkeypatch.setattr(tb, name, _Spy(getattr(common, name), calls))
+    q, k, v, w, lengths = testing.make_inputs(case)
+    q, k, v = _misaligned(q), _misaligned(k), _misaligned(v)
+    if w is not None:
+        w = _misaligned(w)
+    lengths = torch.cat([torch.zeros(1, dtype=torch.int32), lengths])[1:]  # 4-byte offset
+    g = torch.Generator().manual_seed(5)
+    dout = _misaligned(torch.randn(case.B, case.H, case.Lq, case.Dv, generator=g))
+    fused = _launch(case, q, k, v, w, lengths, dout)
+    launched = {fn.__name__ for fn, _ in calls}
+    expected = {"_attn_bwd_preprocess"} | ({"_attn_exp_table"} if case.score == "additive" else set())
+    assert expected <= launched and (case.Lq > tb.DECODE_MAX_LQ or "_attn_fwd_merge" in launched)
+    for fn, args in calls:
+        for name, val in args.items():
+            where = f"{fn.__name__}({name})"
+            if isinstance(val, torch.Tensor):
+                assert val.data_ptr() % 16 == 0, where
+            elif name in _UNIT_STRIDES:
+                assert val == 1, where
+            elif name.startswith("stride_"):
+                assert val % 16 == 0, f"{where} = {val}"
+    ref64 = testing.run_reference(case, q, k, v, w, lengths, dout, upcast_to=torch.float64)
+    ref_dt = testing.run_reference(case, q, k, v, w, lengths, dout)
+    for name in ref64:
+        assert fused[name].is_contiguous(), name
+        testing.assert_within_rule(f"{case} [misaligned] {name}", fused[name], ref64[name], ref_dt[name],
+                                   case.dtype)
+
+
 # ------------------------------------------------------------------------------ public API
 @pytest.mark.parametrize("case", [
     Case(B=2, H=2, Hk=1, Lq=33, Lk=70, D=40, Dv=24, causal=True, lengths=(70, 0)),

@@ -29,6 +29,9 @@ MAX_HEAD_DIM = 256
 MAX_SPLITS = 64
 BWD_DV_CHUNK = 64  # additive backward: Dv is processed in chunks of this many columns
 MAX_GRID_Y = 65535  # CUDA limit on grid axis 1, which carries the (batch, head) index
+# compile options of every launch: FMA contraction on (the instruction counts of the compile check
+# assume it; Triton 3.10 changes the default); the interpreter ignores them
+LAUNCH_OPTS = dict(enable_fp_fusion=True)
 
 
 def interpreting() -> bool:
@@ -78,7 +81,7 @@ def num_splits_for(B: int, H: int, Lq: int, Lk: int, block_m: int, block_n: int,
 def _klen(key_lengths: Optional[torch.Tensor], B: int, Lk: int, device) -> torch.Tensor:
     if key_lengths is None:
         return torch.full((B,), Lk, dtype=torch.int32, device=device)
-    return key_lengths.to(device=device, dtype=torch.int32).contiguous()
+    return _flat(key_lengths.to(device=device, dtype=torch.int32))
 
 
 def _causal_shift(causal: bool, Lq: int, Lk: int) -> int:
@@ -115,7 +118,7 @@ class TritonBackend(Backend):
     def additive_backward(self, dout, q, k, v, w, key_lengths, causal, out, lse):
         check_grid(q, k)
         k, v = _zero_padding(k, v, key_lengths)
-        q, k, v, w, dout, out = _unit_last(q, k, v, w, dout, out)
+        q, k, v, w, dout, out = _aligned(q, k, v, w, dout, out)
         B, H, Lq, A = q.shape
         _, Hk, Lk, Dv = v.shape
         # the backward walks Dv in chunks (64 columns, 32 for float32)
@@ -126,7 +129,7 @@ class TritonBackend(Backend):
             cfg_kv, cfg_q = _add.prune_bwd_configs(BLOCK_DV, q.dtype == torch.float32)
         klen = _klen(key_lengths, B, Lk, q.device)
         shift = _causal_shift(causal, Lq, Lk)
-        lse = lse.float().contiguous()
+        lse = _flat(lse)
         delta = _delta(out, dout)
         eq, qmax = _exp_table(q)
         ek, kmax = _exp_table(k)
@@ -143,7 +146,7 @@ class TritonBackend(Backend):
             *eq.stride()[:3], *ek.stride()[:3], *dout.stride(),
             *dkt.stride()[:3], *dv32.stride(),
             H, Hk, Lq, Lk, A, Dv, shift,
-            BLOCK_DV=BLOCK_DV, **cfg_kv, **common)
+            BLOCK_DV=BLOCK_DV, **cfg_kv, **common, **LAUNCH_OPTS)
         grid = (triton.cdiv(Lq, cfg_q["BLOCK_M"]), B * H)
         _add._attn_bwd_dq_additive[grid](
             q, k, v, w, eq, ek, qmax, kmax, klen, dout, lse, delta, dqt, dwt,
@@ -151,19 +154,19 @@ class TritonBackend(Backend):
             *eq.stride()[:3], *ek.stride()[:3], *dout.stride(),
             *dqt.stride()[:3],
             H, Hk, Lq, Lk, A, Dv, shift,
-            BLOCK_DV=BLOCK_DV, **cfg_q, **common)
+            BLOCK_DV=BLOCK_DV, **cfg_q, **common, **LAUNCH_OPTS)
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         dq.copy_(dqt[..., :Lq].transpose(-1, -2))
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         dk.copy_(dkt[..., :Lk].transpose(-1, -2))
-        dv = dv32[:, :, :Lk, :Dv].to(v.dtype)
+        dv = dv32[:, :, :Lk, :Dv].to(v.dtype).contiguous()
         dw = dwt[..., :Lq].sum(dim=(0, 3))  # per-row partials (zero in the padding) summed in a fixed order
         return dq, dk, dv, dw.to(w.dtype)
 
     def dot_backward(self, dout, q, k, v, key_lengths, scale, causal, out, lse):
         check_grid(q, k)
         k, v = _zero_padding(k, v, key_lengths)
-        q, k, v, dout, out = _unit_last(q, k, v, dout, out)
+        q, k, v, dout, out = _aligned(q, k, v, dout, out)
         B, H, Lq, D = q.shape
         _, Hk, Lk, Dv = v.shape
         BLOCK_D = BLOCK_DV = max(block_dim(D), block_dim(Dv))  # one width: fewer kernel variants
@@ -173,23 +176,23 @@ class TritonBackend(Backend):
             cfg_kv, cfg_q = _dot.prune_bwd_configs(BLOCK_D, BLOCK_DV, q.dtype == torch.float32)
         klen = _klen(key_lengths, B, Lk, q.device)
         shift = _causal_shift(causal, Lq, Lk)
-        lse = lse.float().contiguous()
+        lse = _flat(lse)
         delta = _delta(out, dout)
-        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-        dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-        dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+        dq = _empty_aligned(*q.shape, dtype=q.dtype, device=q.device)
+        dk = _empty_aligned(*k.shape, dtype=k.dtype, device=k.device)
+        dv = _empty_aligned(*v.shape, dtype=v.dtype, device=v.device)
         common = dict(BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, DOT_PRECISION=dot_precision(q.dtype))
         grid = (triton.cdiv(Lk, cfg_kv["BLOCK_N"]), B * Hk)
         _dot._attn_bwd_dkdv_dot[grid](
             q, k, v, klen, dout, lse, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-            float(scale), H, Hk, Lq, Lk, D, Dv, shift, **cfg_kv, **common)
+            float(scale), H, Hk, Lq, Lk, D, Dv, shift, **cfg_kv, **common, **LAUNCH_OPTS)
         grid = (triton.cdiv(Lq, cfg_q["BLOCK_M"]), B * H)
         _dot._attn_bwd_dq_dot[grid](
             q, k, v, klen, dout, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-            float(scale), H, Hk, Lq, Lk, D, Dv, shift, **cfg_q, **common)
-        return dq, dk, dv
+            float(scale), H, Hk, Lq, Lk, D, Dv, shift, **cfg_q, **common, **LAUNCH_OPTS)
+        return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 def _pad(n: int) -> int:
@@ -206,9 +209,47 @@ def _zero_padding(k, v, key_lengths):
     return reference.zero_padding(k, key_lengths), reference.zero_padding(v, key_lengths)
 
 
-def _unit_last(*ts):
-    """Last dimension contiguous (the kernels are compiled for unit inner strides)."""
-    return tuple(t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in ts)
+ALIGN = 16  # elements: every stride the kernels see is a multiple of this (see kernels.common)
+
+
+def _round_up(n: int, m: int = ALIGN) -> int:
+    return (n + m - 1) // m * m
+
+
+def _is_aligned(t: torch.Tensor) -> bool:
+    return (t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+            and all(s % ALIGN == 0 for s in t.stride()[:-1]))
+
+
+def _empty_aligned(*shape: int, dtype, device) -> torch.Tensor:
+    """An uninitialized tensor whose last dimension is padded to a multiple of 16 elements in
+    memory (returned as a view of the real width): every stride is a multiple of 16."""
+    buf = torch.empty(*shape[:-1], _round_up(shape[-1]), dtype=dtype, device=device)
+    return buf[..., :shape[-1]]
+
+
+def _aligned(*ts: torch.Tensor):
+    """The kernels' launch contract (``kernels.common.SIZE_ARGS``): 16-byte aligned pointers,
+    unit last stride, every other stride a multiple of 16 elements. A tensor that meets it is
+    passed as is (strides of size-1 dimensions, never used, are set to 0); any other tensor
+    (a contiguous D = 40, a sliced or transposed view) is copied into a padded buffer, an
+    O(L D) copy like FlashAttention's padding of the head dimension."""
+    out = []
+    for t in ts:
+        if t.dim() > 1 and any(n == 1 for n in t.shape[:-1]):
+            t = t.as_strided(t.shape, [0 if n == 1 else st for n, st in zip(t.shape[:-1], t.stride()[:-1])]
+                             + [t.stride(-1) if t.shape[-1] > 1 else 1])
+        if not _is_aligned(t):
+            t = _empty_aligned(*t.shape, dtype=t.dtype, device=t.device).copy_(t)
+        out.append(t)
+    return tuple(out)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor (indexed without strides: lse, key lengths) at a 16-byte aligned
+    address, float32 unless it is an int32 tensor."""
+    t = t.contiguous() if t.dtype == torch.int32 else t.float().contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 def _exp_table(x: torch.Tensor):
@@ -220,7 +261,7 @@ def _exp_table(x: torch.Tensor):
     BLOCK_L, BLOCK_A = 64, min(64, block_dim(A))
     _add._attn_exp_table[(et.shape[-1] // BLOCK_L, B * Hx)](
         x, et, xmax, *x.stride(), *et.stride()[:3], Hx, L, A,
-        BLOCK_L=BLOCK_L, BLOCK_A=BLOCK_A, num_warps=4)
+        BLOCK_L=BLOCK_L, BLOCK_A=BLOCK_A, num_warps=4, **LAUNCH_OPTS)
     return et, xmax
 
 
@@ -237,7 +278,7 @@ def _delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
     BLOCK_M = preprocess_block_m(BLOCK_DV)
     _attn_bwd_preprocess[(triton.cdiv(Lq, BLOCK_M), B * H)](
         out, dout, delta, *out.stride(), *dout.stride(), H, Lq, Dv,
-        BLOCK_M=BLOCK_M, BLOCK_DV=BLOCK_DV, num_warps=4)
+        BLOCK_M=BLOCK_M, BLOCK_DV=BLOCK_DV, num_warps=4, **LAUNCH_OPTS)
     return delta
 
 
@@ -245,9 +286,9 @@ def _forward(score, q, k, v, w, key_lengths, scale, causal, num_splits):
     """Shared forward launcher: single pass, or flash-decoding splits + LSE merge."""
     check_grid(q, k)
     k, v = _zero_padding(k, v, key_lengths)
-    q, k, v = _unit_last(q, k, v)
+    q, k, v = _aligned(q, k, v)
     if w is not None:
-        (w,) = _unit_last(w)
+        (w,) = _aligned(w)
     B, H, Lq, D = q.shape
     _, Hk, Lk, Dv = v.shape
     BLOCK_D, BLOCK_DV = block_dim(D), block_dim(Dv)
@@ -272,13 +313,13 @@ def _forward(score, q, k, v, w, key_lengths, scale, causal, num_splits):
 
     klen = _klen(key_lengths, B, Lk, q.device)
     shift = _causal_shift(causal, Lq, Lk)
-    out = torch.empty(B, H, Lq, Dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    out = _empty_aligned(B, H, Lq, Dv, dtype=q.dtype, device=q.device)
+    lse = _empty_aligned(B, H, Lq, dtype=torch.float32, device=q.device)
     if num_splits == 1:
         o_buf, l_buf, stride_os, stride_ls = out, lse, 0, 0
     else:
-        o_buf = torch.empty(num_splits, B, H, Lq, Dv, dtype=torch.float32, device=q.device)
-        l_buf = torch.empty(num_splits, B, H, Lq, dtype=torch.float32, device=q.device)
+        o_buf = _empty_aligned(num_splits, B, H, Lq, Dv, dtype=torch.float32, device=q.device)
+        l_buf = _empty_aligned(num_splits, B, H, Lq, dtype=torch.float32, device=q.device)
         stride_os, stride_ls = o_buf.stride(0), l_buf.stride(0)
     o_strides = o_buf.stride()[-4:]
     l_strides = l_buf.stride()[-3:]
@@ -292,16 +333,17 @@ def _forward(score, q, k, v, w, key_lengths, scale, causal, num_splits):
             *eq.stride()[:3], *ek.stride()[:3],
             stride_os, *o_strides, stride_ls, *l_strides,
             H, Hk, Lq, Lk, D, Dv, shift, split_n,
-            BLOCK_DV=BLOCK_DV, FAST_RCP=not interpreting(), DOT_PRECISION=dot_precision(q.dtype), **cfg)
+            BLOCK_DV=BLOCK_DV, FAST_RCP=not interpreting(), DOT_PRECISION=dot_precision(q.dtype),
+            **cfg, **LAUNCH_OPTS)
     else:
         _dot._attn_fwd_dot[grid](
             q, k, v, klen, o_buf, l_buf,
             *q.stride(), *k.stride(), *v.stride(),
             stride_os, *o_strides, stride_ls, *l_strides,
             float(scale), H, Hk, Lq, Lk, D, Dv, shift, split_n,
-            BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, DOT_PRECISION=dot_precision(q.dtype), **cfg)
+            BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, DOT_PRECISION=dot_precision(q.dtype), **cfg, **LAUNCH_OPTS)
     if num_splits > 1:
         _attn_fwd_merge[(Lq, B * H)](
             o_buf, l_buf, out, lse, *o_buf.stride(), *l_buf.stride(), *out.stride(), *lse.stride(),
-            H, Lq, Dv, num_splits, BLOCK_DV=BLOCK_DV, num_warps=1)
-    return out, lse
+            H, Lq, Dv, num_splits, BLOCK_DV=BLOCK_DV, num_warps=1, **LAUNCH_OPTS)
+    return out.contiguous(), lse.contiguous()

@@ -7,14 +7,18 @@ in the triton wheel.
 
 Command line::
 
-    python -m fusedattn.tools.gpu_compile_check --arch 80 90 [--quick] [--unaligned] [--jobs N] [--json PATH]
+    python -m fusedattn.tools.gpu_compile_check --arch 80 90 [--quick] [--jobs N] [--json PATH]
 
 prints one row per compile and exits non-zero on a compile error, any spill (STACK or LOCAL
 > 0), more than 255 registers, or shared memory above the arch limit (sm_80: 163 KB,
 sm_90: 227 KB per block). ``--quick`` compiles a reduced set (fp16 and fp32; head widths
-64 and 256) for CI. ``--unaligned`` adds one "unaligned" variant per kernel and dtype (fp16,
-fp32) whose row/head strides are not multiples of 16 elements (e.g. a contiguous D=40; not
-yet spill-free for every kernel, so it is opt-in). The process must not have
+64 and 256) for CI.
+
+Each kernel is compiled with the one specialization the launchers produce (the launch
+contract in ``fusedattn.kernels.common``): pointers 16-byte aligned and strides divisible by 16
+(the launcher copies other inputs into padded buffers), unit last strides as constants, size
+arguments unspecialized (``do_not_specialize``; a kernel that lacks it is reported as a
+problem, because Triton would then compile variants this check never saw). The process must not have
 ``TRITON_INTERPRET=1`` when the kernels are imported; ``compile_rows`` re-runs itself in a
 clean subprocess if it has.
 
@@ -68,11 +72,6 @@ _FP32_PTRS = {"EQ", "EK", "QMAX", "KMAX", "LSE", "Delta", "DKT", "DQT", "DWT", "
               "OP", "LSEP"}
 _FP32_PTRS_BY_KERNEL = {"_attn_bwd_dkdv_additive": {"DV"}}
 _I32_PTRS = {"KLEN"}
-# integer arguments the host always pads to a multiple of 16 (Triton specializes on that)
-_INT_ARGS = {"H", "Hk", "Hx", "Lq", "Lk", "L", "A", "D", "Dv", "CAUSAL_SHIFT", "SPLIT_N", "NUM_SPLITS"}
-_DIV16_INTS = {"stride_eqa", "stride_eka", "stride_dka", "stride_dqa", "stride_ea",
-               "stride_eqb", "stride_eqh", "stride_ekb", "stride_ekh", "stride_dkb", "stride_dkh",
-               "stride_dqb", "stride_dqh", "stride_eb", "stride_eh"}
 # unit strides: the launchers make the last dimension contiguous, and Triton specializes an
 # integer argument equal to 1 as a constant, so this is the variant that runs
 _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod", "stride_dvd",
@@ -90,9 +89,8 @@ def _FWD_VARIANTS(dt):
     return (("", False, dt), ("decode", True, dt), ("decode-split", True, "fp32"))
 
 
-def variants(quick: bool = False, unaligned: bool = False) -> list[dict]:
-    """Every (kernel, dtype, constexpr/config) variant the launchers can pick (``unaligned``:
-    plus one variant per kernel and dtype with strides that are not multiples of 16)."""
+def variants(quick: bool = False) -> list[dict]:
+    """Every (kernel, dtype, constexpr/config) variant the launchers can pick."""
     from fusedattn.backends.triton_backend import preprocess_block_m
 
     additive, dot, _ = _kernels()
@@ -103,7 +101,7 @@ def variants(quick: bool = False, unaligned: bool = False) -> list[dict]:
     def add(kernel, dtype, variant, cfg, tile=None, score="", out_dtype=None):
         cfg = dict(cfg)
         out.append(dict(kernel=kernel, dtype=dtype, variant=variant, config=cfg, tile=tile,
-                        score=score, out_dtype=out_dtype or dtype, aligned=True))
+                        score=score, out_dtype=out_dtype or dtype))
 
     for dt in dtypes:
         prec = "tf32x3" if dt == "fp32" else "tf32"
@@ -140,22 +138,10 @@ def variants(quick: bool = False, unaligned: bool = False) -> list[dict]:
             q.update(BLOCK_D=bd, BLOCK_DV=bd, DOT_PRECISION=prec)
             add("_attn_bwd_dkdv_dot", dt, "", kv, (kv["BLOCK_N"], kv["BLOCK_M"]), "dot")
             add("_attn_bwd_dq_dot", dt, "", q, (q["BLOCK_M"], q["BLOCK_N"]), "dot")
-    if unaligned:
-        # one variant per kernel and dtype (fp16, fp32) with row/head strides that are not
-        # multiples of 16 elements (e.g. a contiguous D=40): Triton then drops the divisibility
-        # specialization and vectorizes loads differently; the widest tile up to 64 columns
-        best = {}
-        for v in out:
-            w = max(v["config"].get(k, 0) for k in ("BLOCK_D", "BLOCK_DV", "BLOCK_A"))
-            key = (v["kernel"], v["dtype"])
-            if v["variant"] == "" and v["dtype"] in QUICK_DTYPES and w <= 64 and w > best.get(key, (0,))[0]:
-                best[key] = (w, v)
-        for _, v in best.values():
-            out.append(dict(v, variant="unaligned", aligned=False, config=dict(v["config"])))
     # drop exact duplicates (e.g. a decode config equal to the regular one)
     seen, unique = set(), []
     for v in out:
-        key = (v["kernel"], v["dtype"], v["out_dtype"], v["aligned"], tuple(sorted(v["config"].items())))
+        key = (v["kernel"], v["dtype"], v["out_dtype"], tuple(sorted(v["config"].items())))
         if key not in seen:
             seen.add(key)
             unique.append(v)
@@ -171,14 +157,19 @@ def _find_fn(name):
 
 
 def _signature(fn, v):
+    """(signature, attrs) of the launch contract; raises ValueError for a size argument that
+    Triton would specialize."""
+    from fusedattn.kernels.common import SIZE_ARGS
     cfg = v["config"]
     sig, attrs = {}, {}
     for idx, name in enumerate(fn.arg_names):
+        if name in SIZE_ARGS and not fn.params[idx].do_not_specialize:
+            raise ValueError(f"size argument {name} is specialized (add it to do_not_specialize)")
         if name in cfg or name in _UNIT_STRIDES:
             sig[name] = "constexpr"
         elif name == "scale":
             sig[name] = "fp32"
-        elif name[0].isupper() and name not in _INT_ARGS:
+        elif name[0].isupper() and name not in SIZE_ARGS:
             if name in _FP32_PTRS or name in _FP32_PTRS_BY_KERNEL.get(v["kernel"], ()):
                 sig[name] = "*fp32"
             elif name in _I32_PTRS:
@@ -190,7 +181,7 @@ def _signature(fn, v):
             attrs[(idx,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "i32"
-            if name in _DIV16_INTS or (v.get("aligned") and name.startswith("stride_")):
+            if name.startswith("stride_"):
                 attrs[(idx,)] = [["tt.divisibility", 16]]
     return sig, attrs
 
@@ -233,7 +224,8 @@ def compile_one(v: dict, arch: int) -> dict:
 
     fn = _find_fn(v["kernel"])
     cfg = dict(v["config"])
-    opts = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
+    from fusedattn.backends.triton_backend import LAUNCH_OPTS
+    opts = dict(LAUNCH_OPTS, num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
     row = dict(kernel=v["kernel"], arch=arch, dtype=v["dtype"], variant=v["variant"],
                config=dict(v["config"]), error=None, regs=None, stack=None, local=None,
                shared=None, shared_static=None, mufu={}, loops=[], problems=[])
@@ -282,8 +274,7 @@ def _task(args):
     return compile_one(*args)
 
 
-def compile_rows(archs=(80, 90), quick: bool = False, jobs: int = 2, only=None,
-                 unaligned: bool = False) -> list[dict]:
+def compile_rows(archs=(80, 90), quick: bool = False, jobs: int = 2, only=None) -> list[dict]:
     """Compile every variant for every arch; returns the rows described in the module docstring.
     ``only``: optional list of substrings; keep the kernels whose name contains one of them."""
     from fusedattn.kernels import additive
@@ -296,19 +287,17 @@ def compile_rows(archs=(80, 90), quick: bool = False, jobs: int = 2, only=None,
                    *map(str, archs), "--jobs", str(jobs), "--json", path, "--no-print"]
             if quick:
                 cmd.append("--quick")
-            if unaligned:
-                cmd.append("--unaligned")
             if only:
                 cmd += ["--only", *only]
             subprocess.run(cmd, env=env, check=False)
             with open(path) as f:
                 return json.load(f)
-    return list(iter_rows(archs, quick, jobs, only, unaligned))
+    return list(iter_rows(archs, quick, jobs, only))
 
 
-def iter_rows(archs=(80, 90), quick: bool = False, jobs: int = 2, only=None, unaligned: bool = False):
+def iter_rows(archs=(80, 90), quick: bool = False, jobs: int = 2, only=None):
     """Like ``compile_rows`` (in a process without TRITON_INTERPRET), yielding rows in order."""
-    tasks = [(v, arch) for arch in archs for v in variants(quick, unaligned)
+    tasks = [(v, arch) for arch in archs for v in variants(quick)
              if not only or any(o in v["kernel"] for o in only)]
     if jobs <= 1:
         for t in tasks:
@@ -338,12 +327,41 @@ def format_row(r: dict) -> str:
             f"MUFU[{mufu}] per-elem[{loops}]{flag}")
 
 
+def summarize(rows: list[dict]) -> list[str]:
+    """One line per kernel: compiles, max registers, spills, max shared memory, and the range of
+    instructions and MUFU operations per score element over the MUFU loops of all compiles
+    (for additive kernels the first range is the factored fast loop, the second the direct one)."""
+    by_kernel = collections.defaultdict(list)
+    for r in rows:
+        by_kernel[r["kernel"]].append(r)
+    lines = []
+    for kernel, rs in by_kernel.items():
+        ok = [r for r in rs if not r["error"]]
+        if not ok:
+            lines.append(f"{kernel:<26} {len(rs)} compiles, all failed")
+            continue
+        spills = sum(1 for r in ok if r["stack"] or r["local"])
+        loops = collections.defaultdict(list)  # loop index -> [(instr/elem, {kind: per elem})]
+        for r in ok:
+            for i, lp in enumerate(lp for lp in r["loops"] if "instr_per_elem" in lp):
+                loops[i].append((lp["instr_per_elem"], lp["mufu_per_elem"]))
+        parts = []
+        for i in sorted(loops):
+            ipe = [x for x, _ in loops[i]]
+            kinds = sorted({k for _, m in loops[i] for k in m})
+            per = {k: [m.get(k, 0) for _, m in loops[i]] for k in kinds}
+            mufu = " ".join(f"{k} {min(x):g}-{max(x):g}" for k, x in per.items())
+            parts.append(f"loop{i}: {min(ipe):g}-{max(ipe):g} instr, {mufu} per elem")
+        lines.append(f"{kernel:<26} {len(rs):>3} compiles  max REG {max(r['regs'] for r in ok):>3}  "
+                     f"spills {spills}  max SHARED {max(r['shared'] + r['shared_static'] for r in ok):>6}  "
+                     + "; ".join(parts))
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     ap.add_argument("--quick", action="store_true", help="reduced set for CI")
-    ap.add_argument("--unaligned", action="store_true",
-                    help="add one variant per kernel/dtype with strides not multiple of 16 (e.g. D=40)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--json", default=None, help="write the rows to this file")
     ap.add_argument("--only", nargs="+", default=None, help="kernel-name substrings to keep")
@@ -355,8 +373,7 @@ def main(argv=None) -> int:
         return 2
     t0 = time.time()
     rows = []
-    for r in iter_rows(tuple(args.arch), quick=args.quick, jobs=args.jobs, only=args.only,
-                       unaligned=args.unaligned):
+    for r in iter_rows(tuple(args.arch), quick=args.quick, jobs=args.jobs, only=args.only):
         rows.append(r)
         if not args.no_print:
             print(format_row(r), flush=True)
@@ -365,6 +382,8 @@ def main(argv=None) -> int:
             json.dump(rows, f, indent=1)
     bad = [r for r in rows if r["problems"]]
     if not args.no_print:
+        print("\nsummary (per kernel, over every arch, dtype and config):")
+        print("\n".join(summarize(rows)))
         print(f"{len(rows)} compiles, {len(bad)} with problems, {time.time() - t0:.0f} s")
     return 1 if bad else 0
 
