@@ -34,7 +34,7 @@ in a fixed order.
 import triton
 import triton.language as tl
 
-from .common import SIZE_ARGS, _exp2x, _mma, _online_softmax
+from .common import SIZE_ARGS, _attn_fwd_epilogue, _attn_fwd_key_range, _exp2x, _mma, _online_softmax
 
 EXP_SAFE = tl.constexpr(40.0)  # |x| <= 40: e^{2x} in [1.8e-35, 5.5e34], finite and normal in float32
 
@@ -258,10 +258,7 @@ def _attn_fwd_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, Out, LSE,
     W_h = W + off_h64 * stride_wh
 
     # -- key range of this program --
-    klen = tl.load(KLEN + off_b)
-    n_lo = pid_s * SPLIT_N
-    n_hi = tl.minimum(klen, (pid_m + 1) * BLOCK_M + CAUSAL_SHIFT)
-    n_hi = tl.minimum(n_hi, n_lo + SPLIT_N)
+    n_lo, n_hi, klen = _attn_fwd_key_range(KLEN, off_b, pid_m, pid_s, CAUSAL_SHIFT, SPLIT_N, BLOCK_M)
 
     wsum = _w_sum(W_h, stride_wa, A)
     qmax = tl.load(QMAX + off_bh.to(tl.int64) * Lq + offs_m, mask=mask_m, other=0.0)
@@ -290,15 +287,9 @@ def _attn_fwd_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, Out, LSE,
         acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION)
 
     # -- epilogue: empty rows give out = 0, lse = -inf --
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    # approximate (2 ulp) reciprocal: no IEEE-division slow-path call (and its stack frame)
-    out = acc * tl.fdiv(tl.full([BLOCK_M], 1.0, tl.float32), l_safe, ieee_rounding=False)[:, None]
-    lse = tl.where(l_i == 0.0, -float("inf"), m_i + tl.log(l_safe))
-    o_ptrs = (Out + pid_s.to(tl.int64) * stride_os + off_b64 * stride_ob + off_h64 * stride_oh
-              + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od)
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_dv[None, :])
-    l_ptrs = LSE + pid_s.to(tl.int64) * stride_ls + off_b64 * stride_lb + off_h64 * stride_lh + offs_m * stride_lm
-    tl.store(l_ptrs, lse, mask=mask_m)
+    _attn_fwd_epilogue(acc, m_i, l_i, Out, LSE, pid_s, off_b64, off_h64, offs_m, offs_dv, mask_m, mask_dv,
+                       stride_os, stride_ob, stride_oh, stride_om, stride_od,
+                       stride_ls, stride_lb, stride_lh, stride_lm, BLOCK_M)
 
 
 # ----------------------------------------------------------------------------------------

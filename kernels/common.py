@@ -4,6 +4,8 @@
   backward preamble).
 - ``_attn_fwd_merge``: flash-decoding epilogue; merges per-split partial outputs by their
   log-sum-exp.
+- ``_online_softmax``, ``_attn_fwd_key_range``, ``_attn_fwd_epilogue``: the parts of the
+  forward kernels that do not depend on the score type.
 - ``_exp2x``: ``exp(2x)`` with a Cody-Waite range reduction, so the relative error does not
   grow with ``|x|`` (a plain ``tl.exp`` multiplies by log2(e) first and loses ~|2x|*2^-24).
 """
@@ -55,6 +57,33 @@ def _online_softmax(s, m_i, l_i):
     p = tl.exp(s - m_safe[:, None])
     alpha = tl.exp(m_i - m_safe)
     return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
+def _attn_fwd_key_range(KLEN, off_b, pid_m, pid_s, CAUSAL_SHIFT, SPLIT_N, BLOCK_M: tl.constexpr):
+    """[n_lo, n_hi): the keys query tile ``pid_m`` of split ``pid_s`` can see (below the batch's
+    key length and, when causal, up to the tile's last row + CAUSAL_SHIFT); also returns klen."""
+    klen = tl.load(KLEN + off_b)
+    n_lo = pid_s * SPLIT_N
+    n_hi = tl.minimum(klen, (pid_m + 1) * BLOCK_M + CAUSAL_SHIFT)
+    return n_lo, tl.minimum(n_hi, n_lo + SPLIT_N), klen
+
+
+@triton.jit
+def _attn_fwd_epilogue(acc, m_i, l_i, Out, LSE, pid_s, off_b64, off_h64, offs_m, offs_dv, mask_m, mask_dv,
+                       stride_os, stride_ob, stride_oh, stride_om, stride_od,
+                       stride_ls, stride_lb, stride_lh, stride_lm, BLOCK_M: tl.constexpr):
+    """Normalize and store one tile's output and natural-log LSE (of split ``pid_s``); rows
+    with no allowed key get out = 0 and lse = -inf."""
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    # approximate (2 ulp) reciprocal: no IEEE-division slow-path call (and its stack frame)
+    out = acc * tl.fdiv(tl.full([BLOCK_M], 1.0, tl.float32), l_safe, ieee_rounding=False)[:, None]
+    lse = tl.where(l_i == 0.0, -float("inf"), m_i + tl.log(l_safe))
+    o_ptrs = (Out + pid_s.to(tl.int64) * stride_os + off_b64 * stride_ob + off_h64 * stride_oh
+              + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_dv[None, :])
+    l_ptrs = LSE + pid_s.to(tl.int64) * stride_ls + off_b64 * stride_lb + off_h64 * stride_lh + offs_m * stride_lm
+    tl.store(l_ptrs, lse, mask=mask_m)
 
 
 @triton.jit(do_not_specialize=SIZE_ARGS)
