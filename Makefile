@@ -34,7 +34,7 @@ compile-check: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
-	env -u TRITON_INTERPRET $(PY) -m fusedattn.tools.gpu_compile_check --arch 80 90 --quick
+	env -u TRITON_INTERPRET $(PY) -m fusedattn.tools.gpu_compile_check --arch 80 90 --jobs 2
 
 bench: $(STAMP)
 	mkdir -p out
