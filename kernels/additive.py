@@ -47,22 +47,29 @@ EXP_SAFE = tl.constexpr(40.0)  # |x| <= 40: e^{2x} in [1.8e-35, 5.5e34], finite 
 # puts 16 rows x 1 column of the score tile in each thread (Triton's default blocked layout),
 # so a column step is 4 vector loads + 16 x (FMA, MUFU.RCP, FMA).
 FWD_CONFIGS = [  # predicate on (BLOCK_DV, fp32, decode)
-    (lambda dv, f32, decode: not f32 and dv <= 128, dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=1)),
-    (lambda dv, f32, decode: not f32, dict(BLOCK_M=16, BLOCK_N=128, num_warps=8, num_stages=1)),
-    (lambda dv, f32, decode: dv <= 64, dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1)),
-    (lambda dv, f32, decode: True, dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=1)),
+    (lambda dv, f32, decode: not f32 and dv <= 128,
+     dict(BLOCK_M=16, BLOCK_N=128, SOFT_RCP=5, num_warps=4, num_stages=1)),
+    (lambda dv, f32, decode: not f32, dict(BLOCK_M=16, BLOCK_N=128, SOFT_RCP=0, num_warps=8, num_stages=1)),
+    (lambda dv, f32, decode: dv <= 64, dict(BLOCK_M=16, BLOCK_N=64, SOFT_RCP=0, num_warps=4, num_stages=1)),
+    (lambda dv, f32, decode: True, dict(BLOCK_M=16, BLOCK_N=64, SOFT_RCP=0, num_warps=8, num_stages=1)),
 ]
+# SOFT_RCP (see _score_rsum): with 16-bit inputs and BLOCK_DV <= 128 the factored score loop
+# waits on the MUFU unit (sm_90: 5.06 instructions and 1 MUFU op per triple; an SM issues 128
+# thread-instructions but only 16 MUFU results per clock), so one column in five takes its
+# reciprocal on the FMA pipes: 6.3 instructions and 0.8 MUFU ops per triple, 1.25x fewer
+# clocks by that count. Loops already issue-bound (float32: 8.9; BLOCK_DV = 256: 8.75) keep 0.
 # The backward walks Dv in chunks of BLOCK_DV <= 64 columns (32 for float32), so its configs
 # depend on the chunk width and the dtype only.
 BWD_DKDV_CONFIGS = [  # predicate on (BLOCK_DV chunk, fp32); BLOCK_N keys are the tile rows
-    (lambda dv, f32: True, dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1)),
+    (lambda dv, f32: True, dict(BLOCK_M=16, BLOCK_N=64, SOFT_RCP=0, num_warps=4, num_stages=1)),
 ]
 BWD_DQ_CONFIGS = [  # predicate on (BLOCK_DV chunk, fp32)
-    (lambda dv, f32: not f32, dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=1)),
-    (lambda dv, f32: True, dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1)),
+    (lambda dv, f32: not f32, dict(BLOCK_M=16, BLOCK_N=128, SOFT_RCP=5, num_warps=4, num_stages=1)),
+    (lambda dv, f32: True, dict(BLOCK_M=16, BLOCK_N=64, SOFT_RCP=0, num_warps=4, num_stages=1)),
 ]
-INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)
-INTERPRET_DECODE_CONFIG = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1)
+# the interpreter runs the FMA-pipe reciprocal too (every 5th column), so the tests check its numbers
+INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, SOFT_RCP=5, num_warps=4, num_stages=1)
+INTERPRET_DECODE_CONFIG = dict(BLOCK_M=16, BLOCK_N=64, SOFT_RCP=5, num_warps=4, num_stages=1)
 
 
 def prune_fwd_config(BLOCK_DV, fp32, decode):
@@ -127,13 +134,42 @@ def _w_sum(W_h, stride_wa, A):
 def _score_rsum(XE, YE, X, Y, offs_x, offs_y, mask_x, mask_y,
                 stride_xea, stride_yea, stride_xl, stride_yl, stride_xd, stride_yd, W_h, stride_wa, A,
                 BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr,
-                DIRECT: tl.constexpr, FAST_RCP: tl.constexpr):
+                DIRECT: tl.constexpr, FAST_RCP: tl.constexpr, SOFT_RCP: tl.constexpr):
     """sum_a (-2 w_a) r_a over all A columns, (BLOCK_X, BLOCK_Y) float32, with
     r = 1 / (1 + e^{2(x_ia + y_ja)}) (tanh = 1 - 2 r). XE/YE (exp tables) and X/Y (inputs) are
     scalar base pointers; offs_* are int32 row indices (int32 offsets instead of pointer
-    tensors save two registers per element)."""
+    tensors save two registers per element).
+
+    SOFT_RCP = k > 0 (factored path only): of every k columns, k - 1 take the MUFU reciprocal
+    and one a reciprocal on the FMA pipes, so a loop that would wait on the MUFU unit (16
+    results per clock and SM against 128 FMA lanes) shares the work between both. That
+    reciprocal: z clamped to 2^126 (so the seed below is a normal number; an infinite z then
+    gives 1.2e-38 instead of 0), a bit-trick seed 0x7EF311C3 - bits(z) (relative error < 5.1 %
+    for z >= 1) and three Newton steps r += r (1 - z r) (relative error < 6e-8, about 0.5 ulp).
+    """
     acc = tl.zeros([BLOCK_X, BLOCK_Y], dtype=tl.float32)
-    for a in range(0, A):
+    a_lo = 0
+    if not DIRECT and SOFT_RCP > 0:
+        a_lo = A - A % SOFT_RCP
+        for a0 in range(0, a_lo, SOFT_RCP):
+            for u in tl.static_range(SOFT_RCP):
+                w2 = tl.load(W_h + (a0 + u) * stride_wa).to(tl.float32) * -2.0
+                ex = tl.load(XE + (offs_x + (a0 + u) * stride_xea))
+                ey = tl.load(YE + (offs_y + (a0 + u) * stride_yea))
+                z = ex[:, None] * ey[None, :] + 1.0
+                if u == SOFT_RCP - 1:  # _rcp_newton, inlined (interpreter call cost)
+                    zc = tl.minimum(z, 8.507059e37)
+                    r = (0x7EF311C3 - zc.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+                    r = r + r * (1.0 - zc * r)
+                    r = r + r * (1.0 - zc * r)
+                    r = r + r * (1.0 - zc * r)
+                elif FAST_RCP:
+                    r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [z],
+                                                  dtype=tl.float32, is_pure=True, pack=1)
+                else:
+                    r = 1.0 / z
+                acc += w2 * r
+    for a in range(a_lo, A):
         w2 = tl.load(W_h + a * stride_wa).to(tl.float32) * -2.0
         # -- r = 1 / (1 + e^{2(x_ia + y_ja)}) for column a (inlined: the interpreter pays ~1 ms
         #    per nested jit call) --
@@ -158,16 +194,16 @@ def _score_rsum(XE, YE, X, Y, offs_x, offs_y, mask_x, mask_y,
 @triton.jit
 def _scores(XE, YE, X, Y, offs_x, offs_y, mask_x, mask_y,
             stride_xea, stride_yea, stride_xl, stride_yl, stride_xd, stride_yd, W_h, stride_wa, A, wsum, fast,
-            BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, FAST_RCP: tl.constexpr):
+            BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, FAST_RCP: tl.constexpr, SOFT_RCP: tl.constexpr):
     """Score tile sum_a w_a tanh(x_ia + y_ja); ``fast`` (a scalar) picks the factored path."""
     if fast:
         acc = _score_rsum(XE, YE, X, Y, offs_x, offs_y, mask_x, mask_y,
                           stride_xea, stride_yea, stride_xl, stride_yl, stride_xd, stride_yd, W_h, stride_wa, A,
-                          BLOCK_X, BLOCK_Y, False, FAST_RCP)
+                          BLOCK_X, BLOCK_Y, False, FAST_RCP, SOFT_RCP)
     else:
         acc = _score_rsum(XE, YE, X, Y, offs_x, offs_y, mask_x, mask_y,
                           stride_xea, stride_yea, stride_xl, stride_yl, stride_xd, stride_yd, W_h, stride_wa, A,
-                          BLOCK_X, BLOCK_Y, True, FAST_RCP)
+                          BLOCK_X, BLOCK_Y, True, FAST_RCP, 0)
     return acc + wsum
 
 
@@ -223,7 +259,7 @@ def _attn_fwd_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, Out, LSE,
                        stride_ls, stride_lb, stride_lh, stride_lm,
                        H, Hk, Lq, Lk, A, Dv, CAUSAL_SHIFT, SPLIT_N,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
-                       FAST_RCP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       FAST_RCP: tl.constexpr, SOFT_RCP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program: BLOCK_M query rows of one (b, h), keys [pid_s*SPLIT_N, +SPLIT_N).
 
     Key j is allowed for row i iff j < KLEN[b] and j <= i + CAUSAL_SHIFT
@@ -276,7 +312,7 @@ def _attn_fwd_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, Out, LSE,
         s = _scores(eq_base, ek_base, q_base, k_base, offs_m, offs_n, mask_m, mask_n,
                     stride_eqa, stride_eka, stride_qm, stride_kn, stride_qd, stride_kd,
                     W_h, stride_wa, A, wsum, fast,
-                    BLOCK_M, BLOCK_N, FAST_RCP)
+                    BLOCK_M, BLOCK_N, FAST_RCP, SOFT_RCP)
         allowed = (offs_n[None, :] < klen) & (offs_n[None, :] <= offs_m[:, None] + CAUSAL_SHIFT)
         s = tl.where(allowed, s, -float("inf"))
         # -- online softmax --
@@ -308,7 +344,7 @@ def _attn_bwd_dkdv_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta
                             stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                             H, Hk, Lq, Lk, A, Dv, CAUSAL_SHIFT,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
-                            FAST_RCP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                            FAST_RCP: tl.constexpr, SOFT_RCP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program: BLOCK_N keys of one (b, kv head); loops over the group's query heads and
     the query tiles that can see these keys. Tiles are transposed (keys are rows), so the
     dK reduction over queries runs along axis 1. DKT is float32 scratch (B, Hk, A, >=Lk) and
@@ -360,7 +396,7 @@ def _attn_bwd_dkdv_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta
             sT = _scores(ek_base, eq_base, k_base, q_base, offs_n, offs_m, mask_n, mask_m,
                          stride_eka, stride_eqa, stride_kn, stride_qm, stride_kd, stride_qd,
                          W_h, stride_wa, A, wsum, fast,
-                         BLOCK_N, BLOCK_M, FAST_RCP)
+                         BLOCK_N, BLOCK_M, FAST_RCP, SOFT_RCP)
             allowed = ((offs_n[:, None] < klen) & (offs_n[:, None] <= offs_m[None, :] + CAUSAL_SHIFT)
                        & mask_m[None, :])
             lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0)
@@ -407,7 +443,7 @@ def _attn_bwd_dq_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta, 
                           stride_dqb, stride_dqh, stride_dqa,
                           H, Hk, Lq, Lk, A, Dv, CAUSAL_SHIFT,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
-                          FAST_RCP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                          FAST_RCP: tl.constexpr, SOFT_RCP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program: BLOCK_M query rows of one (b, h); loops over the allowed key tiles.
     DQT and DWT (per-row dw partials) are float32 scratch (B, H, A, >=Lq), zero-initialized,
     sharing the strides ``stride_dq*``."""
@@ -458,7 +494,7 @@ def _attn_bwd_dq_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta, 
         s = _scores(eq_base, ek_base, q_base, k_base, offs_m, offs_n, mask_m, mask_n,
                     stride_eqa, stride_eka, stride_qm, stride_kn, stride_qd, stride_kd,
                     W_h, stride_wa, A, wsum, fast,
-                    BLOCK_M, BLOCK_N, FAST_RCP)
+                    BLOCK_M, BLOCK_N, FAST_RCP, SOFT_RCP)
         allowed = ((offs_n[None, :] < klen) & (offs_n[None, :] <= offs_m[:, None] + CAUSAL_SHIFT)
                    & mask_m[:, None])
         p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)

@@ -10,10 +10,11 @@ dot kernels; ``per`` says which) summed over the kernels of the pass: forward =
 visits every element once). O(L) prologue/epilogue kernels are left out.
 
 Which SASS loops count: every innermost loop that issues MUFU, except, in additive kernels,
-the loops that also issue ``MUFU.EX2``: those are the direct-tanh fallback taken only for tiles
-whose pre-activations exceed the exp-factorized range (|x| beyond ~40), not the path that
-ordinary inputs take. The compile check does not label loops, so this rule is an inference
-from the kernels' design (issue 3); if a kernel changes shape it can mislead.
+the "direct" loops (they also issue ``MUFU.EX2``: the direct-tanh fallback taken only for tiles
+whose pre-activations exceed the exp-factorized range, |x| beyond 40) and the "fast" loop right
+after a "mixed" one (the ``A % SOFT_RCP`` tail columns of a score loop whose main loop is the
+mixed one). The loop kinds come from the compile check, which infers them from the MUFU mix;
+the rule follows the kernels' design (issue 3), and if a kernel changes shape it can mislead.
 
 Results are cached under ``~/.cache/fusedattn/`` keyed by the kernel sources, the compile
 check and the triton version (the compiles take about a minute). On any failure the counts are
@@ -55,7 +56,13 @@ def loop_counts(score: str, loops: list[dict]) -> tuple[float, float]:
     """(mufu_per_elem, instr_per_elem) of one kernel from its compile-check loops (rule above)."""
     used = [lp for lp in loops if "instr_per_elem" in lp]
     if score == "additive":
-        used = [lp for lp in used if "EX2" not in lp["mufu"]] or used
+        kept, prev = [], None
+        for lp in used:
+            kind = lp.get("kind", "direct" if "EX2" in lp["mufu"] else "fast")
+            if kind != "direct" and not (kind == "fast" and prev == "mixed"):
+                kept.append(lp)
+            prev = kind
+        used = kept or used
     mufu = sum(sum(lp["mufu_per_elem"].values()) for lp in used)
     instr = sum(lp["instr_per_elem"] for lp in used)
     return mufu, instr

@@ -44,7 +44,12 @@ returns a list of dicts, one per compile, with keys
 - ``problems``: list of str (empty when the row passes).
 
 For additive kernels the score loop over ``a`` issues exactly one reciprocal per triple by
-construction, so ``unroll`` is inferred as round(RCP in body / (tile elements per thread)).
+construction, so ``unroll`` is inferred as round(RCP in body / (tile elements per thread)),
+except in the main loop of a config with ``SOFT_RCP = k``, where one column in k takes its
+reciprocal on the FMA pipes: there a body with (k - 1) n MUFU reciprocals per thread element
+covers k n columns. Each loop gets a ``kind``: "direct" (it issues EX2: the direct-tanh path),
+"mixed" (fewer than one RCP per triple: MUFU and FMA-pipe reciprocals), "fast" (one RCP per
+triple) for additive kernels, "softmax" for dot kernels.
 For dot kernels the key-tile loop is taken as one pass (unroll 1).
 """
 from __future__ import annotations
@@ -253,10 +258,17 @@ def compile_one(v: dict, arch: int) -> dict:
     if v["tile"]:
         per_thread = v["tile"][0] * v["tile"][1] / threads
         for lp in _loops(ins):
-            unroll = 1
+            unroll, kind = 1, "softmax"
             if v["score"] == "additive" and lp["mufu"].get("RCP"):
-                unroll = max(1, round(lp["mufu"]["RCP"] / per_thread))
+                n = max(1, round(lp["mufu"]["RCP"] / per_thread))
+                k = v["config"].get("SOFT_RCP", 0)
+                kind = "direct" if lp["mufu"].get("EX2") else "fast"
+                if kind == "fast" and k > 2 and n % (k - 1) == 0:
+                    unroll, kind = n * k / (k - 1), "mixed"
+                else:
+                    unroll = n
             elems = per_thread * unroll
+            lp["kind"] = kind
             lp.update(elems=elems, instr_per_elem=round(lp["instr"] / elems, 2),
                       mufu_per_elem={k: round(n / elems, 3) for k, n in lp["mufu"].items()})
             row["loops"].append(lp)
@@ -329,8 +341,8 @@ def format_row(r: dict) -> str:
 
 def summarize(rows: list[dict]) -> list[str]:
     """One line per kernel: compiles, max registers, spills, max shared memory, and the range of
-    instructions and MUFU operations per score element over the MUFU loops of all compiles
-    (for additive kernels the first range is the factored fast loop, the second the direct one)."""
+    instructions and MUFU operations per score element over the MUFU loops of all compiles, per
+    loop kind (see the module docstring)."""
     by_kernel = collections.defaultdict(list)
     for r in rows:
         by_kernel[r["kernel"]].append(r)
@@ -341,17 +353,18 @@ def summarize(rows: list[dict]) -> list[str]:
             lines.append(f"{kernel:<26} {len(rs)} compiles, all failed")
             continue
         spills = sum(1 for r in ok if r["stack"] or r["local"])
-        loops = collections.defaultdict(list)  # loop index -> [(instr/elem, {kind: per elem})]
+        loops = collections.defaultdict(list)  # loop kind -> [(instr/elem, {MUFU op: per elem})]
         for r in ok:
-            for i, lp in enumerate(lp for lp in r["loops"] if "instr_per_elem" in lp):
-                loops[i].append((lp["instr_per_elem"], lp["mufu_per_elem"]))
+            for lp in r["loops"]:
+                if "instr_per_elem" in lp:
+                    loops[lp["kind"]].append((lp["instr_per_elem"], lp["mufu_per_elem"]))
         parts = []
         for i in sorted(loops):
             ipe = [x for x, _ in loops[i]]
             kinds = sorted({k for _, m in loops[i] for k in m})
             per = {k: [m.get(k, 0) for _, m in loops[i]] for k in kinds}
             mufu = " ".join(f"{k} {min(x):g}-{max(x):g}" for k, x in per.items())
-            parts.append(f"loop{i}: {min(ipe):g}-{max(ipe):g} instr, {mufu} per elem")
+            parts.append(f"{i} loops: {min(ipe):g}-{max(ipe):g} instr, {mufu} per elem")
         lines.append(f"{kernel:<26} {len(rs):>3} compiles  max REG {max(r['regs'] for r in ok):>3}  "
                      f"spills {spills}  max SHARED {max(r['shared'] + r['shared_static'] for r in ok):>6}  "
                      + "; ".join(parts))
