@@ -1,0 +1,86 @@
+// Argument checks and problem sizes of the CPU ops (declared in checks.h).
+#include "checks.h"
+
+namespace fusedattn_cpu {
+
+using at::Tensor;
+
+void check_qkv(const char* op, const Tensor& q, const Tensor& k, const Tensor& v) {
+  for (const Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->defined(), op, ": undefined tensor");
+    TORCH_CHECK(t->device().is_cpu(), op, ": tensors must be on the CPU, got ", t->device());
+    TORCH_CHECK(t->dim() == 4, op, ": q, k, v must have 4 dimensions, got shape ", t->sizes());
+  }
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, op,
+              ": dtype must be float32 or bfloat16, got ", q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hk = k.size(1), Lk = k.size(2);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B, op, ": batch sizes differ: q ", q.sizes(), ", k ",
+              k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(k.size(3) == D, op, ": q and k head dims differ: q ", q.sizes(), ", k ", k.sizes());
+  TORCH_CHECK(v.size(1) == Hk && v.size(2) == Lk, op, ": k and v must agree in heads and length: k ",
+              k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(Hk > 0 ? H % Hk == 0 : H == 0, op, ": H=", H, " must be a multiple of Hk=", Hk);
+}
+
+std::vector<int64_t> read_lengths(const char* op, const c10::optional<Tensor>& kl, int64_t B,
+                                  int64_t Lk) {
+  std::vector<int64_t> out(B, Lk);
+  if (!kl.has_value() || !kl->defined()) return out;
+  const Tensor& t = *kl;
+  TORCH_CHECK(t.device().is_cpu(), op, ": key_lengths must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == at::kInt, op, ": key_lengths must be int32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == B, op, ": key_lengths must have shape (", B, ",), got ",
+              t.sizes());
+  Tensor c = t.contiguous();
+  const int32_t* p = c.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(p[b] >= 0 && p[b] <= Lk, op, ": key_lengths[", b, "]=", p[b], " not in [0, ", Lk, "]");
+    out[b] = p[b];
+  }
+  return out;
+}
+
+void check_w(const char* op, const Tensor& w, const Tensor& q) {
+  TORCH_CHECK(w.defined() && w.device().is_cpu(), op, ": w must be a CPU tensor");
+  TORCH_CHECK(w.scalar_type() == q.scalar_type(), op, ": w dtype ", w.scalar_type(),
+              " differs from q dtype ", q.scalar_type());
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == q.size(1) && w.size(1) == q.size(3), op,
+              ": w must have shape (H, D) = (", q.size(1), ", ", q.size(3), "), got ", w.sizes());
+}
+
+void check_bwd(const char* op, const Tensor& dout, const Tensor& out, const Tensor& lse,
+               const Tensor& q, const Tensor& v) {
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Dv = v.size(3);
+  for (const Tensor* t : {&dout, &out}) {
+    TORCH_CHECK(t->defined() && t->device().is_cpu(), op, ": dout and out must be CPU tensors");
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), op, ": dout/out dtype ", t->scalar_type(),
+                " differs from q dtype ", q.scalar_type());
+    TORCH_CHECK(t->dim() == 4 && t->size(0) == B && t->size(1) == H && t->size(2) == Lq &&
+                    t->size(3) == Dv,
+                op, ": dout/out must have shape (", B, ", ", H, ", ", Lq, ", ", Dv, "), got ", t->sizes());
+  }
+  TORCH_CHECK(lse.defined() && lse.device().is_cpu() && lse.scalar_type() == at::kFloat, op,
+              ": lse must be a float32 CPU tensor");
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == Lq, op,
+              ": lse must have shape (", B, ", ", H, ", ", Lq, "), got ", lse.sizes());
+}
+
+Tensor f32(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+Problem make_problem(const Tensor& q, const Tensor& k, const Tensor& v,
+                     std::vector<int64_t> klen, bool causal) {
+  Problem p;
+  p.B = q.size(0); p.H = q.size(1); p.Lq = q.size(2); p.D = q.size(3);
+  p.Hk = k.size(1); p.Lk = k.size(2); p.Dv = v.size(3);
+  p.G = p.Hk > 0 ? p.H / p.Hk : 1;
+  p.causal = causal;
+  p.klen = std::move(klen);
+  return p;
+}
+
+bool empty_problem(const Problem& p) { return p.B == 0 || p.H == 0 || p.Lq == 0 || p.Lk == 0; }
+
+}  // namespace fusedattn_cpu
