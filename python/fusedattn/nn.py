@@ -131,8 +131,9 @@ class _Attention(nn.Module):
     def _check_cache(self, cache: AttentionCache) -> None:
         heads, dk, dv = self._cache_dims()
         keys, values = cache.keys, cache.values
-        ok = (isinstance(keys, Tensor) and isinstance(values, Tensor) and keys.dim() == 4 and values.dim() == 4
-              and keys.shape[1] == heads and keys.shape[3] == dk and _shape(values)[1:4:2] == (heads, dv))
+        ok = (isinstance(keys, Tensor) and isinstance(values, Tensor) and keys.dim() == 4
+              and values.dim() == 4 and keys.shape[1] == heads and keys.shape[3] == dk
+              and _shape(values)[1:4:2] == (heads, dv))
         if not ok:
             got = (f"keys {_shape(keys) if isinstance(keys, Tensor) else type(keys).__name__}, values "
                    f"{_shape(values) if isinstance(values, Tensor) else type(values).__name__}")
