@@ -1,10 +1,41 @@
 // Window and score modifiers of the CPU kernels (see checks.h): softcap, relative-position bias and
 // ALiBi, applied per score tile, and their backward.
+#include <bit>
 #include <cmath>
+#include <cstdint>
 
 #include "checks.h"
 
 namespace fusedattn_cpu {
+namespace {
+
+// s[j] = c * tanh(s[j] / c) (and t[j] = tanh(s[j] / c) when t != nullptr), through
+// tanh(x) = 1 - 2 / (1 + e^{2x}) with e^{2x} from a degree-6 polynomial after range reduction
+// (|relative error| of e^{2x} about 1.2e-7; absolute error of tanh below 2.4e-7). Written to
+// auto-vectorize; one clone per ISA, chosen by the loader.
+__attribute__((target_clones("avx512f", "avx2,fma", "default")))
+void softcap_row(float* s, float* t, int n, float c) {
+  const float inv_c = 2.f / c;
+#pragma omp simd
+  for (int j = 0; j < n; ++j) {
+    const float x = std::fmin(std::fmax(s[j] * inv_c, -87.f), 87.f);   // 2 s / c
+    const float k = std::floor(x * 1.44269504088896341f + 0.5f);
+    const float r = x - k * 0.693145751953125f - k * 1.42860682030941723e-6f;
+    float p = 1.f / 720;
+    p = p * r + 1.f / 120;
+    p = p * r + 1.f / 24;
+    p = p * r + 1.f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    const float e = p * std::bit_cast<float>((int32_t)(k + 127.f) << 23);
+    const float th = 1.f - 2.f / (1.f + e);
+    if (t != nullptr) t[j] = th;
+    s[j] = c * th;
+  }
+}
+
+}  // namespace
 
 void set_modifiers(const char* op, Problem& p, int64_t window_left, int64_t window_right, double softcap,
                    const c10::optional<at::Tensor>& rel_bias, const c10::optional<at::Tensor>& alibi_slopes,
@@ -37,27 +68,24 @@ void set_modifiers(const char* op, Problem& p, int64_t window_left, int64_t wind
 void apply_mods(const Problem& p, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* S,
                 int ldS, float* T) {
   const Mods& m = p.mods;
-  const float c = m.softcap, inv_c = c > 0.f ? 1.f / c : 0.f;
-  const float* rel = m.rel != nullptr ? m.rel + h * (2 * m.M - 1) + (m.M - 1) : nullptr;
+  const float* rel = m.rel != nullptr ? m.rel + h * (2 * m.M - 1) + (m.M - 1) : nullptr;  // rel[d]
   const float slope = m.alibi != nullptr ? m.alibi[b * m.alibi_bstride + h] : 0.f;
-  const int64_t shift = p.Lk - p.Lq;
+  const int64_t shift = p.Lk - p.Lq, M1 = m.M - 1;
   for (int i = 0; i < nr; ++i) {
     float* s = S + (int64_t)i * ldS;
-    float* t = T != nullptr ? T + (int64_t)i * ldS : nullptr;
-    const int64_t d0 = j0 - (i0 + i) - shift;  // distance of key j0
-    if (c > 0.f) {
-      for (int j = 0; j < nc; ++j) {
-        const float th = std::tanh(s[j] * inv_c);
-        if (t != nullptr) t[j] = th;
-        s[j] = c * th;
-      }
+    const int64_t d0 = j0 - (i0 + i) - shift;  // distance of key j0; key j0 + j has d0 + j
+    if (m.softcap > 0.f) softcap_row(s, T != nullptr ? T + (int64_t)i * ldS : nullptr, nc, m.softcap);
+    if (rel != nullptr) {  // clamped below -(M-1), a contiguous slice inside, clamped above M-1
+      const int lo = (int)std::clamp<int64_t>(-M1 - d0, 0, nc), hi = (int)std::clamp<int64_t>(M1 - d0 + 1, lo, nc);
+      for (int j = 0; j < lo; ++j) s[j] += rel[-M1];
+      const float* r = rel + d0;
+      for (int j = lo; j < hi; ++j) s[j] += r[j];
+      for (int j = hi; j < nc; ++j) s[j] += rel[M1];
     }
-    if (rel != nullptr) {
-      const int64_t M1 = m.M - 1;
-      for (int j = 0; j < nc; ++j) s[j] += rel[std::clamp<int64_t>(d0 + j, -M1, M1)];
+    if (m.alibi != nullptr) {
+      const float fd0 = (float)d0;
+      for (int j = 0; j < nc; ++j) s[j] -= slope * std::fabs(fd0 + (float)j);
     }
-    if (m.alibi != nullptr)
-      for (int j = 0; j < nc; ++j) s[j] -= slope * (float)std::llabs(d0 + j);
   }
 }
 
@@ -67,9 +95,16 @@ void mods_backward(const Problem& p, int64_t i0, int nr, int64_t j0, int nc, flo
   const int64_t shift = p.Lk - p.Lq;
   for (int i = 0; i < nr; ++i) {
     float* ds = dS + (int64_t)i * ldS;
-    if (m.rel != nullptr) {
+    if (m.rel != nullptr) {  // drel[d + M - 1] += dS, as apply_mods reads rel: three segments
       const int64_t M1 = m.M - 1, d0 = j0 - (i0 + i) - shift;
-      for (int j = 0; j < nc; ++j) drel[std::clamp<int64_t>(d0 + j, -M1, M1) + M1] += ds[j];
+      const int lo = (int)std::clamp<int64_t>(-M1 - d0, 0, nc), hi = (int)std::clamp<int64_t>(M1 - d0 + 1, lo, nc);
+      float below = 0.f, above = 0.f;
+      for (int j = 0; j < lo; ++j) below += ds[j];
+      float* r = drel + M1 + d0;
+      for (int j = lo; j < hi; ++j) r[j] += ds[j];
+      for (int j = hi; j < nc; ++j) above += ds[j];
+      drel[0] += below;
+      drel[2 * M1] += above;
     }
     if (m.softcap > 0.f) {
       const float* t = T + (int64_t)i * ldS;
