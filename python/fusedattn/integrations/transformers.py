@@ -245,6 +245,10 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
                          "recompute them with fusedattn.attention_weights")
     if s_aux is not None:
         raise ValueError("fusedattn attention does not support attention sinks (s_aux)")
+    if attention_mask is None and any(kwargs.get(n) is not None for n in ("cu_seq_lens_q", "cu_seq_lens_k")):
+        raise ValueError("fusedattn attention takes padding and packing from the attention mask; packed "
+                         "cu_seq_lens_q/k without a mask (continuous batching, paged caches) are not "
+                         "supported")
     args = (module, query, key, value, attention_mask, dropout, scaling, is_causal, position_bias, softcap,
             sliding_window, kwargs)
     if dropout and dropout > 0:
