@@ -254,7 +254,7 @@ def test_position_bias_must_be_toeplitz(monkeypatch):
 def _t5_models():
     cfg = transformers.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
                                 relative_attention_num_buckets=8, relative_attention_max_distance=16,
-                                decoder_start_token_id=0, pad_token_id=0, initializer_factor=5.0,
+                                decoder_start_token_id=0, pad_token_id=0, initializer_factor=1.0,
                                 dropout_rate=0.0)
     return _models(cfg, transformers.T5ForConditionalGeneration)
 
