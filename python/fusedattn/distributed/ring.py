@@ -347,7 +347,8 @@ def _prepare(score, q, k, v, w, scale, group, causal, key_lengths, layout, backe
         if kl is not None and kl.dim() == 1 else -1,
     })
     t0 = time.perf_counter()
-    sh.agree(info, error, fields, what=f"ring_{score}_attention", like=q if isinstance(q, Tensor) else None)
+    what = "ring_additive_attention" if score == "additive" else "ring_dot_product_attention"
+    sh.agree(info, error, fields, what=what, like=q if isinstance(q, Tensor) else None)
     _WAIT[0] += time.perf_counter() - t0
     plans = {src: _plan(info.rank, src, info.size, layout, c, causal, lengths) for src in range(info.size)}
     return _Spec(score, info, layout, causal, scale, name, _Ring(info), plans)

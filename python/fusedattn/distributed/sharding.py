@@ -53,6 +53,9 @@ def group_info(group) -> GroupInfo:
     elif not initialized:
         raise ValueError(f"group={group!r} was given but torch.distributed is not initialized "
                          "(call torch.distributed.init_process_group first)")
+    if group is dist.GroupMember.NON_GROUP_MEMBER:  # what new_group returns on a rank outside it
+        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of the given group "
+                         f"(torch.distributed.new_group returned NON_GROUP_MEMBER here)")
     if not isinstance(group, dist.ProcessGroup):
         raise ValueError(f"group must be None or a torch.distributed.ProcessGroup, "
                          f"got {type(group).__name__}")
@@ -122,8 +125,9 @@ def unshard_sequence(x_local: Tensor, *, dim: int = 2, group=None, layout: str =
     x_local = x_local.detach()
     if info.size == 1:
         return x_local.clone()
-    sig = [x_local.dim()] + list(x_local.shape) + [dtype_code(x_local.dtype)]
-    agree(info, None, {f"x_local.shape/dtype[{i}]": s for i, s in enumerate(sig)}, what="unshard_sequence")
+    fields = {"x_local.dim()": x_local.dim(), "x_local.dtype": dtype_code(x_local.dtype)}
+    fields.update({f"x_local.shape[{i}]": s for i, s in enumerate(x_local.shape)})
+    agree(info, None, fields, what="unshard_sequence")
     m = len(chunk_ids(0, info.size, layout))
     if x_local.shape[dim] % m != 0:
         raise ValueError(f"unshard_sequence: the shard length {x_local.shape[dim]} along dim {dim} is not "
