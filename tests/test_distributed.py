@@ -331,8 +331,10 @@ def _global_mask(L, lengths, causal):
 @pytest.mark.parametrize("P", [1, 2, 3, 4])
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_plan_covers_exactly_the_allowed_pairs(P, layout, causal):
-    """The kernel calls planned for (rank, src) allow exactly the globally allowed (query, key) pairs."""
+@pytest.mark.parametrize("pieces", [None, 1, 2, 4])
+def test_plan_covers_exactly_the_allowed_pairs(P, layout, causal, pieces):
+    """The kernel calls planned for (rank, src), whole (forward) or in pieces of at most ``pieces``
+    query rows (backward), allow exactly the globally allowed (query, key) pairs, each once."""
     c = 3
     L = c * sharding.n_chunks(P, layout)
     lengths = [L, 0, 4, L - 2, c + 1]
@@ -344,13 +346,16 @@ def test_plan_covers_exactly_the_allowed_pairs(P, layout, causal):
         for src in range(P):
             k_pos = torch.cat([torch.arange(i * c, (i + 1) * c) for i in sharding.chunk_ids(src, P, layout)])
             for it in ring_mod._plan(rank, src, P, layout, c, causal, kl):
-                n_q, n_k = it.q1 - it.q0, it.k_end
-                blk_len = it.lengths if it.lengths is not None else torch.full((len(lengths),), n_k)
-                m = reference.allowed_mask(len(lengths), n_q, n_k, blk_len, it.causal, "cpu")[:, 0]
-                rows, cols = q_pos[it.q0:it.q1], k_pos[:n_k]
-                sub = got[:, rows][:, :, cols]
-                assert not (sub & m).any(), "a pair is computed twice"
-                got[:, rows.view(-1, 1), cols.view(1, -1)] = sub | m
+                whole = [(it.q0, it.q1, it.k_end, it.lengths)]
+                calls = whole if pieces is None else ring_mod._pieces(it, pieces)
+                for q0, q1, k_end, blk_len in calls:
+                    if blk_len is None:
+                        blk_len = torch.full((len(lengths),), k_end)
+                    m = reference.allowed_mask(len(lengths), q1 - q0, k_end, blk_len, it.causal, "cpu")[:, 0]
+                    rows, cols = q_pos[q0:q1], k_pos[:k_end]
+                    sub = got[:, rows][:, :, cols]
+                    assert not (sub & m).any(), "a pair is computed twice"
+                    got[:, rows.view(-1, 1), cols.view(1, -1)] = sub | m
     assert torch.equal(got, want)
 
 

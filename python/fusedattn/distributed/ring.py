@@ -15,6 +15,7 @@ All calls into the op layer are in ``_resolve_backend``, ``_validate_args``, ``_
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -216,28 +217,57 @@ def _ring_forward(spec: _Spec, q: Tensor, k: Tensor, v: Tensor, w) -> tuple[Tens
     return out.to(q.dtype), lse
 
 
-def _block_grads(spec: _Spec, src: int, dout, q, k, v, w, out, lse, dq: Tensor):
-    """This step's contributions: adds into ``dq``; returns ``(dk, dv, dw)`` (None where none)."""
-    acc = dq.dtype
+# The cpu backend's backward keeps 8 private dq buffers of the call's query rows (for a fixed
+# reduction order); running the backward of a block in query pieces keeps that scratch small
+# (per-rank peak of the fwd+bwd call: see docs/ARCHITECTURE.md).
+_BWD_PIECES = {"cpu": 4}
+
+
+def _pieces(it: _Item, rows: int):
+    """``it`` as calls of at most ``rows`` query rows: ``(q0, q1, k_end, lengths)``. A causal item's
+    rows ``[a, b)`` see the keys ``j <= i + k_end - n_q``, i.e. a bottom-right causal call on the first
+    ``k_end - (n_q - b)`` keys; pieces that see no key are skipped."""
+    n_q = it.q1 - it.q0
+    for a in range(0, n_q, rows):
+        b = min(n_q, a + rows)
+        k_end = it.k_end - (n_q - b) if it.causal else it.k_end
+        kl = it.lengths
+        if kl is not None and k_end < it.k_end:
+            kl = torch.clamp(kl, max=k_end)
+            if bool((kl == 0).all()):
+                continue
+        yield it.q0 + a, it.q0 + b, k_end, kl
+
+
+def _block_grads(spec: _Spec, src: int, dout, q, k, v, w, out, lse, dq: Tensor, acc_kv):
+    """Add this step's contributions into ``dq`` and into the key/value accumulators returned by
+    ``acc_kv()`` (called after the first kernel call, so a pending receive overlaps it); return
+    ``(dk_acc, dv_acc, dw or None)``."""
+    pieces = _BWD_PIECES.get(spec.backend, 1) if spec.info.size > 1 else 1  # world size 1: the plain call
+    rows = max(1, -(-q.shape[2] // pieces))
     dk = dv = dw = None
     for it in spec.plans[src]:
-        rows = slice(it.q0, it.q1)
-        gq, gk, gv, gw = _block_backward(spec, dout[:, :, rows], q[:, :, rows], k[:, :, :it.k_end],
-                                         v[:, :, :it.k_end], w, it.lengths, out[:, :, rows], lse[:, :, rows],
-                                         it.causal)
-        dq[:, :, rows] += gq
-        if dk is None and it.k_end == k.shape[2]:
-            dk, dv = gk.to(acc).contiguous(), gv.to(acc).contiguous()
-        else:
+        for q0, q1, k_end, lengths in _pieces(it, rows):
+            r = slice(q0, q1)
+            kv = slice(0, k_end)
+            gq, gk, gv, gw = _block_backward(spec, dout[:, :, r], q[:, :, r], k[:, :, kv], v[:, :, kv], w,
+                                             lengths, out[:, :, r], lse[:, :, r], it.causal)
+            dq[:, :, r] += gq
             if dk is None:
-                dk = torch.zeros(k.shape, dtype=acc, device=k.device)
-                dv = torch.zeros(v.shape, dtype=acc, device=v.device)
-            dk[:, :, :it.k_end] += gk
-            dv[:, :, :it.k_end] += gv
-        if gw is not None:
-            dw = gw.to(acc) if dw is None else dw.add_(gw)
-        del gq, gk, gv
+                dk, dv = acc_kv()
+            dk[:, :, kv] += gk
+            dv[:, :, kv] += gv
+            if gw is not None:
+                dw = gw.to(dq.dtype) if dw is None else dw.add_(gw)
+            del gq, gk, gv
+    if dk is None:
+        dk, dv = acc_kv()
     return dk, dv, dw
+
+
+def _zeros_pair(k: Tensor, v: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return (torch.zeros(k.shape, dtype=dtype, device=k.device),
+            torch.zeros(v.shape, dtype=dtype, device=v.device))
 
 
 def _ring_backward(spec: _Spec, dout, q, k, v, w, out, lse):
@@ -249,18 +279,13 @@ def _ring_backward(spec: _Spec, dout, q, k, v, w, out, lse):
     pending_dkv = None
     for t in range(P):
         pending_kv = spec.ring.start([k, v], tag=0) if t < P - 1 else None
-        dk_b, dv_b, dw = _block_grads(spec, (rank - t) % P, dout, q, k, v, w, out, lse, dq)
+        if t == 0:  # the accumulator of the own shard starts here
+            acc_kv = functools.partial(_zeros_pair, k, v, acc)
+        else:       # the accumulator of shard src arrives from the previous rank
+            acc_kv = pending_dkv.wait
+        dk_acc, dv_acc, dw = _block_grads(spec, (rank - t) % P, dout, q, k, v, w, out, lse, dq, acc_kv)
         if dw is not None:
             dw_total = dw if dw_total is None else dw_total.add_(dw)
-        if t == 0:  # the accumulator of the own shard starts here
-            dk_acc = dk_b if dk_b is not None else torch.zeros(k.shape, dtype=acc, device=k.device)
-            dv_acc = dv_b if dv_b is not None else torch.zeros(v.shape, dtype=acc, device=v.device)
-        else:       # the accumulator of shard src arrives from the previous rank
-            dk_acc, dv_acc = pending_dkv.wait()
-            if dk_b is not None:
-                dk_acc += dk_b
-                dv_acc += dv_b
-        del dk_b, dv_b
         if P > 1:
             pending_dkv = spec.ring.start([dk_acc, dv_acc], tag=2)
             del dk_acc, dv_acc
