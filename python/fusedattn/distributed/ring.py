@@ -220,7 +220,7 @@ def _ring_forward(spec: _Spec, q: Tensor, k: Tensor, v: Tensor, w) -> tuple[Tens
 # The cpu backend's backward keeps 8 private dq buffers of the call's query rows (for a fixed
 # reduction order); running the backward of a block in query pieces keeps that scratch small
 # (per-rank peak of the fwd+bwd call: see docs/ARCHITECTURE.md).
-_BWD_PIECES = {"cpu": 4}
+_BWD_PIECES = {"cpu": 8}
 
 
 def _pieces(it: _Item, rows: int):
