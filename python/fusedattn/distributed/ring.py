@@ -16,7 +16,6 @@ All calls into the op layer are in ``_resolve_backend``, ``_validate_args``, ``_
 from __future__ import annotations
 
 import functools
-import math
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -27,18 +26,24 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import api, backends, ops
+from ..spec import AttnSpec
 from . import sharding as sh
 
 # ------------------------------------------------------------------ the only calls into the op layer
 
 
-def _validate_args(score: str, q, k, v, w, key_lengths, scale, causal, backend) -> None:
-    """Shapes/dtypes/devices of one rank's shards, as the single-process functions check them."""
-    api._validate(q, k, v, w, key_lengths, scale, causal, backend, additive=(score == "additive"))
+def _validate_args(score: str, q, k, v, w, key_lengths, scale, causal, backend) -> AttnSpec:
+    """Check one rank's shards as the single-process functions do; the call's ``AttnSpec`` (no
+    key_lengths: the ring turns the global lengths into per-block ones)."""
+    additive = score == "additive"
+    api._check_dense(q, k, v, w, additive)
+    spec = api._validate(q, k, v, w, additive=additive, key_lengths=key_lengths, scale=scale, causal=causal,
+                         backend=backend)
+    return spec.replace(key_lengths=None, window_left=-1, window_right=-1)
 
 
-def _resolve_backend(score: str, backend: str, q: Tensor, k: Tensor, v: Tensor) -> str:
-    name = backends.select(backend, score, q, k, v)
+def _resolve_backend(attn: AttnSpec, backend: str, q: Tensor, k: Tensor, v: Tensor) -> str:
+    name = backends.select(backend, attn.replace(window_right=0), q, k, v)  # causal and not: one backend
     if name == "reference":
         raise ValueError(f"ring attention runs each block with a fused backend whose backward takes the "
                          f"global out and lse (cpu, triton); backend={backend!r} resolved to 'reference' "
@@ -46,19 +51,20 @@ def _resolve_backend(score: str, backend: str, q: Tensor, k: Tensor, v: Tensor) 
     return name
 
 
+def _block_spec(spec: _Spec, key_lengths, causal: bool) -> AttnSpec:
+    return spec.attn.replace(key_lengths=key_lengths, window_right=0 if causal else -1)
+
+
 def _block_forward(spec: _Spec, q, k, v, w, key_lengths, causal: bool) -> tuple[Tensor, Tensor]:
     """``(out, lse)`` of one block (a query slice against a key/value slice)."""
-    if spec.score == "additive":
-        return ops.additive_fwd(q, k, v, w, key_lengths, causal, spec.backend)
-    return ops.dot_fwd(q, k, v, key_lengths, spec.scale, causal, spec.backend)
+    return ops.forward(_block_spec(spec, key_lengths, causal), q, k, v, w, spec.backend)
 
 
 def _block_backward(spec: _Spec, dout, q, k, v, w, key_lengths, out, lse, causal: bool):
     """``(dq, dk, dv, dw or None)`` of one block given the GLOBAL ``out`` and ``lse`` of its query rows."""
-    if spec.score == "additive":
-        return ops.additive_bwd(dout, q, k, v, w, key_lengths, out, lse, causal, spec.backend)
-    dq, dk, dv = ops.dot_bwd(dout, q, k, v, key_lengths, out, lse, spec.scale, causal, spec.backend)
-    return dq, dk, dv, None
+    dq, dk, dv, dw, _ = ops.backward(_block_spec(spec, key_lengths, causal), dout, q, k, v, w, out, lse,
+                                     spec.backend)
+    return dq, dk, dv, dw
 
 
 # ------------------------------------------------------------------ communication
@@ -127,7 +133,7 @@ class _Spec:
     info: sh.GroupInfo
     layout: str
     causal: bool
-    scale: Optional[float]
+    attn: AttnSpec
     backend: str
     ring: _Ring
     plans: dict
@@ -333,10 +339,10 @@ def _shape_fields(name: str, t, ndim: int) -> dict:
 
 def _prepare(score, q, k, v, w, scale, group, causal, key_lengths, layout, backend) -> _Spec:
     info = sh.group_info(group)
-    error, name, lengths, c = None, None, None, 0
+    error, name, lengths, c, attn = None, None, None, 0, None
     try:
         sh.check_layout(layout)
-        _validate_args(score, q, k, v, w, key_lengths, scale, causal, backend)
+        attn = _validate_args(score, q, k, v, w, key_lengths, scale, causal, backend)
         Lq, Lk = q.shape[2], k.shape[2]
         if Lq != Lk:
             raise ValueError(f"q and k/v must be shards of one sequence (same local length), got "
@@ -349,9 +355,7 @@ def _prepare(score, q, k, v, w, scale, group, causal, key_lengths, layout, backe
             if lo < 0 or hi > L:
                 raise ValueError(f"key_lengths are global lengths and must lie in [0, L={L}] "
                                  f"(P={info.size} shards of {Lq}), got values in [{lo}, {hi}]")
-        name = _resolve_backend(score, backend, q, k, v)
-        if scale is None and score == "dot":
-            scale = 1.0 / math.sqrt(q.shape[-1])
+        name = _resolve_backend(attn, backend, q, k, v)
     except (ValueError, TypeError) as e:
         error = e
     fields = {"group.size": info.size}
@@ -364,7 +368,7 @@ def _prepare(score, q, k, v, w, scale, group, causal, key_lengths, layout, backe
         "score": int(score == "additive"), "causal": int(causal) if isinstance(causal, bool) else -1,
         "layout": sh.LAYOUTS.index(layout) if layout in sh.LAYOUTS else -1,
         "backend": -1 if name is None else backends.names().index(name),
-        "scale": sh.float_bits(scale) if isinstance(scale, (int, float)) else -1,
+        "scale": sh.float_bits(attn.scale) if attn is not None else -1,
         "grad_enabled": int(torch.is_grad_enabled()),
         "key_lengths.given": int(kl is not None),
         "key_lengths.sum": int(kl.sum()) if kl is not None and kl.dim() == 1 else -1,
@@ -376,7 +380,7 @@ def _prepare(score, q, k, v, w, scale, group, causal, key_lengths, layout, backe
     sh.agree(info, error, fields, what=what, like=q if isinstance(q, Tensor) else None)
     _WAIT[0] += time.perf_counter() - t0
     plans = {src: _plan(info.rank, src, info.size, layout, c, causal, lengths) for src in range(info.size)}
-    return _Spec(score, info, layout, causal, scale, name, _Ring(info), plans)
+    return _Spec(score, info, layout, causal, attn, name, _Ring(info), plans)
 
 
 def ring_additive_attention(q: Tensor, k: Tensor, v: Tensor, w: Tensor, *, group=None,
