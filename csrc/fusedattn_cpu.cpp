@@ -34,6 +34,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "checks.h"
@@ -52,13 +53,6 @@ using at::Tensor;
 constexpr float kNegInf = -INFINITY;
 // Beyond this magnitude e^{2x} over/underflows in float32: such rows use tanh directly.
 constexpr float kExpLimit = 40.f;
-
-Isa pick_isa() {
-  const char* env = std::getenv("FUSEDATTN_CPU_ISA");
-  if (env != nullptr && std::strcmp(env, "scalar") == 0) return Isa{false};
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return Isa{has};
-}
 
 // Row-major C[M x N] = alpha * op(A) * op(B) + beta * C through the column-major sgemm.
 void gemm(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda,
@@ -151,8 +145,8 @@ struct AddScores {
 
   void tile(Isa isa, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* S) const {
     const int64_t hk = h / p->G;
-    const int nc8 = (int)round_up(nc, 8);
-    add_scores(isa, nr, nc8, (int)p->D, eq(b, h, i0), ekt(b, hk, j0), LkP, w + h * p->D, S, BK);
+    const int nc16 = (int)round_up(nc, 16);
+    add_scores(isa, nr, nc16, (int)p->D, eq(b, h, i0), ekt(b, hk, j0), LkP, w + h * p->D, S, BK);
     for (int i = 0; i < nr; ++i)
       for (int j = 0; j < nc; ++j)
         if (flagged(b, h, i0 + i, j0 + j)) S[i * BK + j] = direct(b, h, i0 + i, j0 + j);
@@ -334,7 +328,7 @@ struct AddGrad {
     const int A = (int)p.D, BK = AddScores::BK;
     const int64_t hk = h / p.G;
     const float* wh = sc->w + h * A;
-    const int nc8 = (int)round_up(nc, 8);
+    const int nc16 = (int)round_up(nc, 16);
     // pairs that need the direct tanh: handle them here and drop them from the fast kernel
     for (int i = 0; i < nr; ++i) {
       for (int j = 0; j < nc; ++j) {
@@ -356,7 +350,7 @@ struct AddGrad {
     // the fast kernel sums this tile's dk terms into a zeroed buffer (blocked summation)
     float* tmp = dkT + (int64_t)A * BK;
     std::memset(tmp, 0, sizeof(float) * A * BK);
-    add_bwd(isa, nr, nc8, A, sc->eq(b, h, i0), sc->ekt(b, hk, j0), sc->LkP, wh, dS, BK, dqr, tmp, BK, dwst);
+    add_bwd(isa, nr, nc16, A, sc->eq(b, h, i0), sc->ekt(b, hk, j0), sc->LkP, wh, dS, BK, dqr, tmp, BK, dwst);
     for (int64_t e = 0; e < (int64_t)A * BK; ++e) dkT[e] += tmp[e];
   }
   void write_dk(const Problem& p, const float* dkT, int nc, float* dk) const {
@@ -468,7 +462,8 @@ struct AddData {
   AddScores sc;
 };
 
-void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tensor& k, const Tensor& w) {
+void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tensor& k, const Tensor& w,
+                      Isa isa) {
   const int64_t A = p.D;
   d.q = f32(q);
   d.k = f32(k);
@@ -490,7 +485,6 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
     for (int64_t a = 0; a < n; ++a) f |= !(std::fabs(x[a]) <= kExpLimit);
     return f != 0;
   };
-  const Isa isa = pick_isa();
   // one parallel region: items [0, nqb) are blocks of 64 query rows, the rest key blocks of 64
   // (per kv head), transposed into EkT (A, LkP); padding and flagged keys hold 1.
   constexpr int64_t KB = 64;
@@ -548,16 +542,17 @@ std::tuple<Tensor, Tensor> additive_fwd(const Tensor& q, const Tensor& k, const 
                                         const Tensor& w, const c10::optional<Tensor>& key_lengths,
                                         bool causal) {
   const char* op = "fusedattn_cpu::additive_fwd";
+  const Isa isa = current_isa();  // once per call
   check_qkv(op, q, k, v);
   check_w(op, w, q);
   Problem p = make_problem(q, k, v, read_lengths(op, key_lengths, q.size(0), k.size(2)), causal);
   if (empty_problem(p)) return empty_fwd(q, v);
   AddData d;
-  prepare_additive(d, p, q, k, w);
+  prepare_additive(d, p, q, k, w, isa);
   Tensor vf = f32(v);
   Tensor out = at::empty({p.B, p.H, p.Lq, p.Dv}, q.options().dtype(at::kFloat));
   Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
-  forward(p, d.sc, vf.data_ptr<float>(), out.data_ptr<float>(), lse.data_ptr<float>(), pick_isa());
+  forward(p, d.sc, vf.data_ptr<float>(), out.data_ptr<float>(), lse.data_ptr<float>(), isa);
   return {out.to(q.scalar_type()), lse};
 }
 
@@ -565,6 +560,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> additive_bwd(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& w,
     const c10::optional<Tensor>& key_lengths, bool causal, const Tensor& out, const Tensor& lse) {
   const char* op = "fusedattn_cpu::additive_bwd";
+  const Isa isa = current_isa();  // once per call
   check_qkv(op, q, k, v);
   check_w(op, w, q);
   check_bwd(op, dout, out, lse, q, v);
@@ -572,7 +568,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> additive_bwd(
   if (empty_problem(p))
     return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v), at::zeros_like(w)};
   AddData d;
-  prepare_additive(d, p, q, k, w);
+  prepare_additive(d, p, q, k, w, isa);
   Tensor vf = f32(v), dof = f32(dout), of = f32(out), lsef = lse.contiguous();
   std::vector<float> delta = row_delta(p, AddScores::BQ, dof.data_ptr<float>(), of.data_ptr<float>());
   auto fo = q.options().dtype(at::kFloat);
@@ -582,7 +578,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> additive_bwd(
   int64_t n_items = 0;
   std::vector<float> dwp = backward(p, d.sc, gr, vf.data_ptr<float>(), dof.data_ptr<float>(),
                                     lsef.data_ptr<float>(), delta.data(), dq.data_ptr<float>(),
-                                    dk.data_ptr<float>(), dv.data_ptr<float>(), &n_items, pick_isa());
+                                    dk.data_ptr<float>(), dv.data_ptr<float>(), &n_items, isa);
   // items are (b, hk, chunk) in that order; reduce per query head h = hk*G + g in item order
   const int64_t A = p.D, dws = AddGrad::dw_size(p), per_bhk = n_items / (p.B * p.Hk);
   Tensor dw = at::zeros({p.H, A}, fo);
@@ -602,6 +598,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> additive_bwd(
 std::tuple<Tensor, Tensor> dot_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                    const c10::optional<Tensor>& key_lengths, double scale, bool causal) {
   const char* op = "fusedattn_cpu::dot_fwd";
+  const Isa isa = current_isa();  // once per call
   check_qkv(op, q, k, v);
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
   Problem p = make_problem(q, k, v, read_lengths(op, key_lengths, q.size(0), k.size(2)), causal);
@@ -610,7 +607,7 @@ std::tuple<Tensor, Tensor> dot_fwd(const Tensor& q, const Tensor& k, const Tenso
   DotScores sc{qf.data_ptr<float>(), kf.data_ptr<float>(), (float)scale, &p};
   Tensor out = at::empty({p.B, p.H, p.Lq, p.Dv}, q.options().dtype(at::kFloat));
   Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
-  forward(p, sc, vf.data_ptr<float>(), out.data_ptr<float>(), lse.data_ptr<float>(), pick_isa());
+  forward(p, sc, vf.data_ptr<float>(), out.data_ptr<float>(), lse.data_ptr<float>(), isa);
   return {out.to(q.scalar_type()), lse};
 }
 
@@ -618,6 +615,7 @@ std::tuple<Tensor, Tensor, Tensor> dot_bwd(const Tensor& dout, const Tensor& q, 
                                            const Tensor& v, const c10::optional<Tensor>& key_lengths,
                                            double scale, bool causal, const Tensor& out, const Tensor& lse) {
   const char* op = "fusedattn_cpu::dot_bwd";
+  const Isa isa = current_isa();  // once per call
   check_qkv(op, q, k, v);
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
   check_bwd(op, dout, out, lse, q, v);
@@ -632,12 +630,15 @@ std::tuple<Tensor, Tensor, Tensor> dot_bwd(const Tensor& dout, const Tensor& q, 
   DotGrad gr{&sc};
   int64_t n_items = 0;
   backward(p, sc, gr, vf.data_ptr<float>(), dof.data_ptr<float>(), lsef.data_ptr<float>(), delta.data(),
-           dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(), &n_items, pick_isa());
+           dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(), &n_items, isa);
   const auto dt = q.scalar_type();
   return {dq.to(dt), dk.to(dt), dv.to(dt)};
 }
 
-bool has_avx2() { return pick_isa().avx2; }
+bool has_avx2() { return current_isa().level >= Level::avx2; }
+std::string isa_name() { return level_name(current_isa().level); }
+void set_isa(c10::string_view name) { set_level(std::string(name)); }
+std::vector<std::string> supported_isas() { return supported_levels(); }
 
 }  // namespace
 }  // namespace fusedattn_cpu
@@ -649,7 +650,14 @@ TORCH_LIBRARY(fusedattn_cpu, m) {
   m.def("dot_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_lengths, float scale, bool causal) -> (Tensor, Tensor)");
   m.def("dot_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? key_lengths, float scale, bool causal, "
         "Tensor out, Tensor lse) -> (Tensor, Tensor, Tensor)");
-  // Whether the AVX2+FMA kernels are in use (CPU support and FUSEDATTN_CPU_ISA != "scalar").
+  // The instruction-set level in use: "scalar", "avx2" or "avx512" (see isa.cpp); ValueError when
+  // FUSEDATTN_CPU_ISA names an unknown level or one this CPU lacks.
+  m.def("isa() -> str", &fusedattn_cpu::isa_name);
+  // Switches the level for the rest of the process (tests run every level this way).
+  m.def("set_isa(str level) -> ()", &fusedattn_cpu::set_isa);
+  // The levels this CPU and OS can run, lowest first.
+  m.def("supported_isas() -> str[]", &fusedattn_cpu::supported_isas);
+  // Whether the level in use is avx2 or higher (kept for older callers; isa() says which).
   m.def("uses_avx2() -> bool", &fusedattn_cpu::has_avx2);
 }
 

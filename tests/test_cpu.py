@@ -27,6 +27,14 @@ if _REASON is None:
 
 # ------------------------------------------------------------------------------ helpers
 
+@pytest.fixture
+def isa_level():
+    """``set(level)`` switches the instruction-set level for the test; the old one is restored."""
+    old = OPS.isa()
+    yield OPS.set_isa
+    OPS.set_isa(old)
+
+
 def _inputs(score, B, H, Hk, Lq, Lk, D, Dv, *, pre=1.0, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, Lq, D, generator=g) * pre
@@ -212,14 +220,15 @@ def test_bfloat16(score):
 
 
 @pytest.mark.parametrize("score", ["additive", "dot"])
-def test_scalar_fallback(score, monkeypatch):
-    """FUSEDATTN_CPU_ISA=scalar selects the portable loops (used on CPUs without AVX2)."""
+def test_scalar_fallback(score, isa_level):
+    """The scalar level (used on CPUs without AVX2) against the reference and the default level."""
     q, k, v, w, do = _inputs(score, 1, 2, 1, 45, 83, 40, 24)
     kl = _lengths([80])
-    monkeypatch.setenv("FUSEDATTN_CPU_ISA", "scalar")
-    assert not OPS.uses_avx2()
+    best = OPS.isa()
+    isa_level("scalar")
+    assert not OPS.uses_avx2() and OPS.isa() == "scalar"
     scalar = _compare(score, q, k, v, w, do, kl, True)
-    monkeypatch.delenv("FUSEDATTN_CPU_ISA")
+    isa_level(best)
     vector = _fused(score, q, k, v, w, do, kl, True, 1 / math.sqrt(40))
     for a, b in zip(scalar, vector):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
