@@ -13,7 +13,7 @@
 // AVX2 / scalar loops of kernels.cpp (additive scores, softmax exponentials).
 //
 // Additive scores use tanh(x + y) = 1 - 2 / (1 + e^{2x} e^{2y}) with e^{2q} per query row and
-// e^{2k} per key row computed once per call; a row with some |value| > 40 (or NaN) is flagged and
+// e^{2k} per key row computed once per call; a row with some |value| > 20 (or NaN) is flagged and
 // its pairs use tanh directly, so the result is accurate for every finite input.
 //
 // Forward: work items (batch, head, query tile, key split); each owns its output rows. When there
@@ -38,12 +38,8 @@
 #include <vector>
 
 #include "checks.h"
+#include "gemm.h"
 #include "kernels.h"
-
-// Single-precision GEMM of the BLAS bundled with libtorch_cpu (column-major, Fortran interface).
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
-                       const int* k, const float* alpha, const float* a, const int* lda,
-                       const float* b, const int* ldb, const float* beta, float* c, const int* ldc);
 
 namespace fusedattn_cpu {
 namespace {
@@ -51,21 +47,10 @@ namespace {
 using at::Tensor;
 
 constexpr float kNegInf = -INFINITY;
-// Beyond this magnitude e^{2x} over/underflows in float32: such rows use tanh directly.
-constexpr float kExpLimit = 40.f;
-
-// Row-major C[M x N] = alpha * op(A) * op(B) + beta * C through the column-major sgemm.
-void gemm(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda,
-          const float* B, int ldb, float beta, float* C, int ldc) {
-  if (M <= 0 || N <= 0) return;
-  if (K <= 0) {
-    for (int i = 0; i < M; ++i)
-      for (int j = 0; j < N; ++j) C[(int64_t)i * ldc + j] = beta == 0.f ? 0.f : beta * C[(int64_t)i * ldc + j];
-    return;
-  }
-  const char ca = tb ? 'T' : 'N', cb = ta ? 'T' : 'N';
-  sgemm_(&ca, &cb, &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
-}
+// Rows with some |x| beyond this use tanh directly. Within it e^{2x} e^{2y} <= e^{80} ~ 5.5e34 stays
+// finite, so 1 + e^{2x} e^{2y} is finite and its reciprocal normal: the Newton step of the vector
+// reciprocals (d * rcp(d) with d = inf would be inf * 0 = NaN) and the division agree everywhere.
+constexpr float kExpLimit = 20.f;
 
 // 64-byte aligned float scratch.
 struct Buf {
@@ -97,20 +82,49 @@ void parallel_items(int64_t n, const Body& body) {
 
 // ----------------------------------------------------------------------------- score providers
 
-// s_ij = scale * q_i . k_j through sgemm.
+// s_ij = scale * q_i . k_j through sgemm, or through gemm16 on the 16-bit inputs (q16, k16 set).
 struct DotScores {
-  const float* q;  // (B, H, Lq, D)
+  const float* q;  // (B, H, Lq, D) float32 (the backward's dk product; may be null in the forward)
   const float* k;  // (B, Hk, Lk, D)
   float scale;
   const Problem* p;
+  const uint16_t* q16 = nullptr;  // the same in bfloat16/float16 when the scores use gemm16
+  const uint16_t* k16 = nullptr;
+  at::ScalarType t16 = at::kFloat;
   static constexpr int BQ = 128, BK = 256;
-  const float* qrow(int64_t b, int64_t h, int64_t i) const { return q + ((b * p->H + h) * p->Lq + i) * p->D; }
-  const float* krow(int64_t b, int64_t hk, int64_t j) const { return k + ((b * p->Hk + hk) * p->Lk + j) * p->D; }
+  int64_t qoff(int64_t b, int64_t h, int64_t i) const { return ((b * p->H + h) * p->Lq + i) * p->D; }
+  int64_t koff(int64_t b, int64_t hk, int64_t j) const { return ((b * p->Hk + hk) * p->Lk + j) * p->D; }
+  const float* qrow(int64_t b, int64_t h, int64_t i) const { return q + qoff(b, h, i); }
+  const float* krow(int64_t b, int64_t hk, int64_t j) const { return k + koff(b, hk, j); }
   void tile(Isa, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* S) const {
     const int D = (int)p->D;
-    gemm(false, true, nr, nc, D, scale, qrow(b, h, i0), D, krow(b, h / p->G, j0), D, 0.f, S, BK);
+    if (q16 != nullptr)
+      gemm16(t16, false, true, nr, nc, D, scale, q16 + qoff(b, h, i0), D, k16 + koff(b, h / p->G, j0), D, 0.f,
+             S, BK);
+    else
+      gemm(false, true, nr, nc, D, scale, qrow(b, h, i0), D, krow(b, h / p->G, j0), D, 0.f, S, BK);
   }
 };
+
+// 16-bit copies (contiguous, input dtype) for gemm16, or undefined tensors when the call uses sgemm.
+struct Low16 {
+  Tensor a, b;
+  at::ScalarType t = at::kFloat;
+  bool on() const { return a.defined(); }
+  const uint16_t* pa() const { return on() ? static_cast<const uint16_t*>(a.data_ptr()) : nullptr; }
+  const uint16_t* pb() const { return on() ? static_cast<const uint16_t*>(b.data_ptr()) : nullptr; }
+};
+
+Low16 low16(Isa isa, const Tensor& a, const Tensor& b) {
+  Low16 r;
+  const auto t = a.scalar_type();
+  if (isa.level == Level::avx512 && use_gemm16(t)) {
+    r.a = a.contiguous();
+    r.b = b.contiguous();
+    r.t = t;
+  }
+  return r;
+}
 
 // s_ij = sum_a w_a tanh(q_ia + k_ja) = sum_a w_a - 2 sum_a w_a / (1 + e^{2 q_ia} e^{2 k_ja}),
 // with a direct tanh for rows whose |values| exceed kExpLimit (flagged).
@@ -276,22 +290,16 @@ void forward(const Problem& p, const Scores& sc, const float* v, float* out, flo
 
 // ----------------------------------------------------------------------------- backward
 
-// delta_i = dout_i . out_i, taken from the diagonal of dout_tile . out_tile^T computed by the
-// same sgemm call shape (rows, K = Dv) that computes dP = dout_tile . V^T in the backward. Where
-// the softmax is saturated (out_i equals one v_j bit for bit) dP_ij - delta_i is then exactly 0,
-// as in the reference, instead of a rounding difference between two summation orders.
-std::vector<float> row_delta(const Problem& p, int BQ, const float* dout, const float* out) {
+// delta_i = dout_i . out_i (accumulated in double). The one key that may dominate a row takes
+// dP_ij - delta_i in another form (dominant_ds), so delta only meets the keys with P_ij <= 1/2.
+std::vector<float> row_delta(const Problem& p, const float* dout, const float* out) {
   std::vector<float> delta(p.B * p.H * p.Lq);
-  const int64_t nqt = (p.Lq + BQ - 1) / BQ;
-  const int Dv = (int)p.Dv;
-  at::parallel_for(0, p.B * p.H * nqt, 1, [&](int64_t t0, int64_t t1) {
-    Buf tmp((int64_t)BQ * BQ);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t bh = t / nqt, i0 = (t % nqt) * BQ;
-      const int nr = (int)std::min<int64_t>(BQ, p.Lq - i0);
-      const int64_t row0 = bh * p.Lq + i0;
-      gemm(false, true, nr, nr, Dv, 1.f, dout + row0 * p.Dv, Dv, out + row0 * p.Dv, Dv, 0.f, tmp.data(), BQ);
-      for (int i = 0; i < nr; ++i) delta[row0 + i] = tmp.data()[(int64_t)i * BQ + i];
+  const int64_t Dv = p.Dv;
+  at::parallel_for(0, p.B * p.H * p.Lq, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      double s = 0.0;
+      for (int64_t d = 0; d < Dv; ++d) s += (double)dout[r * Dv + d] * out[r * Dv + d];
+      delta[r] = (float)s;
     }
   });
   return delta;
@@ -360,13 +368,27 @@ struct AddGrad {
   }
 };
 
+// dP_ij - delta_i for the key j that holds more than half of row i's softmax (at most one per row),
+// in the form dout_i . (v_j - out_i). dP_ij = dout_i . v_j and delta_i = dout_i . out_i are each
+// rounded on the scale of |dout||v|; when the softmax saturates, out_i -> v_j and their difference is
+// pure rounding noise that the backward then multiplies by q or k (|q| up to 1e30 gave dk ~ 1e22).
+// Here the difference v_j - out_i is taken first: exactly 0 for a one-hot row (so dS = 0 and a key
+// that alone is allowed gets dk = 0 exactly), and small with it otherwise. Costs one length-Dv dot
+// product per query row.
+inline float dominant_ds(const float* dout, const float* out, const float* vj, int Dv) {
+  float s = 0.f;
+  for (int d = 0; d < Dv; ++d) s += dout[d] * (vj[d] - out[d]);
+  return s;
+}
+
 // Fills dq (B,H,Lq,D), dk (B,Hk,Lk,D), dv (B,Hk,Lk,Dv) (float32, contiguous; every element is
 // written, so they may be uninitialized) and
 // returns the dw state partials (items x G x dw_size) for the caller to reduce.
 template <class Scores, class Grad>
 std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, const float* v,
-                            const float* dout, const float* lse, const float* delta, float* dq,
-                            float* dk, float* dv, int64_t* n_items_out, Isa isa) {
+                            const float* dout, const float* out, const float* lse, const float* delta, float* dq,
+                            float* dk, float* dv, int64_t* n_items_out, Isa isa,
+                            const Low16& dv16 = Low16()) {
   constexpr int BQ = Scores::BQ, BK = Scores::BK;
   const int64_t nkt = (p.Lk + BK - 1) / BK;
   const int64_t bhk = p.B * p.Hk;
@@ -413,7 +435,11 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
             const int64_t row0 = (b * p.H + h) * p.Lq + i0;
             sc.tile(isa, b, h, i0, nr, j0, ncv, S.data());
             const float* dor = dout + row0 * p.Dv;
-            gemm(false, true, nr, ncv, Dv, 1.f, dor, Dv, vt, Dv, 0.f, dP.data(), BK);
+            if (dv16.on())
+              gemm16(dv16.t, false, true, nr, ncv, Dv, 1.f, dv16.pa() + row0 * p.Dv, Dv,
+                     dv16.pb() + ((b * p.Hk + hk) * p.Lk + j0) * p.Dv, Dv, 0.f, dP.data(), BK);
+            else
+              gemm(false, true, nr, ncv, Dv, 1.f, dor, Dv, vt, Dv, 0.f, dP.data(), BK);
             bool any = false;
             for (int i = 0; i < nr; ++i) {
               float* srow = S.data() + i * BK;
@@ -429,7 +455,14 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
               exp_sub_sum(isa, srow, valid, L);
               for (int j = valid; j < BK; ++j) srow[j] = 0.f;
               const float dl = delta[row0 + i];
-              for (int j = 0; j < valid; ++j) drow[j] = srow[j] * (drow[j] - dl);
+              for (int j = 0; j < valid; ++j) {
+                if (srow[j] > 0.5f) {  // the row's dominant key: see dominant_ds
+                  drow[j] = srow[j] * dominant_ds(dor + (int64_t)i * Dv, out + (row0 + i) * p.Dv,
+                                                  vt + (int64_t)j * Dv, Dv);
+                } else {
+                  drow[j] = srow[j] * (drow[j] - dl);
+                }
+              }
               for (int j = valid; j < BK; ++j) drow[j] = 0.f;
             }
             if (!any) continue;
@@ -570,13 +603,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> additive_bwd(
   AddData d;
   prepare_additive(d, p, q, k, w, isa);
   Tensor vf = f32(v), dof = f32(dout), of = f32(out), lsef = lse.contiguous();
-  std::vector<float> delta = row_delta(p, AddScores::BQ, dof.data_ptr<float>(), of.data_ptr<float>());
+  std::vector<float> delta = row_delta(p, dof.data_ptr<float>(), of.data_ptr<float>());
   auto fo = q.options().dtype(at::kFloat);
   Tensor dq = at::empty({p.B, p.H, p.Lq, p.D}, fo), dk = at::empty({p.B, p.Hk, p.Lk, p.D}, fo);
   Tensor dv = at::empty({p.B, p.Hk, p.Lk, p.Dv}, fo);
   AddGrad gr{&d.sc};
   int64_t n_items = 0;
-  std::vector<float> dwp = backward(p, d.sc, gr, vf.data_ptr<float>(), dof.data_ptr<float>(),
+  std::vector<float> dwp = backward(p, d.sc, gr, vf.data_ptr<float>(), dof.data_ptr<float>(), of.data_ptr<float>(),
                                     lsef.data_ptr<float>(), delta.data(), dq.data_ptr<float>(),
                                     dk.data_ptr<float>(), dv.data_ptr<float>(), &n_items, isa);
   // items are (b, hk, chunk) in that order; reduce per query head h = hk*G + g in item order
@@ -603,8 +636,10 @@ std::tuple<Tensor, Tensor> dot_fwd(const Tensor& q, const Tensor& k, const Tenso
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
   Problem p = make_problem(q, k, v, read_lengths(op, key_lengths, q.size(0), k.size(2)), causal);
   if (empty_problem(p)) return empty_fwd(q, v);
-  Tensor qf = f32(q), kf = f32(k), vf = f32(v);
-  DotScores sc{qf.data_ptr<float>(), kf.data_ptr<float>(), (float)scale, &p};
+  const Low16 qk16 = low16(isa, q, k);  // 16-bit scores: no float32 copies of q and k
+  Tensor qf = qk16.on() ? Tensor() : f32(q), kf = qk16.on() ? Tensor() : f32(k), vf = f32(v);
+  DotScores sc{qk16.on() ? nullptr : qf.data_ptr<float>(), qk16.on() ? nullptr : kf.data_ptr<float>(),
+               (float)scale, &p, qk16.pa(), qk16.pb(), qk16.t};
   Tensor out = at::empty({p.B, p.H, p.Lq, p.Dv}, q.options().dtype(at::kFloat));
   Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
   forward(p, sc, vf.data_ptr<float>(), out.data_ptr<float>(), lse.data_ptr<float>(), isa);
@@ -622,15 +657,16 @@ std::tuple<Tensor, Tensor, Tensor> dot_bwd(const Tensor& dout, const Tensor& q, 
   Problem p = make_problem(q, k, v, read_lengths(op, key_lengths, q.size(0), k.size(2)), causal);
   if (empty_problem(p)) return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v)};
   Tensor qf = f32(q), kf = f32(k), vf = f32(v), dof = f32(dout), of = f32(out), lsef = lse.contiguous();
-  DotScores sc{qf.data_ptr<float>(), kf.data_ptr<float>(), (float)scale, &p};
-  std::vector<float> delta = row_delta(p, DotScores::BQ, dof.data_ptr<float>(), of.data_ptr<float>());
+  const Low16 qk16 = low16(isa, q, k), dv16 = low16(isa, dout, v);
+  DotScores sc{qf.data_ptr<float>(), kf.data_ptr<float>(), (float)scale, &p, qk16.pa(), qk16.pb(), qk16.t};
+  std::vector<float> delta = row_delta(p, dof.data_ptr<float>(), of.data_ptr<float>());
   auto fo = q.options().dtype(at::kFloat);
   Tensor dq = at::empty({p.B, p.H, p.Lq, p.D}, fo), dk = at::empty({p.B, p.Hk, p.Lk, p.D}, fo);
   Tensor dv = at::empty({p.B, p.Hk, p.Lk, p.Dv}, fo);
   DotGrad gr{&sc};
   int64_t n_items = 0;
-  backward(p, sc, gr, vf.data_ptr<float>(), dof.data_ptr<float>(), lsef.data_ptr<float>(), delta.data(),
-           dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(), &n_items, isa);
+  backward(p, sc, gr, vf.data_ptr<float>(), dof.data_ptr<float>(), of.data_ptr<float>(), lsef.data_ptr<float>(),
+           delta.data(), dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(), &n_items, isa, dv16);
   const auto dt = q.scalar_type();
   return {dq.to(dt), dk.to(dt), dv.to(dt)};
 }
@@ -639,6 +675,10 @@ bool has_avx2() { return current_isa().level >= Level::avx2; }
 std::string isa_name() { return level_name(current_isa().level); }
 void set_isa(c10::string_view name) { set_level(std::string(name)); }
 std::vector<std::string> supported_isas() { return supported_levels(); }
+bool uses_gemm16(c10::string_view dtype) {
+  const at::ScalarType t = dtype == "bfloat16" ? at::kBFloat16 : dtype == "float16" ? at::kHalf : at::kFloat;
+  return current_isa().level == Level::avx512 && use_gemm16(t);
+}
 
 }  // namespace
 }  // namespace fusedattn_cpu
@@ -659,6 +699,9 @@ TORCH_LIBRARY(fusedattn_cpu, m) {
   m.def("supported_isas() -> str[]", &fusedattn_cpu::supported_isas);
   // Whether the level in use is avx2 or higher (kept for older callers; isa() says which).
   m.def("uses_avx2() -> bool", &fusedattn_cpu::has_avx2);
+  // Whether dot attention in dtype ("bfloat16" / "float16") takes Q.K^T and dO.V^T from 16-bit
+  // GEMMs at the level in use (gemm.h: use_gemm16); otherwise its inputs are converted to float32.
+  m.def("uses_gemm16(str dtype) -> bool", &fusedattn_cpu::uses_gemm16);
 }
 
 TORCH_LIBRARY_IMPL(fusedattn_cpu, CPU, m) {

@@ -160,3 +160,24 @@ def test_environment_variable(value):
         assert "again ValueError" in out
         assert "available FUSEDATTN_CPU_ISA" in out
         assert "call ValueError FUSEDATTN_CPU_ISA" in out
+
+
+@pytest.mark.parametrize("level", ISA_LEVELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_level_additive_large_factor_products(level, dtype, isa_level):
+    """q and k near +-35 (found by the property test: D=1, magnitude 60): e^{2q} e^{2k} overflowed
+    to inf and the Newton step of the vector reciprocal turned it into NaN."""
+    _need(level)
+    isa_level(level)
+    g = torch.Generator().manual_seed(0)
+
+    def near35(*shape):
+        sign = torch.where(torch.rand(*shape, generator=g) < 0.5, -1.0, 1.0)
+        return (torch.rand(*shape, generator=g) * 10 + 30) * sign
+
+    q, k = near35(1, 1, 40, 17), near35(1, 1, 33, 17)
+    v, do = torch.randn(1, 1, 33, 5, generator=g), torch.randn(1, 1, 40, 5, generator=g)
+    w = torch.randn(1, 17, generator=g)
+    q, k, v, w, do = (t.to(dtype) for t in (q, k, v, w, do))
+    fused = _compare("additive", q, k, v, w, do, None, False)
+    assert not any(t.isnan().any() for t in fused)

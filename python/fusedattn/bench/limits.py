@@ -10,9 +10,13 @@ Two figures:
   (query, key, feature) triple, so its rate is the ceiling a fused forward can approach.
   It is a tiny C kernel compiled at run time with the system C compiler (``cc -O3``) and called
   through ``ctypes`` from one Python thread per core (``ctypes`` releases the GIL), in variants:
-  AVX2 ``vdivps``, AVX2 ``vrcpps`` + one Newton step, and the AVX-512 forms of both when the CPU
-  has AVX-512F. A variant counts only if its scores agree with the exact division to a relative
-  error <= 1e-5 (``vrcpps`` alone, ~2e-4, would not). Without a C compiler the figure is None and
+  per ISA (AVX2, and AVX-512F when the CPU has it): ``div`` (exact ``vdivps``), ``rcp_nr``
+  (``vrcpps``/``vrcp14ps`` + one Newton step), ``splitNM`` (N of 4 accumulators divide, M use
+  ``rcp_nr``: the divider and the FMA pipes work at once; the cpu backend's loops split this way)
+  and ``fma_nr`` (no reciprocal unit: bit-trick seed + three Newton steps, as the Triton kernel does
+  on the GPU). A variant counts only if its scores agree with the exact division to a relative
+  error <= 1e-5 (``vrcpps`` alone, ~2e-4, would not). ``per_isa`` holds the best variant of each
+  ISA: the limit for a kernel running at that level. Without a C compiler the figure is None and
   the reason is recorded.
 * ``fma``: fp32 FMA throughput, from a C loop of independent vector FMAs (the hardware peak the
   compiler can reach) and, for reference, a large fp32 ``torch.mm`` (what a BLAS reaches).
@@ -73,7 +77,7 @@ static inline float hsum8(__m256 v) {
 }
 #define DIV8(c, d) c = _mm256_add_ps(c, _mm256_div_ps(wv, d))
 #define RCP8(c, d) do { __m256 x = _mm256_rcp_ps(d);                                            \
-    x = _mm256_mul_ps(x, _mm256_fnmadd_ps(d, x, two)); c = _mm256_fmadd_ps(wv, x, c); } while (0)
+    x = _mm256_fmadd_ps(x, _mm256_fnmadd_ps(d, x, one), x); c = _mm256_fmadd_ps(wv, x, c); } while (0)
 /* FMA-only: bit-trick seed (integer subtract) and three Newton steps */
 #define FNR8(c, d) do { __m256 x = _mm256_castsi256_ps(_mm256_sub_epi32(                         \
         _mm256_set1_epi32(0x7EF311C3), _mm256_castps_si256(d)));                               \
@@ -113,7 +117,7 @@ int has_avx2 = 0;
 #if defined(__AVX512F__)
 #define DIV16(c, d) c = _mm512_add_ps(c, _mm512_div_ps(wv, d))
 #define RCP16(c, d) do { __m512 x = _mm512_rcp14_ps(d);                                         \
-    x = _mm512_mul_ps(x, _mm512_fnmadd_ps(d, x, two)); c = _mm512_fmadd_ps(wv, x, c); } while (0)
+    x = _mm512_fmadd_ps(x, _mm512_fnmadd_ps(d, x, one), x); c = _mm512_fmadd_ps(wv, x, c); } while (0)
 #define FNR16(c, d) do { __m512 x = _mm512_castsi512_ps(_mm512_sub_epi32(                        \
         _mm512_set1_epi32(0x7EF311C3), _mm512_castps_si512(d)));                               \
     x = _mm512_mul_ps(x, _mm512_fnmadd_ps(d, x, two)); x = _mm512_mul_ps(x, _mm512_fnmadd_ps(d, x, two)); \
@@ -277,7 +281,7 @@ def matmul_gflops(threads: int, n: int = 2048, seconds: float = 0.5) -> float:
 
 def measure(threads: int = 2, seconds: float = 0.3) -> dict:
     """Measure the limit figures; see the module docstring. Never raises for a missing compiler."""
-    out: dict = {"threads": threads, "block": {"nq": NQ, "nk": NK, "A": A},
+    out: dict = {"threads": threads, "block": {"nq": NQ, "nk": NK, "A": A}, "per_isa": {},
                  "variants": {}, "additive_triples_per_s": None, "additive_variant": None,
                  "fma_gflops": None, "matmul_gflops": None, "compiler": None, "reason": None}
     out["matmul_gflops"] = round(matmul_gflops(threads, seconds=max(0.2, seconds)), 2)
@@ -303,7 +307,21 @@ def measure(threads: int = 2, seconds: float = 0.3) -> dict:
         if ok:
             best = max(ok, key=lambda k: ok[k]["triples_per_s"])
             out["additive_variant"], out["additive_triples_per_s"] = best, ok[best]["triples_per_s"]
+        out["per_isa"] = per_isa(out["variants"])
         out["fma_gflops"] = max(out["variants"][f"{isa}_fma_gflops"] for isa, _ in isas)
+    return out
+
+
+def per_isa(variants: dict) -> dict:
+    """``{isa: {"variant": name, "triples_per_s": rate}}``: the best accurate variant of each ISA
+    (the limit a kernel running at that instruction-set level is measured against)."""
+    out: dict = {}
+    for name, v in variants.items():
+        if not isinstance(v, dict) or not v.get("accurate"):
+            continue
+        isa = name.split("_", 1)[0]
+        if v["triples_per_s"] > out.get(isa, {}).get("triples_per_s", 0):
+            out[isa] = {"variant": name, "triples_per_s": v["triples_per_s"]}
     return out
 
 
@@ -316,6 +334,10 @@ def best_of(a: dict, b: dict) -> dict:
             out[key] = b[key]
             if key == "additive_triples_per_s":
                 out["additive_variant"] = b["additive_variant"]
+    out["per_isa"] = dict(a.get("per_isa") or {})
+    for isa, v in (b.get("per_isa") or {}).items():
+        if v["triples_per_s"] > out["per_isa"].get(isa, {}).get("triples_per_s", 0):
+            out["per_isa"][isa] = v
     out["measurements"] = [{k: m.get(k) for k in ("additive_triples_per_s", "additive_variant", "fma_gflops",
                                                   "matmul_gflops", "variants")} for m in (a, b)]
     return out
