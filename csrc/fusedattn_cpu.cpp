@@ -9,8 +9,9 @@
 // Layout: the launchers make q, k, v (and w, dout, out) contiguous float32 (a copy only when they
 // are strided or bfloat16); that is O(L*D) against the O(Lq*Lk*D) work. No Lq x Lk tensor is ever
 // stored: work is done on (query tile x key tile) blocks held in per-thread scratch. Tiles go
-// through the sgemm bundled with libtorch_cpu (QK^T, PV and the backward products) and through the
-// AVX2 / scalar loops of kernels.cpp (additive scores, softmax exponentials).
+// through the sgemm bundled with libtorch_cpu (QK^T, PV and the backward products; bf16 QK^T and
+// dO.V^T through its 16-bit gemm where the CPU multiplies bf16 in hardware, gemm.h) and through the
+// per-ISA loops of kernels*.cpp (additive scores, softmax exponentials), level chosen in isa.cpp.
 //
 // Additive scores use tanh(x + y) = 1 - 2 / (1 + e^{2x} e^{2y}) with e^{2q} per query row and
 // e^{2k} per key row computed once per call; a row with some |value| > 20 (or NaN) is flagged and
@@ -192,7 +193,7 @@ void forward(const Problem& p, const Scores& sc, const float* v, float* out, flo
   parallel_items(base_items * nsplit, [&](auto pull) {
     Buf S(BQ * BK), O(BQ * std::max<int64_t>(p.Dv, 1));
     float m[BQ], l[BQ];
-    int64_t lims[BQ];
+    int64_t lims[BQ], los[BQ];
     for (int64_t it; (it = pull()) >= 0;) {
       const int64_t s = it % nsplit, rest = it / nsplit;
       // last query tiles first: under a causal mask they have the most keys
@@ -200,23 +201,29 @@ void forward(const Problem& p, const Scores& sc, const float* v, float* out, flo
       const int64_t i0 = qt * BQ;
       const int nr = (int)std::min<int64_t>(BQ, p.Lq - i0);
       const int64_t kb = s * chunk, ke = std::min<int64_t>(p.Lk, kb + chunk);
-      int64_t kmax = 0;
+      int64_t kmax = 0, kmin = p.Lk;
       for (int i = 0; i < nr; ++i) {
         lims[i] = p.lim(b, i0 + i);
+        los[i] = p.lo(b, i0 + i);
         kmax = std::max(kmax, lims[i]);
+        kmin = std::min(kmin, los[i]);
         m[i] = kNegInf;
         l[i] = 0.f;
       }
       std::memset(O.data(), 0, sizeof(float) * nr * Dv);
       const int64_t kend = std::min(ke, kmax);
-      for (int64_t j0 = kb; j0 < kend; j0 += BK) {
+      // tiles wholly left of every row's window are skipped (tile starts stay multiples of BK)
+      for (int64_t j0 = std::max(kb, kmin / BK * BK); j0 < kend; j0 += BK) {
         const int nc = (int)std::min<int64_t>(BK, kend - j0);
         sc.tile(isa, b, h, i0, nr, j0, nc, S.data());
+        if (p.mods.any()) apply_mods(p, b, h, i0, nr, j0, nc, S.data(), BK, nullptr);
         for (int i = 0; i < nr; ++i) {
           float* srow = S.data() + i * BK;
           const int valid = (int)std::clamp<int64_t>(lims[i] - j0, 0, nc);
+          const int first = (int)std::clamp<int64_t>(los[i] - j0, 0, valid);
+          for (int j = 0; j < first; ++j) srow[j] = kNegInf;
           for (int j = valid; j < nc; ++j) srow[j] = kNegInf;
-          const float rm = valid > 0 ? row_max(isa, srow, valid) : kNegInf;
+          const float rm = valid > first ? row_max(isa, srow + first, valid - first) : kNegInf;
           const float mn = (rm > m[i] || std::isnan(rm)) ? rm : m[i];  // a NaN score stays NaN
           if (mn == kNegInf) {  // nothing allowed yet in this row
             std::memset(srow, 0, sizeof(float) * nc);
@@ -386,9 +393,9 @@ inline float dominant_ds(const float* dout, const float* out, const float* vj, i
 // returns the dw state partials (items x G x dw_size) for the caller to reduce.
 template <class Scores, class Grad>
 std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, const float* v,
-                            const float* dout, const float* out, const float* lse, const float* delta, float* dq,
-                            float* dk, float* dv, int64_t* n_items_out, Isa isa,
-                            const Low16& dv16 = Low16()) {
+                            const float* dout, const float* out, const float* lse, const float* delta,
+                            float* dq, float* dk, float* dv, int64_t* n_items_out, Isa isa,
+                            std::vector<float>* drel_part = nullptr, const Low16& dv16 = Low16()) {
   constexpr int BQ = Scores::BQ, BK = Scores::BK;
   const int64_t nkt = (p.Lk + BK - 1) / BK;
   const int64_t bhk = p.B * p.Hk;
@@ -403,9 +410,14 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
   const int dws = Grad::dw_size(p);
   std::vector<float> dw_part(std::max<int64_t>(n_items * p.G * dws, 1), 0.f);
   const int Dv = (int)p.Dv;
+  // rel_bias gradient partials per (item, group member), reduced by the caller in a fixed order
+  const int64_t nrel = p.mods.rel != nullptr ? 2 * p.mods.M - 1 : 0;
+  if (drel_part != nullptr) drel_part->assign(std::max<int64_t>(n_items * p.G * nrel, 1), 0.f);
+  const bool softcap = p.mods.softcap > 0.f;
 
   parallel_items(n_items, [&](auto pull) {
     Buf S(BQ * BK), dP(BQ * BK), dkacc(Grad::dk_size(p, BK)), dvacc(BK * std::max(Dv, 1));
+    Buf T(softcap ? BQ * BK : 1);
     for (int64_t it; (it = pull()) >= 0;) {
       const int64_t c = it % nchunk, bk_ = it / nchunk, b = bk_ / p.Hk, hk = bk_ % p.Hk;
       float* dqbase = nchunk > 1 ? dq_part.data() + c * dq_numel : dq;
@@ -426,14 +438,16 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
         std::memset(dkacc.data(), 0, sizeof(float) * Grad::dk_size(p, BK));
         std::memset(dvacc.data(), 0, sizeof(float) * BK * Dv);
         const float* vt = v + ((b * p.Hk + hk) * p.Lk + j0) * p.Dv;
-        const int64_t istart = p.causal ? std::max<int64_t>(0, j0 - (p.Lk - p.Lq)) : 0;
+        const int64_t istart = p.first_row(j0), iend = p.end_row(j0 + ncv);
         for (int64_t g = 0; g < p.G; ++g) {
           const int64_t h = hk * p.G + g;
           float* dwst = dwst_item + g * dws;
-          for (int64_t i0 = istart / BQ * BQ; i0 < p.Lq; i0 += BQ) {
+          float* drel = nrel > 0 ? drel_part->data() + (it * p.G + g) * nrel : nullptr;
+          for (int64_t i0 = istart / BQ * BQ; i0 < iend; i0 += BQ) {
             const int nr = (int)std::min<int64_t>(BQ, p.Lq - i0);
             const int64_t row0 = (b * p.H + h) * p.Lq + i0;
             sc.tile(isa, b, h, i0, nr, j0, ncv, S.data());
+            if (p.mods.any()) apply_mods(p, b, h, i0, nr, j0, ncv, S.data(), BK, softcap ? T.data() : nullptr);
             const float* dor = dout + row0 * p.Dv;
             if (dv16.on())
               gemm16(dv16.t, false, true, nr, ncv, Dv, 1.f, dv16.pa() + row0 * p.Dv, Dv,
@@ -446,16 +460,19 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
               float* drow = dP.data() + i * BK;
               const float L = lse[row0 + i];
               const int valid = (int)std::clamp<int64_t>(p.lim(b, i0 + i) - j0, 0, ncv);
-              if (L == kNegInf || valid == 0) {
+              const int first = (int)std::clamp<int64_t>(p.lo(b, i0 + i) - j0, 0, valid);
+              if (L == kNegInf || valid == first) {
                 std::memset(srow, 0, sizeof(float) * BK);
                 std::memset(drow, 0, sizeof(float) * BK);
                 continue;
               }
               any = true;
+              for (int j = 0; j < first; ++j) srow[j] = kNegInf;
               exp_sub_sum(isa, srow, valid, L);
               for (int j = valid; j < BK; ++j) srow[j] = 0.f;
               const float dl = delta[row0 + i];
-              for (int j = 0; j < valid; ++j) {
+              for (int j = 0; j < first; ++j) drow[j] = 0.f;
+              for (int j = first; j < valid; ++j) {
                 if (srow[j] > 0.5f) {  // the row's dominant key: see dominant_ds
                   drow[j] = srow[j] * dominant_ds(dor + (int64_t)i * Dv, out + (row0 + i) * p.Dv,
                                                   vt + (int64_t)j * Dv, Dv);
@@ -466,6 +483,7 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
               for (int j = valid; j < BK; ++j) drow[j] = 0.f;
             }
             if (!any) continue;
+            if (nrel > 0 || softcap) mods_backward(p, i0, nr, j0, ncv, dP.data(), BK, T.data(), drel);
             gemm(true, false, ncv, Dv, nr, 1.f, S.data(), BK, dor, Dv, 1.f, dvacc.data(), Dv);
             gr.consume(isa, b, h, i0, nr, j0, ncv, dP.data(), dqbase + row0 * p.D, dkacc.data(), dwst);
           }
@@ -569,16 +587,43 @@ std::tuple<Tensor, Tensor> empty_fwd(const Tensor& q, const Tensor& v) {
   return {out, lse};
 }
 
+// The rel_bias gradient (empty when there is none): the partials of items (b, hk, chunk) x G summed per
+// query head h = hk*G + g, in item order (deterministic for any thread count).
+Tensor reduce_rel(const Problem& p, const std::vector<float>& part, int64_t n_items,
+                  const c10::optional<Tensor>& rel_bias) {
+  if (!rel_bias.has_value() || !rel_bias->defined()) return at::empty({0}, at::kFloat);
+  const int64_t nrel = 2 * p.mods.M - 1, per_bhk = n_items / (p.B * p.Hk);
+  Tensor out = at::zeros({p.H, nrel}, at::kFloat);
+  float* o = out.data_ptr<float>();
+  for (int64_t h = 0; h < p.H; ++h) {
+    const int64_t hk = h / p.G, g = h % p.G;
+    for (int64_t b = 0; b < p.B; ++b)
+      for (int64_t c = 0; c < per_bhk; ++c) {
+        const float* st = part.data() + (((b * p.Hk + hk) * per_bhk + c) * p.G + g) * nrel;
+        for (int64_t e = 0; e < nrel; ++e) o[h * nrel + e] += st[e];
+      }
+  }
+  return out.to(rel_bias->scalar_type());
+}
+
+Tensor rel_grad_zeros(const c10::optional<Tensor>& rel_bias) {
+  return rel_bias.has_value() && rel_bias->defined() ? at::zeros_like(*rel_bias) : at::empty({0}, at::kFloat);
+}
+
 // ----------------------------------------------------------------------------- ops
 
 std::tuple<Tensor, Tensor> additive_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                         const Tensor& w, const c10::optional<Tensor>& key_lengths,
-                                        bool causal) {
+                                        bool causal, int64_t window_left, int64_t window_right,
+                                        const c10::optional<Tensor>& rel_bias,
+                                        const c10::optional<Tensor>& alibi_slopes) {
   const char* op = "fusedattn_cpu::additive_fwd";
   const Isa isa = current_isa();  // once per call
   check_qkv(op, q, k, v);
   check_w(op, w, q);
   Problem p = make_problem(q, k, v, read_lengths(op, key_lengths, q.size(0), k.size(2)), causal);
+  std::vector<Tensor> keep;
+  set_modifiers(op, p, window_left, window_right, 0.0, rel_bias, alibi_slopes, keep);
   if (empty_problem(p)) return empty_fwd(q, v);
   AddData d;
   prepare_additive(d, p, q, k, w, isa);
@@ -589,17 +634,21 @@ std::tuple<Tensor, Tensor> additive_fwd(const Tensor& q, const Tensor& k, const 
   return {out.to(q.scalar_type()), lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> additive_bwd(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> additive_bwd(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& w,
-    const c10::optional<Tensor>& key_lengths, bool causal, const Tensor& out, const Tensor& lse) {
+    const c10::optional<Tensor>& key_lengths, bool causal, const Tensor& out, const Tensor& lse,
+    int64_t window_left, int64_t window_right, const c10::optional<Tensor>& rel_bias,
+    const c10::optional<Tensor>& alibi_slopes) {
   const char* op = "fusedattn_cpu::additive_bwd";
   const Isa isa = current_isa();  // once per call
   check_qkv(op, q, k, v);
   check_w(op, w, q);
   check_bwd(op, dout, out, lse, q, v);
   Problem p = make_problem(q, k, v, read_lengths(op, key_lengths, q.size(0), k.size(2)), causal);
+  std::vector<Tensor> keep;
+  set_modifiers(op, p, window_left, window_right, 0.0, rel_bias, alibi_slopes, keep);
   if (empty_problem(p))
-    return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v), at::zeros_like(w)};
+    return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v), at::zeros_like(w), rel_grad_zeros(rel_bias)};
   AddData d;
   prepare_additive(d, p, q, k, w, isa);
   Tensor vf = f32(v), dof = f32(dout), of = f32(out), lsef = lse.contiguous();
@@ -609,9 +658,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> additive_bwd(
   Tensor dv = at::empty({p.B, p.Hk, p.Lk, p.Dv}, fo);
   AddGrad gr{&d.sc};
   int64_t n_items = 0;
+  std::vector<float> drelp;
   std::vector<float> dwp = backward(p, d.sc, gr, vf.data_ptr<float>(), dof.data_ptr<float>(), of.data_ptr<float>(),
                                     lsef.data_ptr<float>(), delta.data(), dq.data_ptr<float>(),
-                                    dk.data_ptr<float>(), dv.data_ptr<float>(), &n_items, isa);
+                                    dk.data_ptr<float>(), dv.data_ptr<float>(), &n_items, isa, &drelp);
   // items are (b, hk, chunk) in that order; reduce per query head h = hk*G + g in item order
   const int64_t A = p.D, dws = AddGrad::dw_size(p), per_bhk = n_items / (p.B * p.Hk);
   Tensor dw = at::zeros({p.H, A}, fo);
@@ -625,16 +675,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> additive_bwd(
       }
   }
   const auto dt = q.scalar_type();
-  return {dq.to(dt), dk.to(dt), dv.to(dt), dw.to(dt)};
+  return {dq.to(dt), dk.to(dt), dv.to(dt), dw.to(dt), reduce_rel(p, drelp, n_items, rel_bias)};
 }
 
 std::tuple<Tensor, Tensor> dot_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
-                                   const c10::optional<Tensor>& key_lengths, double scale, bool causal) {
+                                   const c10::optional<Tensor>& key_lengths, double scale, bool causal,
+                                   int64_t window_left, int64_t window_right, double softcap,
+                                   const c10::optional<Tensor>& rel_bias,
+                                   const c10::optional<Tensor>& alibi_slopes) {
   const char* op = "fusedattn_cpu::dot_fwd";
   const Isa isa = current_isa();  // once per call
   check_qkv(op, q, k, v);
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
   Problem p = make_problem(q, k, v, read_lengths(op, key_lengths, q.size(0), k.size(2)), causal);
+  std::vector<Tensor> keep;
+  set_modifiers(op, p, window_left, window_right, softcap, rel_bias, alibi_slopes, keep);
   if (empty_problem(p)) return empty_fwd(q, v);
   const Low16 qk16 = low16(isa, q, k);  // 16-bit scores: no float32 copies of q and k
   Tensor qf = qk16.on() ? Tensor() : f32(q), kf = qk16.on() ? Tensor() : f32(k), vf = f32(v);
@@ -646,16 +701,20 @@ std::tuple<Tensor, Tensor> dot_fwd(const Tensor& q, const Tensor& k, const Tenso
   return {out.to(q.scalar_type()), lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor> dot_bwd(const Tensor& dout, const Tensor& q, const Tensor& k,
-                                           const Tensor& v, const c10::optional<Tensor>& key_lengths,
-                                           double scale, bool causal, const Tensor& out, const Tensor& lse) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> dot_bwd(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+    const c10::optional<Tensor>& key_lengths, double scale, bool causal, const Tensor& out, const Tensor& lse,
+    int64_t window_left, int64_t window_right, double softcap, const c10::optional<Tensor>& rel_bias,
+    const c10::optional<Tensor>& alibi_slopes) {
   const char* op = "fusedattn_cpu::dot_bwd";
   const Isa isa = current_isa();  // once per call
   check_qkv(op, q, k, v);
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
   check_bwd(op, dout, out, lse, q, v);
   Problem p = make_problem(q, k, v, read_lengths(op, key_lengths, q.size(0), k.size(2)), causal);
-  if (empty_problem(p)) return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v)};
+  std::vector<Tensor> keep;
+  set_modifiers(op, p, window_left, window_right, softcap, rel_bias, alibi_slopes, keep);
+  if (empty_problem(p)) return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v), rel_grad_zeros(rel_bias)};
   Tensor qf = f32(q), kf = f32(k), vf = f32(v), dof = f32(dout), of = f32(out), lsef = lse.contiguous();
   const Low16 qk16 = low16(isa, q, k), dv16 = low16(isa, dout, v);
   DotScores sc{qf.data_ptr<float>(), kf.data_ptr<float>(), (float)scale, &p, qk16.pa(), qk16.pb(), qk16.t};
@@ -665,10 +724,12 @@ std::tuple<Tensor, Tensor, Tensor> dot_bwd(const Tensor& dout, const Tensor& q, 
   Tensor dv = at::empty({p.B, p.Hk, p.Lk, p.Dv}, fo);
   DotGrad gr{&sc};
   int64_t n_items = 0;
+  std::vector<float> drelp;
   backward(p, sc, gr, vf.data_ptr<float>(), dof.data_ptr<float>(), of.data_ptr<float>(), lsef.data_ptr<float>(),
-           delta.data(), dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(), &n_items, isa, dv16);
+           delta.data(), dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(), &n_items, isa, &drelp,
+           dv16);
   const auto dt = q.scalar_type();
-  return {dq.to(dt), dk.to(dt), dv.to(dt)};
+  return {dq.to(dt), dk.to(dt), dv.to(dt), reduce_rel(p, drelp, n_items, rel_bias)};
 }
 
 bool has_avx2() { return current_isa().level >= Level::avx2; }
@@ -680,16 +741,26 @@ bool uses_gemm16(c10::string_view dtype) {
   return current_isa().level == Level::avx512 && use_gemm16(t);
 }
 
+
 }  // namespace
 }  // namespace fusedattn_cpu
 
 TORCH_LIBRARY(fusedattn_cpu, m) {
-  m.def("additive_fwd(Tensor q, Tensor k, Tensor v, Tensor w, Tensor? key_lengths, bool causal) -> (Tensor, Tensor)");
+  // the trailing window / softcap / bias arguments are fusedattn.spec's modifiers (defaults: none);
+  // the backward ops return the rel_bias gradient last (an empty tensor without rel_bias)
+#define MODS "int window_left=-1, int window_right=-1, Tensor? rel_bias=None, Tensor? alibi_slopes=None"
+#define DOT_MODS "int window_left=-1, int window_right=-1, float softcap=0., Tensor? rel_bias=None, " \
+                 "Tensor? alibi_slopes=None"
+  m.def("additive_fwd(Tensor q, Tensor k, Tensor v, Tensor w, Tensor? key_lengths, bool causal, " MODS
+        ") -> (Tensor, Tensor)");
   m.def("additive_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor w, Tensor? key_lengths, bool causal, "
-        "Tensor out, Tensor lse) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("dot_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_lengths, float scale, bool causal) -> (Tensor, Tensor)");
+        "Tensor out, Tensor lse, " MODS ") -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("dot_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_lengths, float scale, bool causal, " DOT_MODS
+        ") -> (Tensor, Tensor)");
   m.def("dot_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? key_lengths, float scale, bool causal, "
-        "Tensor out, Tensor lse) -> (Tensor, Tensor, Tensor)");
+        "Tensor out, Tensor lse, " DOT_MODS ") -> (Tensor, Tensor, Tensor, Tensor)");
+#undef MODS
+#undef DOT_MODS
   // The instruction-set level in use: "scalar", "avx2" or "avx512" (see isa.cpp); ValueError when
   // FUSEDATTN_CPU_ISA names an unknown level or one this CPU lacks.
   m.def("isa() -> str", &fusedattn_cpu::isa_name);

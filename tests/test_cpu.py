@@ -351,8 +351,8 @@ def test_malformed_w_scale_and_backward_inputs_raise():
         with pytest.raises(RuntimeError):
             OPS.additive_bwd(d, q, k, v, w, None, False, o, l)
     # the well-formed calls work
-    assert len(OPS.dot_bwd(do, q, k, v, None, 0.5, False, out, lse)) == 3
-    assert len(OPS.additive_bwd(do, q, k, v, w, None, False, aout, alse)) == 4
+    assert len(OPS.dot_bwd(do, q, k, v, None, 0.5, False, out, lse)) == 4  # dq, dk, dv, drel_bias (empty)
+    assert len(OPS.additive_bwd(do, q, k, v, w, None, False, aout, alse)) == 5  # + drel_bias (empty)
 
 
 def test_empty_sizes():

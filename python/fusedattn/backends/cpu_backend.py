@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from .base import Backend
+from .base import Backend, Grads
 
 _LOAD_ERROR: Optional[str] = None
 _LOADED = False
@@ -78,28 +78,55 @@ class CpuBackend(Backend):
     dtypes = frozenset({torch.float32, torch.bfloat16, torch.float16})
     description = ("fused C++ kernels (AVX-512 / AVX2+FMA / scalar, chosen at run time), float32 "
                    "compute, online softmax; never stores an Lq x Lk tensor")
+    modifiers = frozenset({"key_lengths", "causal", "window", "softcap", "rel_bias", "alibi"})
 
     def unavailable_reason(self) -> Optional[str]:
         return _load() or _isa_error()
 
-    def not_supported_reasons(self, score, q, k, v):
+    def not_supported_reasons(self, spec, q, k, v):
         # a bad FUSEDATTN_CPU_ISA is a configuration error: raise it rather than let "auto"
         # quietly take another backend
         if _load() is None:
             err = _isa_error()
             if err is not None:
                 raise ValueError(err)
-        return super().not_supported_reasons(score, q, k, v)
+        return super().not_supported_reasons(spec, q, k, v)
 
+    def forward(self, spec, q, k, v, w):
+        if spec.varlen:
+            return super().forward(spec, q, k, v, w)
+        mods = (spec.window_left, spec.window_right)
+        tail = (spec.rel_bias, spec.alibi_slopes)
+        if spec.additive:
+            return torch.ops.fusedattn_cpu.additive_fwd(q, k, v, w, spec.key_lengths, False, *mods, *tail)
+        return torch.ops.fusedattn_cpu.dot_fwd(q, k, v, spec.key_lengths, float(spec.scale), False, *mods,
+                                               float(spec.softcap), *tail)
+
+    def backward(self, spec, dout, q, k, v, w, out, lse):
+        if spec.varlen:
+            return super().backward(spec, dout, q, k, v, w, out, lse)
+        mods = (spec.window_left, spec.window_right)
+        tail = (spec.rel_bias, spec.alibi_slopes)
+        if spec.additive:
+            dq, dk, dv, dw, drb = torch.ops.fusedattn_cpu.additive_bwd(
+                dout, q, k, v, w, spec.key_lengths, False, out, lse, *mods, *tail)
+        else:
+            dw = None
+            dq, dk, dv, drb = torch.ops.fusedattn_cpu.dot_bwd(
+                dout, q, k, v, spec.key_lengths, float(spec.scale), False, out, lse, *mods,
+                float(spec.softcap), *tail)
+        return Grads(dq, dk, dv, dw, drb if spec.rel_bias is not None else None)
+
+    # the four launchers (key_lengths and causal only)
     def additive_forward(self, q, k, v, w, key_lengths, causal):
         return torch.ops.fusedattn_cpu.additive_fwd(q, k, v, w, key_lengths, bool(causal))
 
     def additive_backward(self, dout, q, k, v, w, key_lengths, causal, out, lse):
-        return torch.ops.fusedattn_cpu.additive_bwd(dout, q, k, v, w, key_lengths, bool(causal), out, lse)
+        return torch.ops.fusedattn_cpu.additive_bwd(dout, q, k, v, w, key_lengths, bool(causal), out, lse)[:4]
 
     def dot_forward(self, q, k, v, key_lengths, scale, causal):
         return torch.ops.fusedattn_cpu.dot_fwd(q, k, v, key_lengths, float(scale), bool(causal))
 
     def dot_backward(self, dout, q, k, v, key_lengths, scale, causal, out, lse):
         return torch.ops.fusedattn_cpu.dot_bwd(dout, q, k, v, key_lengths, float(scale), bool(causal),
-                                               out, lse)
+                                               out, lse)[:3]
