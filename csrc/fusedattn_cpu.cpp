@@ -38,135 +38,10 @@
 #include <string>
 #include <vector>
 
-#include "checks.h"
-#include "gemm.h"
-#include "kernels.h"
+#include "tiles.h"
 
 namespace fusedattn_cpu {
 namespace {
-
-using at::Tensor;
-
-constexpr float kNegInf = -INFINITY;
-// Rows with some |x| beyond this use tanh directly. Within it e^{2x} e^{2y} <= e^{80} ~ 5.5e34 stays
-// finite, so 1 + e^{2x} e^{2y} is finite and its reciprocal normal: the Newton step of the vector
-// reciprocals (d * rcp(d) with d = inf would be inf * 0 = NaN) and the division agree everywhere.
-constexpr float kExpLimit = 20.f;
-
-// 64-byte aligned float scratch.
-struct Buf {
-  float* p = nullptr;
-  explicit Buf(int64_t n) {
-    size_t bytes = ((size_t)std::max<int64_t>(n, 1) * sizeof(float) + 63) / 64 * 64;
-    p = static_cast<float*>(std::aligned_alloc(64, bytes));
-    TORCH_CHECK(p != nullptr, "fusedattn_cpu: out of memory for scratch");
-  }
-  ~Buf() { std::free(p); }
-  Buf(const Buf&) = delete;
-  Buf& operator=(const Buf&) = delete;
-  float* data() { return p; }
-};
-
-// Runs body(pull) on up to get_num_threads() threads; pull() hands out item indices 0..n-1
-// (-1 when done). Items own disjoint outputs, so which thread runs an item does not matter.
-template <class Body>
-void parallel_items(int64_t n, const Body& body) {
-  if (n <= 0) return;
-  std::atomic<int64_t> next{0};
-  auto pull = [&]() -> int64_t {
-    const int64_t i = next.fetch_add(1);
-    return i < n ? i : -1;
-  };
-  const int64_t nt = std::min<int64_t>(at::get_num_threads(), n);
-  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) { body(pull); });
-}
-
-// ----------------------------------------------------------------------------- score providers
-
-// s_ij = scale * q_i . k_j through sgemm, or through gemm16 on the 16-bit inputs (q16, k16 set).
-struct DotScores {
-  const float* q;  // (B, H, Lq, D) float32 (the backward's dk product; may be null in the forward)
-  const float* k;  // (B, Hk, Lk, D)
-  float scale;
-  const Problem* p;
-  const uint16_t* q16 = nullptr;  // the same in bfloat16/float16 when the scores use gemm16
-  const uint16_t* k16 = nullptr;
-  at::ScalarType t16 = at::kFloat;
-  static constexpr int BQ = 128, BK = 256;
-  int64_t qoff(int64_t b, int64_t h, int64_t i) const { return ((b * p->H + h) * p->Lq + i) * p->D; }
-  int64_t koff(int64_t b, int64_t hk, int64_t j) const { return ((b * p->Hk + hk) * p->Lk + j) * p->D; }
-  const float* qrow(int64_t b, int64_t h, int64_t i) const { return q + qoff(b, h, i); }
-  const float* krow(int64_t b, int64_t hk, int64_t j) const { return k + koff(b, hk, j); }
-  void tile(Isa, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* S) const {
-    const int D = (int)p->D;
-    if (q16 != nullptr)
-      gemm16(t16, false, true, nr, nc, D, scale, q16 + qoff(b, h, i0), D, k16 + koff(b, h / p->G, j0), D, 0.f,
-             S, BK);
-    else
-      gemm(false, true, nr, nc, D, scale, qrow(b, h, i0), D, krow(b, h / p->G, j0), D, 0.f, S, BK);
-  }
-};
-
-// 16-bit copies (contiguous, input dtype) for gemm16, or undefined tensors when the call uses sgemm.
-struct Low16 {
-  Tensor a, b;
-  at::ScalarType t = at::kFloat;
-  bool on() const { return a.defined(); }
-  const uint16_t* pa() const { return on() ? static_cast<const uint16_t*>(a.data_ptr()) : nullptr; }
-  const uint16_t* pb() const { return on() ? static_cast<const uint16_t*>(b.data_ptr()) : nullptr; }
-};
-
-Low16 low16(Isa isa, const Tensor& a, const Tensor& b) {
-  Low16 r;
-  const auto t = a.scalar_type();
-  if (isa.level == Level::avx512 && use_gemm16(t)) {
-    r.a = a.contiguous();
-    r.b = b.contiguous();
-    r.t = t;
-  }
-  return r;
-}
-
-// s_ij = sum_a w_a tanh(q_ia + k_ja) = sum_a w_a - 2 sum_a w_a / (1 + e^{2 q_ia} e^{2 k_ja}),
-// with a direct tanh for rows whose |values| exceed kExpLimit (flagged).
-struct AddScores {
-  const float* q;    // (B, H, Lq, A)
-  const float* k;    // (B, Hk, Lk, A)
-  const float* w;    // (H, A)
-  const float* Eq;   // (B, H, Lq, A): e^{2q}, 1 on flagged rows
-  const float* EkT;  // (B, Hk, A, LkP): e^{2k} transposed and padded with 1
-  const uint8_t* qflag;  // (B, H, Lq)
-  const uint8_t* kflag;  // (B, Hk, Lk)
-  int64_t LkP;
-  const Problem* p;
-  static constexpr int BQ = 32, BK = 64;
-
-  const float* eq(int64_t b, int64_t h, int64_t i) const { return Eq + ((b * p->H + h) * p->Lq + i) * p->D; }
-  const float* ekt(int64_t b, int64_t hk, int64_t j) const { return EkT + (b * p->Hk + hk) * p->D * LkP + j; }
-  bool qf(int64_t b, int64_t h, int64_t i) const { return qflag[(b * p->H + h) * p->Lq + i] != 0; }
-  bool kf(int64_t b, int64_t hk, int64_t j) const { return kflag[(b * p->Hk + hk) * p->Lk + j] != 0; }
-  const float* qrow(int64_t b, int64_t h, int64_t i) const { return q + ((b * p->H + h) * p->Lq + i) * p->D; }
-  const float* krow(int64_t b, int64_t hk, int64_t j) const { return k + ((b * p->Hk + hk) * p->Lk + j) * p->D; }
-  bool flagged(int64_t b, int64_t h, int64_t i, int64_t j) const { return qf(b, h, i) || kf(b, h / p->G, j); }
-
-  float direct(int64_t b, int64_t h, int64_t i, int64_t j) const {
-    const float* x = qrow(b, h, i);
-    const float* y = krow(b, h / p->G, j);
-    const float* wh = w + h * p->D;
-    float s = 0.f;
-    for (int64_t a = 0; a < p->D; ++a) s += wh[a] * std::tanh(x[a] + y[a]);
-    return s;
-  }
-
-  void tile(Isa isa, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* S) const {
-    const int64_t hk = h / p->G;
-    const int nc16 = (int)round_up(nc, 16);
-    add_scores(isa, nr, nc16, (int)p->D, eq(b, h, i0), ekt(b, hk, j0), LkP, w + h * p->D, S, BK);
-    for (int i = 0; i < nr; ++i)
-      for (int j = 0; j < nc; ++j)
-        if (flagged(b, h, i0 + i, j0 + j)) S[i * BK + j] = direct(b, h, i0 + i, j0 + j);
-  }
-};
 
 // ----------------------------------------------------------------------------- forward
 
@@ -297,21 +172,6 @@ void forward(const Problem& p, const Scores& sc, const float* v, float* out, flo
 
 // ----------------------------------------------------------------------------- backward
 
-// delta_i = dout_i . out_i (accumulated in double). The one key that may dominate a row takes
-// dP_ij - delta_i in another form (dominant_ds), so delta only meets the keys with P_ij <= 1/2.
-std::vector<float> row_delta(const Problem& p, const float* dout, const float* out) {
-  std::vector<float> delta(p.B * p.H * p.Lq);
-  const int64_t Dv = p.Dv;
-  at::parallel_for(0, p.B * p.H * p.Lq, 256, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      double s = 0.0;
-      for (int64_t d = 0; d < Dv; ++d) s += (double)dout[r * Dv + d] * out[r * Dv + d];
-      delta[r] = (float)s;
-    }
-  });
-  return delta;
-}
-
 // Gradient consumers: given dS for a (query tile x key tile), accumulate into
 // dq rows (dqr, leading dim D), the key-tile accumulator dkacc, and per-item state.
 struct DotGrad {
@@ -345,7 +205,7 @@ struct AddGrad {
     const float* wh = sc->w + h * A;
     const int nc16 = (int)round_up(nc, 16);
     // pairs that need the direct tanh: handle them here and drop them from the fast kernel
-    for (int i = 0; i < nr; ++i) {
+    for (int i = 0; i < (sc->any_flagged(b, h, i0, nr, j0, nc) ? nr : 0); ++i) {
       for (int j = 0; j < nc; ++j) {
         float& ds = dS[i * BK + j];
         if (ds == 0.f || !sc->flagged(b, h, i0 + i, j0 + j)) continue;
@@ -506,108 +366,10 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
   return dw_part;
 }
 
-// ----------------------------------------------------------------------------- additive setup
-
-struct AddData {
-  Tensor q, k, w, Eq, EkT, qflag, kflag;
-  AddScores sc;
-};
-
-void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tensor& k, const Tensor& w,
-                      Isa isa) {
-  const int64_t A = p.D;
-  d.q = f32(q);
-  d.k = f32(k);
-  d.w = f32(w);
-  const int64_t LkP = round_up(std::max<int64_t>(p.Lk, 1), AddScores::BK);
-  d.Eq = at::empty({p.B, p.H, p.Lq, A}, at::kFloat);
-  d.EkT = at::empty({p.B, p.Hk, A, LkP}, at::kFloat);
-  d.qflag = at::empty({p.B, p.H, p.Lq}, at::kByte);
-  d.kflag = at::empty({p.B, p.Hk, p.Lk}, at::kByte);
-  const float* qp = d.q.data_ptr<float>();
-  const float* kp = d.k.data_ptr<float>();
-  float* eq = d.Eq.data_ptr<float>();
-  float* ekt = d.EkT.data_ptr<float>();
-  uint8_t* qf = d.qflag.data_ptr<uint8_t>();
-  uint8_t* kf = d.kflag.data_ptr<uint8_t>();
-  // 1 when some |x| > kExpLimit or x is NaN (branch-free, so the loop vectorizes)
-  auto flagged_row = [](const float* x, int64_t n) {
-    int f = 0;
-    for (int64_t a = 0; a < n; ++a) f |= !(std::fabs(x[a]) <= kExpLimit);
-    return f != 0;
-  };
-  // one parallel region: items [0, nqb) are blocks of 64 query rows, the rest key blocks of 64
-  // (per kv head), transposed into EkT (A, LkP); padding and flagged keys hold 1.
-  constexpr int64_t KB = 64;
-  const int64_t nq = p.B * p.H * p.Lq, nqb = (nq + KB - 1) / KB, nkb = LkP / KB;
-  parallel_items(nqb + p.B * p.Hk * nkb, [&](auto pull) {
-    Buf tmp(KB * A);
-    for (int64_t t; (t = pull()) >= 0;) {
-      if (t < nqb) {
-        for (int64_t r = t * KB; r < std::min(nq, (t + 1) * KB); ++r) {
-          const float* x = qp + r * A;
-          const bool f = flagged_row(x, A);
-          qf[r] = f;
-          if (f) {
-            for (int64_t a = 0; a < A; ++a) eq[r * A + a] = 1.f;
-          } else {
-            exp2x(isa, x, eq + r * A, (int)A);
-          }
-        }
-        continue;
-      }
-      t -= nqb;
-      const int64_t bh = t / nkb, jb = (t % nkb) * KB;
-      float* tb = tmp.data();
-      for (int64_t j = 0; j < KB; ++j) {
-        const int64_t jj = jb + j;
-        bool f = jj >= p.Lk;
-        if (!f) {
-          const float* y = kp + (bh * p.Lk + jj) * A;
-          f = flagged_row(y, A);
-          kf[bh * p.Lk + jj] = f;
-          if (!f) exp2x(isa, y, tb + j * A, (int)A);
-        }
-        if (f)
-          for (int64_t a = 0; a < A; ++a) tb[j * A + a] = 1.f;
-      }
-      float* e = ekt + bh * A * LkP + jb;
-      for (int64_t a = 0; a < A; ++a)
-        for (int64_t j = 0; j < KB; ++j) e[a * LkP + j] = tb[j * A + a];
-    }
-  });
-  AddScores& sc = d.sc;
-  sc.q = qp; sc.k = kp; sc.w = d.w.data_ptr<float>();
-  sc.Eq = eq; sc.EkT = ekt; sc.qflag = qf; sc.kflag = kf; sc.LkP = LkP; sc.p = &p;
-}
-
 std::tuple<Tensor, Tensor> empty_fwd(const Tensor& q, const Tensor& v) {
   Tensor out = at::zeros({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   Tensor lse = at::full({q.size(0), q.size(1), q.size(2)}, kNegInf, q.options().dtype(at::kFloat));
   return {out, lse};
-}
-
-// The rel_bias gradient (empty when there is none): the partials of items (b, hk, chunk) x G summed per
-// query head h = hk*G + g, in item order (deterministic for any thread count).
-Tensor reduce_rel(const Problem& p, const std::vector<float>& part, int64_t n_items,
-                  const c10::optional<Tensor>& rel_bias) {
-  if (!rel_bias.has_value() || !rel_bias->defined()) return at::empty({0}, at::kFloat);
-  const int64_t nrel = 2 * p.mods.M - 1, per_bhk = n_items / (p.B * p.Hk);
-  Tensor out = at::zeros({p.H, nrel}, at::kFloat);
-  float* o = out.data_ptr<float>();
-  for (int64_t h = 0; h < p.H; ++h) {
-    const int64_t hk = h / p.G, g = h % p.G;
-    for (int64_t b = 0; b < p.B; ++b)
-      for (int64_t c = 0; c < per_bhk; ++c) {
-        const float* st = part.data() + (((b * p.Hk + hk) * per_bhk + c) * p.G + g) * nrel;
-        for (int64_t e = 0; e < nrel; ++e) o[h * nrel + e] += st[e];
-      }
-  }
-  return out.to(rel_bias->scalar_type());
-}
-
-Tensor rel_grad_zeros(const c10::optional<Tensor>& rel_bias) {
-  return rel_bias.has_value() && rel_bias->defined() ? at::zeros_like(*rel_bias) : at::empty({0}, at::kFloat);
 }
 
 // ----------------------------------------------------------------------------- ops

@@ -40,6 +40,8 @@ def _load() -> Optional[str]:
         except (ImportError, OSError) as e:
             _LOAD_ERROR = f"the C++ extension fusedattn._C is not available ({e}); " \
                           "build it with `pip install --no-build-isolation -e .`"
+        else:
+            _check_isa()
     return _LOAD_ERROR
 
 
@@ -64,12 +66,21 @@ def cpu_isa_levels() -> list[str]:
     return list(_ops().supported_isas())
 
 
-def _isa_error() -> Optional[str]:
+_ISA_ERROR: Optional[str] = None
+
+
+def _check_isa() -> None:
+    """Read the level once, at load (FUSEDATTN_CPU_ISA is read once per process), so that the
+    per-call checks are plain Python (torch.compile traces them without calling an op)."""
+    global _ISA_ERROR
     try:
         torch.ops.fusedattn_cpu.isa()
     except ValueError as e:
-        return str(e).splitlines()[0]
-    return None
+        _ISA_ERROR = str(e).splitlines()[0]
+
+
+def _isa_error() -> Optional[str]:
+    return _ISA_ERROR
 
 
 class CpuBackend(Backend):
