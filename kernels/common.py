@@ -15,6 +15,8 @@ import triton.language as tl
 LN2_HI = tl.constexpr(0.693145751953125)  # 0x3f317200: 15 significant bits, so k * LN2_HI is exact for |k| < 512
 LN2_LO = tl.constexpr(1.428606765330187e-06)
 TWO_LOG2E = tl.constexpr(2.8853900817779268)
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 # Launch contract (the compile check compiles exactly this specialization):
 # - size arguments (lengths, head counts, widths, causal shift, split size) are never
@@ -43,6 +45,37 @@ def _mma(a, b, DOT_PRECISION: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _ld(ptrs, offs_r, n_r, offs_c, n_c, MASK_R: tl.constexpr, MASK_C: tl.constexpr):
+    """Load a (rows, cols) tile; rows >= n_r and (MASK_C) cols >= n_c read as 0. Unmasked
+    loads are 128-bit: the launch contract makes every row start 16-byte aligned, and n_c is
+    a multiple of 8 (see ``_dims``)."""
+    if MASK_R and MASK_C:
+        return tl.load(ptrs, mask=(offs_r[:, None] < n_r) & (offs_c[None, :] < n_c), other=0.0)
+    elif MASK_R:
+        return tl.load(ptrs, mask=offs_r[:, None] < n_r, other=0.0)
+    elif MASK_C:
+        return tl.load(ptrs, mask=offs_c[None, :] < n_c, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _dims(D, Dv):
+    """D and Dv as multiples of 8 the compiler can see (the launcher pads them to one), so a
+    head-dim mask is constant over 8 consecutive elements and masked loads stay 128-bit."""
+    return (D // 8) * 8, (Dv // 8) * 8
+
+
+@triton.jit
+def _mma_acc(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b (float32 accumulator), the accumulating form of ``_mma``."""
+    if DOT_PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -80,7 +113,7 @@ def _attn_fwd_epilogue(acc, m_i, l_i, Out, LSE, pid_s, off_b64, off_h64, offs_m,
     out = acc * tl.fdiv(tl.full([BLOCK_M], 1.0, tl.float32), l_safe, ieee_rounding=False)[:, None]
     lse = tl.where(l_i == 0.0, -float("inf"), m_i + tl.log(l_safe))
     o_ptrs = (Out + pid_s.to(tl.int64) * stride_os + off_b64 * stride_ob + off_h64 * stride_oh
-              + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od)
+              + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_dv[None, :])
     l_ptrs = LSE + pid_s.to(tl.int64) * stride_ls + off_b64 * stride_lb + off_h64 * stride_lh + offs_m * stride_lm
     tl.store(l_ptrs, lse, mask=mask_m)
@@ -100,9 +133,9 @@ def _attn_bwd_preprocess(O, DO, Delta,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_DV)
     mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < Dv)
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om
                 + offs_d[None, :] * stride_od, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None].to(tl.int64) * stride_dom
                  + offs_d[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
     delta = tl.sum(o * do, axis=1)
     tl.store(Delta + off_bh.to(tl.int64) * Lq + offs_m, delta, mask=offs_m < Lq)
