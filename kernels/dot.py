@@ -17,7 +17,7 @@ so grouped heads are summed without atomics) and a dQ kernel per query tile.
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E, SIZE_ARGS, _attn_fwd_epilogue, _attn_fwd_key_range, _dims, _ld, _mma, _mma_acc
+from .common import LN2, LOG2E, SIZE_ARGS, _attn_fwd_epilogue, _dims, _ld, _mma, _mma_acc
 
 # ----------------------------------------------------------------------------------------
 # configurations (GPU); the interpreter uses INTERPRET_CONFIG
@@ -34,8 +34,12 @@ FWD_CONFIGS = [  # predicate on (BLOCK_D, BLOCK_DV, decode, arch)
     (lambda d, dv, decode, arch: max(d, dv) <= 32 and arch >= 90,
      dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2)),
     (lambda d, dv, decode, arch: max(d, dv) <= 32, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
-    (lambda d, dv, decode, arch: max(d, dv) <= 64, dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)),
-    (lambda d, dv, decode, arch: max(d, dv) <= 128, dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)),
+    (lambda d, dv, decode, arch: max(d, dv) <= 64 and arch >= 90,
+     dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)),
+    (lambda d, dv, decode, arch: max(d, dv) <= 64, dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)),
+    (lambda d, dv, decode, arch: max(d, dv) <= 128 and arch >= 90,
+     dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)),
+    (lambda d, dv, decode, arch: max(d, dv) <= 128, dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)),
     (lambda d, dv, decode, arch: arch >= 90, dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)),
     (lambda d, dv, decode, arch: True, dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)),
 ]
@@ -43,7 +47,9 @@ FWD_CONFIGS_FP32 = [
     (lambda d, dv, decode, arch: decode and max(d, dv) <= 64,
      dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)),
     (lambda d, dv, decode, arch: decode, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_DC=32, num_warps=4, num_stages=1)),
-    (lambda d, dv, decode, arch: max(d, dv) <= 32, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
+    (lambda d, dv, decode, arch: max(d, dv) <= 32 and arch >= 90,
+     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
+    (lambda d, dv, decode, arch: max(d, dv) <= 32, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)),
     (lambda d, dv, decode, arch: max(d, dv) <= 64, dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1)),
     (lambda d, dv, decode, arch: max(d, dv) <= 128,
      dict(BLOCK_M=16, BLOCK_N=32, BLOCK_DC=32, num_warps=4, num_stages=1)),
@@ -114,18 +120,19 @@ def prune_bwd_configs(BLOCK_D, BLOCK_DV, fp32, arch=90):
 # tile helpers
 # ----------------------------------------------------------------------------------------
 @triton.jit
-def _chunked_dot(A, stride_ar, offs_r, n_r, B, stride_br, offs_s, n_s, D,
+def _chunked_dot(A, a_rows, offs_r, n_r, B, b_rows, offs_s, n_s, D,
                  BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_DC: tl.constexpr, EVEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """(BLOCK_R, BLOCK_S) float32 tile of sum_{d < D} A[r, d] * B[s, d] (row offsets relative
-    to the base pointers A and B), both operands loaded BLOCK_DC columns at a time (a runtime
-    loop: only one chunk of each is live): the register-light path for wide float32 heads,
-    whose 3xTF32 dots hold split (big, small) copies of their operands."""
+    """(BLOCK_R, BLOCK_S) float32 tile of sum_{d < D} A[r, d] * B[s, d]; row r of A starts at
+    ``A + a_rows[r]`` and is valid when offs_r[r] < n_r (B likewise). Both operands are loaded
+    BLOCK_DC columns at a time (a runtime loop: only one chunk of each is live): the
+    register-light path for wide float32 heads, whose 3xTF32 dots hold split (big, small)
+    copies of their operands."""
     acc = tl.zeros([BLOCK_R, BLOCK_S], dtype=tl.float32)
     for c in range(0, BLOCK_D, BLOCK_DC):
         offs_c = c + tl.arange(0, BLOCK_DC)
-        a = _ld(A + offs_r[:, None] * stride_ar + offs_c[None, :], offs_r, n_r, offs_c, D, True, not EVEN)
-        b = _ld(B + offs_s[:, None] * stride_br + offs_c[None, :], offs_s, n_s, offs_c, D, True, not EVEN)
+        a = _ld(A + a_rows[:, None] + offs_c[None, :], offs_r, n_r, offs_c, D, True, not EVEN)
+        b = _ld(B + b_rows[:, None] + offs_c[None, :], offs_s, n_s, offs_c, D, True, not EVEN)
         acc += _mma(a, tl.trans(b), DOT_PRECISION)
     return acc
 
@@ -134,13 +141,14 @@ def _chunked_dot(A, stride_ar, offs_r, n_r, B, stride_br, offs_s, n_s, D,
 # forward
 # ----------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_loop(acc, m_i, l_i, q, q_base, k_base, v_base, lo, hi, offs_m, offs_n0, offs_d, offs_dv,
-              klen, Lq, D, Dv, CAUSAL_SHIFT, qk_scale, stride_qm, stride_kn, stride_vn,
+def _fwd_loop(acc, m_i, l_i, q, q_base, q_rows, q_idx, n_q, k_base, v_base, lo, hi, offs_m, offs_n0, offs_d,
+              offs_dv, klen, D, Dv, CAUSAL_SHIFT, qk_scale, stride_kn, stride_vn,
               MASKED: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DC: tl.constexpr,
               DOT_PRECISION: tl.constexpr):
     """Key tiles [lo, hi) of the online softmax, scores in log2 units (s * scale * log2 e).
-    MASKED: the tiles on the causal diagonal or past key_lengths (loads of keys >= klen read 0,
+    offs_m: the query index of each row (causal mask); q_rows / q_idx < n_q: row offsets and
+    validity for the chunked path. MASKED: the tiles on the causal diagonal or past key_lengths (loads of keys >= klen read 0,
     so padding keys holding NaN or inf never reach P @ V); the others run with no mask at all."""
     k_offs = offs_n0[:, None] * stride_kn + offs_d[None, :]
     v_offs = offs_n0[:, None] * stride_vn + offs_dv[None, :]
@@ -152,7 +160,7 @@ def _fwd_loop(acc, m_i, l_i, q, q_base, k_base, v_base, lo, hi, offs_m, offs_n0,
             k = _ld(kb + k_offs, offs_n0, n_ok, offs_d, D, MASKED, not EVEN)
             qk = _mma(q, tl.trans(k), DOT_PRECISION)
         else:
-            qk = _chunked_dot(q_base, stride_qm, offs_m, Lq, kb, stride_kn, offs_n0, n_ok, D,
+            qk = _chunked_dot(q_base, q_rows, q_idx, n_q, kb, offs_n0 * stride_kn, offs_n0, n_ok, D,
                               BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DC, EVEN, DOT_PRECISION)
         if MASKED:
             offs_n = start_n + offs_n0
@@ -185,8 +193,10 @@ def _attn_fwd_dot(Q, K, V, KLEN, Out, LSE,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_DV: tl.constexpr, BLOCK_DC: tl.constexpr, EVEN: tl.constexpr,
                   DOT_PRECISION: tl.constexpr):
-    """One program: BLOCK_M query rows of one (b, h), keys [pid_s*SPLIT_N, +SPLIT_N).
-    Key j is allowed for row i iff j < KLEN[b] and j <= i + CAUSAL_SHIFT. EVEN: D == BLOCK_D
+    """One program: BLOCK_M rows of one (b, kv head), keys [pid_s*SPLIT_N, +SPLIT_N); row r is
+    query r % Lq of query head kv_head * (H / Hk) + r // Lq (grid axis 1: B * Hk, axis 0:
+    cdiv(H / Hk * Lq, BLOCK_M)). Key j is allowed for query i iff j < KLEN[b] and
+    j <= i + CAUSAL_SHIFT. EVEN: D == BLOCK_D
     and Dv == BLOCK_DV (no head-dim masks). BLOCK_DC < BLOCK_D: Q is not kept in registers;
     Q K^T is summed over D chunks. Unit last strides (stride_*d) are assumed."""
     tl.static_assert(BLOCK_M >= 16)
@@ -195,52 +205,65 @@ def _attn_fwd_dot(Q, K, V, KLEN, Out, LSE,
     tl.static_assert(BLOCK_DV >= 16)
     tl.static_assert(BLOCK_DC == BLOCK_D or (BLOCK_DV == BLOCK_D and BLOCK_D % BLOCK_DC == 0))
     pid_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    off_bhk = tl.program_id(1)
     pid_s = tl.program_id(2)
-    off_b = off_bh // H
-    off_h = off_bh % H
-    off_hk = off_h // (H // Hk)
+    off_b = off_bhk // Hk
+    off_hk = off_bhk % Hk
+    GROUP = H // Hk
     off_b64 = off_b.to(tl.int64)
-    off_h64 = off_h.to(tl.int64)
     off_hk64 = off_hk.to(tl.int64)
     D, Dv = _dims(D, Dv)
 
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    # -- rows: the (head of the group, query) pairs g * Lq + i, so the query heads sharing a kv
+    #    head share its K/V tiles (a decode step fills BLOCK_M rows with GROUP x Lq queries) --
+    n_rows = GROUP * Lq
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = rows % Lq  # query index
+    off_h64 = (off_hk * GROUP + rows // Lq).to(tl.int64)  # query head
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    q_base = Q + off_b64 * stride_qb + off_h64 * stride_qh
+    q_base = Q + off_b64 * stride_qb
+    q_rows = off_h64 * stride_qh + offs_m.to(tl.int64) * stride_qm
     if BLOCK_DC == BLOCK_D:
-        q = _ld(q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :], offs_m, Lq, offs_d, D,
-                True, not EVEN)
+        q = _ld(q_base + q_rows[:, None] + offs_d[None, :], rows, n_rows, offs_d, D, True, not EVEN)
     else:
         q = tl.zeros([BLOCK_M, BLOCK_D], dtype=Q.dtype.element_ty)  # unused
     k_base = K + off_b64 * stride_kb + off_hk64 * stride_kh
     v_base = V + off_b64 * stride_vb + off_hk64 * stride_vh
     qk_scale = scale * LOG2E
 
-    # -- key range: [n_lo, n_full) has every key allowed for every row of the tile --
-    n_lo, n_hi, klen = _attn_fwd_key_range(KLEN, off_b, pid_m, pid_s, CAUSAL_SHIFT, SPLIT_N, BLOCK_M)
-    n_free = tl.minimum(klen, start_m + CAUSAL_SHIFT + 1)  # keys every row of the tile sees
+    # -- key range: [n_lo, n_hi) seen by some row, [n_lo, n_full) by every row of the tile --
+    r0 = pid_m * BLOCK_M
+    r1 = tl.minimum(r0 + BLOCK_M, n_rows) - 1
+    one_head = (r0 // Lq) == (r1 // Lq)
+    i_min = tl.where(one_head, r0 % Lq, 0)
+    i_max = tl.where(one_head, r1 % Lq, Lq - 1)
+    klen = tl.load(KLEN + off_b)
+    n_lo = pid_s * SPLIT_N
+    n_hi = tl.minimum(tl.minimum(klen, i_max + 1 + CAUSAL_SHIFT), n_lo + SPLIT_N)
+    n_free = tl.minimum(klen, i_min + CAUSAL_SHIFT + 1)
     n_full = tl.maximum(n_lo + (tl.minimum(n_free, n_hi) - n_lo) // BLOCK_N * BLOCK_N, n_lo)
 
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, q_base, k_base, v_base, n_lo, n_full, offs_m, offs_n0,
-                              offs_d, offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, qk_scale,
-                              stride_qm, stride_kn, stride_vn, False, EVEN, BLOCK_M, BLOCK_N, BLOCK_D,
+    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, q_base, q_rows, rows, n_rows, k_base, v_base, n_lo, n_full,
+                              offs_m, offs_n0, offs_d, offs_dv, klen, D, Dv, CAUSAL_SHIFT, qk_scale,
+                              stride_kn, stride_vn, False, EVEN, BLOCK_M, BLOCK_N, BLOCK_D,
                               BLOCK_DV, BLOCK_DC, DOT_PRECISION)
-    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, q_base, k_base, v_base, n_full, n_hi, offs_m, offs_n0,
-                              offs_d, offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, qk_scale,
-                              stride_qm, stride_kn, stride_vn, True, EVEN, BLOCK_M, BLOCK_N, BLOCK_D,
+    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, q_base, q_rows, rows, n_rows, k_base, v_base, n_full, n_hi,
+                              offs_m, offs_n0, offs_d, offs_dv, klen, D, Dv, CAUSAL_SHIFT, qk_scale,
+                              stride_kn, stride_vn, True, EVEN, BLOCK_M, BLOCK_N, BLOCK_D,
                               BLOCK_DV, BLOCK_DC, DOT_PRECISION)
 
-    # -- epilogue: empty rows give out = 0, lse = -inf (m_i is in log2 units) --
-    _attn_fwd_epilogue(acc, m_i * LN2, l_i, Out, LSE, pid_s, off_b64, off_h64, offs_m, offs_dv,
-                       offs_m < Lq, offs_dv < Dv,
+    # -- epilogue: empty rows give out = 0, lse = -inf (m_i is in log2 units); the row heads
+    #    are recomputed here rather than kept live (as int64) across the loops --
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    off_h64 = (off_hk * GROUP + rows // Lq).to(tl.int64)
+    _attn_fwd_epilogue(acc, m_i * LN2, l_i, Out, LSE, pid_s, off_b64, off_h64, rows % Lq, offs_dv,
+                       rows < n_rows, offs_dv < Dv,
                        stride_os, stride_ob, stride_oh, stride_om, stride_od,
                        stride_ls, stride_lb, stride_lh, stride_lm, BLOCK_M)
 
@@ -289,8 +312,8 @@ def _dkdv_loop(dk_acc, dv_acc, k, v, q_base, do_base, k_base, v_base, LSE, Delta
             q = _ld(qb + q_offs, offs_m0, m_ok, offs_d, D, MASKED, not EVEN)
             qkT = _mma(k, tl.trans(q), DOT_PRECISION)
         else:
-            qkT = _chunked_dot(k_base, stride_kn, offs_n0, n_ok, qb, stride_qm, offs_m0, m_ok, D,
-                               BLOCK_N, BLOCK_M, BLOCK_D, BLOCK_DC, EVEN, DOT_PRECISION)
+            qkT = _chunked_dot(k_base, offs_n0 * stride_kn, offs_n0, n_ok, qb, offs_m0 * stride_qm, offs_m0, m_ok,
+                               D, BLOCK_N, BLOCK_M, BLOCK_D, BLOCK_DC, EVEN, DOT_PRECISION)
         lse2 = tl.load(LSE + row_base + offs_m, mask=offs_m < Lq, other=0.0) * LOG2E
         pT = _bwd_probs(qkT, lse2, offs_m, offs_n, klen, CAUSAL_SHIFT, qk_scale, MASKED, True)
         do = _ld(dob + do_offs, offs_m0, m_ok, offs_dv, Dv, MASKED, not EVEN)
@@ -298,8 +321,8 @@ def _dkdv_loop(dk_acc, dv_acc, k, v, q_base, do_base, k_base, v_base, LSE, Delta
         if BLOCK_DC == BLOCK_D:
             dpT = _mma(v, tl.trans(do), DOT_PRECISION)
         else:
-            dpT = _chunked_dot(v_base, stride_vn, offs_n0, n_ok, dob, stride_dom, offs_m0, m_ok, Dv,
-                               BLOCK_N, BLOCK_M, BLOCK_DV, BLOCK_DC, EVEN, DOT_PRECISION)
+            dpT = _chunked_dot(v_base, offs_n0 * stride_vn, offs_n0, n_ok, dob, offs_m0 * stride_dom, offs_m0,
+                               m_ok, Dv, BLOCK_N, BLOCK_M, BLOCK_DV, BLOCK_DC, EVEN, DOT_PRECISION)
         delta = tl.load(Delta + row_base + offs_m, mask=offs_m < Lq, other=0.0)
         dsT = pT * (dpT - delta[None, :])
         if BLOCK_DC != BLOCK_D:
@@ -425,15 +448,15 @@ def _dq_loop(dq_acc, q, do, lse2, delta, q_base, do_base, k_base, v_base, lo, hi
         if BLOCK_DC == BLOCK_D:
             qk = _mma(q, tl.trans(k), DOT_PRECISION)
         else:
-            qk = _chunked_dot(q_base, stride_qm, offs_m, Lq, kb, stride_kn, offs_n0, n_ok, D,
-                              BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DC, EVEN, DOT_PRECISION)
+            qk = _chunked_dot(q_base, offs_m.to(tl.int64) * stride_qm, offs_m, Lq, kb, offs_n0 * stride_kn, offs_n0,
+                              n_ok, D, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DC, EVEN, DOT_PRECISION)
         p = _bwd_probs(qk, lse2, offs_m, start_n + offs_n0, klen, CAUSAL_SHIFT, qk_scale, MASKED, False)
         if BLOCK_DC == BLOCK_D:
             v = _ld(vb + v_offs, offs_n0, n_ok, offs_dv, Dv, MASKED, not EVEN)
             dp = _mma(do, tl.trans(v), DOT_PRECISION)
         else:
-            dp = _chunked_dot(do_base, stride_dom, offs_m, Lq, vb, stride_vn, offs_n0, n_ok, Dv,
-                              BLOCK_M, BLOCK_N, BLOCK_DV, BLOCK_DC, EVEN, DOT_PRECISION)
+            dp = _chunked_dot(do_base, offs_m.to(tl.int64) * stride_dom, offs_m, Lq, vb, offs_n0 * stride_vn,
+                              offs_n0, n_ok, Dv, BLOCK_M, BLOCK_N, BLOCK_DV, BLOCK_DC, EVEN, DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq_acc = _mma_acc(ds.to(k.dtype), k, dq_acc, DOT_PRECISION)
     return dq_acc

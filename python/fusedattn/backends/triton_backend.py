@@ -5,9 +5,16 @@ kernels were imported (the interpreter; used by the tests). Importing this modul
 triton and the kernels but never queries a GPU.
 
 Host code only: checks, strides, scratch buffers, grids and launches. Per call the
-launchers pick a configuration deterministically from the padded head widths, the dtype and
-whether the call is a decode step (``Lq <= 16``); ``fusedattn.tools.gpu_compile_check``
-compiles every configuration these pickers can return.
+launchers pick a configuration deterministically from the padded head widths, the dtype, the
+compute capability and whether the call is a decode step (``Lq <= 16``);
+``fusedattn.tools.gpu_compile_check`` compiles every configuration these pickers can return.
+
+What the launchers do not do: copy K and V to zero keys past ``key_lengths`` (the kernels
+mask them), or rebuild the additive key table while the same key tensor comes back
+(``_key_table``). Inputs are copied only when they break the launch contract (``_aligned``:
+misaligned, a head dim that is not a multiple of 8, a row stride too large for int32 tile
+offsets). The dot forward runs one program per (batch, kv head) over the rows of all the
+query heads that share it, so a GQA decode step reads each K/V tile once per group.
 """
 from __future__ import annotations
 
@@ -74,10 +81,12 @@ def _sm_count(device: torch.device) -> int:
     return 132  # the interpreter: behave like an H100
 
 
-def num_splits_for(B: int, H: int, Lq: int, Lk: int, block_m: int, block_n: int, device) -> int:
-    """Flash-decoding split count: >1 only for Lq <= 16 when B*H*m_tiles programs would
-    leave the GPU idle; each split keeps at least one key tile."""
-    if Lq > DECODE_MAX_LQ:
+def num_splits_for(B: int, H: int, Lq: int, Lk: int, block_m: int, block_n: int, device,
+                   decode: Optional[bool] = None) -> int:
+    """Flash-decoding split count: >1 only for decode steps (Lq <= 16, or ``decode``) when
+    B*H*m_tiles programs would leave the GPU idle; each split keeps at least one key tile.
+    H and Lq are the program heads and rows (the dot kernel: Hk and H / Hk * Lq)."""
+    if not (Lq <= DECODE_MAX_LQ if decode is None else decode):
         return 1
     programs = B * H * triton.cdiv(Lq, block_m)
     n_tiles = triton.cdiv(Lk, block_n)
@@ -138,7 +147,7 @@ class TritonBackend(Backend):
         klen = _klen(key_lengths, B, Lk, q.device)
         shift = _causal_shift(causal, Lq, Lk)
         lse = _flat(lse)
-        delta = _delta(out, dout)
+        delta = _delta(out, dout, delta_shape(cfg_q, BLOCK_DV, BLOCK_DV, q.dtype == torch.float32))
         eq, qmax = _exp_table(q, torch.full((B,), Lq, dtype=torch.int32, device=q.device))
         ek, kmax = _key_table(k, klen, key_lengths)
         dkt = torch.zeros(B, Hk, A, _pad(Lk), dtype=torch.float32, device=q.device)
@@ -186,7 +195,7 @@ class TritonBackend(Backend):
         klen = _klen(key_lengths, B, Lk, q.device)
         shift = _causal_shift(causal, Lq, Lk)
         lse = _flat(lse)
-        delta = _delta(out, dout)
+        delta = _delta(out, dout, delta_shape(cfg_q, BLOCK_DV, cfg_q["BLOCK_DC"], q.dtype == torch.float32))
         dq = _empty_aligned(*q.shape, dtype=q.dtype, device=q.device)
         dk = _empty_aligned(*k.shape, dtype=k.dtype, device=k.device)
         dv = _empty_aligned(*v.shape, dtype=v.dtype, device=v.device)
@@ -316,20 +325,26 @@ def _key_table(k: torch.Tensor, klen: torch.Tensor, key_lengths: Optional[torch.
     return val
 
 
-def preprocess_block_m(BLOCK_DV: int) -> int:
-    """Rows per program of the delta kernel: at most 4096 elements per tile."""
-    return min(64, 4096 // BLOCK_DV)
+def delta_shape(bwd_cfg: dict, width: int, chunk: int, fp32: bool) -> dict:
+    """(ROWS, COLS, CHUNK) of the delta kernel for a dQ kernel config: its BLOCK_M x BLOCK_N
+    tile (COLS at least ROWS) under the interpreter, whose numpy matmul may round by shape; a
+    fixed 64 x 64 (32 x 32 above 128 columns, or above 64 for float32) on the GPU, where an MMA's result per
+    element does not depend on the tile shape. CHUNK: the dP products' K step (the dot
+    kernels' BLOCK_DC, the additive kernels' Dv chunk), at most ``width``."""
+    if interpreting():
+        rows = bwd_cfg["BLOCK_M"]
+        return dict(ROWS=rows, COLS=max(rows, bwd_cfg["BLOCK_N"]), CHUNK=min(chunk, width))
+    rows = 32 if (fp32 and width > 64) or width > 128 else 64
+    return dict(ROWS=rows, COLS=rows, CHUNK=min(chunk, width))
 
 
-def _delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
-    """delta = rowsum(dO * O) in float32, contiguous (B, H, Lq)."""
+def _delta(out: torch.Tensor, dout: torch.Tensor, shape: dict) -> torch.Tensor:
+    """delta = rowsum(dO * O) in float32, contiguous (B, H, Lq), with the dP arithmetic."""
     B, H, Lq, Dv = out.shape
     delta = torch.empty(B, H, Lq, dtype=torch.float32, device=out.device)
-    BLOCK_DV = block_dim(Dv)
-    BLOCK_M = preprocess_block_m(BLOCK_DV)
-    _attn_bwd_preprocess[(triton.cdiv(Lq, BLOCK_M), B * H)](
+    _attn_bwd_preprocess[(triton.cdiv(Lq, shape["ROWS"]), B * H)](
         out, dout, delta, *out.stride(), *dout.stride(), H, Lq, Dv,
-        BLOCK_M=BLOCK_M, BLOCK_DV=BLOCK_DV, num_warps=4, **LAUNCH_OPTS)
+        **shape, DOT_PRECISION=dot_precision(out.dtype), num_warps=4, **LAUNCH_OPTS)
     return delta
 
 
@@ -355,8 +370,11 @@ def _forward(score, q, k, v, w, key_lengths, scale, causal, num_splits):
         cfg = _add.prune_fwd_config(BLOCK_DV, q.dtype == torch.float32, decode)
     else:
         cfg = _dot.prune_fwd_config(BLOCK_D, BLOCK_DV, q.dtype == torch.float32, decode, _arch(q.device))
+    # the dot kernel's rows are (query head of a kv group, query) pairs: B * Hk programs of
+    # H / Hk * Lq rows each, so a GQA decode step shares each K/V tile among the group's heads
+    heads, rows = (Hk, H // Hk * Lq) if score == "dot" else (H, Lq)
     if num_splits is None:
-        num_splits = num_splits_for(B, H, Lq, Lk, cfg["BLOCK_M"], cfg["BLOCK_N"], q.device)
+        num_splits = num_splits_for(B, heads, rows, Lk, cfg["BLOCK_M"], cfg["BLOCK_N"], q.device, decode)
     n_tiles = triton.cdiv(Lk, cfg["BLOCK_N"])
     num_splits = max(1, min(int(num_splits), n_tiles))
     split_n = triton.cdiv(n_tiles, num_splits) * cfg["BLOCK_N"]
@@ -374,7 +392,7 @@ def _forward(score, q, k, v, w, key_lengths, scale, causal, num_splits):
         stride_os, stride_ls = o_buf.stride(0), l_buf.stride(0)
     o_strides = o_buf.stride()[-4:]
     l_strides = l_buf.stride()[-3:]
-    grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H, num_splits)
+    grid = (triton.cdiv(rows, cfg["BLOCK_M"]), B * heads, num_splits)
     if score == "additive":
         eq, qmax = _exp_table(q, torch.full((B,), Lq, dtype=torch.int32, device=q.device))
         ek, kmax = _key_table(k, klen, key_lengths)

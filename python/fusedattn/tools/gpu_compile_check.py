@@ -1,18 +1,33 @@
 """Ahead-of-time compile check of every Triton kernel variant the triton backend can launch.
 
 No GPU is needed: each (kernel, configuration, dtype, constexpr variant) that the launchers in
-``fusedattn.backends.triton_backend`` can pick is compiled with ``triton.compile`` for each
-requested CUDA architecture; resources are read from the cubin with the ``cuobjdump`` shipped
-in the triton wheel.
+``fusedattn.backends.triton_backend`` can pick on an architecture is compiled with
+``triton.compile`` for that CUDA architecture; resources and SASS are read from the cubin with
+the ``cuobjdump`` shipped in the triton wheel.
 
 Command line::
 
-    python -m fusedattn.tools.gpu_compile_check --arch 80 90 [--quick] [--jobs N] [--json PATH]
+    python -m fusedattn.tools.gpu_compile_check --arch 80 90 [--quick] [--jobs N] [--only NAME ...]
+        [--json PATH] [--sass-dir DIR]
 
 prints one row per compile and exits non-zero on a compile error, any spill (STACK or LOCAL
 > 0), more than 255 registers, or shared memory above the arch limit (sm_80: 163 KB,
 sm_90: 227 KB per block). ``--quick`` compiles a reduced set (fp16 and fp32; head widths
-64 and 256) for CI.
+64 and 256). ``--sass-dir`` writes one ``.sass`` file per compile; ``--json`` writes the rows
+with exactly the fields of ``JSON_FIELDS``:
+
+- ``kernel``, ``arch``, ``dtype`` ("fp16" | "bf16" | "fp32"), ``variant`` ("", "decode",
+  "decode-split"; "+hdmask" for the dot kernels' head-dim-masked form), ``config`` (the
+  constexprs and ``num_warps``/``num_stages``/``maxnreg``), ``head_dim`` (BLOCK_D for dot
+  kernels; for additive kernels the A over which the per-tile work is amortized: 128),
+- ``regs``, ``spill_bytes`` (stack + local), ``shared`` (bytes of dynamic shared memory),
+  ``ctas_per_sm`` (resident CTAs by registers, threads and shared memory),
+- ``instr_per_elem_loop``, ``overhead_instr_per_tile``, ``instr_per_elem_amortized``,
+  ``mufu_per_elem``: per score element (an (i, j) pair for dot kernels, an (i, j, a) triple
+  for additive ones) per thread; see ``amortized`` for the rule,
+- ``global_loads``: global load instructions by width in the whole SASS (``2B``, ``4B``,
+  ``8B``, ``16B``; ``cp.async`` = LDGSTS; ``tma`` = UTMALDG/UBLKCP),
+- ``sass`` (the file name under ``--sass-dir``) and ``error`` (None or the compile error).
 
 Each kernel is compiled with the one specialization the launchers produce (the launch
 contract in ``fusedattn.kernels.common``): pointers 16-byte aligned and strides divisible by 16
@@ -27,30 +42,19 @@ Python API (for benchmarks / GPU models)::
     from fusedattn.tools.gpu_compile_check import compile_rows
     rows = compile_rows(archs=(80, 90), quick=False, jobs=2)
 
-returns a list of dicts, one per compile, with keys
+returns the full rows: the JSON fields plus ``stack``, ``local``, ``shared_static``, ``mufu``
+({kind: count} over the whole SASS), ``loops`` (one dict per innermost SASS loop that issues
+MUFU instructions: ``instr``, ``mufu``, ``span`` and ``parent`` (addresses of the loop and of
+its enclosing loop), ``kind``, ``elems``, ``instr_per_elem``, ``mufu_per_elem``) and
+``problems``.
 
-- ``kernel`` (str, the @triton.jit function name), ``arch`` (int, e.g. 90), ``dtype``
-  ("fp16" | "bf16" | "fp32"), ``variant`` (str, e.g. "decode-split"), ``config`` (dict of the
-  constexprs and ``num_warps``/``num_stages``),
-- ``error`` (None or the compile error text),
-- ``regs``, ``stack``, ``local``, ``shared`` (bytes of dynamic shared memory Triton
-  requests) and ``shared_static`` (bytes, from the cubin),
-- ``mufu``: {kind: count} over the whole SASS (e.g. {"EX2": 40, "RCP": 64}),
-- ``loops``: one dict per innermost SASS loop that issues MUFU instructions, in address
-  order, with ``instr`` (instructions in the loop body), ``mufu`` ({kind: count} in the body),
-  ``elems`` (score elements, i.e. (i, j) pairs for dot kernels and (i, j, a) triples for
-  additive kernels, that one pass of the body computes per thread, ``tile_rows *
-  tile_cols / threads * unroll``), ``instr_per_elem`` and ``mufu_per_elem`` ({kind: float}),
-- ``problems``: list of str (empty when the row passes).
-
-For additive kernels the score loop over ``a`` issues exactly one reciprocal per triple by
-construction, so ``unroll`` is inferred as round(RCP in body / (tile elements per thread)),
-except in the main loop of a config with ``SOFT_RCP = k``, where one column in k takes its
-reciprocal on the FMA pipes: there a body with (k - 1) n MUFU reciprocals per thread element
-covers k n columns. Each loop gets a ``kind``: "direct" (it issues EX2: the direct-tanh path),
-"mixed" (fewer than one RCP per triple: MUFU and FMA-pipe reciprocals), "fast" (one RCP per
-triple) for additive kernels, "softmax" for dot kernels.
-For dot kernels the key-tile loop is taken as one pass (unroll 1).
+Loop kinds: for additive kernels the score loop over ``a`` issues exactly one reciprocal per
+triple by construction, so a loop's unroll is inferred as round(RCP in body / (tile elements
+per thread)), except in the main loop of a config with ``SOFT_RCP = k``, where one column in
+k takes its reciprocal on the FMA pipes: there a body with (k - 1) n MUFU reciprocals per
+thread element covers k n columns. "direct" (it issues EX2: the direct-tanh path), "mixed"
+(fewer than one RCP per triple), "fast" (one RCP per triple); dot kernels' loops are
+"softmax", one pass per key (or query) tile.
 """
 from __future__ import annotations
 
@@ -82,7 +86,7 @@ JSON_FIELDS = ("kernel", "arch", "dtype", "variant", "config", "head_dim", "regs
 _FP32_PTRS = {"W", "EQ", "EK", "QMAX", "KMAX", "LSE", "Delta", "DKT", "DQT", "DWT", "ET", "XMAX",
               "OP", "LSEP"}
 _FP32_PTRS_BY_KERNEL = {"_attn_bwd_dkdv_additive": {"DV"}}
-_I32_PTRS = {"KLEN"}
+_I32_PTRS = {"KLEN", "XLEN"}
 # unit strides: the launchers make the last dimension contiguous, and Triton specializes an
 # integer argument equal to 1 as a constant, so this is the variant that runs
 _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod", "stride_dvd",
@@ -105,7 +109,7 @@ def variants(quick: bool = False, arch: int = 90) -> list[dict]:
     Dot kernels come in two head-dim variants: EVEN (D == BLOCK_D and Dv == BLOCK_DV: no
     head-dim masks) and masked (variant suffix "+hdmask"); additive kernels mask V and dO
     loads per tile (8-element masks) and have one."""
-    from fusedattn.backends.triton_backend import preprocess_block_m
+    from fusedattn.backends.triton_backend import delta_shape
 
     additive, dot, _ = _kernels()
     dtypes = QUICK_DTYPES if quick else DTYPES
@@ -123,8 +127,13 @@ def variants(quick: bool = False, arch: int = 90) -> list[dict]:
         for ba in (16, 32, 64) if not quick else (64,):
             add("_attn_exp_table", dt, "", dict(BLOCK_L=64, BLOCK_A=ba, num_warps=4, num_stages=1))
         for bdv in widths:
-            add("_attn_bwd_preprocess", dt, "", dict(BLOCK_M=preprocess_block_m(bdv), BLOCK_DV=bdv,
-                                                     num_warps=4, num_stages=1), head_dim=bdv)
+            # delta: the chunk of the dot dQ kernel at this width, and the additive Dv chunks
+            _, dq_cfg = dot.prune_bwd_configs(bdv, bdv, dt == "fp32", arch)
+            chunks = [dq_cfg["BLOCK_DC"]] + ([bdv] if bdv in ((32,) if dt == "fp32" else (32, 64)) else [])
+            for chunk in chunks:
+                add("_attn_bwd_preprocess", dt, "", dict(delta_shape(dq_cfg, bdv, chunk, dt == "fp32"),
+                                                         DOT_PRECISION=prec, num_warps=4, num_stages=1),
+                    head_dim=bdv)
             add("_attn_fwd_merge", dt, "", dict(BLOCK_DV=bdv, num_warps=1, num_stages=1), head_dim=bdv)
         # -- additive (the backward walks Dv in chunks of at most 64 columns); head_dim is the A
         #    the per-tile overhead is amortized over --
@@ -346,6 +355,8 @@ def compile_one(v: dict, arch: int, sass_dir: str | None = None) -> dict:
     cfg = dict(v["config"])
     from fusedattn.backends.triton_backend import LAUNCH_OPTS
     opts = dict(LAUNCH_OPTS, num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+    if "maxnreg" in cfg:
+        opts["maxnreg"] = cfg.pop("maxnreg")
     row = dict(kernel=v["kernel"], arch=arch, dtype=v["dtype"], variant=v["variant"],
                config=dict(v["config"]), head_dim=v.get("head_dim"), error=None, regs=None, stack=None,
                local=None, spill_bytes=None, shared=None, shared_static=None, ctas_per_sm=None, mufu={},
@@ -453,7 +464,8 @@ def iter_rows(archs=(80, 90), quick: bool = False, jobs: int = 2, only=None, sas
 
 def _fmt_cfg(cfg):
     short = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_D": "D", "BLOCK_DV": "DV", "BLOCK_DC": "DC",
-             "BLOCK_L": "L", "BLOCK_A": "A", "num_warps": "w", "num_stages": "s"}
+             "BLOCK_L": "L", "BLOCK_A": "A", "ROWS": "R", "COLS": "C", "CHUNK": "K", "num_warps": "w",
+             "num_stages": "s", "maxnreg": "r"}
     return ",".join(f"{short[k]}{v}" for k, v in cfg.items() if k in short)
 
 
