@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "checks.h"
+#include "kernels.h"
 
 namespace fusedattn_cpu {
 namespace {
@@ -15,7 +16,7 @@ namespace {
 // tanh(x) = 1 - 2 / (1 + e^{2x}) with e^{2x} from a degree-6 polynomial after range reduction
 // (relative error of e^{2x} about 1.2e-7, so the absolute error of tanh stays below 3e-7).
 // AVX-512 and AVX2 forms (intrinsics: GCC does not vectorize this loop in target functions)
-// and a scalar fallback, chosen once from the CPU.
+// and a scalar fallback, at the ISA level the kernels use (current_isa()).
 constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693145751953125f, kLn2Lo = 1.42860682030941723e-6f;
 constexpr float kP[] = {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
 
@@ -77,11 +78,9 @@ void softcap_avx2(float* s, float* t, int n, float c) {
   }
 }
 
-void softcap_row(float* s, float* t, int n, float c) {
-  static const int level = __builtin_cpu_supports("avx512f") ? 2
-                           : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 1 : 0;
-  if (level == 2) return softcap_avx512(s, t, n, c);
-  if (level == 1) return softcap_avx2(s, t, n, c);
+void softcap_row(Level level, float* s, float* t, int n, float c) {
+  if (level == Level::avx512) return softcap_avx512(s, t, n, c);
+  if (level == Level::avx2) return softcap_avx2(s, t, n, c);
   softcap_scalar(s, t, n, c);
 }
 
@@ -118,13 +117,14 @@ void set_modifiers(const char* op, Problem& p, int64_t window_left, int64_t wind
 void apply_mods(const Problem& p, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* S,
                 int ldS, float* T) {
   const Mods& m = p.mods;
+  const Level level = current_isa().level;  // FUSEDATTN_CPU_ISA / set_level apply here too
   const float* rel = m.rel != nullptr ? m.rel + h * (2 * m.M - 1) + (m.M - 1) : nullptr;  // rel[d]
   const float slope = m.alibi != nullptr ? m.alibi[b * m.alibi_bstride + h] : 0.f;
   const int64_t shift = p.Lk - p.Lq, M1 = m.M - 1;
   for (int i = 0; i < nr; ++i) {
     float* s = S + (int64_t)i * ldS;
     const int64_t d0 = j0 - (i0 + i) - shift;  // distance of key j0; key j0 + j has d0 + j
-    if (m.softcap > 0.f) softcap_row(s, T != nullptr ? T + (int64_t)i * ldS : nullptr, nc, m.softcap);
+    if (m.softcap > 0.f) softcap_row(level, s, T != nullptr ? T + (int64_t)i * ldS : nullptr, nc, m.softcap);
     if (rel != nullptr) {  // clamped below -(M-1), a contiguous slice inside, clamped above M-1
       const int lo = (int)std::clamp<int64_t>(-M1 - d0, 0, nc), hi = (int)std::clamp<int64_t>(M1 - d0 + 1, lo, nc);
       for (int j = 0; j < lo; ++j) s[j] += rel[-M1];
