@@ -2,8 +2,11 @@
 
 Scores ``s_ij = sum_a w_a * tanh(q_ia + k_ja)`` are rebuilt tile by tile and never stored.
 Per (query tile, key tile) the A axis is walked one column at a time: a query column
-``q[:, a]`` (BLOCK_M,) and a key column ``k[:, a]`` (BLOCK_N,) are loaded as vectors and
-the triple work is a rank-1 update of a (BLOCK_M, BLOCK_N) register tile.
+(BLOCK_M,) and a key column (BLOCK_N,) are loaded as vectors from the float32 tables below
+and the triple work is a rank-1 update of a (BLOCK_M, BLOCK_N) register tile. q and k are
+read only by the prologue; the main kernels load 16-bit data only for V and dO, with
+head-dim masks over 8 elements (``common._dims``: 128-bit loads, once per tile, so there is
+no unmasked variant).
 
 tanh without a tanh per triple::
 
@@ -13,8 +16,10 @@ tanh without a tanh per triple::
 
 A prologue (``_attn_exp_table``) computes ``e^{2x}`` once per element of q and of k
 (O((Lq + Lk) A) exps, Cody-Waite reduced so the relative error does not grow with |x|) into
-float32 tables stored transposed, (B, H, A, L), so the column of a tile is a contiguous
-vector load; it also writes each row's max|x|. Each triple then costs an FMA
+float32 tables stored transposed, (B, H, 2A, L): rows a < A hold e^{2x}, rows A + a hold x
+itself (for the direct path below), so the column of a tile is a contiguous vector load; it
+also writes each row's max|x|. Keys at or past key_lengths are written as x = 0, so padding
+keys (which may hold NaN or inf) never reach a score or a gradient and K/V are not copied. Each triple then costs an FMA
 (``1 + e^{2x} e^{2y}``), a reciprocal and an FMA. That is exact in floating point as long
 as neither factor overflows or flushes: every (query tile, key tile) pair with
 ``max|q|, max|k| <= 40`` (both factors finite normal numbers; their product may over- or
@@ -34,7 +39,16 @@ in a fixed order.
 import triton
 import triton.language as tl
 
-from .common import SIZE_ARGS, _attn_fwd_epilogue, _attn_fwd_key_range, _exp2x, _mma, _online_softmax
+from .common import (
+    SIZE_ARGS,
+    _attn_fwd_epilogue,
+    _attn_fwd_key_range,
+    _dims,
+    _exp2x,
+    _ld,
+    _mma,
+    _online_softmax,
+)
 
 EXP_SAFE = tl.constexpr(40.0)  # |x| <= 40: e^{2x} in [1.8e-35, 5.5e34], finite and normal in float32
 
@@ -48,11 +62,14 @@ EXP_SAFE = tl.constexpr(40.0)  # |x| <= 40: e^{2x} in [1.8e-35, 5.5e34], finite 
 # so a column step is 4 vector loads + 16 x (FMA, MUFU.RCP, FMA).
 FWD_CONFIGS = [  # predicate on (BLOCK_DV, fp32, decode)
     (lambda dv, f32, decode: not f32 and dv <= 128,
-     dict(BLOCK_M=16, BLOCK_N=128, SOFT_RCP=5, num_warps=4, num_stages=1)),
-    (lambda dv, f32, decode: not f32, dict(BLOCK_M=16, BLOCK_N=128, SOFT_RCP=0, num_warps=8, num_stages=1)),
-    (lambda dv, f32, decode: dv <= 64, dict(BLOCK_M=16, BLOCK_N=64, SOFT_RCP=0, num_warps=4, num_stages=1)),
-    (lambda dv, f32, decode: True, dict(BLOCK_M=16, BLOCK_N=64, SOFT_RCP=0, num_warps=8, num_stages=1)),
+     dict(BLOCK_M=16, BLOCK_N=128, SOFT_RCP=5, num_warps=4, num_stages=1, maxnreg=255)),
+    (lambda dv, f32, decode: not f32,
+     dict(BLOCK_M=16, BLOCK_N=128, SOFT_RCP=0, num_warps=8, num_stages=1, maxnreg=255)),
+    (lambda dv, f32, decode: dv <= 64, dict(BLOCK_M=16, BLOCK_N=64, SOFT_RCP=0, num_warps=4, num_stages=1, maxnreg=255)),
+    (lambda dv, f32, decode: True, dict(BLOCK_M=16, BLOCK_N=64, SOFT_RCP=0, num_warps=8, num_stages=1, maxnreg=255)),
 ]
+# maxnreg=255: without it ptxas caps these kernels near 168 registers (three CTAs per SM) and
+# spills a few prologue values to the stack; the cap lifted, they fit with no spill.
 # SOFT_RCP (see _score_rsum): with 16-bit inputs and BLOCK_DV <= 128 the factored score loop
 # waits on the MUFU unit (sm_90: 5.06 instructions and 1 MUFU op per triple; an SM issues 128
 # thread-instructions but only 16 MUFU results per clock), so one column in five takes its
@@ -61,11 +78,11 @@ FWD_CONFIGS = [  # predicate on (BLOCK_DV, fp32, decode)
 # The backward walks Dv in chunks of BLOCK_DV <= 64 columns (32 for float32), so its configs
 # depend on the chunk width and the dtype only.
 BWD_DKDV_CONFIGS = [  # predicate on (BLOCK_DV chunk, fp32); BLOCK_N keys are the tile rows
-    (lambda dv, f32: True, dict(BLOCK_M=16, BLOCK_N=64, SOFT_RCP=0, num_warps=4, num_stages=1)),
+    (lambda dv, f32: True, dict(BLOCK_M=16, BLOCK_N=64, SOFT_RCP=0, num_warps=4, num_stages=1, maxnreg=255)),
 ]
 BWD_DQ_CONFIGS = [  # predicate on (BLOCK_DV chunk, fp32)
-    (lambda dv, f32: not f32, dict(BLOCK_M=16, BLOCK_N=128, SOFT_RCP=5, num_warps=4, num_stages=1)),
-    (lambda dv, f32: True, dict(BLOCK_M=16, BLOCK_N=64, SOFT_RCP=0, num_warps=4, num_stages=1)),
+    (lambda dv, f32: not f32, dict(BLOCK_M=16, BLOCK_N=128, SOFT_RCP=5, num_warps=4, num_stages=1, maxnreg=255)),
+    (lambda dv, f32: True, dict(BLOCK_M=16, BLOCK_N=64, SOFT_RCP=0, num_warps=4, num_stages=1, maxnreg=255)),
 ]
 # the interpreter runs the FMA-pipe reciprocal too (every 5th column), so the tests check its numbers
 INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, SOFT_RCP=5, num_warps=4, num_stages=1)
@@ -88,22 +105,27 @@ def prune_bwd_configs(BLOCK_DV, fp32):
 # exponential tables (prologue)
 # ----------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=SIZE_ARGS)
-def _attn_exp_table(X, ET, XMAX,
+def _attn_exp_table(X, ET, XMAX, XLEN,
                     stride_xb, stride_xh, stride_xl, stride_xd,
                     stride_eb, stride_eh, stride_ea,
                     Hx, L, A,
                     BLOCK_L: tl.constexpr, BLOCK_A: tl.constexpr):
-    """ET[b, h, a, l] = exp(2 * clamp(x[b, h, l, a], -40, 40)) (float32, transposed so a column
-    of a tile is contiguous; rows L..grid end are written as exp(0) = 1, so the padding the
-    main kernels read unmasked is finite) and XMAX[b, h, l] = max_a |x[b, h, l, a]| (inf for a
-    row holding a NaN)."""
+    """The (B, Hx, 2A, >=L) float32 table of x (B, Hx, L, A), transposed so a column of a tile
+    is contiguous: ET[b, h, a, l] = exp(2 * clamp(x[b, h, l, a], -40, 40)) and
+    ET[b, h, A + a, l] = x[b, h, l, a] (read by the direct-tanh path), plus
+    XMAX[b, h, l] = max_a |x[b, h, l, a]| (inf for a row holding a NaN). Rows l >= XLEN[b]
+    (keys past key_lengths, and the padding up to the table's width, which the main kernels
+    read unmasked) are written as x = 0 (e^0 = 1, max 0), so whatever they hold (NaN, inf)
+    never reaches a score or a gradient."""
     pid_l = tl.program_id(0)
     off_bh = tl.program_id(1)
-    off_b64 = (off_bh // Hx).to(tl.int64)
+    off_b = off_bh // Hx
+    off_b64 = off_b.to(tl.int64)
     off_h64 = (off_bh % Hx).to(tl.int64)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    mask_l = offs_l < L
-    x_base = X + off_b64 * stride_xb + off_h64 * stride_xh + offs_l[:, None] * stride_xl
+    xlen = tl.load(XLEN + off_b)
+    mask_l = offs_l < xlen
+    x_base = X + off_b64 * stride_xb + off_h64 * stride_xh + offs_l[:, None].to(tl.int64) * stride_xl
     e_base = ET + off_b64 * stride_eb + off_h64 * stride_eh + offs_l[:, None]
     mx = tl.zeros([BLOCK_L], dtype=tl.float32)
     for a0 in range(0, A, BLOCK_A):
@@ -115,7 +137,8 @@ def _attn_exp_table(X, ET, XMAX,
         mx = tl.maximum(mx, tl.max(tl.where(x == x, tl.abs(x), float("inf")), axis=1))
         e = _exp2x(tl.minimum(tl.maximum(x, -EXP_SAFE), EXP_SAFE))
         tl.store(e_base + offs_a[None, :] * stride_ea, e, mask=offs_a[None, :] < A)
-    tl.store(XMAX + off_bh.to(tl.int64) * L + offs_l, mx, mask=mask_l)
+        tl.store(e_base + (A + offs_a[None, :]) * stride_ea, x, mask=offs_a[None, :] < A)
+    tl.store(XMAX + off_bh.to(tl.int64) * L + offs_l, mx, mask=offs_l < L)
 
 
 # ----------------------------------------------------------------------------------------
@@ -174,8 +197,8 @@ def _score_rsum(XE, YE, X, Y, offs_x, offs_y, mask_x, mask_y,
         # -- r = 1 / (1 + e^{2(x_ia + y_ja)}) for column a (inlined: the interpreter pays ~1 ms
         #    per nested jit call) --
         if DIRECT:
-            x = tl.load(X + (offs_x * stride_xl + a * stride_xd), mask=mask_x, other=0.0).to(tl.float32)
-            y = tl.load(Y + (offs_y * stride_yl + a * stride_yd), mask=mask_y, other=0.0).to(tl.float32)
+            x = tl.load(X + (offs_x + a * stride_xd))
+            y = tl.load(Y + (offs_y + a * stride_yd))
             z = tl.exp((x[:, None] + y[None, :]) * 2.0) + 1.0
         else:
             # tables are padded (finite values) to a multiple of 128 rows: no masks, vector loads
@@ -220,8 +243,8 @@ def _grad_columns(XE, YE, X, Y, offs_x, offs_y, mask_x, mask_y,
         # -- r = 1 / (1 + e^{2(x_ia + y_ja)}) for column a (inlined: the interpreter pays ~1 ms
         #    per nested jit call) --
         if DIRECT:
-            x = tl.load(X + (offs_x * stride_xl + a * stride_xd), mask=mask_x, other=0.0).to(tl.float32)
-            y = tl.load(Y + (offs_y * stride_yl + a * stride_yd), mask=mask_y, other=0.0).to(tl.float32)
+            x = tl.load(X + (offs_x + a * stride_xd))
+            y = tl.load(Y + (offs_y + a * stride_yd))
             z = tl.exp((x[:, None] + y[None, :]) * 2.0) + 1.0
         else:
             # tables are padded (finite values) to a multiple of 128 rows: no masks, vector loads
@@ -261,6 +284,8 @@ def _attn_fwd_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, Out, LSE,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
                        FAST_RCP: tl.constexpr, SOFT_RCP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program: BLOCK_M query rows of one (b, h), keys [pid_s*SPLIT_N, +SPLIT_N).
+    Rows of V at or past key_lengths load as 0, so padding keys holding NaN or inf never reach
+    P @ V; the head-dim mask covers 8 elements at a time (128-bit loads), once per key tile.
 
     Key j is allowed for row i iff j < KLEN[b] and j <= i + CAUSAL_SHIFT
     (CAUSAL_SHIFT = Lk - Lq when causal, Lk otherwise). EQ/EK are the transposed exp tables
@@ -282,13 +307,15 @@ def _attn_fwd_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, Out, LSE,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_dv = tl.arange(0, BLOCK_DV)
+    _, Dv = _dims(A, Dv)
     mask_m = offs_m < Lq
     mask_dv = offs_dv < Dv
+    v_offs = offs_n0[:, None] * stride_vn + offs_dv[None, :]
 
-    q_base = Q + off_b64 * stride_qb + off_h64 * stride_qh
     eq_base = EQ + off_b64 * stride_eqb + off_h64 * stride_eqh
-    k_base = K + off_b64 * stride_kb + off_hk64 * stride_kh
+    xq_base = eq_base + A * stride_eqa  # rows A..2A of the table: x itself (float32)
     ek_base = EK + off_b64 * stride_ekb + off_hk64 * stride_ekh
+    xk_base = ek_base + A * stride_eka
     kmax_base = KMAX + (off_b64 * Hk + off_hk64) * Lk
     v_base = V + off_b64 * stride_vb + off_hk64 * stride_vh
     W_h = W + off_h64 * stride_wh
@@ -309,8 +336,8 @@ def _attn_fwd_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, Out, LSE,
         # -- scores --
         kmax = tl.load(kmax_base + offs_n, mask=mask_n, other=0.0)
         fast = q_ok & (tl.max(kmax, axis=0) <= EXP_SAFE)
-        s = _scores(eq_base, ek_base, q_base, k_base, offs_m, offs_n, mask_m, mask_n,
-                    stride_eqa, stride_eka, stride_qm, stride_kn, stride_qd, stride_kd,
+        s = _scores(eq_base, ek_base, xq_base, xk_base, offs_m, offs_n, mask_m, mask_n,
+                    stride_eqa, stride_eka, 1, 1, stride_eqa, stride_eka,
                     W_h, stride_wa, A, wsum, fast,
                     BLOCK_M, BLOCK_N, FAST_RCP, SOFT_RCP)
         allowed = (offs_n[None, :] < klen) & (offs_n[None, :] <= offs_m[:, None] + CAUSAL_SHIFT)
@@ -318,8 +345,8 @@ def _attn_fwd_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, Out, LSE,
         # -- online softmax --
         p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
         # -- P @ V --
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
+        v = _ld(v_base + tl.cast(start_n, tl.int64) * stride_vn + v_offs, offs_n0, klen - start_n, offs_dv, Dv,
+                True, True)
         acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION)
 
     # -- epilogue: empty rows give out = 0, lse = -inf --
@@ -360,13 +387,16 @@ def _attn_bwd_dkdv_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta
     off_b64 = off_b.to(tl.int64)
     off_hk64 = off_hk.to(tl.int64)
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    start_n = pid_n * BLOCK_N
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_n = start_n + offs_n0
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask_n = offs_n < Lk
+    _, Dv = _dims(A, Dv)
 
-    k_base = K + off_b64 * stride_kb + off_hk64 * stride_kh
     ek_base = EK + off_b64 * stride_ekb + off_hk64 * stride_ekh
+    xk_base = ek_base + A * stride_eka  # rows A..2A of the table: x itself (float32)
     dk_base = DKT + off_b64 * stride_dkb + off_hk64 * stride_dkh
     v_base = V + off_b64 * stride_vb + off_hk64 * stride_vh
     kmax = tl.load(KMAX + off_bhk.to(tl.int64) * Lk + offs_n, mask=mask_n, other=0.0)
@@ -378,11 +408,12 @@ def _attn_bwd_dkdv_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta
     m_lo = (m_lo // BLOCK_M) * BLOCK_M
     m_hi = tl.where(pid_n * BLOCK_N < klen, Lq, 0)
 
-    dv_base = DV + off_b64 * stride_dvb + off_hk64 * stride_dvh
+    dv_tile = DV + off_b64 * stride_dvb + off_hk64 * stride_dvh + tl.cast(start_n, tl.int64) * stride_dvn
+    v_tile = v_base + tl.cast(start_n, tl.int64) * stride_vn
     for g in range(0, GROUP):
         off_h64 = (off_hk * GROUP + g).to(tl.int64)
-        q_base = Q + off_b64 * stride_qb + off_h64 * stride_qh
         eq_base = EQ + off_b64 * stride_eqb + off_h64 * stride_eqh
+        xq_base = eq_base + A * stride_eqa
         do_base = DO + off_b64 * stride_dob + off_h64 * stride_doh
         row_base = (off_b64 * H + off_h64) * Lq
         W_h = W + off_h64 * stride_wh
@@ -393,8 +424,8 @@ def _attn_bwd_dkdv_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta
             # -- transposed scores and probabilities (recomputed) --
             qmax = tl.load(QMAX + row_base + offs_m, mask=mask_m, other=0.0)
             fast = k_ok & (tl.max(qmax, axis=0) <= EXP_SAFE)
-            sT = _scores(ek_base, eq_base, k_base, q_base, offs_n, offs_m, mask_n, mask_m,
-                         stride_eka, stride_eqa, stride_kn, stride_qm, stride_kd, stride_qd,
+            sT = _scores(ek_base, eq_base, xk_base, xq_base, offs_n, offs_m, mask_n, mask_m,
+                         stride_eka, stride_eqa, 1, 1, stride_eka, stride_eqa,
                          W_h, stride_wa, A, wsum, fast,
                          BLOCK_N, BLOCK_M, FAST_RCP, SOFT_RCP)
             allowed = ((offs_n[:, None] < klen) & (offs_n[:, None] <= offs_m[None, :] + CAUSAL_SHIFT)
@@ -407,26 +438,26 @@ def _attn_bwd_dkdv_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta
             # (rows padded: no row mask) and dP^T sums over the chunks, so no (BLOCK_N, Dv)
             # tile stays live across the A loops whatever Dv is
             dpT = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            do_tile = do_base + tl.cast(start_m, tl.int64) * stride_dom
             for c in range(0, Dv, BLOCK_DV):
                 offs_c = c + offs_dv
-                mask_c = offs_c < Dv
-                do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_c[None, :] * stride_dod,
-                             mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-                v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_c[None, :] * stride_vd,
-                            mask=mask_n[:, None] & mask_c[None, :], other=0.0)
-                dv_ptrs = dv_base + offs_n[:, None] * stride_dvn + offs_c[None, :] * stride_dvd
+                do = _ld(do_tile + offs_m0[:, None] * stride_dom + offs_c[None, :], offs_m0, Lq - start_m,
+                         offs_c, Dv, True, True)
+                v = _ld(v_tile + offs_n0[:, None] * stride_vn + offs_c[None, :], offs_n0, klen - start_n,
+                        offs_c, Dv, True, True)
+                dv_ptrs = dv_tile + offs_n0[:, None] * stride_dvn + offs_c[None, :]
                 tl.store(dv_ptrs, tl.load(dv_ptrs) + _mma(pT.to(do.dtype), do, DOT_PRECISION))
                 dpT += _mma(v, tl.trans(do), DOT_PRECISION)
             delta = tl.load(Delta + row_base + offs_m, mask=mask_m, other=0.0)
             dsT = pT * (dpT - delta[None, :])
             # -- dK columns --
             if fast:
-                _grad_columns(ek_base, eq_base, k_base, q_base, offs_n, offs_m, mask_n, mask_m,
-                              stride_eka, stride_eqa, stride_kn, stride_qm, stride_kd, stride_qd,
+                _grad_columns(ek_base, eq_base, xk_base, xq_base, offs_n, offs_m, mask_n, mask_m,
+                              stride_eka, stride_eqa, 1, 1, stride_eka, stride_eqa,
                               W_h, stride_wa, A, dsT, 0.0, dk_base, dk_base, stride_dka, False, False, FAST_RCP)
             else:
-                _grad_columns(ek_base, eq_base, k_base, q_base, offs_n, offs_m, mask_n, mask_m,
-                              stride_eka, stride_eqa, stride_kn, stride_qm, stride_kd, stride_qd,
+                _grad_columns(ek_base, eq_base, xk_base, xq_base, offs_n, offs_m, mask_n, mask_m,
+                              stride_eka, stride_eqa, 1, 1, stride_eka, stride_eqa,
                               W_h, stride_wa, A, dsT, 0.0, dk_base, dk_base, stride_dka, False, True, FAST_RCP)
             tl.debug_barrier()  # the next tile reads the dK columns and dV rows stored above
 
@@ -458,15 +489,18 @@ def _attn_bwd_dq_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta, 
     off_h64 = off_h.to(tl.int64)
     off_hk64 = off_hk.to(tl.int64)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = pid_m * BLOCK_M
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_m = start_m + offs_m0
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask_m = offs_m < Lq
+    _, Dv = _dims(A, Dv)
 
-    q_base = Q + off_b64 * stride_qb + off_h64 * stride_qh
     eq_base = EQ + off_b64 * stride_eqb + off_h64 * stride_eqh
-    k_base = K + off_b64 * stride_kb + off_hk64 * stride_kh
+    xq_base = eq_base + A * stride_eqa  # rows A..2A of the table: x itself (float32)
     ek_base = EK + off_b64 * stride_ekb + off_hk64 * stride_ekh
+    xk_base = ek_base + A * stride_eka
     kmax_base = KMAX + (off_b64 * Hk + off_hk64) * Lk
     v_base = V + off_b64 * stride_vb + off_hk64 * stride_vh
     W_h = W + off_h64 * stride_wh
@@ -474,7 +508,7 @@ def _attn_bwd_dq_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta, 
     dw_base = DWT + off_b64 * stride_dqb + off_h64 * stride_dqh
     row_base = (off_b64 * H + off_h64) * Lq
 
-    do_base = DO + off_b64 * stride_dob + off_h64 * stride_doh
+    do_tile = DO + off_b64 * stride_dob + off_h64 * stride_doh + tl.cast(start_m, tl.int64) * stride_dom
     lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0)
     lse = tl.where(lse == -float("inf"), 0.0, lse)
     delta = tl.load(Delta + row_base + offs_m, mask=mask_m, other=0.0)
@@ -491,8 +525,8 @@ def _attn_bwd_dq_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta, 
         # -- scores and probabilities (recomputed) --
         kmax = tl.load(kmax_base + offs_n, mask=mask_n, other=0.0)
         fast = q_ok & (tl.max(kmax, axis=0) <= EXP_SAFE)
-        s = _scores(eq_base, ek_base, q_base, k_base, offs_m, offs_n, mask_m, mask_n,
-                    stride_eqa, stride_eka, stride_qm, stride_kn, stride_qd, stride_kd,
+        s = _scores(eq_base, ek_base, xq_base, xk_base, offs_m, offs_n, mask_m, mask_n,
+                    stride_eqa, stride_eka, 1, 1, stride_eqa, stride_eka,
                     W_h, stride_wa, A, wsum, fast,
                     BLOCK_M, BLOCK_N, FAST_RCP, SOFT_RCP)
         allowed = ((offs_n[None, :] < klen) & (offs_n[None, :] <= offs_m[:, None] + CAUSAL_SHIFT)
@@ -500,23 +534,23 @@ def _attn_bwd_dq_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta, 
         p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
         # -- dS (dP summed over Dv chunks; dO re-read from cache) --
         dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        v_tile = v_base + tl.cast(start_n, tl.int64) * stride_vn
         for c in range(0, Dv, BLOCK_DV):
             offs_c = c + offs_dv
-            mask_c = offs_c < Dv
-            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_c[None, :] * stride_dod,
-                         mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_c[None, :] * stride_vd,
-                        mask=mask_n[:, None] & mask_c[None, :], other=0.0)
+            do = _ld(do_tile + offs_m0[:, None] * stride_dom + offs_c[None, :], offs_m0, Lq - start_m,
+                     offs_c, Dv, True, True)
+            v = _ld(v_tile + offs_n0[:, None] * stride_vn + offs_c[None, :], offs_n0, klen - start_n,
+                    offs_c, Dv, True, True)
             dp += _mma(do, tl.trans(v), DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         ds_sum = tl.sum(ds, axis=1)
         # -- dQ and dw columns --
         if fast:
-            _grad_columns(eq_base, ek_base, q_base, k_base, offs_m, offs_n, mask_m, mask_n,
-                          stride_eqa, stride_eka, stride_qm, stride_kn, stride_qd, stride_kd,
+            _grad_columns(eq_base, ek_base, xq_base, xk_base, offs_m, offs_n, mask_m, mask_n,
+                          stride_eqa, stride_eka, 1, 1, stride_eqa, stride_eka,
                           W_h, stride_wa, A, ds, ds_sum, dq_base, dw_base, stride_dqa, True, False, FAST_RCP)
         else:
-            _grad_columns(eq_base, ek_base, q_base, k_base, offs_m, offs_n, mask_m, mask_n,
-                          stride_eqa, stride_eka, stride_qm, stride_kn, stride_qd, stride_kd,
+            _grad_columns(eq_base, ek_base, xq_base, xk_base, offs_m, offs_n, mask_m, mask_n,
+                          stride_eqa, stride_eka, 1, 1, stride_eqa, stride_eka,
                           W_h, stride_wa, A, ds, ds_sum, dq_base, dw_base, stride_dqa, True, True, FAST_RCP)
         tl.debug_barrier()  # the next tile reads the dQ/dw columns stored above

@@ -1,7 +1,7 @@
 """Kernels shared by the additive and dot-product paths.
 
 - ``_attn_bwd_preprocess``: ``delta = rowsum(dO * O)`` in float32 (the FlashAttention-2
-  backward preamble).
+  backward preamble), with the arithmetic of the kernels' dP (see its docstring).
 - ``_attn_fwd_merge``: flash-decoding epilogue; merges per-split partial outputs by their
   log-sum-exp.
 - ``_online_softmax``, ``_attn_fwd_key_range``, ``_attn_fwd_epilogue``: the parts of the
@@ -15,6 +15,8 @@ import triton.language as tl
 LN2_HI = tl.constexpr(0.693145751953125)  # 0x3f317200: 15 significant bits, so k * LN2_HI is exact for |k| < 512
 LN2_LO = tl.constexpr(1.428606765330187e-06)
 TWO_LOG2E = tl.constexpr(2.8853900817779268)
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 # Launch contract (the compile check compiles exactly this specialization):
 # - size arguments (lengths, head counts, widths, causal shift, split size) are never
@@ -43,6 +45,37 @@ def _mma(a, b, DOT_PRECISION: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _ld(ptrs, offs_r, n_r, offs_c, n_c, MASK_R: tl.constexpr, MASK_C: tl.constexpr):
+    """Load a (rows, cols) tile; rows >= n_r and (MASK_C) cols >= n_c read as 0. Unmasked
+    loads are 128-bit: the launch contract makes every row start 16-byte aligned, and n_c is
+    a multiple of 8 (see ``_dims``)."""
+    if MASK_R and MASK_C:
+        return tl.load(ptrs, mask=(offs_r[:, None] < n_r) & (offs_c[None, :] < n_c), other=0.0)
+    elif MASK_R:
+        return tl.load(ptrs, mask=offs_r[:, None] < n_r, other=0.0)
+    elif MASK_C:
+        return tl.load(ptrs, mask=offs_c[None, :] < n_c, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _dims(D, Dv):
+    """D and Dv as multiples of 8 the compiler can see (the launcher pads them to one), so a
+    head-dim mask is constant over 8 consecutive elements and masked loads stay 128-bit."""
+    return (D // 8) * 8, (Dv // 8) * 8
+
+
+@triton.jit
+def _mma_acc(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b (float32 accumulator), the accumulating form of ``_mma``."""
+    if DOT_PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -79,8 +112,10 @@ def _attn_fwd_epilogue(acc, m_i, l_i, Out, LSE, pid_s, off_b64, off_h64, offs_m,
     # approximate (2 ulp) reciprocal: no IEEE-division slow-path call (and its stack frame)
     out = acc * tl.fdiv(tl.full([BLOCK_M], 1.0, tl.float32), l_safe, ieee_rounding=False)[:, None]
     lse = tl.where(l_i == 0.0, -float("inf"), m_i + tl.log(l_safe))
-    o_ptrs = (Out + pid_s.to(tl.int64) * stride_os + off_b64 * stride_ob + off_h64 * stride_oh
-              + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od)
+    # off_h64 may be a scalar or one head per row (the dot forward packs a GQA group's heads)
+    o_rows = off_h64 * stride_oh + offs_m.to(tl.int64) * stride_om
+    o_ptrs = (Out + pid_s.to(tl.int64) * stride_os + off_b64 * stride_ob + o_rows[:, None]
+              + offs_dv[None, :] * stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_dv[None, :])
     l_ptrs = LSE + pid_s.to(tl.int64) * stride_ls + off_b64 * stride_lb + off_h64 * stride_lh + offs_m * stride_lm
     tl.store(l_ptrs, lse, mask=mask_m)
@@ -91,21 +126,38 @@ def _attn_bwd_preprocess(O, DO, Delta,
                          stride_ob, stride_oh, stride_om, stride_od,
                          stride_dob, stride_doh, stride_dom, stride_dod,
                          H, Lq, Dv,
-                         BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """Delta[b, h, i] = sum_d O[b, h, i, d] * dO[b, h, i, d] (float32, Delta contiguous)."""
+                         ROWS: tl.constexpr, COLS: tl.constexpr, CHUNK: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
+    """Delta[b, h, i] = sum_d O[b, h, i, d] * dO[b, h, i, d] (float32, Delta contiguous),
+    computed with the same arithmetic as the backward kernels' dP = dO V^T: a (ROWS, COLS)
+    ``_mma`` tile (the dQ kernel's BLOCK_M x BLOCK_N under the interpreter) summed over Dv in
+    CHUNK-column steps, whose diagonal is taken. Where the softmax is saturated (O_i equal to
+    one value row v_j) the kernels' dP_ij - delta_i is then exactly 0, as the materializing
+    reference's P * (dP - sum P dP) is, instead of a rounding difference that a large q, k or
+    w multiplies into dq and dk. (A row sum in another order differs from the MMA by ~1 ulp of
+    |dO| |v|.) ROWS <= COLS; rows ROWS..COLS of the O tile are zero."""
+    tl.static_assert(ROWS <= COLS)
     pid_m = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_DV)
-    mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < Dv)
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om
-                + offs_d[None, :] * stride_od, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_d[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
-    delta = tl.sum(o * do, axis=1)
-    tl.store(Delta + off_bh.to(tl.int64) * Lq + offs_m, delta, mask=offs_m < Lq)
+    start = pid_m * ROWS
+    offs_r = tl.arange(0, ROWS)
+    offs_c = tl.arange(0, COLS)
+    do_base = DO + off_b * stride_dob + off_h * stride_doh + tl.cast(start, tl.int64) * stride_dom
+    o_base = O + off_b * stride_ob + off_h * stride_oh + tl.cast(start, tl.int64) * stride_om
+    n_rows = tl.minimum(Lq - start, ROWS)
+    _, Dv = _dims(Dv, Dv)  # a multiple of 8 (launch contract): 128-bit masked loads
+    acc = tl.zeros([ROWS, COLS], dtype=tl.float32)
+    for c in range(0, Dv, CHUNK):
+        offs_d = c + tl.arange(0, CHUNK)
+        do = tl.load(do_base + offs_r[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                     mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < Dv), other=0.0)
+        o = tl.load(o_base + offs_c[:, None] * stride_om + offs_d[None, :] * stride_od,
+                    mask=(offs_c[:, None] < n_rows) & (offs_d[None, :] < Dv), other=0.0)
+        acc += _mma(do, tl.trans(o), DOT_PRECISION)
+    delta = tl.sum(tl.where(offs_r[:, None] == offs_c[None, :], acc, 0.0), axis=1)
+    tl.store(Delta + off_bh.to(tl.int64) * Lq + start + offs_r, delta, mask=offs_r < n_rows)
 
 
 @triton.jit(do_not_specialize=SIZE_ARGS)

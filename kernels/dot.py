@@ -1,81 +1,84 @@
-"""Fused scaled dot-product attention: FlashAttention-2-style forward and backward kernels.
+"""Fused scaled dot-product attention: FlashAttention-2-form forward and backward kernels.
 
 Scores ``s_ij = scale * q_i . k_j`` come from ``tl.dot`` on (BLOCK_M, BLOCK_D) x (BLOCK_D, BLOCK_N)
-tiles (head dims padded to a power of two >= 16 with masked loads). Masks, online softmax,
-flash-decoding splits and the LSE convention are the same as in ``additive.py``.
+tiles; the softmax runs in log2 units (``exp2(qk * scale * log2 e - m)``: one FMA and one
+MUFU.EX2 per pair). Head dims are padded to a power of two >= 16: the launcher passes
+``EVEN`` when D == BLOCK_D and Dv == BLOCK_DV (no head-dim masks); otherwise the widths are
+multiples of 8 (``common._dims``) so the masks cover 16 bytes and loads stay 128-bit. Each
+loop over key (or query) tiles is split in two: the tiles every row of the program sees in
+full run with no mask at all; the causal-diagonal tiles and the tiles crossing key_lengths
+run a masked copy (keys at or past key_lengths load as 0: padding keys may hold anything).
+Pointers: 64-bit base per (batch, head, tile start), int32 offsets inside a tile (the
+launcher guarantees ``row stride * 256 < 2^31``).
+Flash-decoding splits and the LSE convention are the same as in ``additive.py``.
 Backward: a dK/dV kernel per key tile (looping over the group's query heads and query tiles,
 so grouped heads are summed without atomics) and a dQ kernel per query tile.
 """
 import triton
 import triton.language as tl
 
-from .common import SIZE_ARGS, _attn_fwd_epilogue, _attn_fwd_key_range, _mma, _online_softmax
-
-
-@triton.jit
-def _chunked_dot(A, stride_ar, stride_ac, offs_r, mask_r, B, stride_br, stride_bc, offs_s, mask_s, D,
-                 BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_DC: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """(BLOCK_R, BLOCK_S) float32 tile of sum_{d < D} A[r, d] * B[s, d], with both operands
-    loaded from memory BLOCK_DC columns at a time (a runtime loop, so only one chunk of each
-    operand is live): the register-light path for wide float32 heads, whose 3xTF32 dots
-    hold split (big, small) copies of their operands."""
-    acc = tl.zeros([BLOCK_R, BLOCK_S], dtype=tl.float32)
-    for c in range(0, BLOCK_D, BLOCK_DC):
-        offs_c = c + tl.arange(0, BLOCK_DC)
-        mask_c = offs_c < D
-        a = tl.load(A + offs_r[:, None] * stride_ar + offs_c[None, :] * stride_ac,
-                    mask=mask_r[:, None] & mask_c[None, :], other=0.0)
-        bt = tl.load(B + offs_s[None, :] * stride_br + offs_c[:, None] * stride_bc,
-                     mask=mask_s[None, :] & mask_c[:, None], other=0.0)
-        acc += _mma(a, bt, DOT_PRECISION)
-    return acc
+from .common import LN2, LOG2E, SIZE_ARGS, _attn_fwd_epilogue, _dims, _ld, _mma, _mma_acc
 
 # ----------------------------------------------------------------------------------------
 # configurations (GPU); the interpreter uses INTERPRET_CONFIG
 # ----------------------------------------------------------------------------------------
-# Each entry: (predicate on (BLOCK_D, BLOCK_DV, decode), config). The first match wins.
-# Chosen with the compile check (no spills on sm_80 and sm_90). float32 inputs use 3xTF32
+# Each entry: (predicate on (BLOCK_D, BLOCK_DV, decode?, arch), config). The first match wins.
+# Chosen with the compile check (no spills on sm_80 and sm_90; the sm_90 rows meet the
+# amortized-instruction targets of docs/PERFORMANCE.md). float32 inputs use 3xTF32
 # dots (three MMAs on split big/small operands, fp32-level accuracy) and get their own,
 # smaller tiles; at wide heads they also set BLOCK_DC < BLOCK_D: the score products
 # (Q K^T, dO V^T) are summed over D chunks loaded from memory instead of keeping the whole
 # Q / dO (or K / V) tile resident in registers. BLOCK_DC defaults to the full width.
-FWD_CONFIGS = [
-    (lambda d, dv, decode: decode, dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)),
-    (lambda d, dv, decode: max(d, dv) <= 32, dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2)),
-    (lambda d, dv, decode: max(d, dv) <= 64, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
-    (lambda d, dv, decode: max(d, dv) <= 128, dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)),
-    (lambda d, dv, decode: True, dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)),
+FWD_CONFIGS = [  # predicate on (BLOCK_D, BLOCK_DV, decode, arch)
+    (lambda d, dv, decode, arch: decode, dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)),
+    (lambda d, dv, decode, arch: max(d, dv) <= 32 and arch >= 90,
+     dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2)),
+    (lambda d, dv, decode, arch: max(d, dv) <= 32, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
+    (lambda d, dv, decode, arch: max(d, dv) <= 64 and arch >= 90,
+     dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)),
+    (lambda d, dv, decode, arch: max(d, dv) <= 64, dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)),
+    (lambda d, dv, decode, arch: max(d, dv) <= 128 and arch >= 90,
+     dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)),
+    (lambda d, dv, decode, arch: max(d, dv) <= 128, dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)),
+    (lambda d, dv, decode, arch: arch >= 90, dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)),
+    (lambda d, dv, decode, arch: True, dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)),
 ]
 FWD_CONFIGS_FP32 = [
-    (lambda d, dv, decode: decode and max(d, dv) <= 64, dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)),
-    (lambda d, dv, decode: decode, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_DC=32, num_warps=4, num_stages=1)),
-    (lambda d, dv, decode: max(d, dv) <= 32, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
-    (lambda d, dv, decode: max(d, dv) <= 64, dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1)),
-    (lambda d, dv, decode: max(d, dv) <= 128, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_DC=32, num_warps=4, num_stages=1)),
-    (lambda d, dv, decode: True, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_DC=32, num_warps=4, num_stages=1)),
+    (lambda d, dv, decode, arch: decode and max(d, dv) <= 64,
+     dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)),
+    (lambda d, dv, decode, arch: decode, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_DC=32, num_warps=4, num_stages=1)),
+    (lambda d, dv, decode, arch: max(d, dv) <= 32 and arch >= 90,
+     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
+    (lambda d, dv, decode, arch: max(d, dv) <= 32, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)),
+    (lambda d, dv, decode, arch: max(d, dv) <= 64, dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1)),
+    (lambda d, dv, decode, arch: max(d, dv) <= 128,
+     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_DC=32, num_warps=4, num_stages=1)),
+    (lambda d, dv, decode, arch: True, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_DC=32, num_warps=4, num_stages=1)),
 ]
-BWD_DKDV_CONFIGS = [
-    (lambda d, dv: max(d, dv) <= 32, dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)),
-    (lambda d, dv: max(d, dv) <= 64, dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)),
-    (lambda d, dv: max(d, dv) <= 128, dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=1)),
-    (lambda d, dv: True, dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1)),
+BWD_DKDV_CONFIGS = [  # predicate on (BLOCK_D, BLOCK_DV, arch)
+    (lambda d, dv, arch: max(d, dv) <= 32, dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)),
+    (lambda d, dv, arch: max(d, dv) <= 64 and arch >= 90, dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)),
+    (lambda d, dv, arch: max(d, dv) <= 64, dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)),
+    (lambda d, dv, arch: max(d, dv) <= 128 and arch >= 90, dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2)),
+    (lambda d, dv, arch: max(d, dv) <= 128, dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)),
+    (lambda d, dv, arch: True, dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1)),
 ]
 BWD_DQ_CONFIGS = [
-    (lambda d, dv: max(d, dv) <= 64, dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=1)),
-    (lambda d, dv: max(d, dv) <= 128, dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)),
-    (lambda d, dv: True, dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)),
+    (lambda d, dv, arch: max(d, dv) <= 64, dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=1)),
+    (lambda d, dv, arch: max(d, dv) <= 128 and arch >= 90, dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)),
+    (lambda d, dv, arch: max(d, dv) <= 128, dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)),
+    (lambda d, dv, arch: True, dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)),
 ]
 BWD_DKDV_CONFIGS_FP32 = [
-    (lambda d, dv: max(d, dv) <= 32, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_DC=16, num_warps=4, num_stages=1)),
-    (lambda d, dv: max(d, dv) <= 64, dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)),
-    (lambda d, dv: max(d, dv) <= 128, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_DC=32, num_warps=8, num_stages=1)),
-    (lambda d, dv: True, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_DC=32, num_warps=8, num_stages=1)),
+    (lambda d, dv, arch: max(d, dv) <= 32, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_DC=16, num_warps=4, num_stages=1)),
+    (lambda d, dv, arch: max(d, dv) <= 64, dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)),
+    (lambda d, dv, arch: max(d, dv) <= 128, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_DC=32, num_warps=8, num_stages=1)),
+    (lambda d, dv, arch: True, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_DC=16, num_warps=8, num_stages=1)),
 ]
 BWD_DQ_CONFIGS_FP32 = [
-    (lambda d, dv: max(d, dv) <= 64, dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)),
-    (lambda d, dv: max(d, dv) <= 128, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_DC=32, num_warps=8, num_stages=1)),
-    (lambda d, dv: True, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_DC=32, num_warps=8, num_stages=1)),
+    (lambda d, dv, arch: max(d, dv) <= 64, dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)),
+    (lambda d, dv, arch: max(d, dv) <= 128, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_DC=32, num_warps=8, num_stages=1)),
+    (lambda d, dv, arch: True, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_DC=32, num_warps=8, num_stages=1)),
 ]
 # the interpreter chunks D above 64, so the tests run both the resident and the chunked path
 INTERPRET_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_DC=64, num_warps=4, num_stages=1)
@@ -96,24 +99,89 @@ def interpret_config(BLOCK_D, BLOCK_DV, decode):
     return _with_dc(INTERPRET_DECODE_CONFIG if decode else INTERPRET_CONFIG, BLOCK_D, BLOCK_DV)
 
 
-def prune_fwd_config(BLOCK_D, BLOCK_DV, fp32, decode):
-    """The forward config for padded head widths, float32 inputs?, decode (Lq <= 16)?"""
+def prune_fwd_config(BLOCK_D, BLOCK_DV, fp32, decode, arch=90):
+    """The forward config for padded head widths, float32 inputs?, decode (Lq <= 16)? and the
+    compute capability (80, 90, ...)."""
     table = FWD_CONFIGS_FP32 if fp32 else FWD_CONFIGS
-    return _with_dc(next(c for pred, c in table if pred(BLOCK_D, BLOCK_DV, decode)), BLOCK_D, BLOCK_DV)
+    return _with_dc(next(c for pred, c in table if pred(BLOCK_D, BLOCK_DV, decode, arch)), BLOCK_D, BLOCK_DV)
 
 
-def prune_bwd_configs(BLOCK_D, BLOCK_DV, fp32):
-    """(dK/dV config, dQ config) for padded head widths and float32 inputs?"""
+def prune_bwd_configs(BLOCK_D, BLOCK_DV, fp32, arch=90):
+    """(dK/dV config, dQ config) for padded head widths, float32 inputs? and the compute
+    capability."""
     kv_table = BWD_DKDV_CONFIGS_FP32 if fp32 else BWD_DKDV_CONFIGS
     q_table = BWD_DQ_CONFIGS_FP32 if fp32 else BWD_DQ_CONFIGS
-    dkdv = next(c for pred, c in kv_table if pred(BLOCK_D, BLOCK_DV))
-    dq = next(c for pred, c in q_table if pred(BLOCK_D, BLOCK_DV))
+    dkdv = next(c for pred, c in kv_table if pred(BLOCK_D, BLOCK_DV, arch))
+    dq = next(c for pred, c in q_table if pred(BLOCK_D, BLOCK_DV, arch))
     return _with_dc(dkdv, BLOCK_D, BLOCK_DV), _with_dc(dq, BLOCK_D, BLOCK_DV)
+
+
+# ----------------------------------------------------------------------------------------
+# tile helpers
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _chunked_dot(A, a_rows, offs_r, n_r, B, b_rows, offs_s, n_s, D,
+                 BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_DC: tl.constexpr, EVEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(BLOCK_R, BLOCK_S) float32 tile of sum_{d < D} A[r, d] * B[s, d]; row r of A starts at
+    ``A + a_rows[r]`` and is valid when offs_r[r] < n_r (B likewise). Both operands are loaded
+    BLOCK_DC columns at a time (a runtime loop: only one chunk of each is live): the
+    register-light path for wide float32 heads, whose 3xTF32 dots hold split (big, small)
+    copies of their operands."""
+    acc = tl.zeros([BLOCK_R, BLOCK_S], dtype=tl.float32)
+    for c in range(0, BLOCK_D, BLOCK_DC):
+        offs_c = c + tl.arange(0, BLOCK_DC)
+        a = _ld(A + a_rows[:, None] + offs_c[None, :], offs_r, n_r, offs_c, D, True, not EVEN)
+        b = _ld(B + b_rows[:, None] + offs_c[None, :], offs_s, n_s, offs_c, D, True, not EVEN)
+        acc += _mma(a, tl.trans(b), DOT_PRECISION)
+    return acc
 
 
 # ----------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_loop(acc, m_i, l_i, q, q_base, q_rows, q_idx, n_q, k_base, v_base, lo, hi, offs_m, offs_n0, offs_d,
+              offs_dv, klen, D, Dv, CAUSAL_SHIFT, qk_scale, stride_kn, stride_vn,
+              MASKED: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DC: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    """Key tiles [lo, hi) of the online softmax, scores in log2 units (s * scale * log2 e).
+    offs_m: the query index of each row (causal mask); q_rows / q_idx < n_q: row offsets and
+    validity for the chunked path. MASKED: the tiles on the causal diagonal or past key_lengths (loads of keys >= klen read 0,
+    so padding keys holding NaN or inf never reach P @ V); the others run with no mask at all."""
+    k_offs = offs_n0[:, None] * stride_kn + offs_d[None, :]
+    v_offs = offs_n0[:, None] * stride_vn + offs_dv[None, :]
+    for start_n in range(lo, hi, BLOCK_N):
+        kb = k_base + tl.cast(start_n, tl.int64) * stride_kn
+        vb = v_base + tl.cast(start_n, tl.int64) * stride_vn
+        n_ok = klen - start_n  # keys of this tile below key_lengths
+        if BLOCK_DC == BLOCK_D:
+            k = _ld(kb + k_offs, offs_n0, n_ok, offs_d, D, MASKED, not EVEN)
+            qk = _mma(q, tl.trans(k), DOT_PRECISION)
+        else:
+            qk = _chunked_dot(q_base, q_rows, q_idx, n_q, kb, offs_n0 * stride_kn, offs_n0, n_ok, D,
+                              BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DC, EVEN, DOT_PRECISION)
+        if MASKED:
+            offs_n = start_n + offs_n0
+            allowed = (offs_n[None, :] < klen) & (offs_n[None, :] <= offs_m[:, None] + CAUSAL_SHIFT)
+            s = tl.where(allowed, qk * qk_scale, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+        else:
+            # every key allowed: m_new is finite and the scale folds into one FMA per pair
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
+            m_safe = m_new
+            p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = _ld(vb + v_offs, offs_n0, n_ok, offs_dv, Dv, MASKED, not EVEN)
+        acc = _mma_acc(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
 @triton.jit(do_not_specialize=SIZE_ARGS)
 def _attn_fwd_dot(Q, K, V, KLEN, Out, LSE,
                   stride_qb, stride_qh, stride_qm, stride_qd,
@@ -123,68 +191,79 @@ def _attn_fwd_dot(Q, K, V, KLEN, Out, LSE,
                   stride_ls, stride_lb, stride_lh, stride_lm,
                   scale, H, Hk, Lq, Lk, D, Dv, CAUSAL_SHIFT, SPLIT_N,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_DV: tl.constexpr, BLOCK_DC: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One program: BLOCK_M query rows of one (b, h), keys [pid_s*SPLIT_N, +SPLIT_N).
-    Key j is allowed for row i iff j < KLEN[b] and j <= i + CAUSAL_SHIFT.
-    BLOCK_DC < BLOCK_D: Q is not kept in registers; Q K^T is summed over D chunks."""
+                  BLOCK_DV: tl.constexpr, BLOCK_DC: tl.constexpr, EVEN: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """One program: BLOCK_M rows of one (b, kv head), keys [pid_s*SPLIT_N, +SPLIT_N); row r is
+    query r % Lq of query head kv_head * (H / Hk) + r // Lq (grid axis 1: B * Hk, axis 0:
+    cdiv(H / Hk * Lq, BLOCK_M)). Key j is allowed for query i iff j < KLEN[b] and
+    j <= i + CAUSAL_SHIFT. EVEN: D == BLOCK_D
+    and Dv == BLOCK_DV (no head-dim masks). BLOCK_DC < BLOCK_D: Q is not kept in registers;
+    Q K^T is summed over D chunks. Unit last strides (stride_*d) are assumed."""
     tl.static_assert(BLOCK_M >= 16)
     tl.static_assert(BLOCK_N >= 16)
     tl.static_assert(BLOCK_D >= 16)
     tl.static_assert(BLOCK_DV >= 16)
     tl.static_assert(BLOCK_DC == BLOCK_D or (BLOCK_DV == BLOCK_D and BLOCK_D % BLOCK_DC == 0))
     pid_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    off_bhk = tl.program_id(1)
     pid_s = tl.program_id(2)
-    off_b = off_bh // H
-    off_h = off_bh % H
-    off_hk = off_h // (H // Hk)
+    off_b = off_bhk // Hk
+    off_hk = off_bhk % Hk
+    GROUP = H // Hk
     off_b64 = off_b.to(tl.int64)
-    off_h64 = off_h.to(tl.int64)
     off_hk64 = off_hk.to(tl.int64)
+    D, Dv = _dims(D, Dv)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # -- rows: the (head of the group, query) pairs g * Lq + i, so the query heads sharing a kv
+    #    head share its K/V tiles (a decode step fills BLOCK_M rows with GROUP x Lq queries) --
+    n_rows = GROUP * Lq
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = rows % Lq  # query index
+    off_h64 = (off_hk * GROUP + rows // Lq).to(tl.int64)  # query head
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    mask_m = offs_m < Lq
-    mask_d = offs_d < D
-    mask_dv = offs_dv < Dv
 
-    q_base = Q + off_b64 * stride_qb + off_h64 * stride_qh
+    q_base = Q + off_b64 * stride_qb
+    q_rows = off_h64 * stride_qh + offs_m.to(tl.int64) * stride_qm
     if BLOCK_DC == BLOCK_D:
-        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        q = _ld(q_base + q_rows[:, None] + offs_d[None, :], rows, n_rows, offs_d, D, True, not EVEN)
+    else:
+        q = tl.zeros([BLOCK_M, BLOCK_D], dtype=Q.dtype.element_ty)  # unused
     k_base = K + off_b64 * stride_kb + off_hk64 * stride_kh
     v_base = V + off_b64 * stride_vb + off_hk64 * stride_vh
+    qk_scale = scale * LOG2E
 
-    # -- key range of this program --
-    n_lo, n_hi, klen = _attn_fwd_key_range(KLEN, off_b, pid_m, pid_s, CAUSAL_SHIFT, SPLIT_N, BLOCK_M)
+    # -- key range: [n_lo, n_hi) seen by some row, [n_lo, n_full) by every row of the tile --
+    r0 = pid_m * BLOCK_M
+    r1 = tl.minimum(r0 + BLOCK_M, n_rows) - 1
+    one_head = (r0 // Lq) == (r1 // Lq)
+    i_min = tl.where(one_head, r0 % Lq, 0)
+    i_max = tl.where(one_head, r1 % Lq, Lq - 1)
+    klen = tl.load(KLEN + off_b)
+    n_lo = pid_s * SPLIT_N
+    n_hi = tl.minimum(tl.minimum(klen, i_max + 1 + CAUSAL_SHIFT), n_lo + SPLIT_N)
+    n_free = tl.minimum(klen, i_min + CAUSAL_SHIFT + 1)
+    n_full = tl.maximum(n_lo + (tl.minimum(n_free, n_hi) - n_lo) // BLOCK_N * BLOCK_N, n_lo)
 
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for start_n in range(n_lo, n_hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        mask_n = offs_n < Lk
-        # -- scores --
-        if BLOCK_DC == BLOCK_D:
-            kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                         mask=mask_n[None, :] & mask_d[:, None], other=0.0)
-            s = _mma(q, kt, DOT_PRECISION) * scale
-        else:
-            s = _chunked_dot(q_base, stride_qm, stride_qd, offs_m, mask_m, k_base, stride_kn, stride_kd,
-                             offs_n, mask_n, D, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DC, DOT_PRECISION) * scale
-        allowed = (offs_n[None, :] < klen) & (offs_n[None, :] <= offs_m[:, None] + CAUSAL_SHIFT)
-        s = tl.where(allowed, s, -float("inf"))
-        # -- online softmax --
-        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
-        # -- P @ V --
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION)
+    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, q_base, q_rows, rows, n_rows, k_base, v_base, n_lo, n_full,
+                              offs_m, offs_n0, offs_d, offs_dv, klen, D, Dv, CAUSAL_SHIFT, qk_scale,
+                              stride_kn, stride_vn, False, EVEN, BLOCK_M, BLOCK_N, BLOCK_D,
+                              BLOCK_DV, BLOCK_DC, DOT_PRECISION)
+    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, q_base, q_rows, rows, n_rows, k_base, v_base, n_full, n_hi,
+                              offs_m, offs_n0, offs_d, offs_dv, klen, D, Dv, CAUSAL_SHIFT, qk_scale,
+                              stride_kn, stride_vn, True, EVEN, BLOCK_M, BLOCK_N, BLOCK_D,
+                              BLOCK_DV, BLOCK_DC, DOT_PRECISION)
 
-    # -- epilogue: empty rows give out = 0, lse = -inf --
-    _attn_fwd_epilogue(acc, m_i, l_i, Out, LSE, pid_s, off_b64, off_h64, offs_m, offs_dv, mask_m, mask_dv,
+    # -- epilogue: empty rows give out = 0, lse = -inf (m_i is in log2 units); the row heads
+    #    are recomputed here rather than kept live (as int64) across the loops --
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    off_h64 = (off_hk * GROUP + rows // Lq).to(tl.int64)
+    _attn_fwd_epilogue(acc, m_i * LN2, l_i, Out, LSE, pid_s, off_b64, off_h64, rows % Lq, offs_dv,
+                       rows < n_rows, offs_dv < Dv,
                        stride_os, stride_ob, stride_oh, stride_om, stride_od,
                        stride_ls, stride_lb, stride_lh, stride_lm, BLOCK_M)
 
@@ -192,6 +271,66 @@ def _attn_fwd_dot(Q, K, V, KLEN, Out, LSE,
 # ----------------------------------------------------------------------------------------
 # backward
 # ----------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_probs(qk, lse2, offs_m, offs_n, klen, CAUSAL_SHIFT, qk_scale, MASKED: tl.constexpr, TRANS: tl.constexpr):
+    """P (or P^T when TRANS: rows are keys) from raw scores, lse2 = lse * log2 e per query."""
+    if TRANS:
+        p = tl.math.exp2(qk * qk_scale - lse2[None, :])
+        if MASKED:
+            allowed = (offs_n[:, None] < klen) & (offs_n[:, None] <= offs_m[None, :] + CAUSAL_SHIFT)
+            p = tl.where(allowed, p, 0.0)
+    else:
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if MASKED:
+            allowed = (offs_n[None, :] < klen) & (offs_n[None, :] <= offs_m[:, None] + CAUSAL_SHIFT)
+            p = tl.where(allowed, p, 0.0)
+    return p
+
+
+@triton.jit
+def _dkdv_loop(dk_acc, dv_acc, k, v, q_base, do_base, k_base, v_base, LSE, Delta, row_base,
+               it_lo, it_hi, m_first, m_skip, m_second, offs_m0, offs_n, offs_n0, n_ok, offs_d, offs_dv,
+               klen, Lq, D, Dv, CAUSAL_SHIFT, qk_scale, stride_qm, stride_dom, stride_kn, stride_vn,
+               MASKED: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DC: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """Query tiles it_lo..it_hi of one key tile: tile t starts at m_first + t * BLOCK_M, and
+    tiles from index m_skip on jump to m_second (the masked loop covers the causal diagonal
+    tiles and the query tail with one body). Rows >= Lq load as 0 and contribute nothing."""
+    q_offs = offs_m0[:, None] * stride_qm + offs_d[None, :]
+    do_offs = offs_m0[:, None] * stride_dom + offs_dv[None, :]
+    for t in range(it_lo, it_hi):
+        if MASKED:
+            start_m = tl.where(t < m_skip, m_first + t * BLOCK_M, m_second + (t - m_skip) * BLOCK_M)
+        else:
+            start_m = m_first + t * BLOCK_M
+        offs_m = start_m + offs_m0
+        qb = q_base + tl.cast(start_m, tl.int64) * stride_qm
+        dob = do_base + tl.cast(start_m, tl.int64) * stride_dom
+        m_ok = Lq - start_m
+        if BLOCK_DC == BLOCK_D:
+            q = _ld(qb + q_offs, offs_m0, m_ok, offs_d, D, MASKED, not EVEN)
+            qkT = _mma(k, tl.trans(q), DOT_PRECISION)
+        else:
+            qkT = _chunked_dot(k_base, offs_n0 * stride_kn, offs_n0, n_ok, qb, offs_m0 * stride_qm, offs_m0, m_ok,
+                               D, BLOCK_N, BLOCK_M, BLOCK_D, BLOCK_DC, EVEN, DOT_PRECISION)
+        lse2 = tl.load(LSE + row_base + offs_m, mask=offs_m < Lq, other=0.0) * LOG2E
+        pT = _bwd_probs(qkT, lse2, offs_m, offs_n, klen, CAUSAL_SHIFT, qk_scale, MASKED, True)
+        do = _ld(dob + do_offs, offs_m0, m_ok, offs_dv, Dv, MASKED, not EVEN)
+        dv_acc = _mma_acc(pT.to(do.dtype), do, dv_acc, DOT_PRECISION)
+        if BLOCK_DC == BLOCK_D:
+            dpT = _mma(v, tl.trans(do), DOT_PRECISION)
+        else:
+            dpT = _chunked_dot(v_base, offs_n0 * stride_vn, offs_n0, n_ok, dob, offs_m0 * stride_dom, offs_m0,
+                               m_ok, Dv, BLOCK_N, BLOCK_M, BLOCK_DV, BLOCK_DC, EVEN, DOT_PRECISION)
+        delta = tl.load(Delta + row_base + offs_m, mask=offs_m < Lq, other=0.0)
+        dsT = pT * (dpT - delta[None, :])
+        if BLOCK_DC != BLOCK_D:
+            q = _ld(qb + q_offs, offs_m0, m_ok, offs_d, D, MASKED, not EVEN)
+        dk_acc = _mma_acc(dsT.to(q.dtype), q, dk_acc, DOT_PRECISION)
+    return dk_acc, dv_acc
+
+
 @triton.jit(do_not_specialize=SIZE_ARGS)
 def _attn_bwd_dkdv_dot(Q, K, V, KLEN, DO, LSE, Delta, DK, DV,
                        stride_qb, stride_qh, stride_qm, stride_qd,
@@ -202,11 +341,13 @@ def _attn_bwd_dkdv_dot(Q, K, V, KLEN, DO, LSE, Delta, DK, DV,
                        stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                        scale, H, Hk, Lq, Lk, D, Dv, CAUSAL_SHIFT,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_DV: tl.constexpr, BLOCK_DC: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       BLOCK_DV: tl.constexpr, BLOCK_DC: tl.constexpr, EVEN: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
     """One program: BLOCK_N keys of one (b, kv head); loops over the group's query heads and
     the query tiles that can see these keys. LSE and Delta are contiguous (B, H, Lq) float32.
-    BLOCK_DC < BLOCK_D: K and V are not kept in registers; Q K^T and dO V^T are summed over
-    D chunks."""
+    Query tiles strictly below the causal diagonal of a key tile that lies below key_lengths
+    run unmasked; the diagonal tiles, the query tail and key tiles crossing key_lengths run
+    masked. BLOCK_DC < BLOCK_D: K and V are not kept in registers."""
     tl.static_assert(BLOCK_M >= 16)
     tl.static_assert(BLOCK_N >= 16)
     tl.static_assert(BLOCK_D >= 16)
@@ -219,74 +360,106 @@ def _attn_bwd_dkdv_dot(Q, K, V, KLEN, DO, LSE, Delta, DK, DV,
     GROUP = H // Hk
     off_b64 = off_b.to(tl.int64)
     off_hk64 = off_hk.to(tl.int64)
+    D, Dv = _dims(D, Dv)
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    start_n = pid_n * BLOCK_N
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_n = start_n + offs_n0
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    mask_n = offs_n < Lk
-    mask_d = offs_d < D
-    mask_dv = offs_dv < Dv
-
-    k_base = K + off_b64 * stride_kb + off_hk64 * stride_kh
-    v_base = V + off_b64 * stride_vb + off_hk64 * stride_vh
-    if BLOCK_DC == BLOCK_D:
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
 
     klen = tl.load(KLEN + off_b)
-    m_lo = tl.maximum(pid_n * BLOCK_N - CAUSAL_SHIFT, 0)
-    m_lo = (m_lo // BLOCK_M) * BLOCK_M
-    m_hi = tl.where(pid_n * BLOCK_N < klen, Lq, 0)
+    n_ok = klen - start_n  # keys past key_lengths load as 0: their dK and dV are 0
+    k_base = K + off_b64 * stride_kb + off_hk64 * stride_kh + tl.cast(start_n, tl.int64) * stride_kn
+    v_base = V + off_b64 * stride_vb + off_hk64 * stride_vh + tl.cast(start_n, tl.int64) * stride_vn
+    if BLOCK_DC == BLOCK_D:
+        k = _ld(k_base + offs_n0[:, None] * stride_kn + offs_d[None, :], offs_n0, n_ok, offs_d, D,
+                True, not EVEN)
+        v = _ld(v_base + offs_n0[:, None] * stride_vn + offs_dv[None, :], offs_n0, n_ok, offs_dv, Dv,
+                True, not EVEN)
+    else:
+        k = tl.zeros([BLOCK_N, BLOCK_D], dtype=K.dtype.element_ty)  # unused
+        v = tl.zeros([BLOCK_N, BLOCK_DV], dtype=V.dtype.element_ty)
+
+    # -- query tiles: [m_lo, m_free) on the causal diagonal (masked), [m_free, m_tail) free,
+    #    [m_tail, Lq) the partial last tile (masked); all masked when the key tile crosses klen --
+    m_lo = tl.maximum(start_n - CAUSAL_SHIFT, 0) // BLOCK_M * BLOCK_M
+    m_hi = tl.where(start_n < klen, Lq, 0)
+    m_end = tl.maximum(m_lo, (m_hi + BLOCK_M - 1) // BLOCK_M * BLOCK_M)
+    # first query tile whose first row sees the tile's last key
+    m_free = tl.maximum(start_n + BLOCK_N - 1 - CAUSAL_SHIFT, 0)
+    m_free = tl.minimum(tl.maximum((m_free + BLOCK_M - 1) // BLOCK_M * BLOCK_M, m_lo), m_end)
+    m_tail = tl.maximum(m_free, m_hi // BLOCK_M * BLOCK_M)
+    if start_n + BLOCK_N > klen:
+        m_free = m_end  # the whole key tile is masked
+        m_tail = m_end
+    n_diag = (m_free - m_lo) // BLOCK_M
+    n_free = (m_tail - m_free) // BLOCK_M
+    n_tail = (m_end - m_tail) // BLOCK_M
 
     dk_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    qk_scale = scale * LOG2E
     for g in range(0, GROUP):
         off_h64 = (off_hk * GROUP + g).to(tl.int64)
         q_base = Q + off_b64 * stride_qb + off_h64 * stride_qh
         do_base = DO + off_b64 * stride_dob + off_h64 * stride_doh
         row_base = (off_b64 * H + off_h64) * Lq
-        for start_m in range(m_lo, m_hi, BLOCK_M):
-            offs_m = start_m + offs_m0
-            mask_m = offs_m < Lq
-            # -- scores and probabilities (recomputed) --
-            if BLOCK_DC == BLOCK_D:
-                q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                            mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-                s = _mma(q, tl.trans(k), DOT_PRECISION) * scale
-            else:
-                s = _chunked_dot(q_base, stride_qm, stride_qd, offs_m, mask_m, k_base, stride_kn, stride_kd,
-                                 offs_n, mask_n, D, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DC, DOT_PRECISION) * scale
-            allowed = ((offs_n[None, :] < klen) & (offs_n[None, :] <= offs_m[:, None] + CAUSAL_SHIFT)
-                       & mask_m[:, None])
-            lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0)
-            lse = tl.where(lse == -float("inf"), 0.0, lse)
-            p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
-            # -- dV, dS, dK --
-            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                         mask=mask_m[:, None] & mask_dv[None, :], other=0.0)
-            dv_acc += _mma(tl.trans(p.to(do.dtype)), do, DOT_PRECISION)
-            if BLOCK_DC == BLOCK_D:
-                dp = _mma(do, tl.trans(v), DOT_PRECISION)
-            else:
-                dp = _chunked_dot(do_base, stride_dom, stride_dod, offs_m, mask_m, v_base, stride_vn, stride_vd,
-                                  offs_n, mask_n, Dv, BLOCK_M, BLOCK_N, BLOCK_DV, BLOCK_DC, DOT_PRECISION)
-            delta = tl.load(Delta + row_base + offs_m, mask=mask_m, other=0.0)
-            ds = p * (dp - delta[:, None])
-            if BLOCK_DC != BLOCK_D:
-                q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                            mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-            dk_acc += _mma(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION)
+        dk_acc, dv_acc = _dkdv_loop(dk_acc, dv_acc, k, v, q_base, do_base, k_base, v_base, LSE, Delta, row_base,
+                                    0, n_free, m_free, 0, 0, offs_m0, offs_n, offs_n0, n_ok, offs_d, offs_dv,
+                                    klen, Lq, D, Dv, CAUSAL_SHIFT, qk_scale, stride_qm, stride_dom,
+                                    stride_kn, stride_vn, False, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+                                    BLOCK_DC, DOT_PRECISION)
+        dk_acc, dv_acc = _dkdv_loop(dk_acc, dv_acc, k, v, q_base, do_base, k_base, v_base, LSE, Delta, row_base,
+                                    0, n_diag + n_tail, m_lo, n_diag, m_tail, offs_m0, offs_n, offs_n0, n_ok,
+                                    offs_d, offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, qk_scale, stride_qm,
+                                    stride_dom, stride_kn, stride_vn, True, EVEN, BLOCK_M, BLOCK_N, BLOCK_D,
+                                    BLOCK_DV, BLOCK_DC, DOT_PRECISION)
 
     dk_acc = dk_acc * scale
-    tl.store(DK + off_b64 * stride_dkb + off_hk64 * stride_dkh + offs_n[:, None] * stride_dkn
-             + offs_d[None, :] * stride_dkd, dk_acc.to(DK.dtype.element_ty),
-             mask=mask_n[:, None] & mask_d[None, :])
-    tl.store(DV + off_b64 * stride_dvb + off_hk64 * stride_dvh + offs_n[:, None] * stride_dvn
-             + offs_dv[None, :] * stride_dvd, dv_acc.to(DV.dtype.element_ty),
-             mask=mask_n[:, None] & mask_dv[None, :])
+    dk_ptrs = (DK + off_b64 * stride_dkb + off_hk64 * stride_dkh + tl.cast(start_n, tl.int64) * stride_dkn
+               + offs_n0[:, None] * stride_dkn + offs_d[None, :])
+    dv_ptrs = (DV + off_b64 * stride_dvb + off_hk64 * stride_dvh + tl.cast(start_n, tl.int64) * stride_dvn
+               + offs_n0[:, None] * stride_dvn + offs_dv[None, :])
+    n_in = Lk - start_n
+    if EVEN:
+        tl.store(dk_ptrs, dk_acc.to(DK.dtype.element_ty), mask=offs_n0[:, None] < n_in)
+        tl.store(dv_ptrs, dv_acc.to(DV.dtype.element_ty), mask=offs_n0[:, None] < n_in)
+    else:
+        tl.store(dk_ptrs, dk_acc.to(DK.dtype.element_ty), mask=(offs_n0[:, None] < n_in) & (offs_d[None, :] < D))
+        tl.store(dv_ptrs, dv_acc.to(DV.dtype.element_ty),
+                 mask=(offs_n0[:, None] < n_in) & (offs_dv[None, :] < Dv))
+
+
+@triton.jit
+def _dq_loop(dq_acc, q, do, lse2, delta, q_base, do_base, k_base, v_base, lo, hi, offs_m, offs_n0,
+             offs_d, offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, qk_scale, stride_qm, stride_dom, stride_kn,
+             stride_vn, MASKED: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DC: tl.constexpr,
+             DOT_PRECISION: tl.constexpr):
+    k_offs = offs_n0[:, None] * stride_kn + offs_d[None, :]
+    v_offs = offs_n0[:, None] * stride_vn + offs_dv[None, :]
+    for start_n in range(lo, hi, BLOCK_N):
+        kb = k_base + tl.cast(start_n, tl.int64) * stride_kn
+        vb = v_base + tl.cast(start_n, tl.int64) * stride_vn
+        n_ok = klen - start_n
+        k = _ld(kb + k_offs, offs_n0, n_ok, offs_d, D, MASKED, not EVEN)
+        if BLOCK_DC == BLOCK_D:
+            qk = _mma(q, tl.trans(k), DOT_PRECISION)
+        else:
+            qk = _chunked_dot(q_base, offs_m.to(tl.int64) * stride_qm, offs_m, Lq, kb, offs_n0 * stride_kn, offs_n0,
+                              n_ok, D, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DC, EVEN, DOT_PRECISION)
+        p = _bwd_probs(qk, lse2, offs_m, start_n + offs_n0, klen, CAUSAL_SHIFT, qk_scale, MASKED, False)
+        if BLOCK_DC == BLOCK_D:
+            v = _ld(vb + v_offs, offs_n0, n_ok, offs_dv, Dv, MASKED, not EVEN)
+            dp = _mma(do, tl.trans(v), DOT_PRECISION)
+        else:
+            dp = _chunked_dot(do_base, offs_m.to(tl.int64) * stride_dom, offs_m, Lq, vb, offs_n0 * stride_vn,
+                              offs_n0, n_ok, Dv, BLOCK_M, BLOCK_N, BLOCK_DV, BLOCK_DC, EVEN, DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq_acc = _mma_acc(ds.to(k.dtype), k, dq_acc, DOT_PRECISION)
+    return dq_acc
 
 
 @triton.jit(do_not_specialize=SIZE_ARGS)
@@ -298,10 +471,10 @@ def _attn_bwd_dq_dot(Q, K, V, KLEN, DO, LSE, Delta, DQ,
                      stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                      scale, H, Hk, Lq, Lk, D, Dv, CAUSAL_SHIFT,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_DV: tl.constexpr, BLOCK_DC: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One program: BLOCK_M query rows of one (b, h); loops over the allowed key tiles.
-    BLOCK_DC < BLOCK_D: Q and dO are not kept in registers; Q K^T and dO V^T are summed over
-    D chunks."""
+                     BLOCK_DV: tl.constexpr, BLOCK_DC: tl.constexpr, EVEN: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    """One program: BLOCK_M query rows of one (b, h); loops over the allowed key tiles, the
+    ones every row sees unmasked. BLOCK_DC < BLOCK_D: Q and dO are not kept in registers."""
     tl.static_assert(BLOCK_M >= 16)
     tl.static_assert(BLOCK_N >= 16)
     tl.static_assert(BLOCK_D >= 16)
@@ -315,61 +488,52 @@ def _attn_bwd_dq_dot(Q, K, V, KLEN, DO, LSE, Delta, DQ,
     off_b64 = off_b.to(tl.int64)
     off_h64 = off_h.to(tl.int64)
     off_hk64 = off_hk.to(tl.int64)
+    D, Dv = _dims(D, Dv)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask_m = offs_m < Lq
-    mask_d = offs_d < D
-    mask_dv = offs_dv < Dv
 
     q_base = Q + off_b64 * stride_qb + off_h64 * stride_qh
     do_base = DO + off_b64 * stride_dob + off_h64 * stride_doh
     if BLOCK_DC == BLOCK_D:
-        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                     mask=mask_m[:, None] & mask_dv[None, :], other=0.0)
+        q = _ld(q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :], offs_m, Lq, offs_d, D,
+                True, not EVEN)
+        do = _ld(do_base + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :], offs_m, Lq, offs_dv, Dv,
+                 True, not EVEN)
+    else:
+        q = tl.zeros([BLOCK_M, BLOCK_D], dtype=Q.dtype.element_ty)  # unused
+        do = tl.zeros([BLOCK_M, BLOCK_DV], dtype=DO.dtype.element_ty)
     row_base = (off_b64 * H + off_h64) * Lq
-    lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0)
-    lse = tl.where(lse == -float("inf"), 0.0, lse)
+    lse2 = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0) * LOG2E
+    lse2 = tl.where(lse2 == -float("inf"), 0.0, lse2)
     delta = tl.load(Delta + row_base + offs_m, mask=mask_m, other=0.0)
     k_base = K + off_b64 * stride_kb + off_hk64 * stride_kh
     v_base = V + off_b64 * stride_vb + off_hk64 * stride_vh
 
     klen = tl.load(KLEN + off_b)
-    n_hi = tl.minimum(klen, (pid_m + 1) * BLOCK_M + CAUSAL_SHIFT)
+    n_hi = tl.minimum(klen, start_m + BLOCK_M + CAUSAL_SHIFT)
+    n_free = tl.minimum(klen, start_m + CAUSAL_SHIFT + 1)
+    n_full = tl.maximum(tl.minimum(n_free, n_hi) // BLOCK_N * BLOCK_N, 0)
+    qk_scale = scale * LOG2E
 
     dq_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, n_hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        mask_n = offs_n < Lk
-        # -- scores and probabilities (recomputed) --
-        if BLOCK_DC == BLOCK_D:
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            s = _mma(q, tl.trans(k), DOT_PRECISION) * scale
-        else:
-            s = _chunked_dot(q_base, stride_qm, stride_qd, offs_m, mask_m, k_base, stride_kn, stride_kd,
-                             offs_n, mask_n, D, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DC, DOT_PRECISION) * scale
-        allowed = ((offs_n[None, :] < klen) & (offs_n[None, :] <= offs_m[:, None] + CAUSAL_SHIFT)
-                   & mask_m[:, None])
-        p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
-        # -- dS, dQ --
-        if BLOCK_DC == BLOCK_D:
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                        mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
-            dp = _mma(do, tl.trans(v), DOT_PRECISION)
-        else:
-            dp = _chunked_dot(do_base, stride_dom, stride_dod, offs_m, mask_m, v_base, stride_vn, stride_vd,
-                              offs_n, mask_n, Dv, BLOCK_M, BLOCK_N, BLOCK_DV, BLOCK_DC, DOT_PRECISION)
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        ds = p * (dp - delta[:, None])
-        dq_acc += _mma(ds.to(k.dtype), k, DOT_PRECISION)
+    dq_acc = _dq_loop(dq_acc, q, do, lse2, delta, q_base, do_base, k_base, v_base, 0, n_full, offs_m, offs_n0,
+                      offs_d, offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, qk_scale, stride_qm, stride_dom,
+                      stride_kn, stride_vn, False, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_DC,
+                      DOT_PRECISION)
+    dq_acc = _dq_loop(dq_acc, q, do, lse2, delta, q_base, do_base, k_base, v_base, n_full, n_hi, offs_m,
+                      offs_n0, offs_d, offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, qk_scale, stride_qm,
+                      stride_dom, stride_kn, stride_vn, True, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+                      BLOCK_DC, DOT_PRECISION)
 
     dq_acc = dq_acc * scale
-    tl.store(DQ + off_b64 * stride_dqb + off_h64 * stride_dqh + offs_m[:, None] * stride_dqm
-             + offs_d[None, :] * stride_dqd, dq_acc.to(DQ.dtype.element_ty),
-             mask=mask_m[:, None] & mask_d[None, :])
+    dq_ptrs = (DQ + off_b64 * stride_dqb + off_h64 * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqm
+               + offs_d[None, :])
+    if EVEN:
+        tl.store(dq_ptrs, dq_acc.to(DQ.dtype.element_ty), mask=mask_m[:, None])
+    else:
+        tl.store(dq_ptrs, dq_acc.to(DQ.dtype.element_ty), mask=mask_m[:, None] & (offs_d[None, :] < D))

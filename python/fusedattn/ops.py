@@ -108,7 +108,8 @@ def _attn_fwd_impl(*args):
         B, H, Lq, _ = q.shape
         return (q.new_zeros(B, H, Lq, v.shape[-1]),
                 torch.full((B, H, Lq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device))
-    return backends.get(backend).forward(spec, q, k, v, w)
+    out, lse = backends.get(backend).forward(spec, q, k, v, w)
+    return out.contiguous(), lse.contiguous()     # the fake kernel's strides
 
 
 attn_fwd = torch.library.custom_op("fusedattn::attn_fwd", _attn_fwd_impl, mutates_args=(), schema=FWD_SCHEMA)
@@ -141,7 +142,9 @@ def _attn_bwd_impl(*args):
     else:
         g = backends.get(backend).backward(spec, dout, q, k, v, w, out, lse)
     dq, dk, dv, dw, drb = g
-    return dq, dk, dv, _none_as_empty(dw, q), _none_as_empty(drb, q)
+    # contiguous, as the fake kernel promises (torch.compile's inductor asserts the strides)
+    return (dq.contiguous(), dk.contiguous(), dv.contiguous(), _none_as_empty(dw, q).contiguous(),
+            _none_as_empty(drb, q).contiguous())
 
 
 attn_bwd = torch.library.custom_op("fusedattn::attn_bwd", _attn_bwd_impl, mutates_args=(), schema=BWD_SCHEMA)
@@ -150,9 +153,11 @@ attn_bwd = torch.library.custom_op("fusedattn::attn_bwd", _attn_bwd_impl, mutate
 @attn_bwd.register_fake
 def _(*args):
     dout, q, k, v, w, spec, out, lse, backend = _split_bwd(args)
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            q.new_empty(0) if w is None else torch.empty_like(w),
-            q.new_empty(0) if spec.rel_bias is None else torch.empty_like(spec.rel_bias))
+    c = torch.contiguous_format
+    return (torch.empty_like(q, memory_format=c), torch.empty_like(k, memory_format=c),
+            torch.empty_like(v, memory_format=c),
+            q.new_empty(0) if w is None else torch.empty_like(w, memory_format=c),
+            q.new_empty(0) if spec.rel_bias is None else torch.empty_like(spec.rel_bias, memory_format=c))
 
 
 # ---------------------------------------------------------------------------- autograd

@@ -5,9 +5,16 @@ kernels were imported (the interpreter; used by the tests). Importing this modul
 triton and the kernels but never queries a GPU.
 
 Host code only: checks, strides, scratch buffers, grids and launches. Per call the
-launchers pick a configuration deterministically from the padded head widths, the dtype and
-whether the call is a decode step (``Lq <= 16``); ``fusedattn.tools.gpu_compile_check``
-compiles every configuration these pickers can return.
+launchers pick a configuration deterministically from the padded head widths, the dtype, the
+compute capability and whether the call is a decode step (``Lq <= 16``);
+``fusedattn.tools.gpu_compile_check`` compiles every configuration these pickers can return.
+
+What the launchers do not do: copy K and V to zero keys past ``key_lengths`` (the kernels
+mask them), or rebuild the additive key table while the same key tensor comes back
+(``_key_table``). Inputs are copied only when they break the launch contract (``_aligned``:
+misaligned, a head dim that is not a multiple of 8, a row stride too large for int32 tile
+offsets). The dot forward runs one program per (batch, kv head) over the rows of all the
+query heads that share it, so a GQA decode step reads each K/V tile once per group.
 """
 from __future__ import annotations
 
@@ -21,7 +28,6 @@ from fusedattn.kernels import additive as _add
 from fusedattn.kernels import dot as _dot
 from fusedattn.kernels.common import _attn_bwd_preprocess, _attn_fwd_merge
 
-from .. import reference
 from .base import Backend
 
 DECODE_MAX_LQ = 16
@@ -61,16 +67,26 @@ def check_grid(q: torch.Tensor, k: torch.Tensor) -> None:
                          f"split the batch")
 
 
+def _arch(device: torch.device) -> int:
+    """Compute capability as 80, 90, ... (the interpreter: 90, an H100)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 90
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 132  # the interpreter: behave like an H100
 
 
-def num_splits_for(B: int, H: int, Lq: int, Lk: int, block_m: int, block_n: int, device) -> int:
-    """Flash-decoding split count: >1 only for Lq <= 16 when B*H*m_tiles programs would
-    leave the GPU idle; each split keeps at least one key tile."""
-    if Lq > DECODE_MAX_LQ:
+def num_splits_for(B: int, H: int, Lq: int, Lk: int, block_m: int, block_n: int, device,
+                   decode: Optional[bool] = None) -> int:
+    """Flash-decoding split count: >1 only for decode steps (Lq <= 16, or ``decode``) when
+    B*H*m_tiles programs would leave the GPU idle; each split keeps at least one key tile.
+    H and Lq are the program heads and rows (the dot kernel: Hk and H / Hk * Lq)."""
+    if not (Lq <= DECODE_MAX_LQ if decode is None else decode):
         return 1
     programs = B * H * triton.cdiv(Lq, block_m)
     n_tiles = triton.cdiv(Lk, block_n)
@@ -117,12 +133,13 @@ class TritonBackend(Backend):
     # -- backward ---------------------------------------------------------------
     def additive_backward(self, dout, q, k, v, w, key_lengths, causal, out, lse):
         check_grid(q, k)
-        k, v = _zero_padding(k, v, key_lengths)
-        q, k, v, w, dout, out = _aligned(q, k, v, w, dout, out)
+        A_user, Dv_user, w_dtype = q.shape[-1], v.shape[-1], w.dtype
+        q, k, v, w, dout, out = _aligned(q, k, v, w.float(), dout, out)
         B, H, Lq, A = q.shape
         _, Hk, Lk, Dv = v.shape
         # the backward walks Dv in chunks (64 columns, 32 for float32)
-        BLOCK_DV = min(BWD_DV_CHUNK // (2 if q.dtype == torch.float32 else 1), block_dim(Dv))
+        # (at least 32 columns: the 16-column variant spills on sm_80)
+        BLOCK_DV = max(32, min(BWD_DV_CHUNK // (2 if q.dtype == torch.float32 else 1), block_dim(Dv)))
         if interpreting():
             cfg_kv = cfg_q = dict(_add.INTERPRET_CONFIG)
         else:
@@ -130,9 +147,9 @@ class TritonBackend(Backend):
         klen = _klen(key_lengths, B, Lk, q.device)
         shift = _causal_shift(causal, Lq, Lk)
         lse = _flat(lse)
-        delta = _delta(out, dout)
-        eq, qmax = _exp_table(q)
-        ek, kmax = _exp_table(k)
+        delta = _delta(out, dout, delta_shape(cfg_q, BLOCK_DV, BLOCK_DV, q.dtype == torch.float32))
+        eq, qmax = _exp_table(q, torch.full((B,), Lq, dtype=torch.int32, device=q.device))
+        ek, kmax = _key_table(k, klen, key_lengths)
         dkt = torch.zeros(B, Hk, A, _pad(Lk), dtype=torch.float32, device=q.device)
         dv32 = torch.zeros(B, Hk, _pad(Lk), triton.cdiv(Dv, BLOCK_DV) * BLOCK_DV, dtype=torch.float32,
                            device=q.device)
@@ -155,17 +172,17 @@ class TritonBackend(Backend):
             *dqt.stride()[:3],
             H, Hk, Lq, Lk, A, Dv, shift,
             BLOCK_DV=BLOCK_DV, **cfg_q, **common, **LAUNCH_OPTS)
-        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        dq.copy_(dqt[..., :Lq].transpose(-1, -2))
-        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-        dk.copy_(dkt[..., :Lk].transpose(-1, -2))
-        dv = dv32[:, :, :Lk, :Dv].to(v.dtype).contiguous()
-        dw = dwt[..., :Lq].sum(dim=(0, 3))  # per-row partials (zero in the padding) summed in a fixed order
-        return dq, dk, dv, dw.to(w.dtype)
+        dq = torch.empty(*q.shape[:-1], A_user, dtype=q.dtype, device=q.device)
+        dq.copy_(dqt[:, :, :A_user, :Lq].transpose(-1, -2))
+        dk = torch.empty(*k.shape[:-1], A_user, dtype=k.dtype, device=k.device)
+        dk.copy_(dkt[:, :, :A_user, :Lk].transpose(-1, -2))
+        dv = dv32[:, :, :Lk, :Dv_user].to(v.dtype).contiguous()
+        dw = dwt[:, :, :A_user, :Lq].sum(dim=(0, 3))  # per-row partials (zero in the padding), fixed order
+        return dq, dk, dv, dw.to(w_dtype)
 
     def dot_backward(self, dout, q, k, v, key_lengths, scale, causal, out, lse):
         check_grid(q, k)
-        k, v = _zero_padding(k, v, key_lengths)
+        D_user, Dv_user = q.shape[-1], v.shape[-1]
         q, k, v, dout, out = _aligned(q, k, v, dout, out)
         B, H, Lq, D = q.shape
         _, Hk, Lk, Dv = v.shape
@@ -173,15 +190,17 @@ class TritonBackend(Backend):
         if interpreting():
             cfg_kv = cfg_q = _dot.interpret_config(BLOCK_D, BLOCK_DV, False)
         else:
-            cfg_kv, cfg_q = _dot.prune_bwd_configs(BLOCK_D, BLOCK_DV, q.dtype == torch.float32)
+            cfg_kv, cfg_q = _dot.prune_bwd_configs(BLOCK_D, BLOCK_DV, q.dtype == torch.float32,
+                                                   _arch(q.device))
         klen = _klen(key_lengths, B, Lk, q.device)
         shift = _causal_shift(causal, Lq, Lk)
         lse = _flat(lse)
-        delta = _delta(out, dout)
+        delta = _delta(out, dout, delta_shape(cfg_q, BLOCK_DV, cfg_q["BLOCK_DC"], q.dtype == torch.float32))
         dq = _empty_aligned(*q.shape, dtype=q.dtype, device=q.device)
         dk = _empty_aligned(*k.shape, dtype=k.dtype, device=k.device)
         dv = _empty_aligned(*v.shape, dtype=v.dtype, device=v.device)
-        common = dict(BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, DOT_PRECISION=dot_precision(q.dtype))
+        common = dict(BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, EVEN=D == BLOCK_D and Dv == BLOCK_DV,
+                      DOT_PRECISION=dot_precision(q.dtype))
         grid = (triton.cdiv(Lk, cfg_kv["BLOCK_N"]), B * Hk)
         _dot._attn_bwd_dkdv_dot[grid](
             q, k, v, klen, dout, lse, delta, dk, dv,
@@ -192,21 +211,12 @@ class TritonBackend(Backend):
             q, k, v, klen, dout, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
             float(scale), H, Hk, Lq, Lk, D, Dv, shift, **cfg_q, **common, **LAUNCH_OPTS)
-        return dq.contiguous(), dk.contiguous(), dv.contiguous()
+        return (dq[..., :D_user].contiguous(), dk[..., :D_user].contiguous(), dv[..., :Dv_user].contiguous())
 
 
 def _pad(n: int) -> int:
     """Row padding of the exp tables and gradient scratch (>= every BLOCK_M/BLOCK_N)."""
     return (n + 127) // 128 * 128
-
-
-def _zero_padding(k, v, key_lengths):
-    """Keys and values past key_lengths are never used, whatever they hold (even NaN or inf):
-    the tiles load rows up to Lk, so the padded rows are replaced by zeros first (an O(Lk D)
-    copy, only when key_lengths is given)."""
-    if key_lengths is None:
-        return k, v
-    return reference.zero_padding(k, key_lengths), reference.zero_padding(v, key_lengths)
 
 
 ALIGN = 16  # elements: every stride the kernels see is a multiple of this (see kernels.common)
@@ -217,7 +227,7 @@ def _round_up(n: int, m: int = ALIGN) -> int:
 
 
 def _is_aligned(t: torch.Tensor) -> bool:
-    return (t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+    return (t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and t.shape[-1] % 8 == 0
             and all(s % ALIGN == 0 for s in t.stride()[:-1]))
 
 
@@ -230,19 +240,39 @@ def _empty_aligned(*shape: int, dtype, device) -> torch.Tensor:
 
 def _aligned(*ts: torch.Tensor):
     """The kernels' launch contract (``kernels.common.SIZE_ARGS``): 16-byte aligned pointers,
-    unit last stride, every other stride a multiple of 16 elements. A tensor that meets it is
-    passed as is (strides of size-1 dimensions, never used, are set to 0); any other tensor
-    (a contiguous D = 40, a sliced or transposed view) is copied into a padded buffer, an
-    O(L D) copy like FlashAttention's padding of the head dimension."""
+    unit last stride, every other stride a multiple of 16 elements, and a last dimension that
+    is a multiple of 8. A tensor that meets it is passed as is (strides of size-1 dimensions,
+    never used, are set to 0); any other tensor (a contiguous D = 40, a sliced or transposed
+    view, D = 17) is copied into a padded buffer whose last dimension is rounded up to a
+    multiple of 8 with zeros (an O(L D) copy like FlashAttention's padding of the head
+    dimension): the kernels' head-dim masks then cover 8 elements (16 bytes at 16 bits) at
+    a time, so even masked loads are 128-bit. Callers slice results back to the user width."""
     out = []
     for t in ts:
         if t.dim() > 1 and any(n == 1 for n in t.shape[:-1]):
             t = t.as_strided(t.shape, [0 if n == 1 else st for n, st in zip(t.shape[:-1], t.stride()[:-1])]
                              + [t.stride(-1) if t.shape[-1] > 1 else 1])
-        if not _is_aligned(t):
-            t = _empty_aligned(*t.shape, dtype=t.dtype, device=t.device).copy_(t)
+        if not (_is_aligned(t) and fits_int32_tile_offsets(t)):
+            d = t.shape[-1]
+            buf = _empty_aligned(*t.shape[:-1], _round_up(d, 8), dtype=t.dtype, device=t.device)
+            if d % 8:
+                buf[..., d:].zero_()
+            buf[..., :d].copy_(t)
+            t = buf
         out.append(t)
     return tuple(out)
+
+
+MAX_TILE_ROWS = 256  # the largest BLOCK_M / BLOCK_N of any config
+
+
+def fits_int32_tile_offsets(t: torch.Tensor) -> bool:
+    """The kernels form a 64-bit base pointer per (batch, head, tile start) and int32 offsets
+    inside a tile: ``row * stride(-2) + column`` for row < MAX_TILE_ROWS. True when that stays
+    below 2^31, so a view whose total extent is far beyond 2^31 elements (Lk = 512K keys of
+    32 heads x 128 in a (B, L, H, D) buffer) runs as is; a view with a larger row stride is
+    copied by ``_aligned``. Looks at strides only: works on meta tensors (no storage)."""
+    return t.dim() < 2 or abs(t.stride(-2)) * MAX_TILE_ROWS + t.shape[-1] < 2 ** 31
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -252,43 +282,79 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
-def _exp_table(x: torch.Tensor):
-    """(E, XMAX): E = exp(2 clamp(x, +-40)) as float32 (B, Hx, A, L padded to 16), transposed;
-    XMAX = max_a |x| as float32 (B, Hx, L)."""
+def _exp_table(x: torch.Tensor, xlen: torch.Tensor):
+    """(T, XMAX): T (B, Hx, 2A, L padded to 128) float32, transposed: rows a < A hold
+    exp(2 clamp(x, +-40)), rows A + a hold x; XMAX = max_a |x| as float32 (B, Hx, L). Rows at
+    or past xlen[b] (int32 per batch) read as x = 0. The launcher checks 2A x padded L < 2^31
+    (the kernels index one (batch, head) table with int32 offsets)."""
     B, Hx, L, A = x.shape
-    et = torch.empty(B, Hx, A, _pad(L), dtype=torch.float32, device=x.device)
+    et = torch.empty(B, Hx, 2 * A, _pad(L), dtype=torch.float32, device=x.device)
+    if 2 * A * et.shape[-1] >= 2 ** 31:
+        raise ValueError(f"triton backend: additive attention over {L} positions x {A} features per head "
+                         f"exceeds the 2^31-element table limit (x shape {tuple(x.shape)})")
     xmax = torch.empty(B, Hx, L, dtype=torch.float32, device=x.device)
     BLOCK_L, BLOCK_A = 64, min(64, block_dim(A))
     _add._attn_exp_table[(et.shape[-1] // BLOCK_L, B * Hx)](
-        x, et, xmax, *x.stride(), *et.stride()[:3], Hx, L, A,
+        x, et, xmax, xlen, *x.stride(), *et.stride()[:3], Hx, L, A,
         BLOCK_L=BLOCK_L, BLOCK_A=BLOCK_A, num_warps=4, **LAUNCH_OPTS)
     return et, xmax
 
 
-def preprocess_block_m(BLOCK_DV: int) -> int:
-    """Rows per program of the delta kernel: at most 4096 elements per tile."""
-    return min(64, 4096 // BLOCK_DV)
+_TABLE_CACHE: list = []  # [(weakref to the key tensor's root, signature, (table, xmax))], most recent last
+TABLE_CACHE_SIZE = 2
 
 
-def _delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
-    """delta = rowsum(dO * O) in float32, contiguous (B, H, Lq)."""
+def _key_table(k: torch.Tensor, klen: torch.Tensor, key_lengths: Optional[torch.Tensor]):
+    """``_exp_table`` of the keys, reused while the same key tensor (same storage, view and
+    version counter, i.e. not modified in place) comes back with the same key_lengths tensor
+    (or none): a decoder attending to a fixed encoder memory builds the table once, not at
+    every step. At most TABLE_CACHE_SIZE tables are kept; an entry dies with its tensors (weak
+    references), and no device value is read (no synchronization)."""
+    import weakref
+    root = k._base if k._base is not None else k
+    kl = key_lengths if key_lengths is None or key_lengths._base is None else key_lengths._base
+    sig = (k.data_ptr(), k.storage_offset(), tuple(k.shape), tuple(k.stride()), k.dtype, k.device, k._version,
+           None if kl is None else (key_lengths.data_ptr(), tuple(key_lengths.shape), key_lengths._version))
+    for i, (refs, s, val) in enumerate(_TABLE_CACHE):
+        if s == sig and refs[0]() is root and (kl is None or refs[1]() is kl):
+            _TABLE_CACHE.append(_TABLE_CACHE.pop(i))
+            return val
+    val = _exp_table(k, klen)
+    _TABLE_CACHE.append(((weakref.ref(root), None if kl is None else weakref.ref(kl)), sig, val))
+    del _TABLE_CACHE[:-TABLE_CACHE_SIZE]
+    return val
+
+
+def delta_shape(bwd_cfg: dict, width: int, chunk: int, fp32: bool) -> dict:
+    """(ROWS, COLS, CHUNK) of the delta kernel for a dQ kernel config: its BLOCK_M x BLOCK_N
+    tile (COLS at least ROWS) under the interpreter, whose numpy matmul may round by shape; a
+    fixed 64 x 64 (32 x 32 above 128 columns, or above 64 for float32) on the GPU, where an MMA's result per
+    element does not depend on the tile shape. CHUNK: the dP products' K step (the dot
+    kernels' BLOCK_DC, the additive kernels' Dv chunk), at most ``width``."""
+    if interpreting():
+        rows = bwd_cfg["BLOCK_M"]
+        return dict(ROWS=rows, COLS=max(rows, bwd_cfg["BLOCK_N"]), CHUNK=min(chunk, width))
+    rows = 32 if (fp32 and width > 64) or width > 128 else 64
+    return dict(ROWS=rows, COLS=rows, CHUNK=min(chunk, width))
+
+
+def _delta(out: torch.Tensor, dout: torch.Tensor, shape: dict) -> torch.Tensor:
+    """delta = rowsum(dO * O) in float32, contiguous (B, H, Lq), with the dP arithmetic."""
     B, H, Lq, Dv = out.shape
     delta = torch.empty(B, H, Lq, dtype=torch.float32, device=out.device)
-    BLOCK_DV = block_dim(Dv)
-    BLOCK_M = preprocess_block_m(BLOCK_DV)
-    _attn_bwd_preprocess[(triton.cdiv(Lq, BLOCK_M), B * H)](
+    _attn_bwd_preprocess[(triton.cdiv(Lq, shape["ROWS"]), B * H)](
         out, dout, delta, *out.stride(), *dout.stride(), H, Lq, Dv,
-        BLOCK_M=BLOCK_M, BLOCK_DV=BLOCK_DV, num_warps=4, **LAUNCH_OPTS)
+        **shape, DOT_PRECISION=dot_precision(out.dtype), num_warps=4, **LAUNCH_OPTS)
     return delta
 
 
 def _forward(score, q, k, v, w, key_lengths, scale, causal, num_splits):
     """Shared forward launcher: single pass, or flash-decoding splits + LSE merge."""
     check_grid(q, k)
-    k, v = _zero_padding(k, v, key_lengths)
+    Dv_user = v.shape[-1]
     q, k, v = _aligned(q, k, v)
     if w is not None:
-        (w,) = _aligned(w)
+        (w,) = _aligned(w.float())  # float32: 4-byte loads, one per column
     B, H, Lq, D = q.shape
     _, Hk, Lk, Dv = v.shape
     BLOCK_D, BLOCK_DV = block_dim(D), block_dim(Dv)
@@ -303,9 +369,12 @@ def _forward(score, q, k, v, w, key_lengths, scale, causal, num_splits):
     elif score == "additive":
         cfg = _add.prune_fwd_config(BLOCK_DV, q.dtype == torch.float32, decode)
     else:
-        cfg = _dot.prune_fwd_config(BLOCK_D, BLOCK_DV, q.dtype == torch.float32, decode)
+        cfg = _dot.prune_fwd_config(BLOCK_D, BLOCK_DV, q.dtype == torch.float32, decode, _arch(q.device))
+    # the dot kernel's rows are (query head of a kv group, query) pairs: B * Hk programs of
+    # H / Hk * Lq rows each, so a GQA decode step shares each K/V tile among the group's heads
+    heads, rows = (Hk, H // Hk * Lq) if score == "dot" else (H, Lq)
     if num_splits is None:
-        num_splits = num_splits_for(B, H, Lq, Lk, cfg["BLOCK_M"], cfg["BLOCK_N"], q.device)
+        num_splits = num_splits_for(B, heads, rows, Lk, cfg["BLOCK_M"], cfg["BLOCK_N"], q.device, decode)
     n_tiles = triton.cdiv(Lk, cfg["BLOCK_N"])
     num_splits = max(1, min(int(num_splits), n_tiles))
     split_n = triton.cdiv(n_tiles, num_splits) * cfg["BLOCK_N"]
@@ -323,10 +392,10 @@ def _forward(score, q, k, v, w, key_lengths, scale, causal, num_splits):
         stride_os, stride_ls = o_buf.stride(0), l_buf.stride(0)
     o_strides = o_buf.stride()[-4:]
     l_strides = l_buf.stride()[-3:]
-    grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H, num_splits)
+    grid = (triton.cdiv(rows, cfg["BLOCK_M"]), B * heads, num_splits)
     if score == "additive":
-        eq, qmax = _exp_table(q)
-        ek, kmax = _exp_table(k)
+        eq, qmax = _exp_table(q, torch.full((B,), Lq, dtype=torch.int32, device=q.device))
+        ek, kmax = _key_table(k, klen, key_lengths)
         _add._attn_fwd_additive[grid](
             q, k, v, w, eq, ek, qmax, kmax, klen, o_buf, l_buf,
             *q.stride(), *k.stride(), *v.stride(), *w.stride(),
@@ -341,9 +410,10 @@ def _forward(score, q, k, v, w, key_lengths, scale, causal, num_splits):
             *q.stride(), *k.stride(), *v.stride(),
             stride_os, *o_strides, stride_ls, *l_strides,
             float(scale), H, Hk, Lq, Lk, D, Dv, shift, split_n,
-            BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, DOT_PRECISION=dot_precision(q.dtype), **cfg, **LAUNCH_OPTS)
+            BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, EVEN=D == BLOCK_D and Dv == BLOCK_DV,
+            DOT_PRECISION=dot_precision(q.dtype), **cfg, **LAUNCH_OPTS)
     if num_splits > 1:
         _attn_fwd_merge[(Lq, B * H)](
             o_buf, l_buf, out, lse, *o_buf.stride(), *l_buf.stride(), *out.stride(), *lse.stride(),
             H, Lq, Dv, num_splits, BLOCK_DV=BLOCK_DV, num_warps=1, **LAUNCH_OPTS)
-    return out.contiguous(), lse.contiguous()
+    return out[..., :Dv_user].contiguous(), lse.contiguous()

@@ -3,18 +3,19 @@
 ``load_counts(dtype, shapes)`` compiles (without a GPU, through
 ``fusedattn.tools.gpu_compile_check.compile_one``) the kernels each benchmarked pass launches,
 for sm_90, in the benchmark's dtype and head widths, and returns
-``({(score, pass): counts}, note)``. ``counts`` holds ``mufu_per_elem`` and ``instr_per_elem``
-(per lane per score element: per (i, j, a) triple for additive kernels, per (i, j) pair for
-dot kernels; ``per`` says which) summed over the kernels of the pass: forward =
-``_attn_fwd_*``; forward + backward adds ``_attn_bwd_dkdv_*`` and ``_attn_bwd_dq_*`` (each
-visits every element once). O(L) prologue/epilogue kernels are left out.
+``({(score, pass): counts}, note)``. ``counts`` holds ``mufu_per_elem``, ``instr_per_elem``
+and ``tensor_flops_per_elem`` (per lane per score element: per (i, j, a) triple for additive
+kernels, per (i, j) pair for dot kernels; ``per`` says which) summed over the kernels of the
+pass: forward = ``_attn_fwd_*``; forward + backward adds ``_attn_bwd_dkdv_*`` and
+``_attn_bwd_dq_*`` (each visits every element once). O(L) prologue/epilogue kernels are left
+out.
 
-Which SASS loops count: every innermost loop that issues MUFU, except, in additive kernels,
-the "direct" loops (they also issue ``MUFU.EX2``: the direct-tanh fallback taken only for tiles
-whose pre-activations exceed the exp-factorized range, |x| beyond 40) and the "fast" loop right
-after a "mixed" one (the ``A % SOFT_RCP`` tail columns of a score loop whose main loop is the
-mixed one). The loop kinds come from the compile check, which infers them from the MUFU mix;
-the rule follows the kernels' design (issue 3), and if a kernel changes shape it can mislead.
+The per-kernel figures are the compile check's amortized ones (``instr_per_elem_amortized``,
+``mufu_per_elem``): the main SASS loop plus the per-tile work around it spread over the tile
+(for additive kernels at A = the benchmark's feature width), of the EVEN variant (head dims
+equal to the padded block: no head-dim masks). The direct-tanh fallback loops are left out
+(see ``gpu_compile_check.amortized``). ``loop_counts`` is the older innermost-loop-only rule,
+kept for comparison.
 
 Results are cached under ``~/.cache/fusedattn/`` keyed by the kernel sources, the compile
 check and the triton version (the compiles take about a minute). On any failure the counts are
@@ -70,13 +71,15 @@ def loop_counts(score: str, loops: list[dict]) -> tuple[float, float]:
 
 def _compile_counts(dtype: str, shapes: dict) -> dict:
     from fusedattn.tools import gpu_compile_check as gcc
+
+    from .gpu_model import tensor_flops_per_elem
     tdt = TRITON_DTYPE[dtype]
     wanted = {k for ks in KERNELS.values() for k in ks}
     # per kernel: the variant with the head-width tile that serves these shapes: BLOCK_DV equal to
     # Dv rounded up to a power of two, else the widest BLOCK_DV below it (a launcher that loops
     # over Dv in chunks); for dot kernels BLOCK_D must match D too
     best: dict = {}
-    for v in gcc.variants(quick=False):
+    for v in gcc.variants(quick=False, arch=ARCH):
         if v["kernel"] not in wanted or v["dtype"] != tdt or v["variant"] != "":
             continue
         score = "additive" if v["kernel"].endswith("additive") else "dot"
@@ -89,11 +92,17 @@ def _compile_counts(dtype: str, shapes: dict) -> dict:
     rows = {}
     for name, (_, v, score) in best.items():
         cfg = v["config"]
+        s = shapes[score]
+        if score == "additive":
+            v = dict(v, head_dim=s["D"])  # amortize the per-tile work over the benchmark's A
         r = gcc.compile_one(v, ARCH)
-        if r["error"]:
-            raise RuntimeError(f"{v['kernel']} failed to compile for sm_{ARCH}: {r['error'][:200]}")
-        mufu, instr = loop_counts(score, r["loops"])
-        rows[name] = {"mufu_per_elem": mufu, "instr_per_elem": instr, "regs": r["regs"],
+        if r["error"] or r["instr_per_elem_amortized"] is None:
+            why = (r["error"] or "no loop")[:200]
+            raise RuntimeError(f"{v['kernel']} failed to compile for sm_{ARCH}: {why}")
+        kpass = "fwd" if "_fwd_" in name else "dkdv" if "dkdv" in name else "dq"
+        rows[name] = {"mufu_per_elem": r["mufu_per_elem"], "instr_per_elem": r["instr_per_elem_amortized"],
+                      "tensor_flops_per_elem": tensor_flops_per_elem(score, kpass, s["D"], s["Dv"], s["D"]),
+                      "regs": r["regs"], "ctas_per_sm": r["ctas_per_sm"],
                       "config": {k: cfg[k] for k in cfg if k.startswith(("BLOCK", "num_"))}}
     out = {}
     for (score, pass_), kernels in KERNELS.items():
@@ -103,9 +112,10 @@ def _compile_counts(dtype: str, shapes: dict) -> dict:
         out[f"{score}|{pass_}"] = {
             "mufu_per_elem": round(sum(rows[k]["mufu_per_elem"] for k in kernels), 3),
             "instr_per_elem": round(sum(rows[k]["instr_per_elem"] for k in kernels), 2),
+            "tensor_flops_per_elem": round(sum(rows[k]["tensor_flops_per_elem"] for k in kernels), 3),
             "per": "triple" if score == "additive" else "pair",
             "kernels": {k: rows[k] for k in kernels},
-            "source": f"gpu_compile_check sm_{ARCH} {tdt}"}
+            "source": f"gpu_compile_check sm_{ARCH} {tdt} (amortized)"}
     return out
 
 

@@ -1,18 +1,33 @@
 """Ahead-of-time compile check of every Triton kernel variant the triton backend can launch.
 
 No GPU is needed: each (kernel, configuration, dtype, constexpr variant) that the launchers in
-``fusedattn.backends.triton_backend`` can pick is compiled with ``triton.compile`` for each
-requested CUDA architecture; resources are read from the cubin with the ``cuobjdump`` shipped
-in the triton wheel.
+``fusedattn.backends.triton_backend`` can pick on an architecture is compiled with
+``triton.compile`` for that CUDA architecture; resources and SASS are read from the cubin with
+the ``cuobjdump`` shipped in the triton wheel.
 
 Command line::
 
-    python -m fusedattn.tools.gpu_compile_check --arch 80 90 [--quick] [--jobs N] [--json PATH]
+    python -m fusedattn.tools.gpu_compile_check --arch 80 90 [--quick] [--jobs N] [--only NAME ...]
+        [--json PATH] [--sass-dir DIR]
 
 prints one row per compile and exits non-zero on a compile error, any spill (STACK or LOCAL
 > 0), more than 255 registers, or shared memory above the arch limit (sm_80: 163 KB,
 sm_90: 227 KB per block). ``--quick`` compiles a reduced set (fp16 and fp32; head widths
-64 and 256) for CI.
+64 and 256). ``--sass-dir`` writes one ``.sass`` file per compile; ``--json`` writes the rows
+with exactly the fields of ``JSON_FIELDS``:
+
+- ``kernel``, ``arch``, ``dtype`` ("fp16" | "bf16" | "fp32"), ``variant`` ("", "decode",
+  "decode-split"; "+hdmask" for the dot kernels' head-dim-masked form), ``config`` (the
+  constexprs and ``num_warps``/``num_stages``/``maxnreg``), ``head_dim`` (BLOCK_D for dot
+  kernels; for additive kernels the A over which the per-tile work is amortized: 128),
+- ``regs``, ``spill_bytes`` (stack + local), ``shared`` (bytes of dynamic shared memory),
+  ``ctas_per_sm`` (resident CTAs by registers, threads and shared memory),
+- ``instr_per_elem_loop``, ``overhead_instr_per_tile``, ``instr_per_elem_amortized``,
+  ``mufu_per_elem``: per score element (an (i, j) pair for dot kernels, an (i, j, a) triple
+  for additive ones) per thread; see ``amortized`` for the rule,
+- ``global_loads``: global load instructions by width in the whole SASS (``2B``, ``4B``,
+  ``8B``, ``16B``; ``cp.async`` = LDGSTS; ``tma`` = UTMALDG/UBLKCP),
+- ``sass`` (the file name under ``--sass-dir``) and ``error`` (None or the compile error).
 
 Each kernel is compiled with the one specialization the launchers produce (the launch
 contract in ``fusedattn.kernels.common``): pointers 16-byte aligned and strides divisible by 16
@@ -27,30 +42,19 @@ Python API (for benchmarks / GPU models)::
     from fusedattn.tools.gpu_compile_check import compile_rows
     rows = compile_rows(archs=(80, 90), quick=False, jobs=2)
 
-returns a list of dicts, one per compile, with keys
+returns the full rows: the JSON fields plus ``stack``, ``local``, ``shared_static``, ``mufu``
+({kind: count} over the whole SASS), ``loops`` (one dict per innermost SASS loop that issues
+MUFU instructions: ``instr``, ``mufu``, ``span`` and ``parent`` (addresses of the loop and of
+its enclosing loop), ``kind``, ``elems``, ``instr_per_elem``, ``mufu_per_elem``) and
+``problems``.
 
-- ``kernel`` (str, the @triton.jit function name), ``arch`` (int, e.g. 90), ``dtype``
-  ("fp16" | "bf16" | "fp32"), ``variant`` (str, e.g. "decode-split"), ``config`` (dict of the
-  constexprs and ``num_warps``/``num_stages``),
-- ``error`` (None or the compile error text),
-- ``regs``, ``stack``, ``local``, ``shared`` (bytes of dynamic shared memory Triton
-  requests) and ``shared_static`` (bytes, from the cubin),
-- ``mufu``: {kind: count} over the whole SASS (e.g. {"EX2": 40, "RCP": 64}),
-- ``loops``: one dict per innermost SASS loop that issues MUFU instructions, in address
-  order, with ``instr`` (instructions in the loop body), ``mufu`` ({kind: count} in the body),
-  ``elems`` (score elements, i.e. (i, j) pairs for dot kernels and (i, j, a) triples for
-  additive kernels, that one pass of the body computes per thread, ``tile_rows *
-  tile_cols / threads * unroll``), ``instr_per_elem`` and ``mufu_per_elem`` ({kind: float}),
-- ``problems``: list of str (empty when the row passes).
-
-For additive kernels the score loop over ``a`` issues exactly one reciprocal per triple by
-construction, so ``unroll`` is inferred as round(RCP in body / (tile elements per thread)),
-except in the main loop of a config with ``SOFT_RCP = k``, where one column in k takes its
-reciprocal on the FMA pipes: there a body with (k - 1) n MUFU reciprocals per thread element
-covers k n columns. Each loop gets a ``kind``: "direct" (it issues EX2: the direct-tanh path),
-"mixed" (fewer than one RCP per triple: MUFU and FMA-pipe reciprocals), "fast" (one RCP per
-triple) for additive kernels, "softmax" for dot kernels.
-For dot kernels the key-tile loop is taken as one pass (unroll 1).
+Loop kinds: for additive kernels the score loop over ``a`` issues exactly one reciprocal per
+triple by construction, so a loop's unroll is inferred as round(RCP in body / (tile elements
+per thread)), except in the main loop of a config with ``SOFT_RCP = k``, where one column in
+k takes its reciprocal on the FMA pipes: there a body with (k - 1) n MUFU reciprocals per
+thread element covers k n columns. "direct" (it issues EX2: the direct-tanh path), "mixed"
+(fewer than one RCP per triple), "fast" (one RCP per triple); dot kernels' loops are
+"softmax", one pass per key (or query) tile.
 """
 from __future__ import annotations
 
@@ -71,12 +75,18 @@ DTYPES = ("fp16", "bf16", "fp32")
 WIDTHS = (16, 32, 64, 128, 256)
 QUICK_DTYPES = ("fp16", "fp32")
 QUICK_WIDTHS = (64, 256)
+ADDITIVE_A = 128  # additive rows: the A (features) the per-tile overhead is amortized over
+SM_LIMITS = {80: dict(smem=164 * 1024, regs=65536, threads=2048, ctas=32),
+             90: dict(smem=228 * 1024, regs=65536, threads=2048, ctas=32)}
+JSON_FIELDS = ("kernel", "arch", "dtype", "variant", "config", "head_dim", "regs", "spill_bytes", "shared",
+               "ctas_per_sm", "instr_per_elem_loop", "overhead_instr_per_tile", "instr_per_elem_amortized",
+               "mufu_per_elem", "global_loads", "sass", "error")
 
 # pointer arguments that are always float32 / int32 (everything else is in the input dtype)
-_FP32_PTRS = {"EQ", "EK", "QMAX", "KMAX", "LSE", "Delta", "DKT", "DQT", "DWT", "ET", "XMAX",
+_FP32_PTRS = {"W", "EQ", "EK", "QMAX", "KMAX", "LSE", "Delta", "DKT", "DQT", "DWT", "ET", "XMAX",
               "OP", "LSEP"}
 _FP32_PTRS_BY_KERNEL = {"_attn_bwd_dkdv_additive": {"DV"}}
-_I32_PTRS = {"KLEN"}
+_I32_PTRS = {"KLEN", "XLEN"}
 # unit strides: the launchers make the last dimension contiguous, and Triton specializes an
 # integer argument equal to 1 as a constant, so this is the variant that runs
 _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod", "stride_dvd",
@@ -94,19 +104,22 @@ def _FWD_VARIANTS(dt):
     return (("", False, dt), ("decode", True, dt), ("decode-split", True, "fp32"))
 
 
-def variants(quick: bool = False) -> list[dict]:
-    """Every (kernel, dtype, constexpr/config) variant the launchers can pick."""
-    from fusedattn.backends.triton_backend import preprocess_block_m
+def variants(quick: bool = False, arch: int = 90) -> list[dict]:
+    """Every (kernel, dtype, constexpr/config) variant the launchers can pick on ``arch``.
+    Dot kernels come in two head-dim variants: EVEN (D == BLOCK_D and Dv == BLOCK_DV: no
+    head-dim masks) and masked (variant suffix "+hdmask"); additive kernels mask V and dO
+    loads per tile (8-element masks) and have one."""
+    from fusedattn.backends.triton_backend import delta_shape
 
     additive, dot, _ = _kernels()
     dtypes = QUICK_DTYPES if quick else DTYPES
     widths = QUICK_WIDTHS if quick else WIDTHS
     out = []
 
-    def add(kernel, dtype, variant, cfg, tile=None, score="", out_dtype=None):
+    def add(kernel, dtype, variant, cfg, tile=None, score="", out_dtype=None, head_dim=None):
         cfg = dict(cfg)
         out.append(dict(kernel=kernel, dtype=dtype, variant=variant, config=cfg, tile=tile,
-                        score=score, out_dtype=out_dtype or dtype))
+                        score=score, out_dtype=out_dtype or dtype, head_dim=head_dim))
 
     for dt in dtypes:
         prec = "tf32x3" if dt == "fp32" else "tf32"
@@ -114,35 +127,47 @@ def variants(quick: bool = False) -> list[dict]:
         for ba in (16, 32, 64) if not quick else (64,):
             add("_attn_exp_table", dt, "", dict(BLOCK_L=64, BLOCK_A=ba, num_warps=4, num_stages=1))
         for bdv in widths:
-            add("_attn_bwd_preprocess", dt, "", dict(BLOCK_M=preprocess_block_m(bdv), BLOCK_DV=bdv,
-                                                     num_warps=4, num_stages=1))
-            add("_attn_fwd_merge", dt, "", dict(BLOCK_DV=bdv, num_warps=1, num_stages=1))
-        # -- additive (the backward walks Dv in chunks of at most 64 columns) --
+            # delta: the chunk of the dot dQ kernel at this width, and the additive Dv chunks
+            _, dq_cfg = dot.prune_bwd_configs(bdv, bdv, dt == "fp32", arch)
+            chunks = [dq_cfg["BLOCK_DC"]] + ([bdv] if bdv in ((32,) if dt == "fp32" else (32, 64)) else [])
+            for chunk in chunks:
+                add("_attn_bwd_preprocess", dt, "", dict(delta_shape(dq_cfg, bdv, chunk, dt == "fp32"),
+                                                         DOT_PRECISION=prec, num_warps=4, num_stages=1),
+                    head_dim=bdv)
+            add("_attn_fwd_merge", dt, "", dict(BLOCK_DV=bdv, num_warps=1, num_stages=1), head_dim=bdv)
+        # -- additive (the backward walks Dv in chunks of at most 64 columns); head_dim is the A
+        #    the per-tile overhead is amortized over --
         for bdv in widths:
             for variant, decode, odt in _FWD_VARIANTS(dt):
                 if variant == "decode-split" and dt == "fp32":
                     continue  # same signature as "decode"
                 cfg = additive.prune_fwd_config(bdv, dt == "fp32", decode)
                 cfg.update(BLOCK_DV=bdv, FAST_RCP=True, DOT_PRECISION=prec)
-                add("_attn_fwd_additive", dt, variant, cfg, (cfg["BLOCK_M"], cfg["BLOCK_N"]), "additive", odt)
-            if bdv > (32 if dt == "fp32" else 64):
+                add("_attn_fwd_additive", dt, variant, cfg, (cfg["BLOCK_M"], cfg["BLOCK_N"]), "additive", odt,
+                    ADDITIVE_A)
+            if not 32 <= bdv <= (32 if dt == "fp32" else 64):
                 continue  # the launcher's Dv chunk
             kv, q = additive.prune_bwd_configs(bdv, dt == "fp32")
             kv.update(BLOCK_DV=bdv, FAST_RCP=True, DOT_PRECISION=prec)
             q.update(BLOCK_DV=bdv, FAST_RCP=True, DOT_PRECISION=prec)
-            add("_attn_bwd_dkdv_additive", dt, "", kv, (kv["BLOCK_N"], kv["BLOCK_M"]), "additive")
-            add("_attn_bwd_dq_additive", dt, "", q, (q["BLOCK_M"], q["BLOCK_N"]), "additive")
+            add("_attn_bwd_dkdv_additive", dt, "", kv, (kv["BLOCK_N"], kv["BLOCK_M"]), "additive", None,
+                ADDITIVE_A)
+            add("_attn_bwd_dq_additive", dt, "", q, (q["BLOCK_M"], q["BLOCK_N"]), "additive", None,
+                ADDITIVE_A)
         # -- dot (the launcher pads D and Dv to one width: BLOCK_D == BLOCK_DV) --
         for bd in widths:
-            for variant, decode, odt in _FWD_VARIANTS(dt):
-                cfg = dot.prune_fwd_config(bd, bd, dt == "fp32", decode)
-                cfg.update(BLOCK_D=bd, BLOCK_DV=bd, DOT_PRECISION=prec)
-                add("_attn_fwd_dot", dt, variant, cfg, (cfg["BLOCK_M"], cfg["BLOCK_N"]), "dot", odt)
-            kv, q = dot.prune_bwd_configs(bd, bd, dt == "fp32")
-            kv.update(BLOCK_D=bd, BLOCK_DV=bd, DOT_PRECISION=prec)
-            q.update(BLOCK_D=bd, BLOCK_DV=bd, DOT_PRECISION=prec)
-            add("_attn_bwd_dkdv_dot", dt, "", kv, (kv["BLOCK_N"], kv["BLOCK_M"]), "dot")
-            add("_attn_bwd_dq_dot", dt, "", q, (q["BLOCK_M"], q["BLOCK_N"]), "dot")
+            for even in (True, False):
+                sfx = "" if even else "+hdmask"
+                for variant, decode, odt in _FWD_VARIANTS(dt):
+                    cfg = dot.prune_fwd_config(bd, bd, dt == "fp32", decode, arch)
+                    cfg.update(BLOCK_D=bd, BLOCK_DV=bd, EVEN=even, DOT_PRECISION=prec)
+                    add("_attn_fwd_dot", dt, variant + sfx, cfg, (cfg["BLOCK_M"], cfg["BLOCK_N"]), "dot", odt,
+                        bd)
+                kv, q = dot.prune_bwd_configs(bd, bd, dt == "fp32", arch)
+                kv.update(BLOCK_D=bd, BLOCK_DV=bd, EVEN=even, DOT_PRECISION=prec)
+                q.update(BLOCK_D=bd, BLOCK_DV=bd, EVEN=even, DOT_PRECISION=prec)
+                add("_attn_bwd_dkdv_dot", dt, sfx, kv, (kv["BLOCK_N"], kv["BLOCK_M"]), "dot", None, bd)
+                add("_attn_bwd_dq_dot", dt, sfx, q, (q["BLOCK_M"], q["BLOCK_N"]), "dot", None, bd)
     # drop exact duplicates (e.g. a decode config equal to the regular one)
     seen, unique = set(), []
     for v in out:
@@ -150,8 +175,7 @@ def variants(quick: bool = False) -> list[dict]:
         if key not in seen:
             seen.add(key)
             unique.append(v)
-    out = unique
-    return out
+    return unique
 
 
 def _find_fn(name):
@@ -205,24 +229,124 @@ def _parse_sass(sass: str):
     return ins
 
 
-def _loops(ins):
-    """Innermost loops (backward branches) that contain MUFU instructions."""
-    spans = []
+def _spans(ins):
+    """(start, end) address spans of all loops (backward branches)."""
+    spans = set()
     for addr, text in ins:
         m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", text)
         if m and int(m.group(1), 16) <= addr:
-            spans.append((int(m.group(1), 16), addr))
+            spans.add((int(m.group(1), 16), addr))
+    return sorted(spans)
+
+
+def _loops(ins):
+    """Innermost loops that contain MUFU instructions, each with the span of its enclosing loop
+    (``parent``, None at top level)."""
+    spans = _spans(ins)
     inner = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
     res = []
-    for lo, hi in sorted(set(inner)):
+    for lo, hi in inner:
         body = [t for a, t in ins if lo <= a <= hi]
         mufu = collections.Counter(m for t in body for m in re.findall(r"MUFU\.(\w+)", t))
         if mufu:
-            res.append(dict(instr=len(body), mufu=dict(mufu)))
+            outer = [o for o in spans if o != (lo, hi) and o[0] <= lo and hi <= o[1]]
+            parent = min(outer, key=lambda o: o[1] - o[0]) if outer else None
+            res.append(dict(instr=len(body), mufu=dict(mufu), span=(lo, hi), parent=parent))
     return res
 
 
-def compile_one(v: dict, arch: int) -> dict:
+def global_loads(ins) -> dict:
+    """Global loads by width: 2B/4B/8B/16B (LDG), cp.async (LDGSTS) and TMA (UTMALDG, UBLKCP)."""
+    counts = dict.fromkeys(("1B", "2B", "4B", "8B", "16B", "cp.async", "tma"), 0)
+    for _, text in ins:
+        mnem = text.split()[1] if text.startswith("@") and len(text.split()) > 1 else text.split()[0]
+        parts = mnem.split(".")
+        if parts[0] == "LDG":
+            kinds = set(parts)
+            width = ("16B" if "128" in kinds else "8B" if "64" in kinds else "2B" if {"U16", "S16"} & kinds
+                     else "1B" if {"U8", "S8"} & kinds else "4B")
+            counts[width] += 1
+        elif parts[0] == "LDGSTS":
+            counts["cp.async"] += 1
+        elif parts[0] in ("UTMALDG", "UBLKCP"):
+            counts["tma"] += 1
+    if not counts["1B"]:
+        del counts["1B"]
+    return counts
+
+
+def ctas_per_sm(arch: int, regs: int, threads: int, shared: int) -> int:
+    """Resident CTAs per SM from registers (allocated per warp in units of 256), threads and
+    shared memory (1 KB reserved per CTA)."""
+    lim = SM_LIMITS.get(arch, SM_LIMITS[90])
+    warps = threads // 32
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = lim["regs"] // (per_warp * warps)
+    by_smem = lim["smem"] // (shared + 1024)
+    return max(0, min(by_regs, lim["threads"] // threads, by_smem, lim["ctas"]))
+
+
+def amortized(v: dict, loops: list, ins) -> dict:
+    """Per score element (pair for dot, triple for additive) figures of a tiled kernel.
+
+    Dot: the innermost MUFU loop is the key-tile (or query-tile) loop, one pass per tile: the
+    loop figure is the unmasked loop (the one with the fewest instructions; the masked copy runs
+    only on diagonal and tail tiles) and there is no further per-tile overhead.
+    Additive: the innermost MUFU loops walk the A columns inside the tile loop; a "mixed" loop
+    covers A - A % SOFT_RCP columns and the "fast" loop right after it the rest, any other
+    non-direct loop all A columns. The per-tile overhead is every instruction of the enclosing
+    tile loop outside its MUFU loops (softmax, P @ V, dP, masks, the other path's glue). The
+    direct-tanh loops (fallback for |x| > 40) are left out."""
+    per_thread = v["tile"][0] * v["tile"][1] / (32 * v["config"]["num_warps"])
+    used = [lp for lp in loops if "instr_per_elem" in lp]
+    if not used:
+        return dict(instr_per_elem_loop=None, overhead_instr_per_tile=None, instr_per_elem_amortized=None,
+                    mufu_per_elem=None)
+    if v["score"] == "dot":
+        lp = min(used, key=lambda x: x["instr"])
+        mufu = round(sum(lp["mufu"].values()) / per_thread, 3)
+        ipe = round(lp["instr"] / per_thread, 2)
+        return dict(instr_per_elem_loop=ipe, overhead_instr_per_tile=0, instr_per_elem_amortized=ipe,
+                    mufu_per_elem=mufu)
+    A = v["head_dim"]
+    k = v["config"].get("SOFT_RCP", 0)
+    first = next((lp for lp in used if lp["kind"] != "direct"), None)
+    if first is None:
+        return dict(instr_per_elem_loop=None, overhead_instr_per_tile=None, instr_per_elem_amortized=None,
+                    mufu_per_elem=None)
+    parent = first["parent"]
+    instr = mufu = 0.0
+    prev = None
+    for lp in used:
+        if lp["parent"] != parent or lp["kind"] == "direct":
+            prev = lp["kind"]
+            continue
+        cols = (A - A % k if lp["kind"] == "mixed" else A % k if (lp["kind"] == "fast" and prev == "mixed")
+                else A)
+        unroll = lp["elems"] / per_thread
+        instr += lp["instr"] / unroll * cols
+        mufu += sum(lp["mufu"].values()) / unroll * cols
+        prev = lp["kind"]
+    overhead, over_mufu = 0, 0
+    if parent is not None:
+        inner = [lp["span"] for lp in loops if lp["parent"] == parent]
+        for a, t in ins:
+            if parent[0] <= a <= parent[1] and not any(lo <= a <= hi for lo, hi in inner):
+                overhead += 1
+                over_mufu += len(re.findall(r"MUFU\.", t))
+    elems = A * per_thread
+    return dict(instr_per_elem_loop=round(instr / elems, 2), overhead_instr_per_tile=overhead,
+                instr_per_elem_amortized=round((instr + overhead) / elems, 2),
+                mufu_per_elem=round((mufu + over_mufu) / elems, 3))
+
+
+def sass_name(v: dict, arch: int) -> str:
+    cfg = _fmt_cfg(v["config"]).replace(",", "_")
+    variant = (v["variant"] or "main").replace("+", "_")
+    return f"{v['kernel']}-sm{arch}-{v['dtype']}-{variant}-{cfg}.sass"
+
+
+def compile_one(v: dict, arch: int, sass_dir: str | None = None) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -231,9 +355,13 @@ def compile_one(v: dict, arch: int) -> dict:
     cfg = dict(v["config"])
     from fusedattn.backends.triton_backend import LAUNCH_OPTS
     opts = dict(LAUNCH_OPTS, num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+    if "maxnreg" in cfg:
+        opts["maxnreg"] = cfg.pop("maxnreg")
     row = dict(kernel=v["kernel"], arch=arch, dtype=v["dtype"], variant=v["variant"],
-               config=dict(v["config"]), error=None, regs=None, stack=None, local=None,
-               shared=None, shared_static=None, mufu={}, loops=[], problems=[])
+               config=dict(v["config"]), head_dim=v.get("head_dim"), error=None, regs=None, stack=None,
+               local=None, spill_bytes=None, shared=None, shared_static=None, ctas_per_sm=None, mufu={},
+               loops=[], instr_per_elem_loop=None, overhead_instr_per_tile=None,
+               instr_per_elem_amortized=None, mufu_per_elem=None, global_loads={}, sass=None, problems=[])
     try:
         sig, attrs = _signature(fn, v)
         consts = dict(cfg, **{n: 1 for n in fn.arg_names if n in _UNIT_STRIDES})
@@ -249,12 +377,20 @@ def compile_one(v: dict, arch: int) -> dict:
             f.write(c.asm["cubin"])
         res = subprocess.run([_cuobjdump(), "-res-usage", path], capture_output=True, text=True).stdout
         sass = subprocess.run([_cuobjdump(), "-sass", path], capture_output=True, text=True).stdout
+    if sass_dir:
+        os.makedirs(sass_dir, exist_ok=True)
+        row["sass"] = sass_name(v, arch)
+        with open(os.path.join(sass_dir, row["sass"]), "w") as f:
+            f.write(sass)
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
     row["regs"], row["stack"], row["shared_static"], row["local"] = (int(x) for x in m.groups())
+    row["spill_bytes"] = row["stack"] + row["local"]
     row["shared"] = int(c.metadata.shared)
-    ins = _parse_sass(sass)
-    row["mufu"] = dict(collections.Counter(m for _, t in ins for m in re.findall(r"MUFU\.(\w+)", t)))
     threads = 32 * opts["num_warps"]
+    row["ctas_per_sm"] = ctas_per_sm(arch, row["regs"], threads, row["shared"] + row["shared_static"])
+    ins = _parse_sass(sass)
+    row["global_loads"] = global_loads(ins)
+    row["mufu"] = dict(collections.Counter(m for _, t in ins for m in re.findall(r"MUFU\.(\w+)", t)))
     if v["tile"]:
         per_thread = v["tile"][0] * v["tile"][1] / threads
         for lp in _loops(ins):
@@ -272,7 +408,8 @@ def compile_one(v: dict, arch: int) -> dict:
             lp.update(elems=elems, instr_per_elem=round(lp["instr"] / elems, 2),
                       mufu_per_elem={k: round(n / elems, 3) for k, n in lp["mufu"].items()})
             row["loops"].append(lp)
-    if row["stack"] or row["local"]:
+        row.update(amortized(v, row["loops"], ins))
+    if row["spill_bytes"]:
         row["problems"].append(f"spill (STACK={row['stack']}, LOCAL={row['local']})")
     if row["regs"] > MAX_REGS:
         row["problems"].append(f"{row['regs']} registers > {MAX_REGS}")
@@ -286,6 +423,11 @@ def _task(args):
     return compile_one(*args)
 
 
+def json_row(r: dict) -> dict:
+    """A row reduced to the documented JSON fields (``JSON_FIELDS``)."""
+    return {k: r.get(k) for k in JSON_FIELDS}
+
+
 def compile_rows(archs=(80, 90), quick: bool = False, jobs: int = 2, only=None) -> list[dict]:
     """Compile every variant for every arch; returns the rows described in the module docstring.
     ``only``: optional list of substrings; keep the kernels whose name contains one of them."""
@@ -296,7 +438,7 @@ def compile_rows(archs=(80, 90), quick: bool = False, jobs: int = 2, only=None) 
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "rows.json")
             cmd = [sys.executable, "-m", "fusedattn.tools.gpu_compile_check", "--arch",
-                   *map(str, archs), "--jobs", str(jobs), "--json", path, "--no-print"]
+                   *map(str, archs), "--jobs", str(jobs), "--json-full", path, "--no-print"]
             if quick:
                 cmd.append("--quick")
             if only:
@@ -307,9 +449,9 @@ def compile_rows(archs=(80, 90), quick: bool = False, jobs: int = 2, only=None) 
     return list(iter_rows(archs, quick, jobs, only))
 
 
-def iter_rows(archs=(80, 90), quick: bool = False, jobs: int = 2, only=None):
+def iter_rows(archs=(80, 90), quick: bool = False, jobs: int = 2, only=None, sass_dir=None):
     """Like ``compile_rows`` (in a process without TRITON_INTERPRET), yielding rows in order."""
-    tasks = [(v, arch) for arch in archs for v in variants(quick)
+    tasks = [(v, arch, sass_dir) for arch in archs for v in variants(quick, arch)
              if not only or any(o in v["kernel"] for o in only)]
     if jobs <= 1:
         for t in tasks:
@@ -322,21 +464,23 @@ def iter_rows(archs=(80, 90), quick: bool = False, jobs: int = 2, only=None):
 
 def _fmt_cfg(cfg):
     short = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_D": "D", "BLOCK_DV": "DV", "BLOCK_DC": "DC",
-             "BLOCK_L": "L", "BLOCK_A": "A", "num_warps": "w", "num_stages": "s"}
+             "BLOCK_L": "L", "BLOCK_A": "A", "ROWS": "R", "COLS": "C", "CHUNK": "K", "num_warps": "w",
+             "num_stages": "s", "maxnreg": "r"}
     return ",".join(f"{short[k]}{v}" for k, v in cfg.items() if k in short)
 
 
 def format_row(r: dict) -> str:
-    head = f"{r['kernel']:<26} sm_{r['arch']} {r['dtype']:<4} {r['variant']:<12} {_fmt_cfg(r['config']):<26}"
+    head = f"{r['kernel']:<24} sm_{r['arch']} {r['dtype']:<4} {r['variant']:<19} {_fmt_cfg(r['config']):<30}"
     if r["error"]:
         return f"{head} ERROR {r['error'].splitlines()[0][:80]}"
-    mufu = " ".join(f"{k}:{n}" for k, n in sorted(r["mufu"].items()))
-    loops = "; ".join(
-        f"{lp['instr_per_elem']}i " + "+".join(f"{n}{k}" for k, n in sorted(lp["mufu_per_elem"].items()))
-        for lp in r["loops"] if "instr_per_elem" in lp)
+    loads = " ".join(f"{k}:{n}" for k, n in r["global_loads"].items() if n)
+    per = ""
+    if r.get("instr_per_elem_amortized") is not None:
+        per = (f" loop {r['instr_per_elem_loop']} +tile {r['overhead_instr_per_tile']} = "
+               f"{r['instr_per_elem_amortized']} instr, {r['mufu_per_elem']} MUFU /elem")
     flag = "" if not r["problems"] else "  <-- " + "; ".join(r["problems"])
-    return (f"{head} REG {r['regs']:>3} STACK {r['stack']:>3} LOCAL {r['local']:>3} SHARED {r['shared']:>6} "
-            f"MUFU[{mufu}] per-elem[{loops}]{flag}")
+    return (f"{head} REG {r['regs']:>3} SPILL {r['spill_bytes']} SHARED {r['shared']:>6} "
+            f"CTA/SM {r['ctas_per_sm']}{per} LDG[{loads}]{flag}")
 
 
 def summarize(rows: list[dict]) -> list[str]:
@@ -376,7 +520,9 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     ap.add_argument("--quick", action="store_true", help="reduced set for CI")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--json", default=None, help="write the rows to this file")
+    ap.add_argument("--json", default=None, help="write the rows (the documented fields) to this file")
+    ap.add_argument("--json-full", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--sass-dir", default=None, help="write one .sass file per compiled variant here")
     ap.add_argument("--only", nargs="+", default=None, help="kernel-name substrings to keep")
     ap.add_argument("--no-print", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -386,12 +532,16 @@ def main(argv=None) -> int:
         return 2
     t0 = time.time()
     rows = []
-    for r in iter_rows(tuple(args.arch), quick=args.quick, jobs=args.jobs, only=args.only):
+    for r in iter_rows(tuple(args.arch), quick=args.quick, jobs=args.jobs, only=args.only,
+                       sass_dir=args.sass_dir):
         rows.append(r)
         if not args.no_print:
             print(format_row(r), flush=True)
     if args.json:
         with open(args.json, "w") as f:
+            json.dump([json_row(r) for r in rows], f, indent=1)
+    if args.json_full:
+        with open(args.json_full, "w") as f:
             json.dump(rows, f, indent=1)
     bad = [r for r in rows if r["problems"]]
     if not args.no_print:
