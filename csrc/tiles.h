@@ -105,7 +105,7 @@ struct AddScores {
   const uint8_t* kflag;  // (B, Hk, Lk)
   int64_t LkP;
   const Problem* p;
-  static constexpr int BQ = 32, BK = 64;
+  static constexpr int BQ = 32, BK = 128;  // BK 128 vs 64: backward ~6% faster (Zen 4)
 
   const float* eq(int64_t b, int64_t h, int64_t i) const { return Eq + ((b * p->H + h) * p->Lq + i) * p->D; }
   const float* ekt(int64_t b, int64_t hk, int64_t j) const { return EkT + (b * p->Hk + hk) * p->D * LkP + j; }
