@@ -8,7 +8,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.fusedattn-installed
-DEPS   := triton==3.9.0 pybind11 ninja numpy matplotlib pytest pytest-benchmark hypothesis ruff
+# transformers (optional for users) is installed so the tests of fusedattn.integrations.transformers
+# run; it does not depend on torch, so pip leaves torch 2.13.0 alone (checked with pip --dry-run)
+DEPS   := triton==3.9.0 pybind11 ninja numpy matplotlib pytest pytest-benchmark hypothesis ruff \
+          transformers==5.24.0
 
 .PHONY: install demo test lint bench compile-check clean
 

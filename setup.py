@@ -42,6 +42,7 @@ setup(
     extras_require={
         "triton": ["triton"],
         "viz": ["matplotlib"],
+        "transformers": ["transformers>=5.24"],   # the version the integration is tested with
         "test": ["pytest", "pytest-benchmark", "hypothesis", "ruff"],
     },
     ext_modules=ext_modules,

@@ -136,7 +136,7 @@ if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
     if len(sys.argv) > 2:
         torch.set_num_threads(int(sys.argv[2]))
-    print(f"threads={torch.get_num_threads()} avx2={ops.uses_avx2()}")
+    print(f"threads={torch.get_num_threads()} isa={ops.isa()} (FUSEDATTN_CPU_ISA may force scalar or avx2)")
     if what in ("additive", "all"):
         additive()
     if what in ("dot", "all"):

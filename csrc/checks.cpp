@@ -11,8 +11,9 @@ void check_qkv(const char* op, const Tensor& q, const Tensor& k, const Tensor& v
     TORCH_CHECK(t->device().is_cpu(), op, ": tensors must be on the CPU, got ", t->device());
     TORCH_CHECK(t->dim() == 4, op, ": q, k, v must have 4 dimensions, got shape ", t->sizes());
   }
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, op,
-              ": dtype must be float32 or bfloat16, got ", q.scalar_type());
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 ||
+                  q.scalar_type() == at::kHalf,
+              op, ": dtype must be float32, bfloat16 or float16, got ", q.scalar_type());
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
               ": q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
               v.scalar_type());

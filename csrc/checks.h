@@ -10,15 +10,38 @@
 
 namespace fusedattn_cpu {
 
+// Score modifiers applied to each tile after the raw scores (modifiers.cpp):
+//   s = softcap * tanh(s / softcap)                       (softcap > 0)
+//   s += rel[h, clamp(d, -(M-1), M-1) + M - 1]            (rel != nullptr, (H, 2M-1) float32)
+//   s -= alibi[b * alibi_bstride + h] * |d|               (alibi != nullptr)
+// with d = j - i - (Lk - Lq), the bottom-right aligned distance.
+struct Mods {
+  float softcap = 0.f;
+  const float* rel = nullptr;
+  int64_t M = 0;
+  const float* alibi = nullptr;
+  int64_t alibi_bstride = 0;
+  bool any() const { return softcap > 0.f || rel != nullptr || alibi != nullptr; }
+};
+
 struct Problem {
   int64_t B, H, Hk, G, Lq, Lk, D, Dv;
   bool causal;
+  // window (left, right) on d = j - i - (Lk - Lq): -left <= d <= right; -1 = unbounded (causal: wr = 0)
+  int64_t wl = -1, wr = -1;
   std::vector<int64_t> klen;
-  // Keys j < lim(b, i) are allowed for query i.
+  Mods mods;
+  // Keys lo(b, i) <= j < lim(b, i) are allowed for query i.
   int64_t lim(int64_t b, int64_t i) const {
     int64_t l = klen[b];
-    if (causal) l = std::min<int64_t>(l, i + Lk - Lq + 1);
+    if (wr >= 0) l = std::min<int64_t>(l, i + Lk - Lq + wr + 1);
     return std::max<int64_t>(l, 0);
+  }
+  int64_t lo(int64_t, int64_t i) const { return wl >= 0 ? std::max<int64_t>(0, i + Lk - Lq - wl) : 0; }
+  // Query rows [first_row, end_row) may see some key of [j0, j1).
+  int64_t first_row(int64_t j0) const { return wr >= 0 ? std::max<int64_t>(0, j0 - wr - (Lk - Lq)) : 0; }
+  int64_t end_row(int64_t j1) const {
+    return wl >= 0 ? std::clamp<int64_t>(j1 - 1 + wl - (Lk - Lq) + 1, 0, Lq) : Lq;
   }
 };
 
@@ -36,5 +59,17 @@ at::Tensor f32(const at::Tensor& t);
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      std::vector<int64_t> klen, bool causal);
 bool empty_problem(const Problem& p);
+// Window and score modifiers from the ops' optional arguments (checked; tensors kept alive by the caller
+// in `keep`, as contiguous float32).
+void set_modifiers(const char* op, Problem& p, int64_t window_left, int64_t window_right, double softcap,
+                   const c10::optional<at::Tensor>& rel_bias, const c10::optional<at::Tensor>& alibi_slopes,
+                   std::vector<at::Tensor>& keep);
+// Applies p.mods to the score tile S (nr x nc, leading dim ldS) of query rows i0.. and keys j0..;
+// with softcap and T != nullptr, stores tanh(raw / softcap) in T (same layout) for the backward.
+void apply_mods(const Problem& p, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* S,
+                int ldS, float* T);
+// Backward of the biases: drel[idx(d)] += dS over the tile; then dS *= 1 - T^2 (softcap).
+void mods_backward(const Problem& p, int64_t i0, int nr, int64_t j0, int nc, float* dS, int ldS,
+                   const float* T, float* drel);
 
 }  // namespace fusedattn_cpu

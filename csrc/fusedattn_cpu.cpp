@@ -9,11 +9,12 @@
 // Layout: the launchers make q, k, v (and w, dout, out) contiguous float32 (a copy only when they
 // are strided or bfloat16); that is O(L*D) against the O(Lq*Lk*D) work. No Lq x Lk tensor is ever
 // stored: work is done on (query tile x key tile) blocks held in per-thread scratch. Tiles go
-// through the sgemm bundled with libtorch_cpu (QK^T, PV and the backward products) and through the
-// AVX2 / scalar loops of kernels.cpp (additive scores, softmax exponentials).
+// through the sgemm bundled with libtorch_cpu (QK^T, PV and the backward products; bf16 QK^T and
+// dO.V^T through its 16-bit gemm where the CPU multiplies bf16 in hardware, gemm.h) and through the
+// per-ISA loops of kernels*.cpp (additive scores, softmax exponentials), level chosen in isa.cpp.
 //
 // Additive scores use tanh(x + y) = 1 - 2 / (1 + e^{2x} e^{2y}) with e^{2q} per query row and
-// e^{2k} per key row computed once per call; a row with some |value| > 40 (or NaN) is flagged and
+// e^{2k} per key row computed once per call; a row with some |value| > 20 (or NaN) is flagged and
 // its pairs use tanh directly, so the result is accurate for every finite input.
 //
 // Forward: work items (batch, head, query tile, key split); each owns its output rows. When there
@@ -34,130 +35,13 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
-#include "checks.h"
-#include "kernels.h"
-
-// Single-precision GEMM of the BLAS bundled with libtorch_cpu (column-major, Fortran interface).
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
-                       const int* k, const float* alpha, const float* a, const int* lda,
-                       const float* b, const int* ldb, const float* beta, float* c, const int* ldc);
+#include "tiles.h"
 
 namespace fusedattn_cpu {
 namespace {
-
-using at::Tensor;
-
-constexpr float kNegInf = -INFINITY;
-// Beyond this magnitude e^{2x} over/underflows in float32: such rows use tanh directly.
-constexpr float kExpLimit = 40.f;
-
-Isa pick_isa() {
-  const char* env = std::getenv("FUSEDATTN_CPU_ISA");
-  if (env != nullptr && std::strcmp(env, "scalar") == 0) return Isa{false};
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return Isa{has};
-}
-
-// Row-major C[M x N] = alpha * op(A) * op(B) + beta * C through the column-major sgemm.
-void gemm(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda,
-          const float* B, int ldb, float beta, float* C, int ldc) {
-  if (M <= 0 || N <= 0) return;
-  if (K <= 0) {
-    for (int i = 0; i < M; ++i)
-      for (int j = 0; j < N; ++j) C[(int64_t)i * ldc + j] = beta == 0.f ? 0.f : beta * C[(int64_t)i * ldc + j];
-    return;
-  }
-  const char ca = tb ? 'T' : 'N', cb = ta ? 'T' : 'N';
-  sgemm_(&ca, &cb, &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
-}
-
-// 64-byte aligned float scratch.
-struct Buf {
-  float* p = nullptr;
-  explicit Buf(int64_t n) {
-    size_t bytes = ((size_t)std::max<int64_t>(n, 1) * sizeof(float) + 63) / 64 * 64;
-    p = static_cast<float*>(std::aligned_alloc(64, bytes));
-    TORCH_CHECK(p != nullptr, "fusedattn_cpu: out of memory for scratch");
-  }
-  ~Buf() { std::free(p); }
-  Buf(const Buf&) = delete;
-  Buf& operator=(const Buf&) = delete;
-  float* data() { return p; }
-};
-
-// Runs body(pull) on up to get_num_threads() threads; pull() hands out item indices 0..n-1
-// (-1 when done). Items own disjoint outputs, so which thread runs an item does not matter.
-template <class Body>
-void parallel_items(int64_t n, const Body& body) {
-  if (n <= 0) return;
-  std::atomic<int64_t> next{0};
-  auto pull = [&]() -> int64_t {
-    const int64_t i = next.fetch_add(1);
-    return i < n ? i : -1;
-  };
-  const int64_t nt = std::min<int64_t>(at::get_num_threads(), n);
-  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) { body(pull); });
-}
-
-// ----------------------------------------------------------------------------- score providers
-
-// s_ij = scale * q_i . k_j through sgemm.
-struct DotScores {
-  const float* q;  // (B, H, Lq, D)
-  const float* k;  // (B, Hk, Lk, D)
-  float scale;
-  const Problem* p;
-  static constexpr int BQ = 128, BK = 256;
-  const float* qrow(int64_t b, int64_t h, int64_t i) const { return q + ((b * p->H + h) * p->Lq + i) * p->D; }
-  const float* krow(int64_t b, int64_t hk, int64_t j) const { return k + ((b * p->Hk + hk) * p->Lk + j) * p->D; }
-  void tile(Isa, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* S) const {
-    const int D = (int)p->D;
-    gemm(false, true, nr, nc, D, scale, qrow(b, h, i0), D, krow(b, h / p->G, j0), D, 0.f, S, BK);
-  }
-};
-
-// s_ij = sum_a w_a tanh(q_ia + k_ja) = sum_a w_a - 2 sum_a w_a / (1 + e^{2 q_ia} e^{2 k_ja}),
-// with a direct tanh for rows whose |values| exceed kExpLimit (flagged).
-struct AddScores {
-  const float* q;    // (B, H, Lq, A)
-  const float* k;    // (B, Hk, Lk, A)
-  const float* w;    // (H, A)
-  const float* Eq;   // (B, H, Lq, A): e^{2q}, 1 on flagged rows
-  const float* EkT;  // (B, Hk, A, LkP): e^{2k} transposed and padded with 1
-  const uint8_t* qflag;  // (B, H, Lq)
-  const uint8_t* kflag;  // (B, Hk, Lk)
-  int64_t LkP;
-  const Problem* p;
-  static constexpr int BQ = 32, BK = 64;
-
-  const float* eq(int64_t b, int64_t h, int64_t i) const { return Eq + ((b * p->H + h) * p->Lq + i) * p->D; }
-  const float* ekt(int64_t b, int64_t hk, int64_t j) const { return EkT + (b * p->Hk + hk) * p->D * LkP + j; }
-  bool qf(int64_t b, int64_t h, int64_t i) const { return qflag[(b * p->H + h) * p->Lq + i] != 0; }
-  bool kf(int64_t b, int64_t hk, int64_t j) const { return kflag[(b * p->Hk + hk) * p->Lk + j] != 0; }
-  const float* qrow(int64_t b, int64_t h, int64_t i) const { return q + ((b * p->H + h) * p->Lq + i) * p->D; }
-  const float* krow(int64_t b, int64_t hk, int64_t j) const { return k + ((b * p->Hk + hk) * p->Lk + j) * p->D; }
-  bool flagged(int64_t b, int64_t h, int64_t i, int64_t j) const { return qf(b, h, i) || kf(b, h / p->G, j); }
-
-  float direct(int64_t b, int64_t h, int64_t i, int64_t j) const {
-    const float* x = qrow(b, h, i);
-    const float* y = krow(b, h / p->G, j);
-    const float* wh = w + h * p->D;
-    float s = 0.f;
-    for (int64_t a = 0; a < p->D; ++a) s += wh[a] * std::tanh(x[a] + y[a]);
-    return s;
-  }
-
-  void tile(Isa isa, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* S) const {
-    const int64_t hk = h / p->G;
-    const int nc8 = (int)round_up(nc, 8);
-    add_scores(isa, nr, nc8, (int)p->D, eq(b, h, i0), ekt(b, hk, j0), LkP, w + h * p->D, S, BK);
-    for (int i = 0; i < nr; ++i)
-      for (int j = 0; j < nc; ++j)
-        if (flagged(b, h, i0 + i, j0 + j)) S[i * BK + j] = direct(b, h, i0 + i, j0 + j);
-  }
-};
 
 // ----------------------------------------------------------------------------- forward
 
@@ -184,7 +68,7 @@ void forward(const Problem& p, const Scores& sc, const float* v, float* out, flo
   parallel_items(base_items * nsplit, [&](auto pull) {
     Buf S(BQ * BK), O(BQ * std::max<int64_t>(p.Dv, 1));
     float m[BQ], l[BQ];
-    int64_t lims[BQ];
+    int64_t lims[BQ], los[BQ];
     for (int64_t it; (it = pull()) >= 0;) {
       const int64_t s = it % nsplit, rest = it / nsplit;
       // last query tiles first: under a causal mask they have the most keys
@@ -192,23 +76,29 @@ void forward(const Problem& p, const Scores& sc, const float* v, float* out, flo
       const int64_t i0 = qt * BQ;
       const int nr = (int)std::min<int64_t>(BQ, p.Lq - i0);
       const int64_t kb = s * chunk, ke = std::min<int64_t>(p.Lk, kb + chunk);
-      int64_t kmax = 0;
+      int64_t kmax = 0, kmin = p.Lk;
       for (int i = 0; i < nr; ++i) {
         lims[i] = p.lim(b, i0 + i);
+        los[i] = p.lo(b, i0 + i);
         kmax = std::max(kmax, lims[i]);
+        kmin = std::min(kmin, los[i]);
         m[i] = kNegInf;
         l[i] = 0.f;
       }
       std::memset(O.data(), 0, sizeof(float) * nr * Dv);
       const int64_t kend = std::min(ke, kmax);
-      for (int64_t j0 = kb; j0 < kend; j0 += BK) {
+      // tiles wholly left of every row's window are skipped (tile starts stay multiples of BK)
+      for (int64_t j0 = std::max(kb, kmin / BK * BK); j0 < kend; j0 += BK) {
         const int nc = (int)std::min<int64_t>(BK, kend - j0);
         sc.tile(isa, b, h, i0, nr, j0, nc, S.data());
+        if (p.mods.any()) apply_mods(p, b, h, i0, nr, j0, nc, S.data(), BK, nullptr);
         for (int i = 0; i < nr; ++i) {
           float* srow = S.data() + i * BK;
           const int valid = (int)std::clamp<int64_t>(lims[i] - j0, 0, nc);
+          const int first = (int)std::clamp<int64_t>(los[i] - j0, 0, valid);
+          for (int j = 0; j < first; ++j) srow[j] = kNegInf;
           for (int j = valid; j < nc; ++j) srow[j] = kNegInf;
-          const float rm = valid > 0 ? row_max(isa, srow, valid) : kNegInf;
+          const float rm = valid > first ? row_max(isa, srow + first, valid - first) : kNegInf;
           const float mn = (rm > m[i] || std::isnan(rm)) ? rm : m[i];  // a NaN score stays NaN
           if (mn == kNegInf) {  // nothing allowed yet in this row
             std::memset(srow, 0, sizeof(float) * nc);
@@ -282,27 +172,6 @@ void forward(const Problem& p, const Scores& sc, const float* v, float* out, flo
 
 // ----------------------------------------------------------------------------- backward
 
-// delta_i = dout_i . out_i, taken from the diagonal of dout_tile . out_tile^T computed by the
-// same sgemm call shape (rows, K = Dv) that computes dP = dout_tile . V^T in the backward. Where
-// the softmax is saturated (out_i equals one v_j bit for bit) dP_ij - delta_i is then exactly 0,
-// as in the reference, instead of a rounding difference between two summation orders.
-std::vector<float> row_delta(const Problem& p, int BQ, const float* dout, const float* out) {
-  std::vector<float> delta(p.B * p.H * p.Lq);
-  const int64_t nqt = (p.Lq + BQ - 1) / BQ;
-  const int Dv = (int)p.Dv;
-  at::parallel_for(0, p.B * p.H * nqt, 1, [&](int64_t t0, int64_t t1) {
-    Buf tmp((int64_t)BQ * BQ);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t bh = t / nqt, i0 = (t % nqt) * BQ;
-      const int nr = (int)std::min<int64_t>(BQ, p.Lq - i0);
-      const int64_t row0 = bh * p.Lq + i0;
-      gemm(false, true, nr, nr, Dv, 1.f, dout + row0 * p.Dv, Dv, out + row0 * p.Dv, Dv, 0.f, tmp.data(), BQ);
-      for (int i = 0; i < nr; ++i) delta[row0 + i] = tmp.data()[(int64_t)i * BQ + i];
-    }
-  });
-  return delta;
-}
-
 // Gradient consumers: given dS for a (query tile x key tile), accumulate into
 // dq rows (dqr, leading dim D), the key-tile accumulator dkacc, and per-item state.
 struct DotGrad {
@@ -334,9 +203,9 @@ struct AddGrad {
     const int A = (int)p.D, BK = AddScores::BK;
     const int64_t hk = h / p.G;
     const float* wh = sc->w + h * A;
-    const int nc8 = (int)round_up(nc, 8);
+    const int nc16 = (int)round_up(nc, 16);
     // pairs that need the direct tanh: handle them here and drop them from the fast kernel
-    for (int i = 0; i < nr; ++i) {
+    for (int i = 0; i < (sc->any_flagged(b, h, i0, nr, j0, nc) ? nr : 0); ++i) {
       for (int j = 0; j < nc; ++j) {
         float& ds = dS[i * BK + j];
         if (ds == 0.f || !sc->flagged(b, h, i0 + i, j0 + j)) continue;
@@ -356,7 +225,7 @@ struct AddGrad {
     // the fast kernel sums this tile's dk terms into a zeroed buffer (blocked summation)
     float* tmp = dkT + (int64_t)A * BK;
     std::memset(tmp, 0, sizeof(float) * A * BK);
-    add_bwd(isa, nr, nc8, A, sc->eq(b, h, i0), sc->ekt(b, hk, j0), sc->LkP, wh, dS, BK, dqr, tmp, BK, dwst);
+    add_bwd(isa, nr, nc16, A, sc->eq(b, h, i0), sc->ekt(b, hk, j0), sc->LkP, wh, dS, BK, dqr, tmp, BK, dwst);
     for (int64_t e = 0; e < (int64_t)A * BK; ++e) dkT[e] += tmp[e];
   }
   void write_dk(const Problem& p, const float* dkT, int nc, float* dk) const {
@@ -366,13 +235,27 @@ struct AddGrad {
   }
 };
 
+// dP_ij - delta_i for the key j that holds more than half of row i's softmax (at most one per row),
+// in the form dout_i . (v_j - out_i). dP_ij = dout_i . v_j and delta_i = dout_i . out_i are each
+// rounded on the scale of |dout||v|; when the softmax saturates, out_i -> v_j and their difference is
+// pure rounding noise that the backward then multiplies by q or k (|q| up to 1e30 gave dk ~ 1e22).
+// Here the difference v_j - out_i is taken first: exactly 0 for a one-hot row (so dS = 0 and a key
+// that alone is allowed gets dk = 0 exactly), and small with it otherwise. Costs one length-Dv dot
+// product per query row.
+inline float dominant_ds(const float* dout, const float* out, const float* vj, int Dv) {
+  float s = 0.f;
+  for (int d = 0; d < Dv; ++d) s += dout[d] * (vj[d] - out[d]);
+  return s;
+}
+
 // Fills dq (B,H,Lq,D), dk (B,Hk,Lk,D), dv (B,Hk,Lk,Dv) (float32, contiguous; every element is
 // written, so they may be uninitialized) and
 // returns the dw state partials (items x G x dw_size) for the caller to reduce.
 template <class Scores, class Grad>
 std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, const float* v,
-                            const float* dout, const float* lse, const float* delta, float* dq,
-                            float* dk, float* dv, int64_t* n_items_out, Isa isa) {
+                            const float* dout, const float* out, const float* lse, const float* delta,
+                            float* dq, float* dk, float* dv, int64_t* n_items_out, Isa isa,
+                            std::vector<float>* drel_part = nullptr, const Low16& dv16 = Low16()) {
   constexpr int BQ = Scores::BQ, BK = Scores::BK;
   const int64_t nkt = (p.Lk + BK - 1) / BK;
   const int64_t bhk = p.B * p.Hk;
@@ -387,9 +270,14 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
   const int dws = Grad::dw_size(p);
   std::vector<float> dw_part(std::max<int64_t>(n_items * p.G * dws, 1), 0.f);
   const int Dv = (int)p.Dv;
+  // rel_bias gradient partials per (item, group member), reduced by the caller in a fixed order
+  const int64_t nrel = p.mods.rel != nullptr ? 2 * p.mods.M - 1 : 0;
+  if (drel_part != nullptr) drel_part->assign(std::max<int64_t>(n_items * p.G * nrel, 1), 0.f);
+  const bool softcap = p.mods.softcap > 0.f;
 
   parallel_items(n_items, [&](auto pull) {
     Buf S(BQ * BK), dP(BQ * BK), dkacc(Grad::dk_size(p, BK)), dvacc(BK * std::max(Dv, 1));
+    Buf T(softcap ? BQ * BK : 1);
     for (int64_t it; (it = pull()) >= 0;) {
       const int64_t c = it % nchunk, bk_ = it / nchunk, b = bk_ / p.Hk, hk = bk_ % p.Hk;
       float* dqbase = nchunk > 1 ? dq_part.data() + c * dq_numel : dq;
@@ -410,35 +298,52 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
         std::memset(dkacc.data(), 0, sizeof(float) * Grad::dk_size(p, BK));
         std::memset(dvacc.data(), 0, sizeof(float) * BK * Dv);
         const float* vt = v + ((b * p.Hk + hk) * p.Lk + j0) * p.Dv;
-        const int64_t istart = p.causal ? std::max<int64_t>(0, j0 - (p.Lk - p.Lq)) : 0;
+        const int64_t istart = p.first_row(j0), iend = p.end_row(j0 + ncv);
         for (int64_t g = 0; g < p.G; ++g) {
           const int64_t h = hk * p.G + g;
           float* dwst = dwst_item + g * dws;
-          for (int64_t i0 = istart / BQ * BQ; i0 < p.Lq; i0 += BQ) {
+          float* drel = nrel > 0 ? drel_part->data() + (it * p.G + g) * nrel : nullptr;
+          for (int64_t i0 = istart / BQ * BQ; i0 < iend; i0 += BQ) {
             const int nr = (int)std::min<int64_t>(BQ, p.Lq - i0);
             const int64_t row0 = (b * p.H + h) * p.Lq + i0;
             sc.tile(isa, b, h, i0, nr, j0, ncv, S.data());
+            if (p.mods.any()) apply_mods(p, b, h, i0, nr, j0, ncv, S.data(), BK, softcap ? T.data() : nullptr);
             const float* dor = dout + row0 * p.Dv;
-            gemm(false, true, nr, ncv, Dv, 1.f, dor, Dv, vt, Dv, 0.f, dP.data(), BK);
+            if (dv16.on())
+              gemm16(dv16.t, false, true, nr, ncv, Dv, 1.f, dv16.pa() + row0 * p.Dv, Dv,
+                     dv16.pb() + ((b * p.Hk + hk) * p.Lk + j0) * p.Dv, Dv, 0.f, dP.data(), BK);
+            else
+              gemm(false, true, nr, ncv, Dv, 1.f, dor, Dv, vt, Dv, 0.f, dP.data(), BK);
             bool any = false;
             for (int i = 0; i < nr; ++i) {
               float* srow = S.data() + i * BK;
               float* drow = dP.data() + i * BK;
               const float L = lse[row0 + i];
               const int valid = (int)std::clamp<int64_t>(p.lim(b, i0 + i) - j0, 0, ncv);
-              if (L == kNegInf || valid == 0) {
+              const int first = (int)std::clamp<int64_t>(p.lo(b, i0 + i) - j0, 0, valid);
+              if (L == kNegInf || valid == first) {
                 std::memset(srow, 0, sizeof(float) * BK);
                 std::memset(drow, 0, sizeof(float) * BK);
                 continue;
               }
               any = true;
+              for (int j = 0; j < first; ++j) srow[j] = kNegInf;
               exp_sub_sum(isa, srow, valid, L);
               for (int j = valid; j < BK; ++j) srow[j] = 0.f;
               const float dl = delta[row0 + i];
-              for (int j = 0; j < valid; ++j) drow[j] = srow[j] * (drow[j] - dl);
+              for (int j = 0; j < first; ++j) drow[j] = 0.f;
+              for (int j = first; j < valid; ++j) {
+                if (srow[j] > 0.5f) {  // the row's dominant key: see dominant_ds
+                  drow[j] = srow[j] * dominant_ds(dor + (int64_t)i * Dv, out + (row0 + i) * p.Dv,
+                                                  vt + (int64_t)j * Dv, Dv);
+                } else {
+                  drow[j] = srow[j] * (drow[j] - dl);
+                }
+              }
               for (int j = valid; j < BK; ++j) drow[j] = 0.f;
             }
             if (!any) continue;
+            if (nrel > 0 || softcap) mods_backward(p, i0, nr, j0, ncv, dP.data(), BK, T.data(), drel);
             gemm(true, false, ncv, Dv, nr, 1.f, S.data(), BK, dor, Dv, 1.f, dvacc.data(), Dv);
             gr.consume(isa, b, h, i0, nr, j0, ncv, dP.data(), dqbase + row0 * p.D, dkacc.data(), dwst);
           }
@@ -461,81 +366,6 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
   return dw_part;
 }
 
-// ----------------------------------------------------------------------------- additive setup
-
-struct AddData {
-  Tensor q, k, w, Eq, EkT, qflag, kflag;
-  AddScores sc;
-};
-
-void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tensor& k, const Tensor& w) {
-  const int64_t A = p.D;
-  d.q = f32(q);
-  d.k = f32(k);
-  d.w = f32(w);
-  const int64_t LkP = round_up(std::max<int64_t>(p.Lk, 1), AddScores::BK);
-  d.Eq = at::empty({p.B, p.H, p.Lq, A}, at::kFloat);
-  d.EkT = at::empty({p.B, p.Hk, A, LkP}, at::kFloat);
-  d.qflag = at::empty({p.B, p.H, p.Lq}, at::kByte);
-  d.kflag = at::empty({p.B, p.Hk, p.Lk}, at::kByte);
-  const float* qp = d.q.data_ptr<float>();
-  const float* kp = d.k.data_ptr<float>();
-  float* eq = d.Eq.data_ptr<float>();
-  float* ekt = d.EkT.data_ptr<float>();
-  uint8_t* qf = d.qflag.data_ptr<uint8_t>();
-  uint8_t* kf = d.kflag.data_ptr<uint8_t>();
-  // 1 when some |x| > kExpLimit or x is NaN (branch-free, so the loop vectorizes)
-  auto flagged_row = [](const float* x, int64_t n) {
-    int f = 0;
-    for (int64_t a = 0; a < n; ++a) f |= !(std::fabs(x[a]) <= kExpLimit);
-    return f != 0;
-  };
-  const Isa isa = pick_isa();
-  // one parallel region: items [0, nqb) are blocks of 64 query rows, the rest key blocks of 64
-  // (per kv head), transposed into EkT (A, LkP); padding and flagged keys hold 1.
-  constexpr int64_t KB = 64;
-  const int64_t nq = p.B * p.H * p.Lq, nqb = (nq + KB - 1) / KB, nkb = LkP / KB;
-  parallel_items(nqb + p.B * p.Hk * nkb, [&](auto pull) {
-    Buf tmp(KB * A);
-    for (int64_t t; (t = pull()) >= 0;) {
-      if (t < nqb) {
-        for (int64_t r = t * KB; r < std::min(nq, (t + 1) * KB); ++r) {
-          const float* x = qp + r * A;
-          const bool f = flagged_row(x, A);
-          qf[r] = f;
-          if (f) {
-            for (int64_t a = 0; a < A; ++a) eq[r * A + a] = 1.f;
-          } else {
-            exp2x(isa, x, eq + r * A, (int)A);
-          }
-        }
-        continue;
-      }
-      t -= nqb;
-      const int64_t bh = t / nkb, jb = (t % nkb) * KB;
-      float* tb = tmp.data();
-      for (int64_t j = 0; j < KB; ++j) {
-        const int64_t jj = jb + j;
-        bool f = jj >= p.Lk;
-        if (!f) {
-          const float* y = kp + (bh * p.Lk + jj) * A;
-          f = flagged_row(y, A);
-          kf[bh * p.Lk + jj] = f;
-          if (!f) exp2x(isa, y, tb + j * A, (int)A);
-        }
-        if (f)
-          for (int64_t a = 0; a < A; ++a) tb[j * A + a] = 1.f;
-      }
-      float* e = ekt + bh * A * LkP + jb;
-      for (int64_t a = 0; a < A; ++a)
-        for (int64_t j = 0; j < KB; ++j) e[a * LkP + j] = tb[j * A + a];
-    }
-  });
-  AddScores& sc = d.sc;
-  sc.q = qp; sc.k = kp; sc.w = d.w.data_ptr<float>();
-  sc.Eq = eq; sc.EkT = ekt; sc.qflag = qf; sc.kflag = kf; sc.LkP = LkP; sc.p = &p;
-}
-
 std::tuple<Tensor, Tensor> empty_fwd(const Tensor& q, const Tensor& v) {
   Tensor out = at::zeros({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   Tensor lse = at::full({q.size(0), q.size(1), q.size(2)}, kNegInf, q.options().dtype(at::kFloat));
@@ -546,43 +376,54 @@ std::tuple<Tensor, Tensor> empty_fwd(const Tensor& q, const Tensor& v) {
 
 std::tuple<Tensor, Tensor> additive_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                         const Tensor& w, const c10::optional<Tensor>& key_lengths,
-                                        bool causal) {
+                                        bool causal, int64_t window_left, int64_t window_right,
+                                        const c10::optional<Tensor>& rel_bias,
+                                        const c10::optional<Tensor>& alibi_slopes) {
   const char* op = "fusedattn_cpu::additive_fwd";
+  const Isa isa = current_isa();  // once per call
   check_qkv(op, q, k, v);
   check_w(op, w, q);
   Problem p = make_problem(q, k, v, read_lengths(op, key_lengths, q.size(0), k.size(2)), causal);
+  std::vector<Tensor> keep;
+  set_modifiers(op, p, window_left, window_right, 0.0, rel_bias, alibi_slopes, keep);
   if (empty_problem(p)) return empty_fwd(q, v);
   AddData d;
-  prepare_additive(d, p, q, k, w);
+  prepare_additive(d, p, q, k, w, isa);
   Tensor vf = f32(v);
   Tensor out = at::empty({p.B, p.H, p.Lq, p.Dv}, q.options().dtype(at::kFloat));
   Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
-  forward(p, d.sc, vf.data_ptr<float>(), out.data_ptr<float>(), lse.data_ptr<float>(), pick_isa());
+  forward(p, d.sc, vf.data_ptr<float>(), out.data_ptr<float>(), lse.data_ptr<float>(), isa);
   return {out.to(q.scalar_type()), lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> additive_bwd(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> additive_bwd(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& w,
-    const c10::optional<Tensor>& key_lengths, bool causal, const Tensor& out, const Tensor& lse) {
+    const c10::optional<Tensor>& key_lengths, bool causal, const Tensor& out, const Tensor& lse,
+    int64_t window_left, int64_t window_right, const c10::optional<Tensor>& rel_bias,
+    const c10::optional<Tensor>& alibi_slopes) {
   const char* op = "fusedattn_cpu::additive_bwd";
+  const Isa isa = current_isa();  // once per call
   check_qkv(op, q, k, v);
   check_w(op, w, q);
   check_bwd(op, dout, out, lse, q, v);
   Problem p = make_problem(q, k, v, read_lengths(op, key_lengths, q.size(0), k.size(2)), causal);
+  std::vector<Tensor> keep;
+  set_modifiers(op, p, window_left, window_right, 0.0, rel_bias, alibi_slopes, keep);
   if (empty_problem(p))
-    return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v), at::zeros_like(w)};
+    return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v), at::zeros_like(w), rel_grad_zeros(rel_bias)};
   AddData d;
-  prepare_additive(d, p, q, k, w);
+  prepare_additive(d, p, q, k, w, isa);
   Tensor vf = f32(v), dof = f32(dout), of = f32(out), lsef = lse.contiguous();
-  std::vector<float> delta = row_delta(p, AddScores::BQ, dof.data_ptr<float>(), of.data_ptr<float>());
+  std::vector<float> delta = row_delta(p, dof.data_ptr<float>(), of.data_ptr<float>());
   auto fo = q.options().dtype(at::kFloat);
   Tensor dq = at::empty({p.B, p.H, p.Lq, p.D}, fo), dk = at::empty({p.B, p.Hk, p.Lk, p.D}, fo);
   Tensor dv = at::empty({p.B, p.Hk, p.Lk, p.Dv}, fo);
   AddGrad gr{&d.sc};
   int64_t n_items = 0;
-  std::vector<float> dwp = backward(p, d.sc, gr, vf.data_ptr<float>(), dof.data_ptr<float>(),
+  std::vector<float> drelp;
+  std::vector<float> dwp = backward(p, d.sc, gr, vf.data_ptr<float>(), dof.data_ptr<float>(), of.data_ptr<float>(),
                                     lsef.data_ptr<float>(), delta.data(), dq.data_ptr<float>(),
-                                    dk.data_ptr<float>(), dv.data_ptr<float>(), &n_items, pick_isa());
+                                    dk.data_ptr<float>(), dv.data_ptr<float>(), &n_items, isa, &drelp);
   // items are (b, hk, chunk) in that order; reduce per query head h = hk*G + g in item order
   const int64_t A = p.D, dws = AddGrad::dw_size(p), per_bhk = n_items / (p.B * p.Hk);
   Tensor dw = at::zeros({p.H, A}, fo);
@@ -596,61 +437,104 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> additive_bwd(
       }
   }
   const auto dt = q.scalar_type();
-  return {dq.to(dt), dk.to(dt), dv.to(dt), dw.to(dt)};
+  return {dq.to(dt), dk.to(dt), dv.to(dt), dw.to(dt), reduce_rel(p, drelp, n_items, rel_bias)};
 }
 
 std::tuple<Tensor, Tensor> dot_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
-                                   const c10::optional<Tensor>& key_lengths, double scale, bool causal) {
+                                   const c10::optional<Tensor>& key_lengths, double scale, bool causal,
+                                   int64_t window_left, int64_t window_right, double softcap,
+                                   const c10::optional<Tensor>& rel_bias,
+                                   const c10::optional<Tensor>& alibi_slopes) {
   const char* op = "fusedattn_cpu::dot_fwd";
+  const Isa isa = current_isa();  // once per call
   check_qkv(op, q, k, v);
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
   Problem p = make_problem(q, k, v, read_lengths(op, key_lengths, q.size(0), k.size(2)), causal);
+  std::vector<Tensor> keep;
+  set_modifiers(op, p, window_left, window_right, softcap, rel_bias, alibi_slopes, keep);
   if (empty_problem(p)) return empty_fwd(q, v);
-  Tensor qf = f32(q), kf = f32(k), vf = f32(v);
-  DotScores sc{qf.data_ptr<float>(), kf.data_ptr<float>(), (float)scale, &p};
+  const Low16 qk16 = low16(isa, q, k);  // 16-bit scores: no float32 copies of q and k
+  Tensor qf = qk16.on() ? Tensor() : f32(q), kf = qk16.on() ? Tensor() : f32(k), vf = f32(v);
+  DotScores sc{qk16.on() ? nullptr : qf.data_ptr<float>(), qk16.on() ? nullptr : kf.data_ptr<float>(),
+               (float)scale, &p, qk16.pa(), qk16.pb(), qk16.t};
   Tensor out = at::empty({p.B, p.H, p.Lq, p.Dv}, q.options().dtype(at::kFloat));
   Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
-  forward(p, sc, vf.data_ptr<float>(), out.data_ptr<float>(), lse.data_ptr<float>(), pick_isa());
+  forward(p, sc, vf.data_ptr<float>(), out.data_ptr<float>(), lse.data_ptr<float>(), isa);
   return {out.to(q.scalar_type()), lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor> dot_bwd(const Tensor& dout, const Tensor& q, const Tensor& k,
-                                           const Tensor& v, const c10::optional<Tensor>& key_lengths,
-                                           double scale, bool causal, const Tensor& out, const Tensor& lse) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> dot_bwd(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+    const c10::optional<Tensor>& key_lengths, double scale, bool causal, const Tensor& out, const Tensor& lse,
+    int64_t window_left, int64_t window_right, double softcap, const c10::optional<Tensor>& rel_bias,
+    const c10::optional<Tensor>& alibi_slopes) {
   const char* op = "fusedattn_cpu::dot_bwd";
+  const Isa isa = current_isa();  // once per call
   check_qkv(op, q, k, v);
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
   check_bwd(op, dout, out, lse, q, v);
   Problem p = make_problem(q, k, v, read_lengths(op, key_lengths, q.size(0), k.size(2)), causal);
-  if (empty_problem(p)) return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v)};
+  std::vector<Tensor> keep;
+  set_modifiers(op, p, window_left, window_right, softcap, rel_bias, alibi_slopes, keep);
+  if (empty_problem(p)) return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v), rel_grad_zeros(rel_bias)};
   Tensor qf = f32(q), kf = f32(k), vf = f32(v), dof = f32(dout), of = f32(out), lsef = lse.contiguous();
-  DotScores sc{qf.data_ptr<float>(), kf.data_ptr<float>(), (float)scale, &p};
-  std::vector<float> delta = row_delta(p, DotScores::BQ, dof.data_ptr<float>(), of.data_ptr<float>());
+  const Low16 qk16 = low16(isa, q, k), dv16 = low16(isa, dout, v);
+  DotScores sc{qf.data_ptr<float>(), kf.data_ptr<float>(), (float)scale, &p, qk16.pa(), qk16.pb(), qk16.t};
+  std::vector<float> delta = row_delta(p, dof.data_ptr<float>(), of.data_ptr<float>());
   auto fo = q.options().dtype(at::kFloat);
   Tensor dq = at::empty({p.B, p.H, p.Lq, p.D}, fo), dk = at::empty({p.B, p.Hk, p.Lk, p.D}, fo);
   Tensor dv = at::empty({p.B, p.Hk, p.Lk, p.Dv}, fo);
   DotGrad gr{&sc};
   int64_t n_items = 0;
-  backward(p, sc, gr, vf.data_ptr<float>(), dof.data_ptr<float>(), lsef.data_ptr<float>(), delta.data(),
-           dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(), &n_items, pick_isa());
+  std::vector<float> drelp;
+  backward(p, sc, gr, vf.data_ptr<float>(), dof.data_ptr<float>(), of.data_ptr<float>(), lsef.data_ptr<float>(),
+           delta.data(), dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(), &n_items, isa, &drelp,
+           dv16);
   const auto dt = q.scalar_type();
-  return {dq.to(dt), dk.to(dt), dv.to(dt)};
+  return {dq.to(dt), dk.to(dt), dv.to(dt), reduce_rel(p, drelp, n_items, rel_bias)};
 }
 
-bool has_avx2() { return pick_isa().avx2; }
+bool has_avx2() { return current_isa().level >= Level::avx2; }
+std::string isa_name() { return level_name(current_isa().level); }
+void set_isa(c10::string_view name) { set_level(std::string(name)); }
+std::vector<std::string> supported_isas() { return supported_levels(); }
+bool uses_gemm16(c10::string_view dtype) {
+  const at::ScalarType t = dtype == "bfloat16" ? at::kBFloat16 : dtype == "float16" ? at::kHalf : at::kFloat;
+  return current_isa().level == Level::avx512 && use_gemm16(t);
+}
+
 
 }  // namespace
 }  // namespace fusedattn_cpu
 
 TORCH_LIBRARY(fusedattn_cpu, m) {
-  m.def("additive_fwd(Tensor q, Tensor k, Tensor v, Tensor w, Tensor? key_lengths, bool causal) -> (Tensor, Tensor)");
+  // the trailing window / softcap / bias arguments are fusedattn.spec's modifiers (defaults: none);
+  // the backward ops return the rel_bias gradient last (an empty tensor without rel_bias)
+#define MODS "int window_left=-1, int window_right=-1, Tensor? rel_bias=None, Tensor? alibi_slopes=None"
+#define DOT_MODS "int window_left=-1, int window_right=-1, float softcap=0., Tensor? rel_bias=None, " \
+                 "Tensor? alibi_slopes=None"
+  m.def("additive_fwd(Tensor q, Tensor k, Tensor v, Tensor w, Tensor? key_lengths, bool causal, " MODS
+        ") -> (Tensor, Tensor)");
   m.def("additive_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor w, Tensor? key_lengths, bool causal, "
-        "Tensor out, Tensor lse) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("dot_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_lengths, float scale, bool causal) -> (Tensor, Tensor)");
+        "Tensor out, Tensor lse, " MODS ") -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("dot_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_lengths, float scale, bool causal, " DOT_MODS
+        ") -> (Tensor, Tensor)");
   m.def("dot_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? key_lengths, float scale, bool causal, "
-        "Tensor out, Tensor lse) -> (Tensor, Tensor, Tensor)");
-  // Whether the AVX2+FMA kernels are in use (CPU support and FUSEDATTN_CPU_ISA != "scalar").
+        "Tensor out, Tensor lse, " DOT_MODS ") -> (Tensor, Tensor, Tensor, Tensor)");
+#undef MODS
+#undef DOT_MODS
+  // The instruction-set level in use: "scalar", "avx2" or "avx512" (see isa.cpp); ValueError when
+  // FUSEDATTN_CPU_ISA names an unknown level or one this CPU lacks.
+  m.def("isa() -> str", &fusedattn_cpu::isa_name);
+  // Switches the level for the rest of the process (tests run every level this way).
+  m.def("set_isa(str level) -> ()", &fusedattn_cpu::set_isa);
+  // The levels this CPU and OS can run, lowest first.
+  m.def("supported_isas() -> str[]", &fusedattn_cpu::supported_isas);
+  // Whether the level in use is avx2 or higher (kept for older callers; isa() says which).
   m.def("uses_avx2() -> bool", &fusedattn_cpu::has_avx2);
+  // Whether dot attention in dtype ("bfloat16" / "float16") takes Q.K^T and dO.V^T from 16-bit
+  // GEMMs at the level in use (gemm.h: use_gemm16); otherwise its inputs are converted to float32.
+  m.def("uses_gemm16(str dtype) -> bool", &fusedattn_cpu::uses_gemm16);
 }
 
 TORCH_LIBRARY_IMPL(fusedattn_cpu, CPU, m) {

@@ -1,9 +1,7 @@
-// AVX2+FMA inner loops (target attribute, chosen at run time) and their scalar fallbacks.
-// Only these functions carry the avx2 target; nothing inline is shared with the rest of the
-// extension, so the binary still runs on a CPU without AVX2 (the drivers call the scalar path).
+// Scalar inner loops (portable C++) and the dispatchers that pick the implementation of the
+// level an op call runs at (kernels.h; the vector levels live in kernels_avx2.cpp and
+// kernels_avx512.cpp).
 #include "kernels.h"
-
-#include <immintrin.h>
 
 #include <cmath>
 
@@ -12,21 +10,21 @@ namespace {
 
 // ----------------------------------------------------------------------------- scalar
 
-void add_scores_scalar(int nr, int nc8, int A, const float* Eq, const float* EkT, int64_t ldk,
+void add_scores_scalar(int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk,
                        const float* w, float* S, int ldS) {
   for (int i = 0; i < nr; ++i) {
     float* s = S + (int64_t)i * ldS;
-    for (int j = 0; j < nc8; ++j) s[j] = 0.f;
+    for (int j = 0; j < nc16; ++j) s[j] = 0.f;
     for (int a = 0; a < A; ++a) {
       const float e = Eq[(int64_t)i * A + a], wa = w[a], hw = 0.5f * w[a];
       const float* k = EkT + a * ldk;
-      for (int j = 0; j < nc8; ++j) s[j] += wa / (1.f + e * k[j]) - hw;
+      for (int j = 0; j < nc16; ++j) s[j] += wa / (1.f + e * k[j]) - hw;
     }
-    for (int j = 0; j < nc8; ++j) s[j] = -2.f * s[j];
+    for (int j = 0; j < nc16; ++j) s[j] = -2.f * s[j];
   }
 }
 
-void add_bwd_scalar(int nr, int nc8, int A, const float* Eq, const float* EkT, int64_t ldk,
+void add_bwd_scalar(int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk,
                     const float* w, const float* dS, int ldS, float* dq, float* dkT, int ldd,
                     float* dwr) {
   for (int a = 0; a < A; ++a) {
@@ -38,7 +36,7 @@ void add_bwd_scalar(int nr, int nc8, int A, const float* Eq, const float* EkT, i
       const float e = Eq[(int64_t)i * A + a];
       const float* ds = dS + (int64_t)i * ldS;
       float acc = 0.f;
-      for (int j = 0; j < nc8; ++j) {
+      for (int j = 0; j < nc16; ++j) {
         const float r = 1.f / (1.f + e * k[j]);
         const float m = ds[j] * (r - r * r);
         acc += m;
@@ -70,219 +68,39 @@ float exp_sub_sum_scalar(float* x, int n, float m) {
   return s;
 }
 
-// ----------------------------------------------------------------------------- AVX2 + FMA
-
-#define AVX2_FN __attribute__((target("avx2,fma")))
-
-AVX2_FN inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// exp(x) for x <= 88 (Cephes-style: x = n ln2 + r, degree-6 polynomial in r, scale by 2^n);
-// x < -87 gives 0 (the true value is below the smallest normal float and negligible here);
-// NaN gives NaN.
-AVX2_FN inline __m256 exp8(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.f);
-  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);  // also false for NaN
-  // operand order: max/min return their second operand when one is NaN, so NaN propagates
-  x = _mm256_max_ps(lo, x);
-  x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x);
-  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507E-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073E-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894E-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459E-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201E-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  __m256i n = _mm256_cvtps_epi32(fx);
-  n = _mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23);
-  y = _mm256_mul_ps(y, _mm256_castsi256_ps(n));
-  return _mm256_andnot_ps(under, y);
-}
-
-// NI query rows x NJ vectors of 8 keys. Terms are centred (w/d - w/2 = -w t / 2) and summed in
-// blocks of 16 dims, which keeps the rounding error of the sum near that of a direct tanh sum.
-template <int NI, int NJ>
-AVX2_FN inline void add_scores_block(int A, const float* Eq, const float* EkT, int64_t ldk,
-                                     const float* w, float* S, int ldS) {
-  const __m256 one = _mm256_set1_ps(1.f), half = _mm256_set1_ps(0.5f), m2 = _mm256_set1_ps(-2.f);
-  __m256 tot[NI][NJ], acc[NI][NJ];
-  for (int i = 0; i < NI; ++i)
-    for (int j = 0; j < NJ; ++j) tot[i][j] = _mm256_setzero_ps();
-  for (int a0 = 0; a0 < A; a0 += 16) {
-    const int a1 = a0 + 16 < A ? a0 + 16 : A;
-    for (int i = 0; i < NI; ++i)
-      for (int j = 0; j < NJ; ++j) acc[i][j] = _mm256_setzero_ps();
-    const float* kp = EkT + a0 * ldk;
-    for (int a = a0; a < a1; ++a, kp += ldk) {
-      const __m256 wa = _mm256_broadcast_ss(w + a);
-      const __m256 hw = _mm256_mul_ps(wa, half);
-      __m256 kv[NJ];
-      for (int j = 0; j < NJ; ++j) kv[j] = _mm256_loadu_ps(kp + 8 * j);
-      for (int i = 0; i < NI; ++i) {
-        const __m256 e = _mm256_broadcast_ss(Eq + (int64_t)i * A + a);
-        for (int j = 0; j < NJ; ++j)
-          acc[i][j] = _mm256_add_ps(acc[i][j], _mm256_sub_ps(_mm256_div_ps(wa, _mm256_fmadd_ps(e, kv[j], one)), hw));
-      }
-    }
-    for (int i = 0; i < NI; ++i)
-      for (int j = 0; j < NJ; ++j) tot[i][j] = _mm256_add_ps(tot[i][j], acc[i][j]);
-  }
-  for (int i = 0; i < NI; ++i)
-    for (int j = 0; j < NJ; ++j) _mm256_storeu_ps(S + (int64_t)i * ldS + 8 * j, _mm256_mul_ps(m2, tot[i][j]));
-}
-
-AVX2_FN void add_scores_avx2(int nr, int nc8, int A, const float* Eq, const float* EkT,
-                             int64_t ldk, const float* w, float* S, int ldS) {
-  int i = 0;
-  for (; i + 2 <= nr; i += 2) {
-    const float* eq = Eq + (int64_t)i * A;
-    float* s = S + (int64_t)i * ldS;
-    int j = 0;
-    for (; j + 16 <= nc8; j += 16) add_scores_block<2, 2>(A, eq, EkT + j, ldk, w, s + j, ldS);
-    for (; j < nc8; j += 8) add_scores_block<2, 1>(A, eq, EkT + j, ldk, w, s + j, ldS);
-  }
-  for (; i < nr; ++i) {
-    for (int j = 0; j < nc8; j += 8)
-      add_scores_block<1, 1>(A, Eq + (int64_t)i * A, EkT + j, ldk, w, S + (int64_t)i * ldS + j, ldS);
-  }
-}
-
-// r = 1/(1+p), p = e*k; returns u = r(1 - r) = r - r*r (one fused op; its absolute error, about
-// one float32 ulp of 1, matches that of 1 - t^2 computed from a rounded t).
-AVX2_FN inline __m256 add_bwd_u(__m256 e, __m256 k, __m256* r) {
-  const __m256 one = _mm256_set1_ps(1.f);
-  *r = _mm256_div_ps(one, _mm256_fmadd_ps(e, k, one));
-  return _mm256_fnmadd_ps(*r, *r, *r);
-}
-
-// NI query rows against nc8 keys for one dim a; dk is loaded and stored once per NI rows.
-template <int NI>
-AVX2_FN inline __m256 add_bwd_rows(int nc8, int A, int a, const float* Eq, const float* kp,
-                                   const float* dS, int ldS, float wa, float* dq, float* dk) {
-  const __m256 half = _mm256_set1_ps(0.5f), w4 = _mm256_set1_ps(4.f * wa);
-  __m256 e[NI], qa[NI], dw = _mm256_setzero_ps();
-  for (int i = 0; i < NI; ++i) {
-    e[i] = _mm256_set1_ps(Eq[(int64_t)i * A + a]);
-    qa[i] = _mm256_setzero_ps();
-  }
-  for (int j = 0; j < nc8; j += 8) {
-    const __m256 k = _mm256_loadu_ps(kp + j);
-    __m256 msum = _mm256_setzero_ps();
-    for (int i = 0; i < NI; ++i) {
-      const __m256 d = _mm256_loadu_ps(dS + (int64_t)i * ldS + j);
-      __m256 r;
-      const __m256 m = _mm256_mul_ps(d, add_bwd_u(e[i], k, &r));
-      qa[i] = _mm256_add_ps(qa[i], m);
-      msum = _mm256_add_ps(msum, m);
-      dw = _mm256_fmadd_ps(d, _mm256_sub_ps(r, half), dw);
-    }
-    _mm256_storeu_ps(dk + j, _mm256_fmadd_ps(w4, msum, _mm256_loadu_ps(dk + j)));
-  }
-  for (int i = 0; i < NI; ++i) dq[(int64_t)i * A + a] += 4.f * wa * hsum8(qa[i]);
-  return dw;
-}
-
-AVX2_FN void add_bwd_avx2(int nr, int nc8, int A, const float* Eq, const float* EkT, int64_t ldk,
-                          const float* w, const float* dS, int ldS, float* dq, float* dkT, int ldd,
-                          float* dwr) {
-  for (int a = 0; a < A; ++a) {
-    const float* kp = EkT + a * ldk;
-    float* dk = dkT + (int64_t)a * ldd;
-    __m256 dwt = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 4 <= nr; i += 4)
-      dwt = _mm256_add_ps(dwt, add_bwd_rows<4>(nc8, A, a, Eq + (int64_t)i * A, kp, dS + (int64_t)i * ldS,
-                                               ldS, w[a], dq + (int64_t)i * A, dk));
-    for (; i < nr; ++i)
-      dwt = _mm256_add_ps(dwt, add_bwd_rows<1>(nc8, A, a, Eq + (int64_t)i * A, kp, dS + (int64_t)i * ldS,
-                                               ldS, w[a], dq + (int64_t)i * A, dk));
-    dwr[a] += hsum8(dwt);
-  }
-}
-
-AVX2_FN float row_max_avx2(const float* x, int n) {  // NaN if any x is NaN
-  __m256 m = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
-  int j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m256 v = _mm256_loadu_ps(x + j);
-    m = _mm256_max_ps(m, v);
-    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  }
-  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_max_ss(h, _mm_movehdup_ps(h));
-  float r = _mm_cvtss_f32(h);
-  bool any_nan = _mm256_movemask_ps(nan) != 0;
-  for (; j < n; ++j) {
-    any_nan = any_nan || x[j] != x[j];
-    r = x[j] > r ? x[j] : r;
-  }
-  return any_nan ? NAN : r;
-}
-
-AVX2_FN float exp_sub_sum_avx2(float* x, int n, float m) {
-  const __m256 mv = _mm256_set1_ps(m);
-  __m256 acc = _mm256_setzero_ps();
-  int j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), mv));
-    _mm256_storeu_ps(x + j, e);
-    acc = _mm256_add_ps(acc, e);
-  }
-  if (j < n) {  // tail through a padded vector, so every element uses the same formula
-    alignas(32) float t[8];
-    for (int u = 0; u < 8; ++u) t[u] = j + u < n ? x[j + u] : -INFINITY;
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_load_ps(t), mv));
-    _mm256_store_ps(t, e);
-    acc = _mm256_add_ps(acc, e);
-    for (int u = 0; j + u < n; ++u) x[j + u] = t[u];
-  }
-  return hsum8(acc);
-}
-
-AVX2_FN void exp2x_avx2(const float* x, float* y, int n) {
-  const __m256 two = _mm256_set1_ps(2.f);
-  int j = 0;
-  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(y + j, exp8(_mm256_mul_ps(two, _mm256_loadu_ps(x + j))));
-  for (; j < n; ++j) y[j] = std::exp(2.f * x[j]);
+void exp2x_scalar(const float* x, float* y, int n) {
+  for (int j = 0; j < n; ++j) y[j] = std::exp(2.f * x[j]);
 }
 
 }  // namespace
 
-void exp2x(Isa isa, const float* x, float* y, int n) {
-  if (isa.avx2) {
-    exp2x_avx2(x, y, n);
-  } else {
-    for (int j = 0; j < n; ++j) y[j] = std::exp(2.f * x[j]);
+#define DISPATCH(call_scalar, fn, ...)                              \
+  switch (isa.level) {                                              \
+    case Level::avx512: return avx512::fn(__VA_ARGS__);             \
+    case Level::avx2: return avx2::fn(__VA_ARGS__);                 \
+    default: return call_scalar;                                    \
   }
+
+void exp2x(Isa isa, const float* x, float* y, int n) {
+  DISPATCH(exp2x_scalar(x, y, n), exp2x, x, y, n)
 }
 
-void add_scores(Isa isa, int nr, int nc8, int A, const float* Eq, const float* EkT, int64_t ldk,
+void add_scores(Isa isa, int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk,
                 const float* w, float* S, int ldS) {
-  if (isa.avx2) add_scores_avx2(nr, nc8, A, Eq, EkT, ldk, w, S, ldS);
-  else add_scores_scalar(nr, nc8, A, Eq, EkT, ldk, w, S, ldS);
+  DISPATCH(add_scores_scalar(nr, nc16, A, Eq, EkT, ldk, w, S, ldS), add_scores, nr, nc16, A, Eq, EkT, ldk,
+           w, S, ldS)
 }
 
-void add_bwd(Isa isa, int nr, int nc8, int A, const float* Eq, const float* EkT, int64_t ldk,
+void add_bwd(Isa isa, int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk,
              const float* w, const float* dS, int ldS, float* dq, float* dkT, int ldd, float* dwr) {
-  if (isa.avx2) add_bwd_avx2(nr, nc8, A, Eq, EkT, ldk, w, dS, ldS, dq, dkT, ldd, dwr);
-  else add_bwd_scalar(nr, nc8, A, Eq, EkT, ldk, w, dS, ldS, dq, dkT, ldd, dwr);
+  DISPATCH(add_bwd_scalar(nr, nc16, A, Eq, EkT, ldk, w, dS, ldS, dq, dkT, ldd, dwr), add_bwd, nr, nc16, A,
+           Eq, EkT, ldk, w, dS, ldS, dq, dkT, ldd, dwr)
 }
 
-float row_max(Isa isa, const float* x, int n) {
-  return isa.avx2 ? row_max_avx2(x, n) : row_max_scalar(x, n);
-}
+float row_max(Isa isa, const float* x, int n) { DISPATCH(row_max_scalar(x, n), row_max, x, n) }
 
 float exp_sub_sum(Isa isa, float* x, int n, float m) {
-  return isa.avx2 ? exp_sub_sum_avx2(x, n, m) : exp_sub_sum_scalar(x, n, m);
+  DISPATCH(exp_sub_sum_scalar(x, n, m), exp_sub_sum, x, n, m)
 }
 
 }  // namespace fusedattn_cpu

@@ -1,29 +1,51 @@
-// Inner loops of the CPU kernels: an AVX2+FMA version (compiled with a target attribute, used only
-// when the CPU reports avx2 and fma at run time) and a portable scalar version of each.
+// Inner loops of the CPU kernels, one implementation per instruction-set level:
+//   scalar  portable C++ (kernels.cpp)
+//   avx2    AVX2 + FMA, 8 float lanes (kernels_avx2.cpp)
+//   avx512  AVX-512 F/BW/VL/DQ, 16 float lanes (kernels_avx512.cpp)
+// The vector versions carry per-function target attributes, so one binary holds every level and
+// runs on any x86-64 CPU; isa.cpp picks the level once per process (CPUID + the OS's XSAVE state,
+// FUSEDATTN_CPU_ISA may force a lower one). The dispatchers below take the level as an argument;
+// an op reads it once per call, so one call never mixes levels.
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 namespace fusedattn_cpu {
 
-// Which implementation the drivers call; chosen once per op call.
+enum class Level : int { scalar = 0, avx2 = 1, avx512 = 2 };
+
 struct Isa {
-  bool avx2;
+  Level level;
 };
 
+// ------------------------------------------------------------------ isa.cpp
+// The highest level this CPU and OS support.
+Level best_level();
+// The level in use: FUSEDATTN_CPU_ISA (read once) or best_level(); raises ValueError (c10::ValueError)
+// when the variable holds an unknown value or a level the CPU lacks.
+Isa current_isa();
+// Sets the level for the rest of the process (tests); ValueError as above.
+void set_level(const std::string& name);
+const char* level_name(Level l);
+// Names of the levels this machine can run, lowest first.
+std::vector<std::string> supported_levels();
+
+// ------------------------------------------------------------------ inner loops
 // Additive score tile, vectorized over keys:
 //   S[i*ldS + j] = -2 * sum_a (w[a] / (1 + Eq[i*A + a] * EkT[a*ldk + j]) - w[a] / 2)
 //   (= sum_a w[a] tanh(x + y) when Eq = e^{2x}, EkT = e^{2y})
-// for i < nr and j < nc8 (a multiple of 8; EkT must be readable there).
-void add_scores(Isa isa, int nr, int nc8, int A, const float* Eq, const float* EkT, int64_t ldk,
+// for i < nr and j < nc16 (a multiple of 16; EkT must be readable and S writable there).
+void add_scores(Isa isa, int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk,
                 const float* w, float* S, int ldS);
 
 // Additive backward tile (r = 1 / (1 + Eq*EkT), 1 - t^2 = 4 r (1 - r), t = 1 - 2r):
 //   dq[i*A + a]   += 4 w[a] sum_j dS_ij r (1 - r)
 //   dkT[a*ldd + j] += 4 w[a] sum_i dS_ij r (1 - r)
 //   dwr[a]        += sum_ij dS_ij (r - 1/2)      (so dw = -2 dwr)
-// for i < nr, j < nc8 (multiple of 8; dS must be 0 where a pair does not count).
-void add_bwd(Isa isa, int nr, int nc8, int A, const float* Eq, const float* EkT, int64_t ldk,
+// for i < nr, j < nc16 (multiple of 16; dS must be 0 where a pair does not count).
+void add_bwd(Isa isa, int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk,
              const float* w, const float* dS, int ldS, float* dq, float* dkT, int ldd, float* dwr);
 
 // y[j] = exp(2 x[j]) for |x[j]| <= 40.
@@ -33,5 +55,25 @@ void exp2x(Isa isa, const float* x, float* y, int n);
 float row_max(Isa isa, const float* x, int n);
 // x[j] = exp(x[j] - m) (0 where x[j] - m < -87, so -inf gives 0); returns the sum.
 float exp_sub_sum(Isa isa, float* x, int n, float m);
+
+// Per-level implementations (same contracts as above).
+namespace avx2 {
+void add_scores(int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk, const float* w,
+                float* S, int ldS);
+void add_bwd(int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk, const float* w,
+             const float* dS, int ldS, float* dq, float* dkT, int ldd, float* dwr);
+void exp2x(const float* x, float* y, int n);
+float row_max(const float* x, int n);
+float exp_sub_sum(float* x, int n, float m);
+}  // namespace avx2
+namespace avx512 {
+void add_scores(int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk, const float* w,
+                float* S, int ldS);
+void add_bwd(int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk, const float* w,
+             const float* dS, int ldS, float* dq, float* dkT, int ldd, float* dwr);
+void exp2x(const float* x, float* y, int n);
+float row_max(const float* x, int n);
+float exp_sub_sum(float* x, int n, float m);
+}  // namespace avx512
 
 }  // namespace fusedattn_cpu

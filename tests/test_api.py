@@ -8,6 +8,7 @@ import torch
 from torch.library import opcheck
 
 import fusedattn
+from fusedattn.spec import AttnSpec
 from fusedattn.testing import Case, make_inputs
 
 
@@ -119,12 +120,14 @@ def test_opcheck(score):
     for t in (q, k, v, w):
         if t is not None:
             t.requires_grad_()
-    if score == "additive":
-        opcheck(torch.ops.fusedattn.additive_fwd.default, (q, k, v, w, lengths, True, "reference"))
-        opcheck(torch.ops.fusedattn.additive_fwd.default, (q, k, v, w, None, False, "reference"))
-    else:
-        opcheck(torch.ops.fusedattn.dot_fwd.default, (q, k, v, lengths, 0.7, True, "reference"))
-        opcheck(torch.ops.fusedattn.dot_fwd.default, (q, k, v, None, 0.5, False, "reference"))
+    rel = torch.randn(2, 7, dtype=torch.float64, requires_grad=True)
+    specs = [AttnSpec(score=score, scale=0.7, window_right=0, key_lengths=lengths),
+             AttnSpec(score=score, scale=0.5),
+             AttnSpec(score=score, scale=0.5, window_left=2, window_right=1, rel_bias=rel,
+                      alibi_slopes=torch.tensor([0.5, 0.25]), softcap=0.0 if score == "additive" else 2.0)]
+    for spec in specs:
+        opcheck(torch.ops.fusedattn.attn_fwd.default,
+                (q, k, v, w, *spec.tensor_args(), *spec.scalar_args(), "reference"))
 
 
 @pytest.mark.parametrize("score", ["additive", "dot"])

@@ -10,8 +10,10 @@ Backend-specific suites (``test_cpu.py``, ``test_triton.py``) go deeper.
 import pytest
 import torch
 
+import fusedattn
 from fusedattn import backends
-from fusedattn.testing import Case, check_backend, make_inputs
+from fusedattn.spec import MODIFIERS
+from fusedattn.testing import Case, check_backend, make_inputs, make_modifiers
 
 GRID = [
     Case(Lq=1, Lk=1),
@@ -73,3 +75,67 @@ def test_auto_prefers_a_fused_backend_on_cpu(score):
         assert chosen == "cpu"
     else:
         assert chosen == "reference"
+
+
+# ----------------------------------------------------------------------------- modifiers
+
+# cases per modifier (float32 and float64); each also combines it with others
+MODIFIER_CASES = {
+    "key_lengths": [Case(B=2, Lq=9, Lk=33, lengths=(33, 0))],
+    "causal": [Case(Lq=33, Lk=17, causal=True)],
+    "window": [Case(Lq=17, Lk=97, D=24, window=(8, 3)),
+               Case(B=2, H=4, Hk=2, Lq=97, Lk=33, window=(5, -1), causal=True, lengths=(33, 20)),
+               Case(Lq=33, Lk=33, window=(-1, 4), rel_bias=6),
+               Case(Lq=17, Lk=17, window=(0, 0))],
+    "softcap": [Case(score="dot", Lq=17, Lk=33, softcap=1.5, magnitude=9.0),
+                Case(score="dot", B=2, H=4, Hk=1, Lq=33, Lk=65, softcap=0.7, causal=True, alibi="BH",
+                     lengths=(40, 65))],
+    "rel_bias": [Case(Lq=17, Lk=33, rel_bias=5),
+                 Case(H=4, Hk=2, Lq=33, Lk=17, rel_bias=40, causal=True, lengths=None, D=20)],
+    "alibi": [Case(Lq=17, Lk=33, alibi="H", causal=True), Case(B=2, Lq=9, Lk=17, alibi="BH", window=(4, 4))],
+    "varlen": [Case(H=4, Hk=2, D=24, Dv=8, seqlens=((5, 7), (0, 3), (17, 1), (4, 0), (33, 33)), causal=True),
+               Case(seqlens=((9, 30), (30, 9)), window=(6, 2), rel_bias=8, alibi="BH"),
+               Case(score="dot", seqlens=((1, 1), (20, 40)), softcap=2.0, strided=True)],
+}
+
+
+def _modifier_params():
+    for name in backends.names():
+        backend = backends.get(name)
+        reason = backends.unavailable_reason(name)
+        for mod in MODIFIERS:
+            for score in ("additive", "dot"):
+                cases = [c.with_(score=score) for c in MODIFIER_CASES[mod]
+                         if c.score == score or "softcap" not in c.modifiers()]
+                if score == "additive" and mod == "softcap":
+                    continue  # not an additive modifier: the additive functions take no softcap
+                served = backend is None or mod in backend.serves()
+                if backend is not None:  # run the combinations the backend serves in full
+                    cases = [c for c in cases if c.modifiers() <= backend.serves() or not served]
+                marks = [pytest.mark.skip(reason=f"{name}: {reason}")] if reason else []
+                if name == "triton" and served:
+                    marks.append(pytest.mark.triton)
+                yield pytest.param(name, mod, score, served, cases, id=f"{name}-{mod}-{score}", marks=marks)
+
+
+@pytest.mark.parametrize("name,mod,score,served,cases", list(_modifier_params()))
+def test_declared_modifiers(name, mod, score, served, cases):
+    """Each backend serves what it declares (forward and backward against the float64 reference,
+    the 2x rule) and refuses the rest naming the modifier; auto then falls back to a backend that serves."""
+    if served:
+        assert cases, f"no case exercises {mod} for {name}"
+        for case in cases:
+            check_backend(case, name)
+    else:
+        case = next(c for c in cases if mod in c.modifiers())
+        q, k, v, w, lengths = make_inputs(case)
+        mods = make_modifiers(case)
+        causal = mods.pop("causal", False)
+        if case.seqlens is not None:
+            pytest.skip("varlen is served by every backend")
+        fn = fusedattn.additive_attention if score == "additive" else fusedattn.dot_product_attention
+        args = (q, k, v, w) if score == "additive" else (q, k, v)
+        with pytest.raises(ValueError, match=f"backend='{name}' cannot run .*{mod}"):
+            fn(*args, key_lengths=lengths, causal=causal, backend=name, **mods)
+        res = fusedattn.resolve_backend(q, k, v, w, key_lengths=lengths, causal=causal, **mods)
+        assert res.backend != name and any(mod in r for r in res.skipped.get(name, [mod]))

@@ -364,3 +364,104 @@ def test_module_in_a_training_step():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] and all(math.isfinite(x) for x in losses)
+
+
+# ------------------------------------------------------------------------ issue 15 / 16: ecosystem
+
+
+def _small_additive(**kw):
+    torch.manual_seed(0)
+    m = AdditiveAttention(16, 24, 32, heads=2, **kw)
+    s, h = torch.randn(3, 5, 16), torch.randn(3, 7, 24)
+    return m, s, h, torch.tensor([7, 3, 0])
+
+
+def test_foreign_cache_is_named():
+    m, s, h, L = _small_additive()
+    other = AdditiveAttention(16, 24, 32, heads=4)
+    _bad(ValueError, r"memory is an AttentionCache that this module's precompute\(\) did not make: it has "
+         r"keys \(3, 4, 7, 8\).*heads=2", lambda: m(s, other.precompute(h, L)))
+    lu = LuongAttention(16, 24, "general")
+    _bad(ValueError, "AttentionCache that this module's precompute", lambda: lu(s, m.precompute(h, L)))
+    assert m(s, m.precompute(h, L)).shape == (3, 5, 48)
+
+
+def test_normalize_zero_score_vector_is_uniform_not_nan():
+    m, s, h, L = _small_additive(normalize=True)
+    with torch.no_grad():
+        m.score.zero_()
+    ctx, weights = m(s, h, L, return_weights=True)
+    assert torch.isfinite(ctx).all()
+    # w = 0: every valid key gets the same weight, 1 / length; the length-0 row gets a zero context
+    for b, n in enumerate(L.tolist()):
+        if n:
+            torch.testing.assert_close(weights[b, :, :, :n], torch.full_like(weights[b, :, :, :n], 1 / n))
+            torch.testing.assert_close(ctx[b], h[b, :n].mean(0).repeat(2).expand(5, -1))
+    assert ctx[2].abs().max() == 0
+    ctx.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("module", ["additive", "luong_concat", "luong_general"])
+def test_modules_under_cpu_autocast_bf16(module):
+    if module == "additive":
+        m, s, h, L = _small_additive(value_dim=8)
+    else:
+        torch.manual_seed(0)
+        m = LuongAttention(16, 24, module.split("_")[1])
+        s, h, L = torch.randn(3, 5, 16), torch.randn(3, 7, 24), torch.tensor([7, 3, 0])
+    ref = m(s, h, L)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(s, h, L)
+        step = m(s[:, 0], m.precompute(h, L))
+    assert out.dtype == torch.bfloat16 and step.dtype == torch.bfloat16
+    # bf16 has 8 bits of mantissa: compare against the float32 module with a bf16-sized tolerance
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(step.float(), ref[:, 0], atol=3e-2, rtol=3e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m(s, h, L).float().square().sum()
+    loss.backward()
+    grads = [p.grad for p in m.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_module_compiles_fullgraph_with_lengths(monkeypatch):
+    # inductor's on-disk caches do not key on a custom op's fake kernel: a graph compiled before a
+    # change of the op's fake strides would be replayed, so this test compiles afresh
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "force_disable_caches", True)
+    m, s, h, L = _small_additive()
+    ref = m(s, h, L)
+    compiled = torch.compile(m, fullgraph=True)
+    torch.testing.assert_close(compiled(s, h, L), ref)
+    # the range check still fires, now from the op (key_lengths) since tracing never reads data
+    with pytest.raises(ValueError, match=r"must lie in \[0, Lk=7\]"):
+        compiled(s, h, torch.tensor([7, 8, 0]))
+    s.requires_grad_(True)
+    compiled(s, h, L).sum().backward()
+    g = s.grad.clone()
+    s.grad = None
+    m(s, h, L).sum().backward()
+    torch.testing.assert_close(g, s.grad)
+
+
+def test_module_exports_with_lengths_and_dynamic_shapes():
+    m, s, h, L = _small_additive()
+    Bd, Lq, Lk = torch.export.Dim("B"), torch.export.Dim("Lq"), torch.export.Dim("Lk")
+    ep = torch.export.export(m, (s, h, L), dynamic_shapes=({0: Bd, 1: Lq}, {0: Bd, 1: Lk}, {0: Bd}))
+    torch.testing.assert_close(ep.module()(s, h, L), m(s, h, L))
+    s2, h2, L2 = torch.randn(2, 9, 16), torch.randn(2, 11, 24), torch.tensor([11, 4])
+    torch.testing.assert_close(ep.module()(s2, h2, L2), m(s2, h2, L2))
+
+
+def test_submodules_are_lazy_attributes():
+    import subprocess
+
+    code = ("import sys, fusedattn; assert 'fusedattn.nn' not in sys.modules; "
+            "assert 'fusedattn.integrations' not in sys.modules; "
+            "assert fusedattn.nn.AdditiveAttention and fusedattn.viz.plot_alignment; "
+            "assert 'nn' in dir(fusedattn)\n"
+            "try:\n    fusedattn.no_such_module\nexcept AttributeError as e:\n    print('ok', e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("ok")

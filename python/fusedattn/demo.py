@@ -401,9 +401,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="out/demo", help="output directory (default: out/demo)")
     p.add_argument("--backend", default="auto", help="attention backend (default: auto)")
     p.add_argument("--steps", type=int, default=None, help="override the number of training steps")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: the model is small, a second thread gains little, and "
-                        "oversubscribed cores slow small ops down badly)")
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                   help="torch threads (default: 2, or 1 on a 1-core machine)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory comparison")
     p.add_argument("--_measure", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -29,6 +29,7 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from . import api, backends
 
@@ -49,6 +50,12 @@ class AttentionCache(NamedTuple):
 
 def _shape(t: Tensor) -> tuple:
     return tuple(t.shape)
+
+
+def _autocast_on(t: Tensor) -> bool:
+    """torch.autocast is active for t's device (the projections and the ops then pick the dtype)."""
+    dev = t.device.type
+    return dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)
 
 
 class _Attention(nn.Module):
@@ -88,7 +95,7 @@ class _Attention(nn.Module):
         if not memory.dtype.is_floating_point:
             raise TypeError(f"memory must be a floating tensor, got {memory.dtype}")
         pd = self._param_dtype()
-        if pd is not None and memory.dtype != pd:
+        if pd is not None and memory.dtype != pd and not _autocast_on(memory):
             raise TypeError(f"memory has dtype {memory.dtype} but the module's parameters are {pd}; "
                             f"convert one of them (e.g. module.to({memory.dtype}))")
         return self._check_lengths(memory_lengths, memory.shape[0], memory.shape[1], memory.device)
@@ -109,11 +116,31 @@ class _Attention(nn.Module):
         if _shape(memory_lengths) != (B,):
             raise ValueError(f"memory_lengths must have shape (B,) = ({B},) for memory with B={B}, "
                              f"got {_shape(memory_lengths)}")
-        if memory_lengths.numel():
+        # the value check reads the data: eagerly here (to name memory_lengths); under torch.compile /
+        # torch.export the op checks the range itself (key_lengths), so tracing never reads data
+        if memory_lengths.numel() and not torch.compiler.is_compiling():
             lo, hi = int(memory_lengths.min()), int(memory_lengths.max())
             if lo < 0 or hi > Lk:
                 raise ValueError(f"memory_lengths must lie in [0, Lk={Lk}], got values in [{lo}, {hi}]")
         return memory_lengths.to(device=device, dtype=torch.int64)
+
+    def _cache_dims(self) -> tuple[int, int, int]:
+        """(heads, key head dim, value head dim) of the caches this module's precompute() returns."""
+        raise NotImplementedError
+
+    def _check_cache(self, cache: AttentionCache) -> None:
+        heads, dk, dv = self._cache_dims()
+        keys, values = cache.keys, cache.values
+        ok = (isinstance(keys, Tensor) and isinstance(values, Tensor) and keys.dim() == 4
+              and values.dim() == 4 and keys.shape[1] == heads and keys.shape[3] == dk
+              and _shape(values)[1:4:2] == (heads, dv))
+        if not ok:
+            got = (f"keys {_shape(keys) if isinstance(keys, Tensor) else type(keys).__name__}, values "
+                   f"{_shape(values) if isinstance(values, Tensor) else type(values).__name__}")
+            raise ValueError(
+                f"memory is an AttentionCache that this module's precompute() did not make: it has {got}, "
+                f"but this module's caches have keys (B, heads={heads}, Lk, {dk}) and values "
+                f"(B, heads={heads}, Lk, {dv}); call precompute() on this module")
 
     def precompute(self, memory: Tensor, memory_lengths=None) -> AttentionCache:
         """Project the encoder states once; pass the result as ``memory`` to ``forward``.
@@ -148,6 +175,7 @@ class _Attention(nn.Module):
             if memory_lengths is not None:
                 raise ValueError("memory is a precomputed AttentionCache: give memory_lengths to "
                                  "precompute(), not to forward()")
+            self._check_cache(memory)
             cache = memory
         else:
             cache = self.precompute(memory, memory_lengths)
@@ -161,7 +189,7 @@ class _Attention(nn.Module):
         if query.shape[0] != B:
             raise ValueError(f"query and memory must share the batch size: query {_shape(query)}, "
                              f"memory batch {B}")
-        if query.dtype != cache.keys.dtype:
+        if query.dtype != cache.keys.dtype and not _autocast_on(query):
             raise TypeError(f"query has dtype {query.dtype} but memory/parameters are {cache.keys.dtype}")
         if query.device != cache.keys.device:
             raise ValueError(f"query is on {query.device} but memory is on {cache.keys.device}")
@@ -198,7 +226,8 @@ class AdditiveAttention(_Attention):
             heads * key_dim`` (``= key_dim`` for one head). An int adds a value
             projection ``V_a: key_dim -> value_dim`` split across heads
             (``value_dim % heads == 0``), ``output_dim = value_dim``.
-        normalize: weight-normalized score vector, ``w = g * v / ||v||`` per head with
+        normalize: weight-normalized score vector, ``w = g * v / ||v||`` per head (``w = 0``, uniform
+            weights, when ``v = 0``) with
             a learned scalar ``g`` (initialised to ``sqrt(1 / head_dim)``), as
             TensorFlow's ``BahdanauAttention(normalize=True)``; it always has the bias
             ``b`` inside the tanh.
@@ -257,13 +286,19 @@ class AdditiveAttention(_Attention):
         """The effective ``w (heads, head_dim)`` (``g * v / ||v||`` with ``normalize``)."""
         if not self.normalize:
             return self.score
-        return self.gain.unsqueeze(1) * self.score / self.score.norm(dim=1, keepdim=True)
+        # a zero v gives w = 0 (uniform weights), not NaN: the norm is clamped at the dtype's tiny
+        eps = torch.finfo(self.score.dtype).tiny
+        return self.gain.unsqueeze(1) * F.normalize(self.score, dim=1, eps=eps)
+
+    def _cache_dims(self):
+        dv = self.key_dim if self.value_dim is None else self.value_dim // self.heads
+        return self.heads, self.head_dim, dv
 
     def _keys_values(self, memory):
         B, Lk, _ = memory.shape
         keys = self.key_proj(memory)
         if self.bias is not None:
-            keys = keys + self.bias
+            keys = keys + self.bias.to(keys.dtype)      # under autocast keys are already low precision
         keys = keys.view(B, Lk, self.heads, self.head_dim).transpose(1, 2)
         if self.value_proj is None:
             values = memory.unsqueeze(1).expand(B, self.heads, Lk, self.key_dim)
@@ -340,6 +375,10 @@ class LuongAttention(_Attention):
         extra = f", attn_dim={self.attn_dim}" if self.score == "concat" else ""
         return (f"query_dim={self.query_dim}, key_dim={self.key_dim}, score={self.score!r}{extra}, "
                 f"backend={self.backend!r}")
+
+    def _cache_dims(self):
+        dk = {"dot": self.key_dim, "general": self.query_dim, "concat": self.attn_dim}[self.score]
+        return 1, dk, self.key_dim
 
     def _keys_values(self, memory):
         values = memory.unsqueeze(1)                                    # (B, 1, Lk, key_dim)

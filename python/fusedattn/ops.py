@@ -1,18 +1,19 @@
-"""The op layer: ``torch.library`` custom ops with fake (meta) kernels and autograd.
+"""The op layer: two ``torch.library`` custom ops with fake (meta) kernels and autograd::
 
-Four ops, one per score type and direction::
+    fusedattn::attn_fwd(q, k, v, w?, <spec tensors>, <spec scalars>, backend) -> (out, lse)
+    fusedattn::attn_bwd(dout, q, k, v, w?, <spec tensors>, out, lse, <spec scalars>, backend)
+        -> (dq, dk, dv, dw, drel_bias)
 
-    fusedattn::additive_fwd(q, k, v, w, key_lengths?, causal, backend) -> (out, lse)
-    fusedattn::additive_bwd(dout, q, k, v, w, key_lengths?, out, lse, causal, backend) -> (dq, dk, dv, dw)
-    fusedattn::dot_fwd(q, k, v, key_lengths?, scale, causal, backend) -> (out, lse)
-    fusedattn::dot_bwd(dout, q, k, v, key_lengths?, out, lse, scale, causal, backend) -> (dq, dk, dv)
+The spec arguments are the fields of ``fusedattn.spec.AttnSpec`` in field order; the schemas
+below are generated from them, so a new modifier needs no change here. ``backend`` is the
+name the public function resolved (once); the backward runs the same backend. ``dw`` and
+``drel_bias`` are empty tensors when the call has no ``w`` / ``rel_bias``.
 
-Their implementations are device-generic: they check what only the data can
-tell (``key_lengths`` values), handle empty sizes, resolve ``backend`` ("auto" or
-a name) against the tensors and call that backend's launcher. Shapes, dtypes and
-devices were checked by the public functions in ``fusedattn.api``. Because the
-ops are opaque to ``torch.compile``, the public functions compile with
-``fullgraph=True``. ``lse`` is returned but not differentiable.
+The implementations check what only the data can tell (``key_lengths`` and ``cu_seqlens``
+values, a finite ``w``), handle empty sizes, and call the backend. Shapes, dtypes and devices
+were checked by ``fusedattn.api``. The ops are opaque to ``torch.compile``, so the public
+functions compile with ``fullgraph=True``. ``lse`` is returned but not differentiable;
+double backward and forward-mode AD are refused (``api`` says so before any op runs).
 """
 from __future__ import annotations
 
@@ -23,6 +24,19 @@ from torch import Tensor
 
 from . import backends
 from .backends.base import lse_dtype
+from .spec import AttnSpec
+
+_NT = len(AttnSpec.tensor_names())
+_NS = len(AttnSpec.scalar_names())
+_TENSORS = AttnSpec.schema_args("tensors")
+_SCALARS = AttnSpec.schema_args("scalars")
+FWD_SCHEMA = (f"(Tensor q, Tensor k, Tensor v, Tensor? w, {_TENSORS}, {_SCALARS}, str backend) "
+              "-> (Tensor, Tensor)")
+BWD_SCHEMA = (f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? w, {_TENSORS}, Tensor out, Tensor lse, "
+              f"{_SCALARS}, str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+
+# ---------------------------------------------------------------------------- data checks
 
 
 def _checked_lengths(key_lengths: Optional[Tensor], Lk: int) -> Optional[Tensor]:
@@ -35,16 +49,38 @@ def _checked_lengths(key_lengths: Optional[Tensor], Lk: int) -> Optional[Tensor]
     return key_lengths.to(torch.int32).contiguous()
 
 
+def _check_cu(name: str, cu: Tensor, total: int, max_seqlen: int) -> None:
+    vals = cu.tolist()
+    if vals[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {vals[0]}")
+    if vals[-1] != total:
+        raise ValueError(f"{name} must end at the total length {total}, got {vals[-1]}")
+    lens = [b - a for a, b in zip(vals[:-1], vals[1:])]
+    if any(n < 0 for n in lens):
+        raise ValueError(f"{name} must be non-decreasing, got {vals}")
+    longest = max(lens, default=0)
+    if max_seqlen >= 0 and longest > max_seqlen:
+        raise ValueError(f"max_seqlen_{name[-1]}={max_seqlen} is below the longest sequence ({longest}) "
+                         f"of {name}")
+
+
+def checked_spec(spec: AttnSpec, q: Tensor, k: Tensor, w: Optional[Tensor]) -> AttnSpec:
+    """The value checks that need the data (done inside the op, so tracing never reads data)."""
+    if spec.varlen:
+        _check_cu("cu_seqlens_q", spec.cu_seqlens_q, q.shape[2], spec.max_seqlen_q)
+        _check_cu("cu_seqlens_k", spec.cu_seqlens_k, k.shape[2], spec.max_seqlen_k)
+    if w is not None and w.numel() and not bool(torch.isfinite(w).all()):
+        bad = w[~torch.isfinite(w)].flatten()[:3].tolist()
+        raise ValueError(f"w must be finite, got non-finite values such as {bad} in w of shape "
+                         f"{tuple(w.shape)}")
+    if spec.key_lengths is not None:
+        spec = spec.replace(key_lengths=_checked_lengths(spec.key_lengths, k.shape[2]))
+    return spec
+
+
 def _empty(q: Tensor, v: Tensor) -> bool:
     B, H, Lq, _ = q.shape
-    return B == 0 or Lq == 0 or v.shape[2] == 0
-
-
-def _empty_forward(q: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    B, H, Lq, _ = q.shape
-    out = q.new_zeros(B, H, Lq, v.shape[-1])
-    lse = torch.full((B, H, Lq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
-    return out, lse
+    return B == 0 or H == 0 or Lq == 0 or v.shape[2] == 0
 
 
 def _fwd_meta(q: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -52,102 +88,127 @@ def _fwd_meta(q: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     return q.new_empty(B, H, Lq, v.shape[-1]), q.new_empty(B, H, Lq, dtype=lse_dtype(q.dtype))
 
 
-# ---------------------------------------------------------------------------- additive
+def _none_as_empty(x: Optional[Tensor], like: Tensor) -> Tensor:
+    return like.new_empty(0) if x is None else x
 
 
-@torch.library.custom_op("fusedattn::additive_fwd", mutates_args=())
-def additive_fwd(q: Tensor, k: Tensor, v: Tensor, w: Tensor, key_lengths: Optional[Tensor],
-                 causal: bool, backend: str) -> tuple[Tensor, Tensor]:
-    key_lengths = _checked_lengths(key_lengths, k.shape[2])
+# ---------------------------------------------------------------------------- forward
+
+
+def _split_fwd(args):
+    q, k, v, w = args[:4]
+    spec = AttnSpec.from_args(args[4:4 + _NT], args[4 + _NT:4 + _NT + _NS])
+    return q, k, v, w, spec, args[-1]
+
+
+def _attn_fwd_impl(*args):
+    q, k, v, w, spec, backend = _split_fwd(args)
+    spec = checked_spec(spec, q, k, w)
     if _empty(q, v):
-        return _empty_forward(q, v)
-    impl = backends.get(backends.select(backend, "additive", q, k, v))
-    return impl.additive_forward(q, k, v, w, key_lengths, causal)
+        B, H, Lq, _ = q.shape
+        return (q.new_zeros(B, H, Lq, v.shape[-1]),
+                torch.full((B, H, Lq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device))
+    out, lse = backends.get(backend).forward(spec, q, k, v, w)
+    return out.contiguous(), lse.contiguous()     # the fake kernel's strides
 
 
-@additive_fwd.register_fake
-def _(q, k, v, w, key_lengths, causal, backend):
+attn_fwd = torch.library.custom_op("fusedattn::attn_fwd", _attn_fwd_impl, mutates_args=(), schema=FWD_SCHEMA)
+
+
+@attn_fwd.register_fake
+def _(*args):
+    q, k, v, *_ = args
     return _fwd_meta(q, v)
 
 
-@torch.library.custom_op("fusedattn::additive_bwd", mutates_args=())
-def additive_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, w: Tensor, key_lengths: Optional[Tensor],
-                 out: Tensor, lse: Tensor, causal: bool, backend: str
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    key_lengths = _checked_lengths(key_lengths, k.shape[2])
+# ---------------------------------------------------------------------------- backward
+
+
+def _split_bwd(args):
+    dout, q, k, v, w = args[:5]
+    tensors = args[5:5 + _NT]
+    out, lse = args[5 + _NT:7 + _NT]
+    spec = AttnSpec.from_args(tensors, args[7 + _NT:7 + _NT + _NS])
+    return dout, q, k, v, w, spec, out, lse, args[-1]
+
+
+def _attn_bwd_impl(*args):
+    dout, q, k, v, w, spec, out, lse, backend = _split_bwd(args)
+    spec = checked_spec(spec, q, k, None)
     if _empty(q, v):
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(w)
-    impl = backends.get(backends.select(backend, "additive", q, k, v))
-    return tuple(impl.additive_backward(dout, q, k, v, w, key_lengths, causal, out, lse))
+        g = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
+             None if w is None else torch.zeros_like(w),
+             None if spec.rel_bias is None else torch.zeros_like(spec.rel_bias))
+    else:
+        g = backends.get(backend).backward(spec, dout, q, k, v, w, out, lse)
+    dq, dk, dv, dw, drb = g
+    # contiguous, as the fake kernel promises (torch.compile's inductor asserts the strides)
+    return (dq.contiguous(), dk.contiguous(), dv.contiguous(), _none_as_empty(dw, q).contiguous(),
+            _none_as_empty(drb, q).contiguous())
 
 
-@additive_bwd.register_fake
-def _(dout, q, k, v, w, key_lengths, out, lse, causal, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(w)
+attn_bwd = torch.library.custom_op("fusedattn::attn_bwd", _attn_bwd_impl, mutates_args=(), schema=BWD_SCHEMA)
 
 
-def _additive_setup(ctx, inputs, output):
-    q, k, v, w, key_lengths, causal, backend = inputs
+@attn_bwd.register_fake
+def _(*args):
+    dout, q, k, v, w, spec, out, lse, backend = _split_bwd(args)
+    c = torch.contiguous_format
+    return (torch.empty_like(q, memory_format=c), torch.empty_like(k, memory_format=c),
+            torch.empty_like(v, memory_format=c),
+            q.new_empty(0) if w is None else torch.empty_like(w, memory_format=c),
+            q.new_empty(0) if spec.rel_bias is None else torch.empty_like(spec.rel_bias, memory_format=c))
+
+
+# ---------------------------------------------------------------------------- autograd
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, w, spec, backend = _split_fwd(inputs)
     out, lse = output
-    ctx.save_for_backward(q, k, v, w, key_lengths, out, lse)
-    ctx.causal, ctx.backend = causal, backend
+    tensors = spec.tensor_args()
+    ctx.save_for_backward(q, k, v, w, out, lse, *tensors)
+    ctx.scalars, ctx.backend = spec.scalar_args(), backend
     ctx.mark_non_differentiable(lse)
 
 
-def _additive_backward(ctx, dout, dlse):
-    q, k, v, w, key_lengths, out, lse = ctx.saved_tensors
-    dq, dk, dv, dw = additive_bwd(dout, q, k, v, w, key_lengths, out, lse, ctx.causal, ctx.backend)
-    return dq, dk, dv, dw, None, None, None
+def _backward(ctx, dout, dlse):
+    q, k, v, w, out, lse, *tensors = ctx.saved_tensors
+    dq, dk, dv, dw, drb = attn_bwd(dout.contiguous(), q, k, v, w, *tensors, out, lse, *ctx.scalars,
+                                   ctx.backend)
+    grads_t = [None] * _NT
+    if tensors[AttnSpec.tensor_names().index("rel_bias")] is not None:
+        grads_t[AttnSpec.tensor_names().index("rel_bias")] = drb
+    return (dq, dk, dv, None if w is None else dw, *grads_t, *([None] * _NS), None)
 
 
-additive_fwd.register_autograd(_additive_backward, setup_context=_additive_setup)
+attn_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-# ---------------------------------------------------------------------------- dot product
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("fusedattn: double backward (gradients of gradients) is not supported; "
+                              "differentiate the reference path (fusedattn.reference) instead")
 
 
-@torch.library.custom_op("fusedattn::dot_fwd", mutates_args=())
-def dot_fwd(q: Tensor, k: Tensor, v: Tensor, key_lengths: Optional[Tensor], scale: float, causal: bool,
-            backend: str) -> tuple[Tensor, Tensor]:
-    key_lengths = _checked_lengths(key_lengths, k.shape[2])
-    if _empty(q, v):
-        return _empty_forward(q, v)
-    impl = backends.get(backends.select(backend, "dot", q, k, v))
-    return impl.dot_forward(q, k, v, key_lengths, scale, causal)
+def _bwd_setup(ctx, inputs, output):
+    pass
 
 
-@dot_fwd.register_fake
-def _(q, k, v, key_lengths, scale, causal, backend):
-    return _fwd_meta(q, v)
+attn_bwd.register_autograd(_no_double_backward, setup_context=_bwd_setup)
 
 
-@torch.library.custom_op("fusedattn::dot_bwd", mutates_args=())
-def dot_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, key_lengths: Optional[Tensor], out: Tensor,
-            lse: Tensor, scale: float, causal: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    key_lengths = _checked_lengths(key_lengths, k.shape[2])
-    if _empty(q, v):
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    impl = backends.get(backends.select(backend, "dot", q, k, v))
-    return tuple(impl.dot_backward(dout, q, k, v, key_lengths, scale, causal, out, lse))
+# ---------------------------------------------------------------------------- entry points
 
 
-@dot_bwd.register_fake
-def _(dout, q, k, v, key_lengths, out, lse, scale, causal, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def forward(spec: AttnSpec, q: Tensor, k: Tensor, v: Tensor, w: Optional[Tensor], backend: str):
+    """Differentiable ``(out, lse)`` through ``fusedattn::attn_fwd`` (``backend`` already resolved)."""
+    return attn_fwd(q, k, v, w, *spec.tensor_args(), *spec.scalar_args(), backend)
 
 
-def _dot_setup(ctx, inputs, output):
-    q, k, v, key_lengths, scale, causal, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, key_lengths, out, lse)
-    ctx.scale, ctx.causal, ctx.backend = scale, causal, backend
-    ctx.mark_non_differentiable(lse)
-
-
-def _dot_backward(ctx, dout, dlse):
-    q, k, v, key_lengths, out, lse = ctx.saved_tensors
-    dq, dk, dv = dot_bwd(dout, q, k, v, key_lengths, out, lse, ctx.scale, ctx.causal, ctx.backend)
-    return dq, dk, dv, None, None, None, None
-
-
-dot_fwd.register_autograd(_dot_backward, setup_context=_dot_setup)
+def backward(spec: AttnSpec, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, w: Optional[Tensor], out: Tensor,
+             lse: Tensor, backend: str):
+    """``Grads``-like tuple ``(dq, dk, dv, dw|None, drel_bias|None)`` for given ``out``/``lse``
+    (for callers that merge blocks themselves, e.g. ring attention)."""
+    dq, dk, dv, dw, drb = attn_bwd(dout, q, k, v, w, *spec.tensor_args(), out, lse, *spec.scalar_args(),
+                                   backend)
+    return dq, dk, dv, None if w is None else dw, None if spec.rel_bias is None else drb

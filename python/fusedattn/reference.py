@@ -17,25 +17,56 @@ from typing import Optional
 import torch
 
 from .backends.base import lse_dtype
+from .spec import distance
 
 
 def allowed_mask(B: int, Lq: int, Lk: int, key_lengths: Optional[torch.Tensor], causal: bool,
-                 device) -> Optional[torch.Tensor]:
+                 device, window: tuple = (-1, -1)) -> Optional[torch.Tensor]:
     """Boolean ``(B, 1, Lq, Lk)`` mask of allowed (query, key) pairs, or None if all are.
 
-    Key ``j`` is allowed for query ``i`` of batch ``b`` when ``j < key_lengths[b]``
-    and, if ``causal``, ``j <= i + (Lk - Lq)`` (bottom-right alignment).
+    Key ``j`` is allowed for query ``i`` of batch ``b`` when ``j < key_lengths[b]`` and
+    ``-left <= d <= right`` with ``d = j - i - (Lk - Lq)`` (bottom-right alignment) for
+    ``window = (left, right)`` (``-1``: unbounded); ``causal`` sets ``right = 0``.
     """
-    if key_lengths is None and not causal:
+    left, right = window
+    if causal:
+        right = 0
+    if key_lengths is None and left < 0 and right < 0:
         return None
-    j = torch.arange(Lk, device=device)
     mask = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=device)
     if key_lengths is not None:
+        j = torch.arange(Lk, device=device)
         mask = mask & (j.view(1, 1, 1, Lk) < key_lengths.to(device).view(B, 1, 1, 1))
-    if causal:
-        i = torch.arange(Lq, device=device)
-        mask = mask & (j.view(1, 1, 1, Lk) <= (i + (Lk - Lq)).view(1, 1, Lq, 1))
+    d = distance(Lq, Lk, device)
+    if left >= 0:
+        mask = mask & (d >= -left)
+    if right >= 0:
+        mask = mask & (d <= right)
     return mask
+
+
+def position_bias(Lq: int, Lk: int, rel_bias: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor],
+                  device, dtype, row0: int = 0, rows: Optional[int] = None) -> Optional[torch.Tensor]:
+    """The additive score bias ``(1 or B, H, Lq, Lk)`` of ``rel_bias`` and ``alibi_slopes``, or None.
+
+    ``rel_bias (H, 2M-1)`` adds ``rel_bias[h, clamp(d, -(M-1), M-1) + M - 1]``; ``alibi_slopes``
+    ``(H,)`` or ``(B, H)`` adds ``-slope * |d|``; ``d = j - i - (Lk - Lq)``; only query rows
+    ``row0 : row0 + rows`` when ``rows`` is given.
+    """
+    if rel_bias is None and alibi_slopes is None:
+        return None
+    d = distance(Lq, Lk, device, row0, rows)
+    bias = None
+    if rel_bias is not None:
+        M = (rel_bias.shape[-1] + 1) // 2
+        idx = d.clamp(-(M - 1), M - 1) + (M - 1)
+        bias = rel_bias.to(dtype)[:, idx].unsqueeze(0)                       # (1, H, Lq, Lk)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(dtype)
+        slopes = slopes.view(1, -1, 1, 1) if slopes.dim() == 1 else slopes.view(*slopes.shape, 1, 1)
+        ab = -slopes * d.abs().to(dtype)
+        bias = ab if bias is None else bias + ab
+    return bias
 
 
 def zero_padding(x: torch.Tensor, key_lengths: Optional[torch.Tensor]) -> torch.Tensor:
@@ -106,34 +137,70 @@ def _compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
     return dtype
 
 
-def additive_attention(q, k, v, w, *, key_lengths=None, causal=False, return_lse=False,
-                       upcast=False, chunk=None):
-    """Reference additive (Bahdanau) attention; see ``fusedattn.additive_attention``."""
+def scores(q, k, w=None, *, scale: float = 1.0, softcap: float = 0.0, rel_bias=None, alibi_slopes=None,
+           chunk: Optional[int] = None, row0: int = 0, Lq: Optional[int] = None) -> torch.Tensor:
+    """The final scores ``(B, H, Lq, Lk)`` before masking: additive (``w`` given) or dot, then
+    ``softcap`` (dot), then the position biases (see ``fusedattn.spec``). ``q`` may hold only the
+    query rows ``row0 : row0 + q.shape[2]`` of a call with ``Lq`` rows (for the biases' distances)."""
+    s = additive_scores(q, k, w, chunk=chunk) if w is not None else dot_scores(q, k, scale)
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    Lq = q.shape[2] if Lq is None else Lq
+    bias = position_bias(Lq, k.shape[2], rel_bias, alibi_slopes, q.device, s.dtype, row0, q.shape[2])
+    return s if bias is None else s + bias
+
+
+def attention(q, k, v, w=None, *, scale=None, softcap=0.0, key_lengths=None, causal=False, window=(-1, -1),
+              rel_bias=None, alibi_slopes=None, return_lse=False, upcast=False, chunk=None):
+    """Reference attention with every modifier: additive when ``w`` is given, else dot product.
+
+    Differentiable by autograd (also to ``rel_bias``). See ``fusedattn.spec`` for the semantics.
+    """
     dtype = q.dtype
     cd = _compute_dtype(dtype, upcast)
-    q, k, v, w = (t.to(cd) for t in (q, k, v, w))
+    q, k, v = (t.to(cd) for t in (q, k, v))
+    w = None if w is None else w.to(cd)
     k, v = zero_padding(k, key_lengths), zero_padding(v, key_lengths)
-    B, _, Lq, _ = q.shape
+    B, _, Lq, D = q.shape
     Lk = k.shape[2]
-    s = additive_scores(q, k, w, chunk=chunk)
-    out, lse = softmax_context(s, v, allowed_mask(B, Lq, Lk, key_lengths, causal, q.device))
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    s = scores(q, k, w, scale=scale, softcap=softcap, rel_bias=rel_bias, alibi_slopes=alibi_slopes,
+               chunk=chunk)
+    out, lse = softmax_context(s, v, allowed_mask(B, Lq, Lk, key_lengths, causal, q.device, window))
     out = out.to(dtype)
     lse = lse.to(lse_dtype(dtype))
     return (out, lse) if return_lse else out
 
 
+def additive_attention(q, k, v, w, *, key_lengths=None, causal=False, return_lse=False, upcast=False,
+                       chunk=None, **modifiers):
+    """Reference additive (Bahdanau) attention; see ``fusedattn.additive_attention``."""
+    return attention(q, k, v, w, key_lengths=key_lengths, causal=causal, return_lse=return_lse,
+                     upcast=upcast, chunk=chunk, **modifiers)
+
+
 def dot_product_attention(q, k, v, *, scale=None, key_lengths=None, causal=False, return_lse=False,
-                          upcast=False):
+                          upcast=False, **modifiers):
     """Reference scaled dot-product attention; see ``fusedattn.dot_product_attention``."""
-    dtype = q.dtype
-    cd = _compute_dtype(dtype, upcast)
-    q, k, v = (t.to(cd) for t in (q, k, v))
-    k, v = zero_padding(k, key_lengths), zero_padding(v, key_lengths)
-    B, _, Lq, D = q.shape
-    Lk = k.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    s = dot_scores(q, k, scale)
-    out, lse = softmax_context(s, v, allowed_mask(B, Lq, Lk, key_lengths, causal, q.device))
-    out = out.to(dtype)
-    lse = lse.to(lse_dtype(dtype))
+    return attention(q, k, v, None, scale=scale, key_lengths=key_lengths, causal=causal,
+                     return_lse=return_lse, upcast=upcast, **modifiers)
+
+
+def attention_varlen(q, k, v, w=None, *, cu_seqlens_q, cu_seqlens_k, alibi_slopes=None, return_lse=False,
+                     **kw):
+    """Reference packed (varlen) attention: q ``(total_q, H, D)``, k/v ``(total_k, Hk, ·)``; each
+    sequence ``b`` (rows ``cu_seqlens[b]:cu_seqlens[b+1]``) is attended on its own with ``attention``.
+    Returns ``out (total_q, H, Dv)`` and, with ``return_lse``, ``lse (H, total_q)``."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for b in range(len(cq) - 1):
+        qb = q[cq[b]:cq[b + 1]].transpose(0, 1).unsqueeze(0)
+        kb = k[ck[b]:ck[b + 1]].transpose(0, 1).unsqueeze(0)
+        vb = v[ck[b]:ck[b + 1]].transpose(0, 1).unsqueeze(0)
+        ab = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
+        o, l = attention(qb, kb, vb, w, alibi_slopes=ab, return_lse=True, **kw)
+        outs.append(o[0].transpose(0, 1))
+        lses.append(l[0])
+    out = torch.cat(outs, 0) if outs else q.new_zeros(0, q.shape[1], v.shape[-1])
+    lse = torch.cat(lses, 1) if lses else q.new_zeros(q.shape[1], 0, dtype=lse_dtype(q.dtype))
     return (out, lse) if return_lse else out

@@ -42,6 +42,23 @@ class Case:
     strided: bool = False            # q/k/v as transposed views of (B, L, H, D)
     scale: Optional[float] = None
     seed: int = 0
+    # modifiers (fusedattn.spec)
+    window: Optional[tuple] = None   # (left, right)
+    softcap: float = 0.0             # dot only
+    rel_bias: Optional[int] = None   # M: a random (H, 2M - 1) float32 bias, differentiated
+    alibi: Optional[str] = None      # "H" (slopes (H,)) or "BH" (slopes (B, H))
+    seqlens: Optional[tuple] = None  # varlen: ((lq, lk), ...) per packed sequence; B, Lq, Lk unused
+
+    def modifiers(self) -> frozenset:
+        """The ``fusedattn.spec`` modifiers this case uses."""
+        win = self.window
+        used = {"key_lengths": self.lengths is not None,
+                "causal": self.causal and (win is None or win[0] == -1),
+                "window": win is not None and (win[0] != -1 or (win[1] != -1 and
+                                                                not (self.causal and win[1] == 0))),
+                "softcap": self.softcap > 0, "rel_bias": self.rel_bias is not None,
+                "alibi": self.alibi is not None, "varlen": self.seqlens is not None}
+        return frozenset(n for n, on in used.items() if on)
 
     def with_(self, **kw) -> Case:
         return replace(self, **kw)
@@ -57,6 +74,12 @@ class Case:
             parts.append(f"x{self.magnitude:g}")
         if self.strided:
             parts.append("strided")
+        for name in ("window", "rel_bias", "alibi", "seqlens"):
+            val = getattr(self, name)
+            if val is not None:
+                parts.append(f"{name}{val}".replace(" ", ""))
+        if self.softcap:
+            parts.append(f"softcap{self.softcap:g}")
         return "_".join(parts)
 
 
@@ -71,9 +94,20 @@ def make_inputs(case: Case, device="cpu"):
 
     mag = case.magnitude
     qk_mag = mag if case.score == "additive" else math.sqrt(mag)
-    q = rand(case.B, case.H, case.Lq, case.D, qk_mag)
-    k = rand(case.B, case.Hk, case.Lk, case.D, qk_mag)
-    v = rand(case.B, case.Hk, case.Lk, case.Dv, 1.0)
+    if case.seqlens is not None:  # packed (total, H, D)
+        tq, tk = sum(a for a, _ in case.seqlens), sum(b for _, b in case.seqlens)
+        def packed(T, H, D, m):  # strided: a (H, T, D) buffer viewed as (T, H, D)
+            if case.strided:
+                return (torch.randn(H, T, D, generator=g, dtype=torch.float64) * m).transpose(0, 1)
+            return torch.randn(T, H, D, generator=g, dtype=torch.float64) * m
+
+        q = packed(tq, case.H, case.D, qk_mag)
+        k = packed(tk, case.Hk, case.D, qk_mag)
+        v = packed(tk, case.Hk, case.Dv, 1.0)
+    else:
+        q = rand(case.B, case.H, case.Lq, case.D, qk_mag)
+        k = rand(case.B, case.Hk, case.Lk, case.D, qk_mag)
+        v = rand(case.B, case.Hk, case.Lk, case.Dv, 1.0)
     w = torch.randn(case.H, case.D, generator=g, dtype=torch.float64) / math.sqrt(case.D) \
         if case.score == "additive" else None
     lengths = None if case.lengths is None else torch.tensor(case.lengths, dtype=torch.int32, device=device)
@@ -84,43 +118,101 @@ def make_inputs(case: Case, device="cpu"):
     return cast(q), cast(k), cast(v), cast(w), lengths
 
 
-def run(case: Case, backend: str, q, k, v, w, key_lengths, dout=None):
+def make_modifiers(case: Case, device="cpu") -> dict:
+    """Keyword arguments of the case's modifiers (tensors deterministic in ``case.seed``)."""
+    g = torch.Generator().manual_seed(case.seed + 7)
+    kw = {}
+    if case.causal:
+        kw["causal"] = True
+    if case.window is not None:
+        kw["window"] = case.window
+    if case.softcap:
+        kw["softcap"] = case.softcap
+    if case.rel_bias is not None:
+        kw["rel_bias"] = torch.randn(case.H, 2 * case.rel_bias - 1, generator=g).to(device)
+    if case.alibi is not None:
+        nb = len(case.seqlens) if case.seqlens is not None else case.B
+        shape = (case.H,) if case.alibi == "H" else (nb, case.H)
+        kw["alibi_slopes"] = (torch.rand(*shape, generator=g) * 0.5).to(device)
+    if case.seqlens is not None:
+        cq, ck = [0], [0]
+        for a, b in case.seqlens:
+            cq.append(cq[-1] + a)
+            ck.append(ck[-1] + b)
+        kw["cu_seqlens_q"] = torch.tensor(cq, dtype=torch.int32, device=device)
+        kw["cu_seqlens_k"] = torch.tensor(ck, dtype=torch.int32, device=device)
+    return kw
+
+
+def _dout(case: Case, device):
+    g = torch.Generator().manual_seed(case.seed + 1)
+    if case.seqlens is not None:
+        shape = (sum(a for a, _ in case.seqlens), case.H, case.Dv)
+    else:
+        shape = (case.B, case.H, case.Lq, case.Dv)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=case.dtype)
+
+
+def _names(case: Case, mods: dict):
+    names = ["dq", "dk", "dv"] + (["dw"] if case.score == "additive" else [])
+    return names + (["drel_bias"] if "rel_bias" in mods else [])
+
+
+def run(case: Case, backend: str, q, k, v, w, key_lengths, dout=None, mods: Optional[dict] = None):
     """Forward (+ backward when ``dout`` is given) through the public API.
 
-    Returns ``{"out", "lse", "dq", "dk", "dv", ["dw"]}``.
+    Returns ``{"out", "lse", "dq", "dk", "dv", ["dw"], ["drel_bias"]}``.
     """
+    mods = dict(make_modifiers(case, q.device) if mods is None else mods)
     inputs = (q, k, v) + ((w,) if w is not None else ())
     leaves = [t.detach().requires_grad_(dout is not None) for t in inputs]
-    if case.score == "additive":
-        out, lse = api.additive_attention(*leaves, key_lengths=key_lengths, causal=case.causal,
-                                          return_lse=True, backend=backend)
+    if "rel_bias" in mods:
+        mods["rel_bias"] = mods["rel_bias"].detach().requires_grad_(dout is not None)
+    causal = mods.pop("causal", False)
+    if case.seqlens is not None:
+        cu = (mods.pop("cu_seqlens_q"), mods.pop("cu_seqlens_k"))
+        fn = api.additive_attention_varlen if case.score == "additive" else api.dot_product_attention_varlen
+        extra = {} if case.score == "additive" else {"scale": case.scale}
+        out, lse = fn(*leaves, *cu, causal=causal, return_lse=True, backend=backend, **extra, **mods)
+    elif case.score == "additive":
+        out, lse = api.additive_attention(*leaves, key_lengths=key_lengths, causal=causal,
+                                          return_lse=True, backend=backend, **mods)
     else:
         out, lse = api.dot_product_attention(*leaves, scale=case.scale, key_lengths=key_lengths,
-                                             causal=case.causal, return_lse=True, backend=backend)
+                                             causal=causal, return_lse=True, backend=backend, **mods)
     res = {"out": out.detach(), "lse": lse.detach()}
     if dout is not None:
-        grads = torch.autograd.grad(out, leaves, dout)
-        res.update(zip(("dq", "dk", "dv", "dw"), grads))
+        wrt = leaves + ([mods["rel_bias"]] if "rel_bias" in mods else [])
+        grads = torch.autograd.grad(out, wrt, dout)
+        res.update(zip(_names(case, mods), grads))
     return res
 
 
-def run_reference(case: Case, q, k, v, w, key_lengths, dout=None, upcast_to=None):
+def run_reference(case: Case, q, k, v, w, key_lengths, dout=None, upcast_to=None,
+                  mods: Optional[dict] = None):
     """The reference (autograd-differentiated ``fusedattn.reference``), optionally on upcast inputs."""
     def prep(t):
         return None if t is None else t.detach().to(upcast_to or t.dtype)
 
+    mods = dict(make_modifiers(case, q.device) if mods is None else mods)
     q, k, v, w = (prep(t) for t in (q, k, v, w))
     leaves = [t.requires_grad_(dout is not None) for t in (q, k, v) + ((w,) if w is not None else ())]
-    if case.score == "additive":
-        out, lse = reference.additive_attention(*leaves, key_lengths=key_lengths, causal=case.causal,
-                                                return_lse=True)
+    if "rel_bias" in mods:  # float32 bias: upcast with the inputs (float64), else as given
+        rb = mods["rel_bias"].detach()
+        rb = rb.to(upcast_to) if upcast_to is not None else rb
+        mods["rel_bias"] = rb.requires_grad_(dout is not None)
+    scale = None if case.score == "additive" else case.scale
+    wv = leaves[3] if w is not None else None
+    if case.seqlens is not None:
+        out, lse = reference.attention_varlen(*leaves[:3], wv, scale=scale, return_lse=True, **mods)
     else:
-        out, lse = reference.dot_product_attention(*leaves, scale=case.scale, key_lengths=key_lengths,
-                                                   causal=case.causal, return_lse=True)
+        out, lse = reference.attention(*leaves[:3], wv, scale=scale, key_lengths=key_lengths,
+                                       return_lse=True, **mods)
     res = {"out": out.detach(), "lse": lse.detach()}
     if dout is not None:
-        grads = torch.autograd.grad(out, leaves, prep(dout))
-        res.update(zip(("dq", "dk", "dv", "dw"), grads))
+        wrt = leaves + ([mods["rel_bias"]] if "rel_bias" in mods else [])
+        grads = torch.autograd.grad(out, wrt, prep(dout))
+        res.update(zip(_names(case, mods), grads))
     return res
 
 
@@ -171,14 +263,11 @@ def gradient_floors(case: Case, q, k, v, w, dout) -> dict:
 def check_backend(case: Case, backend: str, backward: bool = True, device="cpu") -> None:
     """Run ``case`` through ``backend`` and the reference; assert the tolerance rule everywhere."""
     q, k, v, w, lengths = make_inputs(case, device)
-    dout = None
-    if backward:
-        g = torch.Generator().manual_seed(case.seed + 1)
-        dout = torch.randn(case.B, case.H, case.Lq, case.Dv, generator=g, dtype=torch.float64)
-        dout = dout.to(device=device, dtype=case.dtype)
-    fused = run(case, backend, q, k, v, w, lengths, dout)
-    ref64 = run_reference(case, q, k, v, w, lengths, dout, upcast_to=torch.float64)
-    ref_dt = run_reference(case, q, k, v, w, lengths, dout)
+    dout = _dout(case, device) if backward else None
+    mods = make_modifiers(case, device)
+    fused = run(case, backend, q, k, v, w, lengths, dout, mods)
+    ref64 = run_reference(case, q, k, v, w, lengths, dout, upcast_to=torch.float64, mods=mods)
+    ref_dt = run_reference(case, q, k, v, w, lengths, dout, mods=mods)
     floors = gradient_floors(case, q, k, v, w, dout) if backward else {}
     for name in ref64:
         assert_within_rule(f"{case} [{backend}] {name}", fused[name], ref64[name], ref_dt[name], case.dtype,

@@ -57,24 +57,33 @@ def available_backends() -> dict[str, Optional[str]]:
     return {name: unavailable_reason(name) for name in _REGISTRY}
 
 
-def select(name: str, score: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
-    """Resolve ``name`` (a backend name or "auto") to a backend that can serve this call.
+def resolve(name: str, spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[str, dict]:
+    """``(chosen, skipped)``: the backend that serves this call and, for each backend tried and
+    passed over, the reasons. ``spec`` is an ``AttnSpec`` or a score name (no modifiers).
 
-    Raises ``ValueError`` naming the reasons when an explicitly requested backend cannot.
+    Raises ``ValueError`` naming the reasons when an explicitly requested backend cannot serve.
     """
     if name == "auto":
+        skipped = {}
         for cand in _AUTO_ORDER.get(q.device.type, ("reference",)):
             backend = get(cand)
-            if backend is not None and not backend.not_supported_reasons(score, q, k, v):
-                return cand
-        return "reference"
+            reasons = [_IMPORT_ERRORS[cand]] if backend is None else \
+                backend.not_supported_reasons(spec, q, k, v)
+            if not reasons:
+                return cand, skipped
+            skipped[cand] = reasons
+        return "reference", skipped
     if name not in _REGISTRY:
         raise ValueError(f"backend={name!r} is unknown; choose one of {['auto', *_REGISTRY]}")
     backend = get(name)
-    reasons = [_IMPORT_ERRORS[name]] if backend is None else \
-        backend.not_supported_reasons(score, q, k, v)
+    reasons = [_IMPORT_ERRORS[name]] if backend is None else backend.not_supported_reasons(spec, q, k, v)
     if reasons:
-        raise ValueError(
-            f"backend={name!r} cannot run {score} attention on q {tuple(q.shape)} "
-            f"{q.dtype} on {q.device}: " + "; ".join(reasons))
-    return name
+        what = spec if isinstance(spec, str) else str(spec)
+        raise ValueError(f"backend={name!r} cannot run {what} on q {tuple(q.shape)} "
+                         f"{q.dtype} on {q.device}: " + "; ".join(reasons))
+    return name, {}
+
+
+def select(name: str, spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """The name of the backend that serves this call (see ``resolve``)."""
+    return resolve(name, spec, q, k, v)[0]

@@ -4,10 +4,18 @@ Importing ``fusedattn._C`` registers the ops ``torch.ops.fusedattn_cpu.*``; it i
 imported lazily, on first use, so the package imports without the extension and
 ``available_backends()["cpu"]`` carries the reason it could not be loaded.
 
-The kernels compute in float32 (bfloat16 inputs are converted to float32 on entry
-and the results back); they never store an ``Lq x Lk`` tensor. Inputs with any
+The kernels compute in float32 (bfloat16 and float16 inputs are converted to float32 on
+entry and the results back); they never store an ``Lq x Lk`` tensor. Inputs with any
 strides are accepted: the C++ launchers copy them to contiguous float32 buffers,
 an ``O(L*D)`` cost against the ``O(Lq*Lk*D)`` work.
+
+Instruction sets: one binary holds a scalar, an AVX2+FMA and an AVX-512 (F/BW/VL/DQ)
+version of every inner loop. The level is chosen once per process from CPUID and the
+register state the OS enables; the environment variable ``FUSEDATTN_CPU_ISA`` (read once,
+on first use) may force a lower one: ``scalar``, ``avx2`` or ``avx512``. An unknown value or
+a level the CPU lacks makes every cpu-backend call raise ``ValueError`` naming the allowed
+values, and ``available_backends()["cpu"]`` reports it. :func:`cpu_isa` tells the level in
+use, :func:`cpu_isa_levels` the levels this machine can run.
 """
 from __future__ import annotations
 
@@ -15,10 +23,11 @@ from typing import Optional
 
 import torch
 
-from .base import Backend
+from .base import Backend, Grads
 
 _LOAD_ERROR: Optional[str] = None
 _LOADED = False
+ISA_LEVELS = ("scalar", "avx2", "avx512")
 
 
 def _load() -> Optional[str]:
@@ -31,28 +40,104 @@ def _load() -> Optional[str]:
         except (ImportError, OSError) as e:
             _LOAD_ERROR = f"the C++ extension fusedattn._C is not available ({e}); " \
                           "build it with `pip install --no-build-isolation -e .`"
+        else:
+            _check_isa()
     return _LOAD_ERROR
+
+
+def _ops():
+    err = _load()
+    if err is not None:
+        raise RuntimeError(err)
+    return torch.ops.fusedattn_cpu
+
+
+def cpu_isa() -> str:
+    """The instruction-set level the cpu backend runs at: ``"scalar"``, ``"avx2"`` or ``"avx512"``.
+
+    Raises ``ValueError`` when ``FUSEDATTN_CPU_ISA`` holds an unknown level or one this CPU
+    lacks (the message names the allowed values), ``RuntimeError`` without the extension.
+    """
+    return _ops().isa()
+
+
+def cpu_isa_levels() -> list[str]:
+    """The levels this CPU and OS can run, lowest first (e.g. ``["scalar", "avx2"]``)."""
+    return list(_ops().supported_isas())
+
+
+_ISA_ERROR: Optional[str] = None
+
+
+def _check_isa() -> None:
+    """Read the level once, at load (FUSEDATTN_CPU_ISA is read once per process), so that the
+    per-call checks are plain Python (torch.compile traces them without calling an op)."""
+    global _ISA_ERROR
+    try:
+        torch.ops.fusedattn_cpu.isa()
+    except ValueError as e:
+        _ISA_ERROR = str(e).splitlines()[0]
+
+
+def _isa_error() -> Optional[str]:
+    return _ISA_ERROR
 
 
 class CpuBackend(Backend):
     name = "cpu"
     devices = frozenset({"cpu"})
-    dtypes = frozenset({torch.float32, torch.bfloat16})
-    description = ("fused C++ kernels (AVX2+FMA with a scalar fallback), float32 compute, "
-                   "online softmax; never stores an Lq x Lk tensor")
+    dtypes = frozenset({torch.float32, torch.bfloat16, torch.float16})
+    description = ("fused C++ kernels (AVX-512 / AVX2+FMA / scalar, chosen at run time), float32 "
+                   "compute, online softmax; never stores an Lq x Lk tensor")
+    modifiers = frozenset({"key_lengths", "causal", "window", "softcap", "rel_bias", "alibi"})
 
     def unavailable_reason(self) -> Optional[str]:
-        return _load()
+        return _load() or _isa_error()
 
+    def not_supported_reasons(self, spec, q, k, v):
+        # a bad FUSEDATTN_CPU_ISA is a configuration error: raise it rather than let "auto"
+        # quietly take another backend
+        if _load() is None:
+            err = _isa_error()
+            if err is not None:
+                raise ValueError(err)
+        return super().not_supported_reasons(spec, q, k, v)
+
+    def forward(self, spec, q, k, v, w):
+        if spec.varlen:
+            return super().forward(spec, q, k, v, w)
+        mods = (spec.window_left, spec.window_right)
+        tail = (spec.rel_bias, spec.alibi_slopes)
+        if spec.additive:
+            return torch.ops.fusedattn_cpu.additive_fwd(q, k, v, w, spec.key_lengths, False, *mods, *tail)
+        return torch.ops.fusedattn_cpu.dot_fwd(q, k, v, spec.key_lengths, float(spec.scale), False, *mods,
+                                               float(spec.softcap), *tail)
+
+    def backward(self, spec, dout, q, k, v, w, out, lse):
+        if spec.varlen:
+            return super().backward(spec, dout, q, k, v, w, out, lse)
+        mods = (spec.window_left, spec.window_right)
+        tail = (spec.rel_bias, spec.alibi_slopes)
+        if spec.additive:
+            dq, dk, dv, dw, drb = torch.ops.fusedattn_cpu.additive_bwd(
+                dout, q, k, v, w, spec.key_lengths, False, out, lse, *mods, *tail)
+        else:
+            dw = None
+            dq, dk, dv, drb = torch.ops.fusedattn_cpu.dot_bwd(
+                dout, q, k, v, spec.key_lengths, float(spec.scale), False, out, lse, *mods,
+                float(spec.softcap), *tail)
+        return Grads(dq, dk, dv, dw, drb if spec.rel_bias is not None else None)
+
+    # the four launchers (key_lengths and causal only)
     def additive_forward(self, q, k, v, w, key_lengths, causal):
         return torch.ops.fusedattn_cpu.additive_fwd(q, k, v, w, key_lengths, bool(causal))
 
     def additive_backward(self, dout, q, k, v, w, key_lengths, causal, out, lse):
-        return torch.ops.fusedattn_cpu.additive_bwd(dout, q, k, v, w, key_lengths, bool(causal), out, lse)
+        return torch.ops.fusedattn_cpu.additive_bwd(dout, q, k, v, w, key_lengths, bool(causal), out, lse)[:4]
 
     def dot_forward(self, q, k, v, key_lengths, scale, causal):
         return torch.ops.fusedattn_cpu.dot_fwd(q, k, v, key_lengths, float(scale), bool(causal))
 
     def dot_backward(self, dout, q, k, v, key_lengths, scale, causal, out, lse):
         return torch.ops.fusedattn_cpu.dot_bwd(dout, q, k, v, key_lengths, float(scale), bool(causal),
-                                               out, lse)
+                                               out, lse)[:3]

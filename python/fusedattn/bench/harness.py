@@ -375,7 +375,21 @@ def run_case(spec: dict, repeats: int = 5, budget_s: float = 3.0, threads: int =
             times.append(dt)
     t = statistics.median(times) if times else first
     return {"time_ms": t * 1e3, "first_call_ms": first * 1e3, "repeats": len(times),
-            "peak_mem_mib": None if peak is None else peak / MiB, "mem_method": method}
+            "peak_mem_mib": None if peak is None else peak / MiB, "mem_method": method,
+            **cpu_isa_fields(case)}
+
+
+def cpu_isa_fields(case: Case) -> dict:
+    """For the cpu backend: the instruction-set level the call ran at (``isa``) and, for 16-bit dot
+    attention, whether its products went through 16-bit GEMMs (``gemm16``)."""
+    if case.backend != "cpu":
+        return {}
+    from ..backends import cpu_backend
+
+    out = {"isa": cpu_backend.cpu_isa()}
+    if case.score == "dot" and case.dtype in ("bfloat16", "float16"):
+        out["gemm16"] = bool(torch.ops.fusedattn_cpu.uses_gemm16(case.dtype))
+    return out
 
 
 def run_isolated(spec: dict, repeats: int, budget_s: float, threads: int, timeout: float) -> dict:

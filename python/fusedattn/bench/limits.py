@@ -10,9 +10,13 @@ Two figures:
   (query, key, feature) triple, so its rate is the ceiling a fused forward can approach.
   It is a tiny C kernel compiled at run time with the system C compiler (``cc -O3``) and called
   through ``ctypes`` from one Python thread per core (``ctypes`` releases the GIL), in variants:
-  AVX2 ``vdivps``, AVX2 ``vrcpps`` + one Newton step, and the AVX-512 forms of both when the CPU
-  has AVX-512F. A variant counts only if its scores agree with the exact division to a relative
-  error <= 1e-5 (``vrcpps`` alone, ~2e-4, would not). Without a C compiler the figure is None and
+  per ISA (AVX2, and AVX-512F when the CPU has it): ``div`` (exact ``vdivps``), ``rcp_nr``
+  (``vrcpps``/``vrcp14ps`` + one Newton step), ``splitNM`` (N of 4 accumulators divide, M use
+  ``rcp_nr``: the divider and the FMA pipes work at once; the cpu backend's loops split this way)
+  and ``fma_nr`` (no reciprocal unit: bit-trick seed + three Newton steps, as the Triton kernel does
+  on the GPU). A variant counts only if its scores agree with the exact division to a relative
+  error <= 1e-5 (``vrcpps`` alone, ~2e-4, would not). ``per_isa`` holds the best variant of each
+  ISA: the limit for a kernel running at that level. Without a C compiler the figure is None and
   the reason is recorded.
 * ``fma``: fp32 FMA throughput, from a C loop of independent vector FMAs (the hardware peak the
   compiler can reach) and, for reference, a large fp32 ``torch.mm`` (what a BLAS reaches).
@@ -38,7 +42,7 @@ _C_SOURCE = r"""
 #include <stddef.h>
 
 /* out[i*nk+j] = sum_a w[a] / (1 + eq[i*A+a]*ek[j*A+a]); A % 8 == 0 (16 for avx512), nk % 4 == 0 */
-#define KERNEL_BODY(VEC, SET1, LOAD, FMADD, ADD, RECIP, REDUCE, W)                            \
+#define KERNEL_BODY(VEC, SET1, LOAD, FMADD, R0, R1, R2, R3, REDUCE, W)                       \
   for (long r = 0; r < reps; r++)                                                              \
     for (int i = 0; i < nq; i++) {                                                             \
       const float* e = eq + (size_t)i * A;                                                     \
@@ -52,12 +56,17 @@ _C_SOURCE = r"""
           VEC d1 = FMADD(ev, LOAD(k0 + A + a), one);                                           \
           VEC d2 = FMADD(ev, LOAD(k0 + 2 * A + a), one);                                       \
           VEC d3 = FMADD(ev, LOAD(k0 + 3 * A + a), one);                                       \
-          RECIP(c0, d0); RECIP(c1, d1); RECIP(c2, d2); RECIP(c3, d3);                          \
+          R0(c0, d0); R1(c1, d1); R2(c2, d2); R3(c3, d3);                                      \
         }                                                                                      \
         out[(size_t)i * nk + j] = REDUCE(c0); out[(size_t)i * nk + j + 1] = REDUCE(c1);        \
         out[(size_t)i * nk + j + 2] = REDUCE(c2); out[(size_t)i * nk + j + 3] = REDUCE(c3);    \
       }                                                                                        \
     }
+#define VARIANT(name, VEC, SET1, LOAD, FMADD, R0, R1, R2, R3, REDUCE, W)                        \
+  void name(const float* eq, const float* ek, const float* w, float* out, int nq, int nk, int A, \
+            long reps) {                                                                       \
+    KERNEL_BODY(VEC, SET1, LOAD, FMADD, R0, R1, R2, R3, REDUCE, W)                             \
+  }
 
 #if defined(__AVX2__) && defined(__FMA__)
 static inline float hsum8(__m256 v) {
@@ -68,15 +77,20 @@ static inline float hsum8(__m256 v) {
 }
 #define DIV8(c, d) c = _mm256_add_ps(c, _mm256_div_ps(wv, d))
 #define RCP8(c, d) do { __m256 x = _mm256_rcp_ps(d);                                            \
+    x = _mm256_fmadd_ps(x, _mm256_fnmadd_ps(d, x, one), x); c = _mm256_fmadd_ps(wv, x, c); } while (0)
+/* FMA-only: bit-trick seed (integer subtract) and three Newton steps */
+#define FNR8(c, d) do { __m256 x = _mm256_castsi256_ps(_mm256_sub_epi32(                         \
+        _mm256_set1_epi32(0x7EF311C3), _mm256_castps_si256(d)));                               \
+    x = _mm256_mul_ps(x, _mm256_fnmadd_ps(d, x, two)); x = _mm256_mul_ps(x, _mm256_fnmadd_ps(d, x, two)); \
     x = _mm256_mul_ps(x, _mm256_fnmadd_ps(d, x, two)); c = _mm256_fmadd_ps(wv, x, c); } while (0)
-void avx2_div(const float* eq, const float* ek, const float* w, float* out, int nq, int nk, int A,
-              long reps) {
-  KERNEL_BODY(__m256, _mm256_set1_ps, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_add_ps, DIV8, hsum8, 8)
-}
-void avx2_rcp_nr(const float* eq, const float* ek, const float* w, float* out, int nq, int nk, int A,
-                 long reps) {
-  KERNEL_BODY(__m256, _mm256_set1_ps, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_add_ps, RCP8, hsum8, 8)
-}
+#define V8(name, R0, R1, R2, R3) VARIANT(name, __m256, _mm256_set1_ps, _mm256_loadu_ps, _mm256_fmadd_ps, \
+                                         R0, R1, R2, R3, hsum8, 8)
+V8(avx2_div, DIV8, DIV8, DIV8, DIV8)
+V8(avx2_rcp_nr, RCP8, RCP8, RCP8, RCP8)
+V8(avx2_split13, DIV8, RCP8, RCP8, RCP8)
+V8(avx2_split22, DIV8, RCP8, DIV8, RCP8)
+V8(avx2_split31, DIV8, DIV8, DIV8, RCP8)
+V8(avx2_fma_nr, FNR8, FNR8, FNR8, FNR8)
 /* fp32 FMA peak: 12 independent accumulators; returns a value so the loop is kept */
 float avx2_fma(long iters, float x) {  /* distinct starts: no chain can be merged */
 #define S(i) _mm256_set1_ps(x + i)
@@ -103,17 +117,19 @@ int has_avx2 = 0;
 #if defined(__AVX512F__)
 #define DIV16(c, d) c = _mm512_add_ps(c, _mm512_div_ps(wv, d))
 #define RCP16(c, d) do { __m512 x = _mm512_rcp14_ps(d);                                         \
+    x = _mm512_fmadd_ps(x, _mm512_fnmadd_ps(d, x, one), x); c = _mm512_fmadd_ps(wv, x, c); } while (0)
+#define FNR16(c, d) do { __m512 x = _mm512_castsi512_ps(_mm512_sub_epi32(                        \
+        _mm512_set1_epi32(0x7EF311C3), _mm512_castps_si512(d)));                               \
+    x = _mm512_mul_ps(x, _mm512_fnmadd_ps(d, x, two)); x = _mm512_mul_ps(x, _mm512_fnmadd_ps(d, x, two)); \
     x = _mm512_mul_ps(x, _mm512_fnmadd_ps(d, x, two)); c = _mm512_fmadd_ps(wv, x, c); } while (0)
-void avx512_div(const float* eq, const float* ek, const float* w, float* out, int nq, int nk, int A,
-                long reps) {
-  KERNEL_BODY(__m512, _mm512_set1_ps, _mm512_loadu_ps, _mm512_fmadd_ps, _mm512_add_ps, DIV16,
-              _mm512_reduce_add_ps, 16)
-}
-void avx512_rcp_nr(const float* eq, const float* ek, const float* w, float* out, int nq, int nk, int A,
-                   long reps) {
-  KERNEL_BODY(__m512, _mm512_set1_ps, _mm512_loadu_ps, _mm512_fmadd_ps, _mm512_add_ps, RCP16,
-              _mm512_reduce_add_ps, 16)
-}
+#define V16(name, R0, R1, R2, R3) VARIANT(name, __m512, _mm512_set1_ps, _mm512_loadu_ps, _mm512_fmadd_ps, \
+                                          R0, R1, R2, R3, _mm512_reduce_add_ps, 16)
+V16(avx512_div, DIV16, DIV16, DIV16, DIV16)
+V16(avx512_rcp_nr, RCP16, RCP16, RCP16, RCP16)
+V16(avx512_split13, DIV16, RCP16, RCP16, RCP16)
+V16(avx512_split22, DIV16, RCP16, DIV16, RCP16)
+V16(avx512_split31, DIV16, DIV16, DIV16, RCP16)
+V16(avx512_fma_nr, FNR16, FNR16, FNR16, FNR16)
 float avx512_fma(long iters, float x) {  /* distinct starts: no chain can be merged */
 #define S(i) _mm512_set1_ps(x + i)
   __m512 a0 = S(0), a1 = S(1), a2 = S(2), a3 = S(3), a4 = S(4), a5 = S(5), a6 = S(6), a7 = S(7),
@@ -139,6 +155,7 @@ int has_avx512 = 0;
 
 NQ, NK, A = 32, 32, 128   # block: 32 query rows x 32 key rows x A=128 (eq 16 KiB + ek 16 KiB: L1)
 FMA_PER_ITER = 12          # independent vector FMAs per loop iteration in *_fma
+KINDS = ("div", "rcp_nr", "split13", "split22", "split31", "fma_nr")
 REL_TOL = 1e-5             # a variant must match exact division to this relative error
 
 
@@ -264,7 +281,7 @@ def matmul_gflops(threads: int, n: int = 2048, seconds: float = 0.5) -> float:
 
 def measure(threads: int = 2, seconds: float = 0.3) -> dict:
     """Measure the limit figures; see the module docstring. Never raises for a missing compiler."""
-    out: dict = {"threads": threads, "block": {"nq": NQ, "nk": NK, "A": A},
+    out: dict = {"threads": threads, "block": {"nq": NQ, "nk": NK, "A": A}, "per_isa": {},
                  "variants": {}, "additive_triples_per_s": None, "additive_variant": None,
                  "fma_gflops": None, "matmul_gflops": None, "compiler": None, "reason": None}
     out["matmul_gflops"] = round(matmul_gflops(threads, seconds=max(0.2, seconds)), 2)
@@ -280,7 +297,7 @@ def measure(threads: int = 2, seconds: float = 0.3) -> dict:
             out["reason"] = "CPU has neither AVX2+FMA nor AVX-512F: no vector limit kernel"
             return out
         for isa, lanes in isas:
-            for kind in ("div", "rcp_nr"):
+            for kind in KINDS:
                 rate, err = _additive_variant(lib, f"{isa}_{kind}", threads, seconds)
                 out["variants"][f"{isa}_{kind}"] = {"triples_per_s": round(rate), "max_rel_err": err,
                                                     "accurate": err <= REL_TOL}
@@ -290,7 +307,21 @@ def measure(threads: int = 2, seconds: float = 0.3) -> dict:
         if ok:
             best = max(ok, key=lambda k: ok[k]["triples_per_s"])
             out["additive_variant"], out["additive_triples_per_s"] = best, ok[best]["triples_per_s"]
+        out["per_isa"] = per_isa(out["variants"])
         out["fma_gflops"] = max(out["variants"][f"{isa}_fma_gflops"] for isa, _ in isas)
+    return out
+
+
+def per_isa(variants: dict) -> dict:
+    """``{isa: {"variant": name, "triples_per_s": rate}}``: the best accurate variant of each ISA
+    (the limit a kernel running at that instruction-set level is measured against)."""
+    out: dict = {}
+    for name, v in variants.items():
+        if not isinstance(v, dict) or not v.get("accurate"):
+            continue
+        isa = name.split("_", 1)[0]
+        if v["triples_per_s"] > out.get(isa, {}).get("triples_per_s", 0):
+            out[isa] = {"variant": name, "triples_per_s": v["triples_per_s"]}
     return out
 
 
@@ -303,6 +334,10 @@ def best_of(a: dict, b: dict) -> dict:
             out[key] = b[key]
             if key == "additive_triples_per_s":
                 out["additive_variant"] = b["additive_variant"]
+    out["per_isa"] = dict(a.get("per_isa") or {})
+    for isa, v in (b.get("per_isa") or {}).items():
+        if v["triples_per_s"] > out["per_isa"].get(isa, {}).get("triples_per_s", 0):
+            out["per_isa"][isa] = v
     out["measurements"] = [{k: m.get(k) for k in ("additive_triples_per_s", "additive_variant", "fma_gflops",
                                                   "matmul_gflops", "variants")} for m in (a, b)]
     return out

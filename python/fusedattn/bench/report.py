@@ -23,7 +23,8 @@ def machine_info(threads: int, repeats: int) -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": threads, "logical_cpus": os.cpu_count(),
             "repeats": repeats, "cpu_model": None, "cpu_family_model": None, "cpu_flags": [],
-            "mem_total_gib": None, "git_commit": None, "triton": None, "cuda_device": None}
+            "mem_total_gib": None, "git_commit": None, "triton": None, "cuda_device": None,
+            "cpu_isa": None, "cpu_isa_levels": None}
     try:
         info["triton"] = importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:
@@ -42,7 +43,9 @@ def machine_info(threads: int, repeats: int) -> dict:
                     mod = val
                 elif key == "flags" and not info["cpu_flags"]:
                     info["cpu_flags"] = sorted(set(val.split()) & {"avx", "avx2", "fma", "avx512f",
-                                                                   "avx512_bf16", "f16c"})
+                                                                   "avx512bw", "avx512vl", "avx512dq",
+                                                                   "avx512_bf16", "avx512_fp16",
+                                                                   "amx_bf16", "amx_fp16", "f16c"})
         info["cpu_family_model"] = f"{fam}/{mod}"
         with open("/proc/meminfo") as f:
             info["mem_total_gib"] = round(int(f.readline().split()[1]) / (1 << 20), 1)
@@ -56,6 +59,11 @@ def machine_info(threads: int, repeats: int) -> dict:
         pass
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)
+    try:  # the cpu backend's instruction-set level (FUSEDATTN_CPU_ISA may lower it)
+        from ..backends import cpu_backend
+        info["cpu_isa"], info["cpu_isa_levels"] = cpu_backend.cpu_isa(), cpu_backend.cpu_isa_levels()
+    except (RuntimeError, ValueError) as e:
+        info["cpu_isa"] = f"unavailable: {e}"
     return info
 
 
@@ -105,8 +113,12 @@ def finalize(records: list[dict], limit: Optional[dict]) -> list[dict]:
         modeled = bool(r.get("modeled"))          # an H100 model: no CPU limit, no measured peers
         if r["score"] == "additive":
             r["triples_per_s"] = r["elements"] * r["D"] / s      # (i, j, a) score terms per second
-            if add_lim and not modeled:
-                r["pct_of_limit"] = 100.0 * r["triples_per_s"] * TRIPLE_PASSES[r["pass"]] / add_lim
+            lim = add_lim
+            if r.get("isa"):  # the cpu backend: against the limit of the level it ran at
+                lim = ((limit or {}).get("per_isa") or {}).get(r["isa"], {}).get("triples_per_s")
+                r["limit_isa"] = r["isa"] if lim else None
+            if lim and not modeled:
+                r["pct_of_limit"] = 100.0 * r["triples_per_s"] * TRIPLE_PASSES[r["pass"]] / lim
         else:
             flops = 2.0 * r["elements"] * (r["D"] + r["Dv"]) * FLOP_FACTOR[r["pass"]]
             r["gflops_per_s"] = flops / s / 1e9
@@ -162,6 +174,13 @@ def _fmt(x, spec: str, none: str = "-") -> str:
     return none if x is None else format(x, spec)
 
 
+def _isa_note(r: dict) -> str:
+    """"; isa avx512" (and "; gemm16" for 16-bit GEMMs) for cpu-backend records."""
+    if not r.get("isa"):
+        return ""
+    return f"; isa {r['isa']}" + ("; gemm16" if r.get("gemm16") else "")
+
+
 def table(records: list[dict]) -> str:
     head = (f"{'score':8s} {'pass':7s} {'L':>6s} {'backend':20s} {'time ms':>10s} {'peak MiB':>9s} "
             f"{'rate':>13s} {'x ref':>7s} {'x best':>7s} {'% limit':>7s}  note")
@@ -185,6 +204,7 @@ def table(records: list[dict]) -> str:
             note = f"MODEL, lower bound; {r['model_bound']}-bound"
         else:
             note = f"median of {r['repeats']}" if r.get("repeats") else "single call"
+            note += _isa_note(r)
         lines.append(
             f"{r['score']:8s} {r['pass']:7s} {r['Lq']:>6d} {r['backend']:20s} "
             f"{_fmt(r.get('time_ms'), '10.4g'):>10s} {_fmt(r.get('peak_mem_mib'), '9.1f'):>9s} "
@@ -212,6 +232,7 @@ def markdown_table(records: list[dict]) -> str:
             note = f"**model**, lower bound, {r['model_bound']}-bound"
         else:
             note = f"median of {r['repeats']}" if r.get("repeats") else "single call"
+            note += _isa_note(r)
         cells = [r["score"], r["pass"], r["Lq"], r["backend"], _fmt(r.get("time_ms"), ".4g"),
                  _fmt(r.get("peak_mem_mib"), ".1f"), rate, _fmt(r.get("ratio_vs_reference"), ".3g"),
                  _fmt(r.get("ratio_vs_best_baseline"), ".3g"), _fmt(r.get("pct_of_limit"), ".2g"), note]
@@ -227,6 +248,10 @@ def limit_summary(limit: Optional[dict]) -> str:
                f"{limit['threads']} threads, {limit['compiler']})")
     else:
         add = f"not measured ({limit.get('reason')})"
+    per = limit.get("per_isa") or {}
+    if per:
+        add += "; per ISA: " + ", ".join(f"{isa} {v['triples_per_s'] / 1e9:.2f} ({v['variant']})"
+                                         for isa, v in sorted(per.items()))
     return (f"machine limit: additive inner loop {add}; FMA peak {_fmt(limit.get('fma_gflops'), '.1f')} "
             f"GFLOP/s; fp32 torch.mm {_fmt(limit.get('matmul_gflops'), '.1f')} GFLOP/s")
 

@@ -1,0 +1,225 @@
+// AVX2 + FMA inner loops (declared in kernels.h, namespace avx2). Every function carries the target
+// attribute and nothing inline is shared with code compiled for the baseline, so the binary still
+// loads and runs on a CPU without AVX2 (the dispatchers then never call these).
+//
+// Reciprocals: the score loop splits its 1/d between the divider (vdivps) and the reciprocal unit
+// plus FMAs (vrcpps, then two Newton steps): the two run on different execution resources, so the
+// split beats either alone (bench/limits.py, variant avx2_split22). vrcpps is only ~12 bits, so its
+// lanes take two Newton steps to reach the division's float32 accuracy.
+#include <immintrin.h>
+
+#include <cmath>
+
+#include "kernels.h"
+
+namespace fusedattn_cpu {
+namespace avx2 {
+namespace {
+
+#define AVX2_FN __attribute__((target("avx2,fma")))
+
+AVX2_FN inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 1/d without the divider: x0 = rcp(d) (rel. error < 1.5 * 2^-12), then STEPS times
+// x <- x + x (1 - d x) (the residual 1 - d x is one FMA, so each step squares the error).
+template <int STEPS>
+AVX2_FN inline __m256 recip_nr(__m256 d) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  __m256 x = _mm256_rcp_ps(d);
+  for (int s = 0; s < STEPS; ++s) x = _mm256_fmadd_ps(x, _mm256_fnmadd_ps(d, x, one), x);
+  return x;
+}
+
+// exp(x) for x <= 88 (Cephes-style: x = n ln2 + r, degree-6 polynomial in r, scale by 2^n);
+// x < -87 gives 0 (the true value is below the smallest normal float and negligible here);
+// NaN gives NaN.
+AVX2_FN inline __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.f);
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);  // also false for NaN
+  // operand order: max/min return their second operand when one is NaN, so NaN propagates
+  x = _mm256_max_ps(lo, x);
+  x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x);
+  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  __m256i n = _mm256_cvtps_epi32(fx);
+  n = _mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23);
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+  return _mm256_andnot_ps(under, y);
+}
+
+constexpr int kFwdSteps = 1;
+
+// NI query rows x NJ vectors of 8 keys. Terms are centred (w/d - w/2 = -w t / 2) and summed in
+// blocks of 16 dims, which keeps the rounding error of the sum near that of a direct tanh sum.
+// Accumulators with (i + j) even divide, the others use recip_nr.
+template <int NI, int NJ>
+AVX2_FN inline void add_scores_block(int A, const float* Eq, const float* EkT, int64_t ldk,
+                                     const float* w, float* S, int ldS) {
+  const __m256 one = _mm256_set1_ps(1.f), half = _mm256_set1_ps(0.5f), m2 = _mm256_set1_ps(-2.f);
+  __m256 tot[NI][NJ], acc[NI][NJ];
+  for (int i = 0; i < NI; ++i)
+    for (int j = 0; j < NJ; ++j) tot[i][j] = _mm256_setzero_ps();
+  for (int a0 = 0; a0 < A; a0 += 16) {
+    const int a1 = a0 + 16 < A ? a0 + 16 : A;
+    for (int i = 0; i < NI; ++i)
+      for (int j = 0; j < NJ; ++j) acc[i][j] = _mm256_setzero_ps();
+    const float* kp = EkT + a0 * ldk;
+    for (int a = a0; a < a1; ++a, kp += ldk) {
+      const __m256 wa = _mm256_broadcast_ss(w + a);
+      const __m256 hw = _mm256_mul_ps(wa, half);
+      __m256 kv[NJ];
+      for (int j = 0; j < NJ; ++j) kv[j] = _mm256_loadu_ps(kp + 8 * j);
+      for (int i = 0; i < NI; ++i) {
+        const __m256 e = _mm256_broadcast_ss(Eq + (int64_t)i * A + a);
+        for (int j = 0; j < NJ; ++j) {
+          const __m256 d = _mm256_fmadd_ps(e, kv[j], one);
+          const __m256 t = ((i + j) & 1) ? _mm256_fmsub_ps(wa, recip_nr<kFwdSteps>(d), hw)
+                                         : _mm256_sub_ps(_mm256_div_ps(wa, d), hw);
+          acc[i][j] = _mm256_add_ps(acc[i][j], t);
+        }
+      }
+    }
+    for (int i = 0; i < NI; ++i)
+      for (int j = 0; j < NJ; ++j) tot[i][j] = _mm256_add_ps(tot[i][j], acc[i][j]);
+  }
+  for (int i = 0; i < NI; ++i)
+    for (int j = 0; j < NJ; ++j) _mm256_storeu_ps(S + (int64_t)i * ldS + 8 * j, _mm256_mul_ps(m2, tot[i][j]));
+}
+
+// r = 1/(1+p), p = e*k; returns u = r(1 - r) = r - r*r (one fused op; its absolute error, about
+// one float32 ulp of 1, matches that of 1 - t^2 computed from a rounded t).
+template <bool NR>
+AVX2_FN inline __m256 add_bwd_u(__m256 e, __m256 k, __m256* r) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  const __m256 d = _mm256_fmadd_ps(e, k, one);
+  *r = NR ? recip_nr<2>(d) : _mm256_div_ps(one, d);
+  return _mm256_fnmadd_ps(*r, *r, *r);
+}
+
+// NI query rows against nc keys for one dim a; dk is loaded and stored once per NI rows. With 4
+// rows the last one takes its reciprocal from recip_nr (a quarter: the loop has 4 FMAs per vector
+// besides the reciprocal, so the divider stays the bottleneck of the rest).
+template <int NI>
+AVX2_FN inline __m256 add_bwd_rows(int nc, int A, int a, const float* Eq, const float* kp,
+                                   const float* dS, int ldS, float wa, float* dq, float* dk) {
+  const __m256 half = _mm256_set1_ps(0.5f), w4 = _mm256_set1_ps(4.f * wa);
+  __m256 e[NI], qa[NI], dw = _mm256_setzero_ps();
+  for (int i = 0; i < NI; ++i) {
+    e[i] = _mm256_set1_ps(Eq[(int64_t)i * A + a]);
+    qa[i] = _mm256_setzero_ps();
+  }
+  for (int j = 0; j < nc; j += 8) {
+    const __m256 k = _mm256_loadu_ps(kp + j);
+    __m256 msum = _mm256_setzero_ps();
+    for (int i = 0; i < NI; ++i) {
+      const __m256 d = _mm256_loadu_ps(dS + (int64_t)i * ldS + j);
+      __m256 r;
+      const __m256 u = (NI == 4 && i == 3) ? add_bwd_u<true>(e[i], k, &r) : add_bwd_u<false>(e[i], k, &r);
+      const __m256 m = _mm256_mul_ps(d, u);
+      qa[i] = _mm256_add_ps(qa[i], m);
+      msum = _mm256_add_ps(msum, m);
+      dw = _mm256_fmadd_ps(d, _mm256_sub_ps(r, half), dw);
+    }
+    _mm256_storeu_ps(dk + j, _mm256_fmadd_ps(w4, msum, _mm256_loadu_ps(dk + j)));
+  }
+  for (int i = 0; i < NI; ++i) dq[(int64_t)i * A + a] += 4.f * wa * hsum8(qa[i]);
+  return dw;
+}
+
+}  // namespace
+
+AVX2_FN void add_scores(int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk,
+                        const float* w, float* S, int ldS) {
+  int i = 0;
+  for (; i + 2 <= nr; i += 2) {
+    const float* eq = Eq + (int64_t)i * A;
+    float* s = S + (int64_t)i * ldS;
+    for (int j = 0; j < nc16; j += 16) add_scores_block<2, 2>(A, eq, EkT + j, ldk, w, s + j, ldS);
+  }
+  for (; i < nr; ++i) {
+    for (int j = 0; j < nc16; j += 16)
+      add_scores_block<1, 2>(A, Eq + (int64_t)i * A, EkT + j, ldk, w, S + (int64_t)i * ldS + j, ldS);
+  }
+}
+
+AVX2_FN void add_bwd(int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk,
+                     const float* w, const float* dS, int ldS, float* dq, float* dkT, int ldd,
+                     float* dwr) {
+  for (int a = 0; a < A; ++a) {
+    const float* kp = EkT + a * ldk;
+    float* dk = dkT + (int64_t)a * ldd;
+    __m256 dwt = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 4 <= nr; i += 4)
+      dwt = _mm256_add_ps(dwt, add_bwd_rows<4>(nc16, A, a, Eq + (int64_t)i * A, kp, dS + (int64_t)i * ldS,
+                                               ldS, w[a], dq + (int64_t)i * A, dk));
+    for (; i < nr; ++i)
+      dwt = _mm256_add_ps(dwt, add_bwd_rows<1>(nc16, A, a, Eq + (int64_t)i * A, kp, dS + (int64_t)i * ldS,
+                                               ldS, w[a], dq + (int64_t)i * A, dk));
+    dwr[a] += hsum8(dwt);
+  }
+}
+
+AVX2_FN float row_max(const float* x, int n) {  // NaN if any x is NaN
+  __m256 m = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
+  int j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = _mm256_loadu_ps(x + j);
+    m = _mm256_max_ps(m, v);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  float r = _mm_cvtss_f32(h);
+  bool any_nan = _mm256_movemask_ps(nan) != 0;
+  for (; j < n; ++j) {
+    any_nan = any_nan || x[j] != x[j];
+    r = x[j] > r ? x[j] : r;
+  }
+  return any_nan ? NAN : r;
+}
+
+AVX2_FN float exp_sub_sum(float* x, int n, float m) {
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 acc = _mm256_setzero_ps();
+  int j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), mv));
+    _mm256_storeu_ps(x + j, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  if (j < n) {  // tail through a padded vector, so every element uses the same formula
+    alignas(32) float t[8];
+    for (int u = 0; u < 8; ++u) t[u] = j + u < n ? x[j + u] : -INFINITY;
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_load_ps(t), mv));
+    _mm256_store_ps(t, e);
+    acc = _mm256_add_ps(acc, e);
+    for (int u = 0; j + u < n; ++u) x[j + u] = t[u];
+  }
+  return hsum8(acc);
+}
+
+AVX2_FN void exp2x(const float* x, float* y, int n) {
+  const __m256 two = _mm256_set1_ps(2.f);
+  int j = 0;
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(y + j, exp8(_mm256_mul_ps(two, _mm256_loadu_ps(x + j))));
+  for (; j < n; ++j) y[j] = std::exp(2.f * x[j]);
+}
+
+}  // namespace avx2
+}  // namespace fusedattn_cpu

@@ -1,0 +1,197 @@
+// AVX-512 (F/BW/VL/DQ) inner loops (declared in kernels.h, namespace avx512): 16 float lanes, the
+// same formulas as kernels_avx2.cpp. Every function carries the target attribute, so the binary
+// loads on any x86-64 CPU; the dispatchers call these only when isa.cpp found AVX-512 enabled.
+//
+// Reciprocals: vrcp14ps has a relative error below 2^-14, so one Newton step in the residual form
+// x + x (1 - d x) reaches float32 accuracy (the error before rounding is ~2^-28). The score loop
+// splits 1/d between the divider and vrcp14ps + Newton (bench/limits.py, variant avx512_split22);
+// the backward loop gives a quarter of its rows to vrcp14ps (its other FMAs keep those pipes busy).
+#include <immintrin.h>
+
+#include <cmath>
+
+#include "kernels.h"
+
+namespace fusedattn_cpu {
+namespace avx512 {
+namespace {
+
+#define AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
+
+AVX512_FN inline __m512 recip_nr(__m512 d) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 x = _mm512_rcp14_ps(d);
+  return _mm512_fmadd_ps(x, _mm512_fnmadd_ps(d, x, one), x);
+}
+
+// exp(x) as exp8 in kernels_avx2.cpp (same constants and steps), 16 lanes.
+AVX512_FN inline __m512 exp16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.f);
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ);  // x >= -87 or NaN
+  x = _mm512_max_ps(lo, x);
+  x = _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), x);
+  __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507E-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073E-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894E-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459E-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  __m512i n = _mm512_cvtps_epi32(fx);
+  n = _mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23);
+  y = _mm512_mul_ps(y, _mm512_castsi512_ps(n));
+  return _mm512_maskz_mov_ps(keep, y);
+}
+
+// NI query rows x NJ vectors of 16 keys; centred terms summed in blocks of 16 dims (as in
+// kernels_avx2.cpp). Accumulators with (i + j) even divide, the others use recip_nr.
+template <int NI, int NJ>
+AVX512_FN inline void add_scores_block(int A, const float* Eq, const float* EkT, int64_t ldk,
+                                       const float* w, float* S, int ldS) {
+  const __m512 one = _mm512_set1_ps(1.f), half = _mm512_set1_ps(0.5f), m2 = _mm512_set1_ps(-2.f);
+  __m512 tot[NI][NJ], acc[NI][NJ];
+  for (int i = 0; i < NI; ++i)
+    for (int j = 0; j < NJ; ++j) tot[i][j] = _mm512_setzero_ps();
+  for (int a0 = 0; a0 < A; a0 += 16) {
+    const int a1 = a0 + 16 < A ? a0 + 16 : A;
+    for (int i = 0; i < NI; ++i)
+      for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_setzero_ps();
+    const float* kp = EkT + a0 * ldk;
+    for (int a = a0; a < a1; ++a, kp += ldk) {
+      const __m512 wa = _mm512_set1_ps(w[a]);
+      const __m512 hw = _mm512_mul_ps(wa, half);
+      __m512 kv[NJ];
+      for (int j = 0; j < NJ; ++j) kv[j] = _mm512_loadu_ps(kp + 16 * j);
+      for (int i = 0; i < NI; ++i) {
+        const __m512 e = _mm512_set1_ps(Eq[(int64_t)i * A + a]);
+        for (int j = 0; j < NJ; ++j) {
+          const __m512 d = _mm512_fmadd_ps(e, kv[j], one);
+          const __m512 t = ((i + j) & 1) ? _mm512_fmsub_ps(wa, recip_nr(d), hw)
+                                         : _mm512_sub_ps(_mm512_div_ps(wa, d), hw);
+          acc[i][j] = _mm512_add_ps(acc[i][j], t);
+        }
+      }
+    }
+    for (int i = 0; i < NI; ++i)
+      for (int j = 0; j < NJ; ++j) tot[i][j] = _mm512_add_ps(tot[i][j], acc[i][j]);
+  }
+  for (int i = 0; i < NI; ++i)
+    for (int j = 0; j < NJ; ++j) _mm512_storeu_ps(S + (int64_t)i * ldS + 16 * j, _mm512_mul_ps(m2, tot[i][j]));
+}
+
+template <int NI>
+AVX512_FN inline void add_scores_rows(int nc16, int A, const float* Eq, const float* EkT, int64_t ldk,
+                                      const float* w, float* S, int ldS) {
+  int j = 0;
+  for (; j + 64 <= nc16; j += 64) add_scores_block<NI, 4>(A, Eq, EkT + j, ldk, w, S + j, ldS);
+  switch ((nc16 - j) / 16) {
+    case 3: add_scores_block<NI, 3>(A, Eq, EkT + j, ldk, w, S + j, ldS); break;
+    case 2: add_scores_block<NI, 2>(A, Eq, EkT + j, ldk, w, S + j, ldS); break;
+    case 1: add_scores_block<NI, 1>(A, Eq, EkT + j, ldk, w, S + j, ldS); break;
+    default: break;
+  }
+}
+
+template <bool NR>
+AVX512_FN inline __m512 add_bwd_u(__m512 e, __m512 k, __m512* r) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 d = _mm512_fmadd_ps(e, k, one);
+  *r = NR ? recip_nr(d) : _mm512_div_ps(one, d);
+  return _mm512_fnmadd_ps(*r, *r, *r);
+}
+
+// As add_bwd_rows in kernels_avx2.cpp: with 4 rows the last one uses recip_nr.
+template <int NI>
+AVX512_FN inline __m512 add_bwd_rows(int nc, int A, int a, const float* Eq, const float* kp,
+                                     const float* dS, int ldS, float wa, float* dq, float* dk) {
+  const __m512 half = _mm512_set1_ps(0.5f), w4 = _mm512_set1_ps(4.f * wa);
+  __m512 e[NI], qa[NI], dw = _mm512_setzero_ps();
+  for (int i = 0; i < NI; ++i) {
+    e[i] = _mm512_set1_ps(Eq[(int64_t)i * A + a]);
+    qa[i] = _mm512_setzero_ps();
+  }
+  for (int j = 0; j < nc; j += 16) {
+    const __m512 k = _mm512_loadu_ps(kp + j);
+    __m512 msum = _mm512_setzero_ps();
+    for (int i = 0; i < NI; ++i) {
+      const __m512 d = _mm512_loadu_ps(dS + (int64_t)i * ldS + j);
+      __m512 r;
+      const __m512 u = (NI == 4 && i == 3) ? add_bwd_u<true>(e[i], k, &r) : add_bwd_u<false>(e[i], k, &r);
+      const __m512 m = _mm512_mul_ps(d, u);
+      qa[i] = _mm512_add_ps(qa[i], m);
+      msum = _mm512_add_ps(msum, m);
+      dw = _mm512_fmadd_ps(d, _mm512_sub_ps(r, half), dw);
+    }
+    _mm512_storeu_ps(dk + j, _mm512_fmadd_ps(w4, msum, _mm512_loadu_ps(dk + j)));
+  }
+  for (int i = 0; i < NI; ++i) dq[(int64_t)i * A + a] += 4.f * wa * _mm512_reduce_add_ps(qa[i]);
+  return dw;
+}
+
+}  // namespace
+
+AVX512_FN void add_scores(int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk,
+                          const float* w, float* S, int ldS) {
+  int i = 0;
+  for (; i + 2 <= nr; i += 2)
+    add_scores_rows<2>(nc16, A, Eq + (int64_t)i * A, EkT, ldk, w, S + (int64_t)i * ldS, ldS);
+  for (; i < nr; ++i) add_scores_rows<1>(nc16, A, Eq + (int64_t)i * A, EkT, ldk, w, S + (int64_t)i * ldS, ldS);
+}
+
+AVX512_FN void add_bwd(int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk,
+                       const float* w, const float* dS, int ldS, float* dq, float* dkT, int ldd,
+                       float* dwr) {
+  for (int a = 0; a < A; ++a) {
+    const float* kp = EkT + a * ldk;
+    float* dk = dkT + (int64_t)a * ldd;
+    __m512 dwt = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 4 <= nr; i += 4)
+      dwt = _mm512_add_ps(dwt, add_bwd_rows<4>(nc16, A, a, Eq + (int64_t)i * A, kp, dS + (int64_t)i * ldS,
+                                               ldS, w[a], dq + (int64_t)i * A, dk));
+    for (; i < nr; ++i)
+      dwt = _mm512_add_ps(dwt, add_bwd_rows<1>(nc16, A, a, Eq + (int64_t)i * A, kp, dS + (int64_t)i * ldS,
+                                               ldS, w[a], dq + (int64_t)i * A, dk));
+    dwr[a] += _mm512_reduce_add_ps(dwt);
+  }
+}
+
+AVX512_FN float row_max(const float* x, int n) {  // NaN if any x is NaN
+  const __m512 ninf = _mm512_set1_ps(-INFINITY);
+  __m512 m = ninf;
+  __mmask16 nan = 0;
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 live = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+    const __m512 v = _mm512_mask_loadu_ps(ninf, live, x + j);
+    m = _mm512_max_ps(m, v);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
+  return nan ? NAN : _mm512_reduce_max_ps(m);
+}
+
+AVX512_FN float exp_sub_sum(float* x, int n, float m) {
+  const __m512 mv = _mm512_set1_ps(m), ninf = _mm512_set1_ps(-INFINITY);
+  __m512 acc = _mm512_setzero_ps();
+  for (int j = 0; j < n; j += 16) {  // the tail through a masked vector: every element, one formula
+    const __mmask16 live = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_mask_loadu_ps(ninf, live, x + j), mv));
+    _mm512_mask_storeu_ps(x + j, live, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+AVX512_FN void exp2x(const float* x, float* y, int n) {
+  const __m512 two = _mm512_set1_ps(2.f);
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 live = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+    _mm512_mask_storeu_ps(y + j, live, exp16(_mm512_mul_ps(two, _mm512_maskz_loadu_ps(live, x + j))));
+  }
+}
+
+}  // namespace avx512
+}  // namespace fusedattn_cpu

@@ -1,0 +1,166 @@
+// Window and score modifiers of the CPU kernels (see checks.h): softcap, relative-position bias and
+// ALiBi, applied per score tile, and their backward.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "checks.h"
+
+namespace fusedattn_cpu {
+namespace {
+
+// s[j] = c * tanh(s[j] / c) (and t[j] = tanh(s[j] / c) when t != nullptr), through
+// tanh(x) = 1 - 2 / (1 + e^{2x}) with e^{2x} from a degree-6 polynomial after range reduction
+// (relative error of e^{2x} about 1.2e-7, so the absolute error of tanh stays below 3e-7).
+// AVX-512 and AVX2 forms (intrinsics: GCC does not vectorize this loop in target functions)
+// and a scalar fallback, chosen once from the CPU.
+constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693145751953125f, kLn2Lo = 1.42860682030941723e-6f;
+constexpr float kP[] = {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
+
+void softcap_scalar(float* s, float* t, int n, float c) {
+  for (int j = 0; j < n; ++j) {
+    const float th = std::tanh(s[j] / c);
+    if (t != nullptr) t[j] = th;
+    s[j] = c * th;
+  }
+}
+
+__attribute__((target("avx512f")))
+void softcap_avx512(float* s, float* t, int n, float c) {
+  const __m512 inv = _mm512_set1_ps(2.f / c), cv = _mm512_set1_ps(c), one = _mm512_set1_ps(1.f),
+               two = _mm512_set1_ps(2.f), lo = _mm512_set1_ps(-87.f), hi = _mm512_set1_ps(87.f);
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+    __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + j), inv);
+    x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(kLn2Hi), x);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(kLn2Lo), r);
+    __m512 p = _mm512_set1_ps(kP[0]);
+    for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP[i]));
+    const __m512 e = _mm512_scalef_ps(p, k);
+    const __m512 th = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(one, e)));
+    if (t != nullptr) _mm512_mask_storeu_ps(t + j, m, th);
+    _mm512_mask_storeu_ps(s + j, m, _mm512_mul_ps(cv, th));
+  }
+}
+
+__attribute__((target("avx2,fma")))
+void softcap_avx2(float* s, float* t, int n, float c) {
+  const __m256 inv = _mm256_set1_ps(2.f / c), cv = _mm256_set1_ps(c), one = _mm256_set1_ps(1.f),
+               two = _mm256_set1_ps(2.f), lo = _mm256_set1_ps(-87.f), hi = _mm256_set1_ps(87.f);
+  for (int j = 0; j < n; j += 8) {
+    const int nv = std::min(8, n - j);
+    alignas(32) float buf[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int i = 0; i < nv; ++i) buf[i] = s[j + i];
+    __m256 x = _mm256_mul_ps(_mm256_load_ps(buf), inv);
+    x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+    const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(kLn2Hi), x);
+    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(kLn2Lo), r);
+    __m256 p = _mm256_set1_ps(kP[0]);
+    for (int i = 1; i < 7; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP[i]));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    const __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+    const __m256 th = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(one, e)));
+    alignas(32) float tb[8], sb[8];
+    _mm256_store_ps(tb, th);
+    _mm256_store_ps(sb, _mm256_mul_ps(cv, th));
+    for (int i = 0; i < nv; ++i) {
+      if (t != nullptr) t[j + i] = tb[i];
+      s[j + i] = sb[i];
+    }
+  }
+}
+
+void softcap_row(float* s, float* t, int n, float c) {
+  static const int level = __builtin_cpu_supports("avx512f") ? 2
+                           : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 1 : 0;
+  if (level == 2) return softcap_avx512(s, t, n, c);
+  if (level == 1) return softcap_avx2(s, t, n, c);
+  softcap_scalar(s, t, n, c);
+}
+
+}  // namespace
+
+void set_modifiers(const char* op, Problem& p, int64_t window_left, int64_t window_right, double softcap,
+                   const c10::optional<at::Tensor>& rel_bias, const c10::optional<at::Tensor>& alibi_slopes,
+                   std::vector<at::Tensor>& keep) {
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, op, ": window sides must be >= -1, got (",
+              window_left, ", ", window_right, ")");
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, op, ": softcap must be finite and >= 0, got ", softcap);
+  p.wl = window_left;
+  p.wr = p.causal ? 0 : window_right;
+  p.mods.softcap = (float)softcap;
+  if (rel_bias.has_value() && rel_bias->defined()) {
+    const at::Tensor& r = *rel_bias;
+    TORCH_CHECK(r.dim() == 2 && r.size(0) == p.H && r.size(1) % 2 == 1, op,
+                ": rel_bias must have shape (H, 2M - 1) = (", p.H, ", odd), got ", r.sizes());
+    keep.push_back(r.to(at::kFloat).contiguous());
+    p.mods.rel = keep.back().data_ptr<float>();
+    p.mods.M = (r.size(1) + 1) / 2;
+  }
+  if (alibi_slopes.has_value() && alibi_slopes->defined()) {
+    const at::Tensor& a = *alibi_slopes;
+    const bool per_b = a.dim() == 2;
+    TORCH_CHECK((a.dim() == 1 && a.size(0) == p.H) || (per_b && a.size(0) == p.B && a.size(1) == p.H), op,
+                ": alibi_slopes must have shape (H,) or (B, H) = (", p.B, ", ", p.H, "), got ", a.sizes());
+    keep.push_back(a.to(at::kFloat).contiguous());
+    p.mods.alibi = keep.back().data_ptr<float>();
+    p.mods.alibi_bstride = per_b ? p.H : 0;
+  }
+}
+
+void apply_mods(const Problem& p, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* S,
+                int ldS, float* T) {
+  const Mods& m = p.mods;
+  const float* rel = m.rel != nullptr ? m.rel + h * (2 * m.M - 1) + (m.M - 1) : nullptr;  // rel[d]
+  const float slope = m.alibi != nullptr ? m.alibi[b * m.alibi_bstride + h] : 0.f;
+  const int64_t shift = p.Lk - p.Lq, M1 = m.M - 1;
+  for (int i = 0; i < nr; ++i) {
+    float* s = S + (int64_t)i * ldS;
+    const int64_t d0 = j0 - (i0 + i) - shift;  // distance of key j0; key j0 + j has d0 + j
+    if (m.softcap > 0.f) softcap_row(s, T != nullptr ? T + (int64_t)i * ldS : nullptr, nc, m.softcap);
+    if (rel != nullptr) {  // clamped below -(M-1), a contiguous slice inside, clamped above M-1
+      const int lo = (int)std::clamp<int64_t>(-M1 - d0, 0, nc), hi = (int)std::clamp<int64_t>(M1 - d0 + 1, lo, nc);
+      for (int j = 0; j < lo; ++j) s[j] += rel[-M1];
+      const float* r = rel + d0;
+      for (int j = lo; j < hi; ++j) s[j] += r[j];
+      for (int j = hi; j < nc; ++j) s[j] += rel[M1];
+    }
+    if (m.alibi != nullptr) {
+      const float fd0 = (float)d0;
+      for (int j = 0; j < nc; ++j) s[j] -= slope * std::fabs(fd0 + (float)j);
+    }
+  }
+}
+
+void mods_backward(const Problem& p, int64_t i0, int nr, int64_t j0, int nc, float* dS, int ldS,
+                   const float* T, float* drel) {
+  const Mods& m = p.mods;
+  const int64_t shift = p.Lk - p.Lq;
+  for (int i = 0; i < nr; ++i) {
+    float* ds = dS + (int64_t)i * ldS;
+    if (m.rel != nullptr) {  // drel[d + M - 1] += dS, as apply_mods reads rel: three segments
+      const int64_t M1 = m.M - 1, d0 = j0 - (i0 + i) - shift;
+      const int lo = (int)std::clamp<int64_t>(-M1 - d0, 0, nc), hi = (int)std::clamp<int64_t>(M1 - d0 + 1, lo, nc);
+      float below = 0.f, above = 0.f;
+      for (int j = 0; j < lo; ++j) below += ds[j];
+      float* r = drel + M1 + d0;
+      for (int j = lo; j < hi; ++j) r[j] += ds[j];
+      for (int j = hi; j < nc; ++j) above += ds[j];
+      drel[0] += below;
+      drel[2 * M1] += above;
+    }
+    if (m.softcap > 0.f) {
+      const float* t = T + (int64_t)i * ldS;
+      for (int j = 0; j < nc; ++j) ds[j] *= 1.f - t[j] * t[j];
+    }
+  }
+}
+
+}  // namespace fusedattn_cpu

@@ -1,0 +1,126 @@
+// Per-call set-up of the CPU ops (declared in tiles.h): 16-bit copies, the additive factor tables,
+// delta = rowsum(dout * out), and the reduction of the rel_bias gradient.
+#include <cstring>
+
+#include "tiles.h"
+
+namespace fusedattn_cpu {
+
+Low16 low16(Isa isa, const Tensor& a, const Tensor& b) {
+  Low16 r;
+  const auto t = a.scalar_type();
+  if (isa.level == Level::avx512 && use_gemm16(t)) {
+    r.a = a.contiguous();
+    r.b = b.contiguous();
+    r.t = t;
+  }
+  return r;
+}
+
+// delta_i = dout_i . out_i (accumulated in double). The one key that may dominate a row takes
+// dP_ij - delta_i in another form (dominant_ds), so delta only meets the keys with P_ij <= 1/2.
+std::vector<float> row_delta(const Problem& p, const float* dout, const float* out) {
+  std::vector<float> delta(p.B * p.H * p.Lq);
+  const int64_t Dv = p.Dv;
+  at::parallel_for(0, p.B * p.H * p.Lq, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      double s = 0.0;
+      for (int64_t d = 0; d < Dv; ++d) s += (double)dout[r * Dv + d] * out[r * Dv + d];
+      delta[r] = (float)s;
+    }
+  });
+  return delta;
+}
+
+void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tensor& k, const Tensor& w,
+                      Isa isa) {
+  const int64_t A = p.D;
+  d.q = f32(q);
+  d.k = f32(k);
+  d.w = f32(w);
+  const int64_t LkP = round_up(std::max<int64_t>(p.Lk, 1), AddScores::BK);
+  d.Eq = at::empty({p.B, p.H, p.Lq, A}, at::kFloat);
+  d.EkT = at::empty({p.B, p.Hk, A, LkP}, at::kFloat);
+  d.qflag = at::empty({p.B, p.H, p.Lq}, at::kByte);
+  d.kflag = at::empty({p.B, p.Hk, p.Lk}, at::kByte);
+  const float* qp = d.q.data_ptr<float>();
+  const float* kp = d.k.data_ptr<float>();
+  float* eq = d.Eq.data_ptr<float>();
+  float* ekt = d.EkT.data_ptr<float>();
+  uint8_t* qf = d.qflag.data_ptr<uint8_t>();
+  uint8_t* kf = d.kflag.data_ptr<uint8_t>();
+  // 1 when some |x| > kExpLimit or x is NaN (branch-free, so the loop vectorizes)
+  auto flagged_row = [](const float* x, int64_t n) {
+    int f = 0;
+    for (int64_t a = 0; a < n; ++a) f |= !(std::fabs(x[a]) <= kExpLimit);
+    return f != 0;
+  };
+  // one parallel region: items [0, nqb) are blocks of 64 query rows, the rest key blocks of 64
+  // (per kv head), transposed into EkT (A, LkP); padding and flagged keys hold 1.
+  constexpr int64_t KB = 64;
+  const int64_t nq = p.B * p.H * p.Lq, nqb = (nq + KB - 1) / KB, nkb = LkP / KB;
+  parallel_items(nqb + p.B * p.Hk * nkb, [&](auto pull) {
+    Buf tmp(KB * A);
+    for (int64_t t; (t = pull()) >= 0;) {
+      if (t < nqb) {
+        for (int64_t r = t * KB; r < std::min(nq, (t + 1) * KB); ++r) {
+          const float* x = qp + r * A;
+          const bool f = flagged_row(x, A);
+          qf[r] = f;
+          if (f) {
+            for (int64_t a = 0; a < A; ++a) eq[r * A + a] = 1.f;
+          } else {
+            exp2x(isa, x, eq + r * A, (int)A);
+          }
+        }
+        continue;
+      }
+      t -= nqb;
+      const int64_t bh = t / nkb, jb = (t % nkb) * KB;
+      float* tb = tmp.data();
+      for (int64_t j = 0; j < KB; ++j) {
+        const int64_t jj = jb + j;
+        bool f = jj >= p.Lk;
+        if (!f) {
+          const float* y = kp + (bh * p.Lk + jj) * A;
+          f = flagged_row(y, A);
+          kf[bh * p.Lk + jj] = f;
+          if (!f) exp2x(isa, y, tb + j * A, (int)A);
+        }
+        if (f)
+          for (int64_t a = 0; a < A; ++a) tb[j * A + a] = 1.f;
+      }
+      float* e = ekt + bh * A * LkP + jb;
+      for (int64_t a = 0; a < A; ++a)
+        for (int64_t j = 0; j < KB; ++j) e[a * LkP + j] = tb[j * A + a];
+    }
+  });
+  AddScores& sc = d.sc;
+  sc.q = qp; sc.k = kp; sc.w = d.w.data_ptr<float>();
+  sc.Eq = eq; sc.EkT = ekt; sc.qflag = qf; sc.kflag = kf; sc.LkP = LkP; sc.p = &p;
+}
+
+// The rel_bias gradient (empty when there is none): the partials of items (b, hk, chunk) x G summed per
+// query head h = hk*G + g, in item order (deterministic for any thread count).
+Tensor reduce_rel(const Problem& p, const std::vector<float>& part, int64_t n_items,
+                  const c10::optional<Tensor>& rel_bias) {
+  if (!rel_bias.has_value() || !rel_bias->defined()) return at::empty({0}, at::kFloat);
+  const int64_t nrel = 2 * p.mods.M - 1, per_bhk = n_items / (p.B * p.Hk);
+  Tensor out = at::zeros({p.H, nrel}, at::kFloat);
+  float* o = out.data_ptr<float>();
+  for (int64_t h = 0; h < p.H; ++h) {
+    const int64_t hk = h / p.G, g = h % p.G;
+    for (int64_t b = 0; b < p.B; ++b)
+      for (int64_t c = 0; c < per_bhk; ++c) {
+        const float* st = part.data() + (((b * p.Hk + hk) * per_bhk + c) * p.G + g) * nrel;
+        for (int64_t e = 0; e < nrel; ++e) o[h * nrel + e] += st[e];
+      }
+  }
+  return out.to(rel_bias->scalar_type());
+}
+
+Tensor rel_grad_zeros(const c10::optional<Tensor>& rel_bias) {
+  return rel_bias.has_value() && rel_bias->defined() ? at::zeros_like(*rel_bias) : at::empty({0}, at::kFloat);
+}
+
+}  // namespace fusedattn_cpu

@@ -1,0 +1,166 @@
+// Shared pieces of the CPU drivers (fusedattn_cpu.cpp) and their set-up (prep.cpp): scratch
+// buffers, the work-item loop, the score providers (dot: gemm; additive: the e^{2x} factor loops)
+// and the per-call preparation.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <vector>
+
+#include "checks.h"
+#include "gemm.h"
+#include "kernels.h"
+
+namespace fusedattn_cpu {
+
+using at::Tensor;
+
+constexpr float kNegInf = -INFINITY;
+// Rows with some |x| beyond this use tanh directly. Within it e^{2x} e^{2y} <= e^{80} ~ 5.5e34 stays
+// finite, so 1 + e^{2x} e^{2y} is finite and its reciprocal normal: the Newton step of the vector
+// reciprocals (d * rcp(d) with d = inf would be inf * 0 = NaN) and the division agree everywhere.
+constexpr float kExpLimit = 20.f;
+
+// 64-byte aligned float scratch.
+struct Buf {
+  float* p = nullptr;
+  explicit Buf(int64_t n) {
+    size_t bytes = ((size_t)std::max<int64_t>(n, 1) * sizeof(float) + 63) / 64 * 64;
+    p = static_cast<float*>(std::aligned_alloc(64, bytes));
+    TORCH_CHECK(p != nullptr, "fusedattn_cpu: out of memory for scratch");
+  }
+  ~Buf() { std::free(p); }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  float* data() { return p; }
+};
+
+// Runs body(pull) on up to get_num_threads() threads; pull() hands out item indices 0..n-1
+// (-1 when done). Items own disjoint outputs, so which thread runs an item does not matter.
+template <class Body>
+void parallel_items(int64_t n, const Body& body) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  auto pull = [&]() -> int64_t {
+    const int64_t i = next.fetch_add(1);
+    return i < n ? i : -1;
+  };
+  const int64_t nt = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) { body(pull); });
+}
+
+// ----------------------------------------------------------------------------- score providers
+
+// s_ij = scale * q_i . k_j through sgemm, or through gemm16 on the 16-bit inputs (q16, k16 set).
+struct DotScores {
+  const float* q;  // (B, H, Lq, D) float32 (the backward's dk product; may be null in the forward)
+  const float* k;  // (B, Hk, Lk, D)
+  float scale;
+  const Problem* p;
+  const uint16_t* q16 = nullptr;  // the same in bfloat16/float16 when the scores use gemm16
+  const uint16_t* k16 = nullptr;
+  at::ScalarType t16 = at::kFloat;
+  static constexpr int BQ = 128, BK = 256;
+  int64_t qoff(int64_t b, int64_t h, int64_t i) const { return ((b * p->H + h) * p->Lq + i) * p->D; }
+  int64_t koff(int64_t b, int64_t hk, int64_t j) const { return ((b * p->Hk + hk) * p->Lk + j) * p->D; }
+  const float* qrow(int64_t b, int64_t h, int64_t i) const { return q + qoff(b, h, i); }
+  const float* krow(int64_t b, int64_t hk, int64_t j) const { return k + koff(b, hk, j); }
+  void tile(Isa, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* S) const {
+    const int D = (int)p->D;
+    if (q16 != nullptr)
+      gemm16(t16, false, true, nr, nc, D, scale, q16 + qoff(b, h, i0), D, k16 + koff(b, h / p->G, j0), D, 0.f,
+             S, BK);
+    else
+      gemm(false, true, nr, nc, D, scale, qrow(b, h, i0), D, krow(b, h / p->G, j0), D, 0.f, S, BK);
+  }
+};
+
+// 16-bit copies (contiguous, input dtype) for gemm16, or undefined tensors when the call uses sgemm.
+struct Low16 {
+  Tensor a, b;
+  at::ScalarType t = at::kFloat;
+  bool on() const { return a.defined(); }
+  const uint16_t* pa() const { return on() ? static_cast<const uint16_t*>(a.data_ptr()) : nullptr; }
+  const uint16_t* pb() const { return on() ? static_cast<const uint16_t*>(b.data_ptr()) : nullptr; }
+};
+
+// low16 for the pair (a, b): their 16-bit contiguous copies when the level is avx512 and
+// use_gemm16(dtype) holds, else nothing (the call converts to float32 and uses sgemm).
+Low16 low16(Isa isa, const Tensor& a, const Tensor& b);
+
+// s_ij = sum_a w_a tanh(q_ia + k_ja) = sum_a w_a - 2 sum_a w_a / (1 + e^{2 q_ia} e^{2 k_ja}),
+// with a direct tanh for rows whose |values| exceed kExpLimit (flagged).
+struct AddScores {
+  const float* q;    // (B, H, Lq, A)
+  const float* k;    // (B, Hk, Lk, A)
+  const float* w;    // (H, A)
+  const float* Eq;   // (B, H, Lq, A): e^{2q}, 1 on flagged rows
+  const float* EkT;  // (B, Hk, A, LkP): e^{2k} transposed and padded with 1
+  const uint8_t* qflag;  // (B, H, Lq)
+  const uint8_t* kflag;  // (B, Hk, Lk)
+  int64_t LkP;
+  const Problem* p;
+  static constexpr int BQ = 32, BK = 64;
+
+  const float* eq(int64_t b, int64_t h, int64_t i) const { return Eq + ((b * p->H + h) * p->Lq + i) * p->D; }
+  const float* ekt(int64_t b, int64_t hk, int64_t j) const { return EkT + (b * p->Hk + hk) * p->D * LkP + j; }
+  bool qf(int64_t b, int64_t h, int64_t i) const { return qflag[(b * p->H + h) * p->Lq + i] != 0; }
+  bool kf(int64_t b, int64_t hk, int64_t j) const { return kflag[(b * p->Hk + hk) * p->Lk + j] != 0; }
+  const float* qrow(int64_t b, int64_t h, int64_t i) const { return q + ((b * p->H + h) * p->Lq + i) * p->D; }
+  const float* krow(int64_t b, int64_t hk, int64_t j) const { return k + ((b * p->Hk + hk) * p->Lk + j) * p->D; }
+  bool flagged(int64_t b, int64_t h, int64_t i, int64_t j) const { return qf(b, h, i) || kf(b, h / p->G, j); }
+  // Whether some pair of the tile needs the direct tanh (O(nr + nc); the pair loops are skipped if not).
+  bool any_flagged(int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc) const {
+    const uint8_t* qfl = qflag + (b * p->H + h) * p->Lq + i0;
+    const uint8_t* kfl = kflag + (b * p->Hk + h / p->G) * p->Lk + j0;
+    int f = 0;
+    for (int i = 0; i < nr; ++i) f |= qfl[i];
+    for (int j = 0; j < nc; ++j) f |= kfl[j];
+    return f != 0;
+  }
+
+  float direct(int64_t b, int64_t h, int64_t i, int64_t j) const {
+    const float* x = qrow(b, h, i);
+    const float* y = krow(b, h / p->G, j);
+    const float* wh = w + h * p->D;
+    float s = 0.f;
+    for (int64_t a = 0; a < p->D; ++a) s += wh[a] * std::tanh(x[a] + y[a]);
+    return s;
+  }
+
+  void tile(Isa isa, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* S) const {
+    const int64_t hk = h / p->G;
+    const int nc16 = (int)round_up(nc, 16);
+    add_scores(isa, nr, nc16, (int)p->D, eq(b, h, i0), ekt(b, hk, j0), LkP, w + h * p->D, S, BK);
+    if (!any_flagged(b, h, i0, nr, j0, nc)) return;
+    for (int i = 0; i < nr; ++i)
+      for (int j = 0; j < nc; ++j)
+        if (flagged(b, h, i0 + i, j0 + j)) S[i * BK + j] = direct(b, h, i0 + i, j0 + j);
+  }
+};
+
+// ----------------------------------------------------------------------------- set-up (prep.cpp)
+
+struct AddData {
+  Tensor q, k, w, Eq, EkT, qflag, kflag;
+  AddScores sc;
+};
+
+// Fills d (float32 copies, the factor tables e^{2q}, e^{2k} transposed, the direct-tanh flags).
+void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tensor& k, const Tensor& w,
+                      Isa isa);
+
+// delta_i = dout_i . out_i for every query row (see prep.cpp).
+std::vector<float> row_delta(const Problem& p, const float* dout, const float* out);
+
+// The rel_bias gradient from the per-item partials (prep.cpp), and its value for empty problems.
+Tensor reduce_rel(const Problem& p, const std::vector<float>& part, int64_t n_items,
+                  const c10::optional<Tensor>& rel_bias);
+Tensor rel_grad_zeros(const c10::optional<Tensor>& rel_bias);
+
+}  // namespace fusedattn_cpu

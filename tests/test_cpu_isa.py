@@ -1,0 +1,183 @@
+"""The cpu backend's instruction-set levels (scalar, avx2, avx512; csrc/isa.cpp).
+
+Every level this machine supports runs against the reference (the 2x rule of test_cpu.py), agrees
+with the other levels within that tolerance, and is bitwise equal between 1 and 2 threads. A level
+the CPU lacks is skipped with the reason. FUSEDATTN_CPU_ISA is checked in subprocesses, since the
+variable is read once per process.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fusedattn.backends import unavailable_reason
+
+_REASON = unavailable_reason("cpu")
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"cpu backend unavailable: {_REASON}")
+
+if _REASON is None:
+    from test_cpu import OPS, _compare, _fused, _inputs, _lengths, isa_level  # noqa: F401
+
+    from fusedattn.backends.cpu_backend import ISA_LEVELS, cpu_isa, cpu_isa_levels
+
+    SUPPORTED = cpu_isa_levels()
+else:
+    ISA_LEVELS, SUPPORTED = ("scalar", "avx2", "avx512"), []
+
+
+def _need(level):
+    if level not in SUPPORTED:
+        pytest.skip(f"this CPU does not support the {level} level (supported: {SUPPORTED})")
+
+
+def test_default_is_the_best_level():
+    assert SUPPORTED[0] == "scalar" and list(ISA_LEVELS[:len(SUPPORTED)]) == SUPPORTED
+    if "FUSEDATTN_CPU_ISA" not in os.environ:
+        assert cpu_isa() == SUPPORTED[-1]
+    assert OPS.uses_avx2() == (cpu_isa() != "scalar")
+
+
+def test_set_isa_rejects_unknown_and_unsupported(isa_level):
+    with pytest.raises(ValueError, match="allowed values: scalar, avx2, avx512"):
+        isa_level("sse9")
+    for level in ISA_LEVELS:
+        if level not in SUPPORTED:
+            with pytest.raises(ValueError, match="not supported by this CPU"):
+                isa_level(level)
+
+
+# (B, H, Hk, Lq, Lk, D, Dv, causal, key_lengths): odd sizes, GQA, masked rows, tails of 1..15 keys
+_GRID = [
+    (1, 2, 1, 45, 83, 40, 24, True, [80]),
+    (2, 2, 2, 17, 97, 100, 17, False, [97, 1]),
+    (1, 1, 1, 97, 33, 128, 64, True, None),
+]
+
+
+@pytest.mark.parametrize("level", ISA_LEVELS)
+@pytest.mark.parametrize("score", ["additive", "dot"])
+@pytest.mark.parametrize("case", _GRID, ids=lambda c: "B{}H{}Hk{}Lq{}Lk{}D{}Dv{}c{}kl{}".format(*c))
+def test_level_matches_reference(level, score, case, isa_level):
+    _need(level)
+    isa_level(level)
+    B, H, Hk, Lq, Lk, D, Dv, causal, kl = case
+    q, k, v, w, do = _inputs(score, B, H, Hk, Lq, Lk, D, Dv, seed=3)
+    _compare(score, q, k, v, w, do, _lengths(kl), causal)
+
+
+@pytest.mark.parametrize("level", ISA_LEVELS)
+@pytest.mark.parametrize("pre", [30.0, 1e4])
+def test_level_additive_saturated(level, pre, isa_level):
+    """Rows beyond the exp-factorized range take the direct tanh at every level."""
+    _need(level)
+    isa_level(level)
+    q, k, v, w, do = _inputs("additive", 1, 2, 1, 33, 70, 40, 16, pre=pre)
+    q[:, :, ::3] /= pre
+    k[:, :, ::4] /= pre
+    _compare("additive", q, k, v, w, do, None, True)
+
+
+@pytest.mark.parametrize("score", ["additive", "dot"])
+def test_levels_agree(score, isa_level):
+    q, k, v, w, do = _inputs(score, 2, 2, 1, 70, 131, 72, 40)
+    kl = _lengths([131, 60])
+    res = {}
+    for level in SUPPORTED:
+        isa_level(level)
+        res[level] = _fused(score, q, k, v, w, do, kl, True, 1 / math.sqrt(72))
+    for level in SUPPORTED[1:]:
+        for a, b in zip(res["scalar"], res[level]):
+            torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("level", ISA_LEVELS)
+@pytest.mark.parametrize("score", ["additive", "dot"])
+def test_level_one_vs_two_threads_bitwise(level, score, isa_level):
+    _need(level)
+    isa_level(level)
+    q, k, v, w, do = _inputs(score, 2, 4, 2, 70, 300, 64, 48)
+    kl = _lengths([295, 300])
+    old = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(_fused(score, q, k, v, w, do, kl, True, 0.125))
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+_PROBE = r"""
+import os, torch, fusedattn
+from fusedattn.backends.cpu_backend import cpu_isa
+try:
+    print("isa", cpu_isa())
+except ValueError as e:
+    print("ValueError", e)
+os.environ["FUSEDATTN_CPU_ISA"] = "scalar"   # read once: a later change has no effect
+try:
+    print("again", cpu_isa())
+except ValueError as e:
+    print("again ValueError")
+print("available", fusedattn.available_backends()["cpu"])
+q = torch.randn(1, 1, 4, 8)
+try:
+    fusedattn.dot_product_attention(q, q, q)
+    print("call ok")
+except ValueError as e:
+    print("call ValueError", e)
+"""
+
+
+def _probe(value):
+    env = dict(os.environ)
+    env.pop("FUSEDATTN_CPU_ISA", None)
+    if value is not None:
+        env["FUSEDATTN_CPU_ISA"] = value
+    r = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@pytest.mark.parametrize("value", ["AVX2", "sse4", "avx512", "avx2", None])
+def test_environment_variable(value):
+    out = _probe(value)
+    if value is None:
+        assert f"isa {SUPPORTED[-1]}" in out and f"again {SUPPORTED[-1]}" in out
+        assert "available None" in out and "call ok" in out
+    elif value in SUPPORTED:
+        assert f"isa {value}" in out and f"again {value}" in out and "call ok" in out
+    else:
+        allowed = "allowed values: scalar, avx2, avx512" if value not in ISA_LEVELS else "allowed values here"
+        assert "ValueError FUSEDATTN_CPU_ISA" in out and allowed in out, out
+        assert "again ValueError" in out
+        assert "available FUSEDATTN_CPU_ISA" in out
+        assert "call ValueError FUSEDATTN_CPU_ISA" in out
+
+
+@pytest.mark.parametrize("level", ISA_LEVELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_level_additive_large_factor_products(level, dtype, isa_level):
+    """q and k near +-35 (found by the property test: D=1, magnitude 60): e^{2q} e^{2k} overflowed
+    to inf and the Newton step of the vector reciprocal turned it into NaN."""
+    _need(level)
+    isa_level(level)
+    g = torch.Generator().manual_seed(0)
+
+    def near35(*shape):
+        sign = torch.where(torch.rand(*shape, generator=g) < 0.5, -1.0, 1.0)
+        return (torch.rand(*shape, generator=g) * 10 + 30) * sign
+
+    q, k = near35(1, 1, 40, 17), near35(1, 1, 33, 17)
+    v, do = torch.randn(1, 1, 33, 5, generator=g), torch.randn(1, 1, 40, 5, generator=g)
+    w = torch.randn(1, 17, generator=g)
+    q, k, v, w, do = (t.to(dtype) for t in (q, k, v, w, do))
+    fused = _compare("additive", q, k, v, w, do, None, False)
+    assert not any(t.isnan().any() for t in fused)
