@@ -71,7 +71,7 @@ BWD_DQ_CONFIGS = [
 ]
 BWD_DKDV_CONFIGS_FP32 = [
     (lambda d, dv, arch: max(d, dv) <= 32, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_DC=16, num_warps=4, num_stages=1)),
-    (lambda d, dv, arch: max(d, dv) <= 64, dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)),
+    (lambda d, dv, arch: max(d, dv) <= 64, dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)),
     (lambda d, dv, arch: max(d, dv) <= 128, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_DC=32, num_warps=8, num_stages=1)),
     (lambda d, dv, arch: True, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_DC=16, num_warps=8, num_stages=1)),
 ]

@@ -344,7 +344,7 @@ def _delta(out: torch.Tensor, dout: torch.Tensor, shape: dict) -> torch.Tensor:
     delta = torch.empty(B, H, Lq, dtype=torch.float32, device=out.device)
     _attn_bwd_preprocess[(triton.cdiv(Lq, shape["ROWS"]), B * H)](
         out, dout, delta, *out.stride(), *dout.stride(), H, Lq, Dv,
-        **shape, DOT_PRECISION=dot_precision(out.dtype), num_warps=4, **LAUNCH_OPTS)
+        **shape, DOT_PRECISION=dot_precision(out.dtype), num_warps=4, maxnreg=255, **LAUNCH_OPTS)
     return delta
 
 

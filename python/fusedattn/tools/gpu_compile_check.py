@@ -132,7 +132,8 @@ def variants(quick: bool = False, arch: int = 90) -> list[dict]:
             chunks = [dq_cfg["BLOCK_DC"]] + ([bdv] if bdv in ((32,) if dt == "fp32" else (32, 64)) else [])
             for chunk in chunks:
                 add("_attn_bwd_preprocess", dt, "", dict(delta_shape(dq_cfg, bdv, chunk, dt == "fp32"),
-                                                         DOT_PRECISION=prec, num_warps=4, num_stages=1),
+                                                         DOT_PRECISION=prec, num_warps=4, num_stages=1,
+                                                         maxnreg=255),
                     head_dim=bdv)
             add("_attn_fwd_merge", dt, "", dict(BLOCK_DV=bdv, num_warps=1, num_stages=1), head_dim=bdv)
         # -- additive (the backward walks Dv in chunks of at most 64 columns); head_dim is the A
