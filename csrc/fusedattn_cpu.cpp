@@ -424,18 +424,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> additive_bwd(
   std::vector<float> dwp = backward(p, d.sc, gr, vf.data_ptr<float>(), dof.data_ptr<float>(), of.data_ptr<float>(),
                                     lsef.data_ptr<float>(), delta.data(), dq.data_ptr<float>(),
                                     dk.data_ptr<float>(), dv.data_ptr<float>(), &n_items, isa, &drelp);
-  // items are (b, hk, chunk) in that order; reduce per query head h = hk*G + g in item order
-  const int64_t A = p.D, dws = AddGrad::dw_size(p), per_bhk = n_items / (p.B * p.Hk);
+  const int64_t A = p.D;
   Tensor dw = at::zeros({p.H, A}, fo);
   float* dwo = dw.data_ptr<float>();
-  for (int64_t h = 0; h < p.H; ++h) {
-    const int64_t hk = h / p.G, g = h % p.G;
-    for (int64_t b = 0; b < p.B; ++b)
-      for (int64_t c = 0; c < per_bhk; ++c) {
-        const float* st = dwp.data() + (((b * p.Hk + hk) * per_bhk + c) * p.G + g) * dws;
-        for (int64_t a = 0; a < A; ++a) dwo[h * A + a] += -2.f * st[a] + st[A + a];
-      }
-  }
+  for_each_partial(p, dwp.data(), n_items, AddGrad::dw_size(p), [&](int64_t h, const float* st) {
+    for (int64_t a = 0; a < A; ++a) dwo[h * A + a] += -2.f * st[a] + st[A + a];
+  });
   const auto dt = q.scalar_type();
   return {dq.to(dt), dk.to(dt), dv.to(dt), dw.to(dt), reduce_rel(p, drelp, n_items, rel_bias)};
 }

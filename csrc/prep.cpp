@@ -105,17 +105,12 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
 Tensor reduce_rel(const Problem& p, const std::vector<float>& part, int64_t n_items,
                   const c10::optional<Tensor>& rel_bias) {
   if (!rel_bias.has_value() || !rel_bias->defined()) return at::empty({0}, at::kFloat);
-  const int64_t nrel = 2 * p.mods.M - 1, per_bhk = n_items / (p.B * p.Hk);
+  const int64_t nrel = 2 * p.mods.M - 1;
   Tensor out = at::zeros({p.H, nrel}, at::kFloat);
   float* o = out.data_ptr<float>();
-  for (int64_t h = 0; h < p.H; ++h) {
-    const int64_t hk = h / p.G, g = h % p.G;
-    for (int64_t b = 0; b < p.B; ++b)
-      for (int64_t c = 0; c < per_bhk; ++c) {
-        const float* st = part.data() + (((b * p.Hk + hk) * per_bhk + c) * p.G + g) * nrel;
-        for (int64_t e = 0; e < nrel; ++e) o[h * nrel + e] += st[e];
-      }
-  }
+  for_each_partial(p, part.data(), n_items, nrel, [&](int64_t h, const float* st) {
+    for (int64_t e = 0; e < nrel; ++e) o[h * nrel + e] += st[e];
+  });
   return out.to(rel_bias->scalar_type());
 }
 

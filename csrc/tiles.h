@@ -159,6 +159,17 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
 std::vector<float> row_delta(const Problem& p, const float* dout, const float* out);
 
 // The rel_bias gradient from the per-item partials (prep.cpp), and its value for empty problems.
+// Per-(item, group member) partials of the backward, `stride` floats each, items (b, hk, chunk) in that
+// order: calls f(h, partial) for every partial of query head h = hk*G + g, in item order (deterministic).
+template <class F>
+void for_each_partial(const Problem& p, const float* part, int64_t n_items, int64_t stride, F f) {
+  const int64_t per_bhk = n_items / (p.B * p.Hk);
+  for (int64_t h = 0; h < p.H; ++h) {
+    const int64_t hk = h / p.G, g = h % p.G;
+    for (int64_t b = 0; b < p.B; ++b)
+      for (int64_t c = 0; c < per_bhk; ++c) f(h, part + (((b * p.Hk + hk) * per_bhk + c) * p.G + g) * stride);
+  }
+}
 Tensor reduce_rel(const Problem& p, const std::vector<float>& part, int64_t n_items,
                   const c10::optional<Tensor>& rel_bias);
 Tensor rel_grad_zeros(const c10::optional<Tensor>& rel_bias);
