@@ -17,7 +17,7 @@ so grouped heads are summed without atomics) and a dQ kernel per query tile.
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E, SIZE_ARGS, _attn_fwd_epilogue, _dims, _ld, _mma, _mma_acc
+from .common import LOG2E, SIZE_ARGS, _attn_fwd_epilogue, _dims, _ld, _mma, _mma_acc
 
 # ----------------------------------------------------------------------------------------
 # configurations (GPU); the interpreter uses INTERPRET_CONFIG
@@ -120,6 +120,20 @@ def prune_bwd_configs(BLOCK_D, BLOCK_DV, fp32, arch=90):
 # tile helpers
 # ----------------------------------------------------------------------------------------
 @triton.jit
+def _mul_rn(a, b, DOT_PRECISION: tl.constexpr):
+    """a * b rounded to float32 on its own: the compiler never contracts it with a following
+    add into an FMA (PTX mul.rn; on the interpreter, the numpy product). The softmax is taken
+    on the rounded scores s = fl(q . k * scale), as the float32 reference does: the backward's
+    exp(s - lse) is then exactly 1 on a saturated row (lse = s_max), where an exact product
+    minus a float32 lse near 1e4 would be off by the lse's rounding (~1e-3)."""
+    if DOT_PRECISION == "tf32" or DOT_PRECISION == "tf32x3":
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b + tl.zeros_like(a)],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return a * b
+
+
+@triton.jit
 def _chunked_dot(A, a_rows, offs_r, n_r, B, b_rows, offs_s, n_s, D,
                  BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_DC: tl.constexpr, EVEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -146,10 +160,12 @@ def _fwd_loop(acc, m_i, l_i, q, q_base, q_rows, q_idx, n_q, k_base, v_base, lo, 
               MASKED: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DC: tl.constexpr,
               DOT_PRECISION: tl.constexpr):
-    """Key tiles [lo, hi) of the online softmax, scores in log2 units (s * scale * log2 e).
+    """Key tiles [lo, hi) of the online softmax. m_i is the running max of the raw products
+    q . k (the launcher makes scale >= 0); the weights are exp2((q . k - m_i) scale log2 e).
     offs_m: the query index of each row (causal mask); q_rows / q_idx < n_q: row offsets and
-    validity for the chunked path. MASKED: the tiles on the causal diagonal or past key_lengths (loads of keys >= klen read 0,
-    so padding keys holding NaN or inf never reach P @ V); the others run with no mask at all."""
+    validity for the chunked path. MASKED: the tiles on the causal diagonal or past key_lengths
+    (loads of keys >= klen read 0, so padding keys holding NaN or inf never reach P @ V); the
+    others run with no mask at all."""
     k_offs = offs_n0[:, None] * stride_kn + offs_d[None, :]
     v_offs = offs_n0[:, None] * stride_vn + offs_dv[None, :]
     for start_n in range(lo, hi, BLOCK_N):
@@ -162,19 +178,20 @@ def _fwd_loop(acc, m_i, l_i, q, q_base, q_rows, q_idx, n_q, k_base, v_base, lo, 
         else:
             qk = _chunked_dot(q_base, q_rows, q_idx, n_q, kb, offs_n0 * stride_kn, offs_n0, n_ok, D,
                               BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DC, EVEN, DOT_PRECISION)
+        # weights exp2((q.k - m) * scale log2 e): the row max itself gets exactly 1, so a saturated
+        # (one-hot) row gives out = v exactly and the backward's dP - delta cancels there
         if MASKED:
             offs_n = start_n + offs_n0
             allowed = (offs_n[None, :] < klen) & (offs_n[None, :] <= offs_m[:, None] + CAUSAL_SHIFT)
-            s = tl.where(allowed, qk * qk_scale, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_new = tl.maximum(m_i, tl.max(tl.where(allowed, qk, -float("inf")), axis=1))
             m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_safe[:, None])
+            p = tl.where(allowed, tl.math.exp2((qk - m_safe[:, None]) * qk_scale), 0.0)
         else:
-            # every key allowed: m_new is finite and the scale folds into one FMA per pair
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
+            # every key allowed: m_new is finite
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
             m_safe = m_new
-            p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
+            p = tl.math.exp2((qk - m_safe[:, None]) * qk_scale)
+        alpha = tl.where(m_i == -float("inf"), 0.0, tl.math.exp2((m_i - m_safe) * qk_scale))
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = _ld(vb + v_offs, offs_n0, n_ok, offs_dv, Dv, MASKED, not EVEN)
         acc = _mma_acc(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
@@ -258,11 +275,14 @@ def _attn_fwd_dot(Q, K, V, KLEN, Out, LSE,
                               stride_kn, stride_vn, True, EVEN, BLOCK_M, BLOCK_N, BLOCK_D,
                               BLOCK_DV, BLOCK_DC, DOT_PRECISION)
 
-    # -- epilogue: empty rows give out = 0, lse = -inf (m_i is in log2 units); the row heads
-    #    are recomputed here rather than kept live (as int64) across the loops --
+    # -- epilogue: empty rows give out = 0, lse = -inf. lse = s_max + log(l) with s_max =
+    #    fl(m_i * scale), the rounded score the backward recomputes (see _mul_rn): one rounding,
+    #    and s_max itself on a saturated row. The row heads are recomputed here rather than
+    #    kept live (as int64) across the loops --
+    m_hi = _mul_rn(m_i, scale, DOT_PRECISION)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     off_h64 = (off_hk * GROUP + rows // Lq).to(tl.int64)
-    _attn_fwd_epilogue(acc, m_i * LN2, l_i, Out, LSE, pid_s, off_b64, off_h64, rows % Lq, offs_dv,
+    _attn_fwd_epilogue(acc, m_hi, l_i, Out, LSE, pid_s, off_b64, off_h64, rows % Lq, offs_dv,
                        rows < n_rows, offs_dv < Dv,
                        stride_os, stride_ob, stride_oh, stride_om, stride_od,
                        stride_ls, stride_lb, stride_lh, stride_lm, BLOCK_M)
@@ -272,15 +292,20 @@ def _attn_fwd_dot(Q, K, V, KLEN, Out, LSE,
 # backward
 # ----------------------------------------------------------------------------------------
 @triton.jit
-def _bwd_probs(qk, lse2, offs_m, offs_n, klen, CAUSAL_SHIFT, qk_scale, MASKED: tl.constexpr, TRANS: tl.constexpr):
-    """P (or P^T when TRANS: rows are keys) from raw scores, lse2 = lse * log2 e per query."""
+def _bwd_probs(qk, lse, offs_m, offs_n, klen, CAUSAL_SHIFT, scale, MASKED: tl.constexpr, TRANS: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """P (or P^T when TRANS: rows are keys) from raw scores and the natural-log lse per query:
+    exp(fl(q.k * scale) - lse), the rounded score minus lse in natural units as the forward's
+    lse was formed (see _mul_rn), so a saturated row gets P = 1 exactly. Two FP32 instructions
+    per pair more than exp2(q.k * scale log2 e - lse log2 e), which rounds lse twice more."""
+    s = _mul_rn(qk, scale, DOT_PRECISION)
     if TRANS:
-        p = tl.math.exp2(qk * qk_scale - lse2[None, :])
+        p = tl.math.exp2((s - lse[None, :]) * LOG2E)
         if MASKED:
             allowed = (offs_n[:, None] < klen) & (offs_n[:, None] <= offs_m[None, :] + CAUSAL_SHIFT)
             p = tl.where(allowed, p, 0.0)
     else:
-        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        p = tl.math.exp2((s - lse[:, None]) * LOG2E)
         if MASKED:
             allowed = (offs_n[None, :] < klen) & (offs_n[None, :] <= offs_m[:, None] + CAUSAL_SHIFT)
             p = tl.where(allowed, p, 0.0)
@@ -290,7 +315,7 @@ def _bwd_probs(qk, lse2, offs_m, offs_n, klen, CAUSAL_SHIFT, qk_scale, MASKED: t
 @triton.jit
 def _dkdv_loop(dk_acc, dv_acc, k, v, q_base, do_base, k_base, v_base, LSE, Delta, row_base,
                it_lo, it_hi, m_first, m_skip, m_second, offs_m0, offs_n, offs_n0, n_ok, offs_d, offs_dv,
-               klen, Lq, D, Dv, CAUSAL_SHIFT, qk_scale, stride_qm, stride_dom, stride_kn, stride_vn,
+               klen, Lq, D, Dv, CAUSAL_SHIFT, scale, stride_qm, stride_dom, stride_kn, stride_vn,
                MASKED: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DC: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
@@ -314,8 +339,8 @@ def _dkdv_loop(dk_acc, dv_acc, k, v, q_base, do_base, k_base, v_base, LSE, Delta
         else:
             qkT = _chunked_dot(k_base, offs_n0 * stride_kn, offs_n0, n_ok, qb, offs_m0 * stride_qm, offs_m0, m_ok,
                                D, BLOCK_N, BLOCK_M, BLOCK_D, BLOCK_DC, EVEN, DOT_PRECISION)
-        lse2 = tl.load(LSE + row_base + offs_m, mask=offs_m < Lq, other=0.0) * LOG2E
-        pT = _bwd_probs(qkT, lse2, offs_m, offs_n, klen, CAUSAL_SHIFT, qk_scale, MASKED, True)
+        lse = tl.load(LSE + row_base + offs_m, mask=offs_m < Lq, other=0.0)
+        pT = _bwd_probs(qkT, lse, offs_m, offs_n, klen, CAUSAL_SHIFT, scale, MASKED, True, DOT_PRECISION)
         do = _ld(dob + do_offs, offs_m0, m_ok, offs_dv, Dv, MASKED, not EVEN)
         dv_acc = _mma_acc(pT.to(do.dtype), do, dv_acc, DOT_PRECISION)
         if BLOCK_DC == BLOCK_D:
@@ -400,7 +425,6 @@ def _attn_bwd_dkdv_dot(Q, K, V, KLEN, DO, LSE, Delta, DK, DV,
 
     dk_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    qk_scale = scale * LOG2E
     for g in range(0, GROUP):
         off_h64 = (off_hk * GROUP + g).to(tl.int64)
         q_base = Q + off_b64 * stride_qb + off_h64 * stride_qh
@@ -408,12 +432,12 @@ def _attn_bwd_dkdv_dot(Q, K, V, KLEN, DO, LSE, Delta, DK, DV,
         row_base = (off_b64 * H + off_h64) * Lq
         dk_acc, dv_acc = _dkdv_loop(dk_acc, dv_acc, k, v, q_base, do_base, k_base, v_base, LSE, Delta, row_base,
                                     0, n_free, m_free, 0, 0, offs_m0, offs_n, offs_n0, n_ok, offs_d, offs_dv,
-                                    klen, Lq, D, Dv, CAUSAL_SHIFT, qk_scale, stride_qm, stride_dom,
+                                    klen, Lq, D, Dv, CAUSAL_SHIFT, scale, stride_qm, stride_dom,
                                     stride_kn, stride_vn, False, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
                                     BLOCK_DC, DOT_PRECISION)
         dk_acc, dv_acc = _dkdv_loop(dk_acc, dv_acc, k, v, q_base, do_base, k_base, v_base, LSE, Delta, row_base,
                                     0, n_diag + n_tail, m_lo, n_diag, m_tail, offs_m0, offs_n, offs_n0, n_ok,
-                                    offs_d, offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, qk_scale, stride_qm,
+                                    offs_d, offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, scale, stride_qm,
                                     stride_dom, stride_kn, stride_vn, True, EVEN, BLOCK_M, BLOCK_N, BLOCK_D,
                                     BLOCK_DV, BLOCK_DC, DOT_PRECISION)
 
@@ -433,8 +457,8 @@ def _attn_bwd_dkdv_dot(Q, K, V, KLEN, DO, LSE, Delta, DK, DV,
 
 
 @triton.jit
-def _dq_loop(dq_acc, q, do, lse2, delta, q_base, do_base, k_base, v_base, lo, hi, offs_m, offs_n0,
-             offs_d, offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, qk_scale, stride_qm, stride_dom, stride_kn,
+def _dq_loop(dq_acc, q, do, lse, delta, q_base, do_base, k_base, v_base, lo, hi, offs_m, offs_n0,
+             offs_d, offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, scale, stride_qm, stride_dom, stride_kn,
              stride_vn, MASKED: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DC: tl.constexpr,
              DOT_PRECISION: tl.constexpr):
@@ -450,7 +474,8 @@ def _dq_loop(dq_acc, q, do, lse2, delta, q_base, do_base, k_base, v_base, lo, hi
         else:
             qk = _chunked_dot(q_base, offs_m.to(tl.int64) * stride_qm, offs_m, Lq, kb, offs_n0 * stride_kn, offs_n0,
                               n_ok, D, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DC, EVEN, DOT_PRECISION)
-        p = _bwd_probs(qk, lse2, offs_m, start_n + offs_n0, klen, CAUSAL_SHIFT, qk_scale, MASKED, False)
+        p = _bwd_probs(qk, lse, offs_m, start_n + offs_n0, klen, CAUSAL_SHIFT, scale, MASKED, False,
+                      DOT_PRECISION)
         if BLOCK_DC == BLOCK_D:
             v = _ld(vb + v_offs, offs_n0, n_ok, offs_dv, Dv, MASKED, not EVEN)
             dp = _mma(do, tl.trans(v), DOT_PRECISION)
@@ -508,8 +533,8 @@ def _attn_bwd_dq_dot(Q, K, V, KLEN, DO, LSE, Delta, DQ,
         q = tl.zeros([BLOCK_M, BLOCK_D], dtype=Q.dtype.element_ty)  # unused
         do = tl.zeros([BLOCK_M, BLOCK_DV], dtype=DO.dtype.element_ty)
     row_base = (off_b64 * H + off_h64) * Lq
-    lse2 = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0) * LOG2E
-    lse2 = tl.where(lse2 == -float("inf"), 0.0, lse2)
+    lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0)
+    lse = tl.where(lse == -float("inf"), 0.0, lse)
     delta = tl.load(Delta + row_base + offs_m, mask=mask_m, other=0.0)
     k_base = K + off_b64 * stride_kb + off_hk64 * stride_kh
     v_base = V + off_b64 * stride_vb + off_hk64 * stride_vh
@@ -518,15 +543,14 @@ def _attn_bwd_dq_dot(Q, K, V, KLEN, DO, LSE, Delta, DQ,
     n_hi = tl.minimum(klen, start_m + BLOCK_M + CAUSAL_SHIFT)
     n_free = tl.minimum(klen, start_m + CAUSAL_SHIFT + 1)
     n_full = tl.maximum(tl.minimum(n_free, n_hi) // BLOCK_N * BLOCK_N, 0)
-    qk_scale = scale * LOG2E
 
     dq_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq_acc = _dq_loop(dq_acc, q, do, lse2, delta, q_base, do_base, k_base, v_base, 0, n_full, offs_m, offs_n0,
-                      offs_d, offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, qk_scale, stride_qm, stride_dom,
+    dq_acc = _dq_loop(dq_acc, q, do, lse, delta, q_base, do_base, k_base, v_base, 0, n_full, offs_m, offs_n0,
+                      offs_d, offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, scale, stride_qm, stride_dom,
                       stride_kn, stride_vn, False, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_DC,
                       DOT_PRECISION)
-    dq_acc = _dq_loop(dq_acc, q, do, lse2, delta, q_base, do_base, k_base, v_base, n_full, n_hi, offs_m,
-                      offs_n0, offs_d, offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, qk_scale, stride_qm,
+    dq_acc = _dq_loop(dq_acc, q, do, lse, delta, q_base, do_base, k_base, v_base, n_full, n_hi, offs_m,
+                      offs_n0, offs_d, offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, scale, stride_qm,
                       stride_dom, stride_kn, stride_vn, True, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
                       BLOCK_DC, DOT_PRECISION)
 

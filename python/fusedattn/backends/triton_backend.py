@@ -128,6 +128,8 @@ class TritonBackend(Backend):
         return _forward("additive", q, k, v, w, key_lengths, 1.0, causal, num_splits)
 
     def dot_forward(self, q, k, v, key_lengths, scale, causal, num_splits=None):
+        if scale < 0:  # the kernels track the row max of q . k: scale * q . k = |scale| * (-q) . k
+            q, scale = -q, -scale
         return _forward("dot", q, k, v, None, key_lengths, scale, causal, num_splits)
 
     # -- backward ---------------------------------------------------------------
@@ -181,6 +183,9 @@ class TritonBackend(Backend):
         return dq, dk, dv, dw.to(w_dtype)
 
     def dot_backward(self, dout, q, k, v, key_lengths, scale, causal, out, lse):
+        if scale < 0:  # as in dot_forward: s = |scale| * (-q) . k, and dq = -(d/d(-q))
+            dq, dk, dv = self.dot_backward(dout, -q, k, v, key_lengths, -scale, causal, out, lse)
+            return -dq, dk, dv
         check_grid(q, k)
         D_user, Dv_user = q.shape[-1], v.shape[-1]
         q, k, v, dout, out = _aligned(q, k, v, dout, out)
