@@ -33,6 +33,16 @@ if _REASON is None:
 
     BACKEND = tb.TritonBackend()
 
+    import triton
+    import triton.language as tl
+
+    from fusedattn.kernels.additive_bwd import _exp_fma
+
+    @triton.jit
+    def _exp_fma_kernel(X, Y, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        tl.store(Y + offs, _exp_fma(tl.load(X + offs)))
+
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 # ------------------------------------------------------------------------------ cases
@@ -160,6 +170,21 @@ def test_factored_scores_at_float32_accuracy(D):
     assert err <= 2 * err_ref + 2e-7, (err, err_ref)
 
 
+def test_fma_pipe_exp_is_float32_accurate():
+    """``additive_bwd._exp_fma`` (P in the additive backward, computed on the FMA pipes so the
+    MUFU unit only takes the reciprocals): within a few float32 ulp of exp on [-100, 0.01] (the
+    product x log2 e rounds like the GPU's own exp), exactly 0 far below the float32 range."""
+    x = torch.cat([torch.linspace(-100.0, 0.01, 4090), torch.tensor([-1e4, -200.0, -104.0, -float("inf"),
+                                                                      0.0, -0.5])])
+    x = torch.cat([x, torch.zeros(4096 - x.numel())])
+    y = torch.empty_like(x)
+    _exp_fma_kernel[(1,)](x, y, N=4096)
+    ref = torch.exp(x.double())
+    rel = ((y.double() - ref).abs() / ref.clamp_min(1e-300))[x > -87]
+    assert float((rel / (3e-7 + 1e-7 * x[x > -87].abs().double())).max()) <= 1.0
+    assert (y[x < -104] == 0).all() and y[x == 0].eq(1.0).all()
+
+
 def test_deterministic():
     case = Case(B=1, H=4, Hk=1, Lq=20, Lk=70, D=16, Dv=16, causal=True)
     q, k, v, w, lengths = testing.make_inputs(case)
@@ -201,13 +226,13 @@ def test_launch_contract(case, monkeypatch):
     """Every launch meets the contract the compile check compiles for (kernels.common): pointers
     16-byte aligned, unit last strides, every other stride a multiple of 16, even for a D = 40,
     Dv = 17 or Lq = 17 problem whose inputs sit at a misaligned address; results still match."""
-    from fusedattn.kernels import additive, common, dot
+    from fusedattn.kernels import additive, additive_bwd, common, dot
     from fusedattn.tools.gpu_compile_check import _UNIT_STRIDES
 
     calls = []
     monkeypatch.setattr(tb, "interpreting", lambda: True)  # it looks at the kernel objects' type
-    for mod, names in ((additive, ("_attn_fwd_additive", "_attn_bwd_dkdv_additive", "_attn_bwd_dq_additive",
-                                   "_attn_exp_table")),
+    for mod, names in ((additive, ("_attn_fwd_additive", "_attn_exp_table")),
+                       (additive_bwd, ("_attn_bwd_dkdv_additive", "_attn_bwd_dq_additive")),
                        (dot, ("_attn_fwd_dot", "_attn_bwd_dkdv_dot", "_attn_bwd_dq_dot"))):
         for name in names:
             monkeypatch.setattr(mod, name, _Spy(getattr(mod, name), calls))
@@ -391,6 +416,13 @@ def test_compile_check_sass_analysis():
     # 0x90, 0xa0, 0xb0) with one MUFU; per triple: / (4 columns x 8 elements)
     assert am == dict(instr_per_elem_loop=round(12 / 32, 2), overhead_instr_per_tile=4,
                       instr_per_elem_amortized=round(16 / 32, 2), mufu_per_elem=round(5 / 32, 3))
+    # the additive backward (kernels.additive_bwd): the inner loop is one step of AS = 2 triples
+    # per thread (2 RCP); the block loop around it (XB = 4 steps) adds 4 instructions and 1 MUFU
+    lp.update(kind="fast", elems=2.0, instr_per_elem=1.5, mufu_per_elem={"RCP": 0.5})
+    am = g.amortized(dict(score="additive-bwd", tile=(2, 4), config=dict(num_warps=4, AS=2)), [lp], ins)
+    assert am == dict(instr_per_elem_loop=1.5, overhead_instr_per_tile=4,
+                      instr_per_elem_amortized=round((3 * 4 + 4) / 8, 2),
+                      mufu_per_elem=round((1 * 4 + 1) / 8, 3))
     # 168 registers x 256 threads: 168 * 32 = 5376 -> 5376 registers a warp, 8 warps = 43008 -> 1 CTA
     assert g.ctas_per_sm(90, 168, 256, 1000) == 1
     assert g.ctas_per_sm(90, 64, 128, 200 * 1024) == 1  # shared memory binds
@@ -445,10 +477,11 @@ def test_saturated_softmax_gradients():
                    ("out", "dq", "dk", "dv"))
 
 
-@pytest.mark.xfail(strict=True, reason="float32 lse = m + log(l) cannot hold log(l) ~ 1e-4 next to m ~ 1e4, "
-                   "so the recomputed P of a nearly saturated row is off by ~1e-4: needs the row max "
-                   "saved apart from lse (the op layer's forward/backward interface)")
 def test_saturated_softmax_dv_additive():
+    """dv with one w element at 1e4: the float32 lse cannot hold log(l) ~ 1e-4 next to a row max
+    ~ 1e4, and the backward's scores differ from the forward's in the last bits; the dQ kernel
+    renormalizes P by its own row sums (``additive_bwd``), which the dK/dV kernel reuses (the
+    error was 1e-4 to 1e-3 before, against 6e-8 for the float32 reference)."""
     _grads_vs_rule(Case(B=1, H=1, Hk=1, Lq=17, Lk=64, D=16, Dv=16), _big_w, ("dv",))
 
 

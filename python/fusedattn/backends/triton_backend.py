@@ -25,6 +25,7 @@ import torch
 import triton
 
 from fusedattn.kernels import additive as _add
+from fusedattn.kernels import additive_bwd as _addb
 from fusedattn.kernels import dot as _dot
 from fusedattn.kernels.common import _attn_bwd_preprocess, _attn_fwd_merge
 
@@ -33,7 +34,6 @@ from .base import Backend
 DECODE_MAX_LQ = 16
 MAX_HEAD_DIM = 256
 MAX_SPLITS = 64
-BWD_DV_CHUNK = 64  # additive backward: Dv is processed in chunks of this many columns
 MAX_GRID_Y = 65535  # CUDA limit on grid axis 1, which carries the (batch, head) index
 # compile options of every launch: FMA contraction on (the instruction counts of the compile check
 # assume it; Triton 3.10 changes the default); the interpreter ignores them
@@ -139,47 +139,40 @@ class TritonBackend(Backend):
         q, k, v, w, dout, out = _aligned(q, k, v, w.float(), dout, out)
         B, H, Lq, A = q.shape
         _, Hk, Lk, Dv = v.shape
-        # the backward walks Dv in chunks (64 columns, 32 for float32)
-        # (at least 32 columns: the 16-column variant spills on sm_80)
-        BLOCK_DV = max(32, min(BWD_DV_CHUNK // (2 if q.dtype == torch.float32 else 1), block_dim(Dv)))
-        if interpreting():
-            cfg_kv = cfg_q = dict(_add.INTERPRET_CONFIG)
-        else:
-            cfg_kv, cfg_q = _add.prune_bwd_configs(BLOCK_DV, q.dtype == torch.float32)
+        cfg = _addb.bwd_config(block_dim(A), q.dtype == torch.float32, interpreting())
+        BLOCK_DV = cfg["BLOCK_DV"]  # Dv is walked in chunks of this many columns
+        blk, xb = cfg["BLOCK"], cfg["XB"]
         klen = _klen(key_lengths, B, Lk, q.device)
         shift = _causal_shift(causal, Lq, Lk)
         lse = _flat(lse)
-        delta = _delta(out, dout, delta_shape(cfg_q, BLOCK_DV, BLOCK_DV, q.dtype == torch.float32))
-        eq, qmax = _exp_table(q, torch.full((B,), Lq, dtype=torch.int32, device=q.device))
-        ek, kmax = _key_table(k, klen, key_lengths)
-        dkt = torch.zeros(B, Hk, A, _pad(Lk), dtype=torch.float32, device=q.device)
+        delta = _delta(out, dout, delta_shape(dict(BLOCK_M=blk, BLOCK_N=xb), BLOCK_DV, BLOCK_DV,
+                                              q.dtype == torch.float32))
+        eq, qmax = _bwd_table(q, torch.full((B,), Lq, dtype=torch.int32, device=q.device), cfg)
+        ek, kmax = _bwd_table(k, klen, cfg)
+        n_q, n_k = triton.cdiv(Lq, blk), triton.cdiv(Lk, blk)
+        # every element the host reads below is written by the kernels: no zero fill
+        dkt = torch.empty(B, Hk, A, _pad(Lk), dtype=torch.float32, device=q.device)
         dv32 = torch.zeros(B, Hk, _pad(Lk), triton.cdiv(Dv, BLOCK_DV) * BLOCK_DV, dtype=torch.float32,
                            device=q.device)
-        dqt = torch.zeros(B, H, A, _pad(Lq), dtype=torch.float32, device=q.device)
-        dwt = torch.zeros_like(dqt)
-        common = dict(FAST_RCP=not interpreting(), DOT_PRECISION=dot_precision(q.dtype))
-        grid = (triton.cdiv(Lk, cfg_kv["BLOCK_N"]), B * Hk)
-        _add._attn_bwd_dkdv_additive[grid](
-            q, k, v, w, eq, ek, qmax, kmax, klen, dout, lse, delta, dkt, dv32,
-            *q.stride(), *k.stride(), *v.stride(), *w.stride(),
-            *eq.stride()[:3], *ek.stride()[:3], *dout.stride(),
-            *dkt.stride()[:3], *dv32.stride(),
-            H, Hk, Lq, Lk, A, Dv, shift,
-            BLOCK_DV=BLOCK_DV, **cfg_kv, **common, **LAUNCH_OPTS)
-        grid = (triton.cdiv(Lq, cfg_q["BLOCK_M"]), B * H)
-        _add._attn_bwd_dq_additive[grid](
-            q, k, v, w, eq, ek, qmax, kmax, klen, dout, lse, delta, dqt, dwt,
-            *q.stride(), *k.stride(), *v.stride(), *w.stride(),
-            *eq.stride()[:3], *ek.stride()[:3], *dout.stride(),
-            *dqt.stride()[:3],
-            H, Hk, Lq, Lk, A, Dv, shift,
-            BLOCK_DV=BLOCK_DV, **cfg_q, **common, **LAUNCH_OPTS)
+        dqt = torch.empty(B, H, A, _pad(Lq), dtype=torch.float32, device=q.device)
+        dwt = torch.empty_like(dqt)
+        scratch = torch.empty(max(B * Hk * n_k * 2, B * H * n_q) * blk * xb, dtype=torch.float32,
+                              device=q.device)
+        common = dict(FAST_RCP=not interpreting(), DOT_PRECISION=dot_precision(q.dtype), **cfg, **LAUNCH_OPTS)
+        tables = (*w.stride(), *eq.stride()[:2], *ek.stride()[:2], *dout.stride()[:3], *v.stride()[:3])
+        rnorm = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)  # 1 / row sum of P, dQ -> dK/dV
+        _addb._attn_bwd_dq_additive[(n_q, B * H)](
+            w, eq, ek, qmax, kmax, klen, dout, v, lse, delta, dqt, dwt, scratch, rnorm,
+            *tables, *dqt.stride()[:3], H, Hk, Lq, Lk, A, Dv, shift, **common)
+        _addb._attn_bwd_dkdv_additive[(n_k, B * Hk)](
+            w, eq, ek, qmax, kmax, klen, dout, v, lse, delta, dkt, dv32, scratch, rnorm,
+            *tables, *dkt.stride()[:3], *dv32.stride()[:3], H, Hk, Lq, Lk, A, Dv, shift, **common)
         dq = torch.empty(*q.shape[:-1], A_user, dtype=q.dtype, device=q.device)
         dq.copy_(dqt[:, :, :A_user, :Lq].transpose(-1, -2))
         dk = torch.empty(*k.shape[:-1], A_user, dtype=k.dtype, device=k.device)
         dk.copy_(dkt[:, :, :A_user, :Lk].transpose(-1, -2))
         dv = dv32[:, :, :Lk, :Dv_user].to(v.dtype).contiguous()
-        dw = dwt[:, :, :A_user, :Lq].sum(dim=(0, 3))  # per-row partials (zero in the padding), fixed order
+        dw = dwt[:, :, :A_user, :Lq].sum(dim=(0, 3))  # per-row partials, fixed order
         return dq, dk, dv, dw.to(w_dtype)
 
     def dot_backward(self, dout, q, k, v, key_lengths, scale, causal, out, lse):
@@ -328,6 +321,22 @@ def _key_table(k: torch.Tensor, klen: torch.Tensor, key_lengths: Optional[torch.
     _TABLE_CACHE.append(((weakref.ref(root), None if kl is None else weakref.ref(kl)), sig, val))
     del _TABLE_CACHE[:-TABLE_CACHE_SIZE]
     return val
+
+
+def _bwd_table(x: torch.Tensor, xlen: torch.Tensor, cfg: dict):
+    """(T, XMAX) for the additive backward (``additive_bwd._bwd_exp_table``): T (B, Hx, L_pad / XB,
+    2 A_pad, XB) float32, XMAX (B, Hx, L) float32."""
+    B, Hx, L, A = x.shape
+    a_pad, xb = cfg["AS"] * cfg["S"], cfg["XB"]
+    t = torch.empty(B, Hx, _pad(L) // xb, 2 * a_pad, xb, dtype=torch.float32, device=x.device)
+    if t[0, 0].numel() >= 2 ** 31:
+        raise ValueError(f"triton backend: additive attention over {L} positions x {A} features per head "
+                         f"exceeds the 2^31-element table limit (x shape {tuple(x.shape)})")
+    xmax = torch.empty(B, Hx, L, dtype=torch.float32, device=x.device)
+    _addb._bwd_exp_table[(t.shape[2], B * Hx)](
+        x, t, xmax, xlen, *x.stride()[:3], *t.stride()[:2], Hx, L, A,
+        A_PAD=a_pad, XB=xb, BLOCK_A=min(64, a_pad), num_warps=4, **LAUNCH_OPTS)
+    return t, xmax
 
 
 def delta_shape(bwd_cfg: dict, width: int, chunk: int, fp32: bool) -> dict:

@@ -85,7 +85,10 @@ def _compile_counts(dtype: str, shapes: dict) -> dict:
         score = "additive" if v["kernel"].endswith("additive") else "dot"
         s, cfg = shapes[score], v["config"]
         bdv = cfg.get("BLOCK_DV", 0)
-        if bdv > _pow2(s["Dv"]) or (score == "dot" and cfg.get("BLOCK_D") not in (None, _pow2(s["D"]))):
+        if v["score"] == "additive-bwd":  # one layout per padded A, Dv in fixed chunks
+            if v["head_dim"] != _pow2(s["D"]):
+                continue
+        elif bdv > _pow2(s["Dv"]) or (score == "dot" and cfg.get("BLOCK_D") not in (None, _pow2(s["D"]))):
             continue
         if v["kernel"] not in best or bdv > best[v["kernel"]][0]:
             best[v["kernel"]] = (bdv, v, score)
@@ -93,7 +96,7 @@ def _compile_counts(dtype: str, shapes: dict) -> dict:
     for name, (_, v, score) in best.items():
         cfg = v["config"]
         s = shapes[score]
-        if score == "additive":
+        if v["score"] == "additive":
             v = dict(v, head_dim=s["D"])  # amortize the per-tile work over the benchmark's A
         r = gcc.compile_one(v, ARCH)
         if r["error"] or r["instr_per_elem_amortized"] is None:

@@ -84,7 +84,7 @@ JSON_FIELDS = ("kernel", "arch", "dtype", "variant", "config", "head_dim", "regs
 
 # pointer arguments that are always float32 / int32 (everything else is in the input dtype)
 _FP32_PTRS = {"W", "EQ", "EK", "QMAX", "KMAX", "LSE", "Delta", "DKT", "DQT", "DWT", "ET", "XMAX",
-              "OP", "LSEP"}
+              "OP", "LSEP", "DPS", "RN"}
 _FP32_PTRS_BY_KERNEL = {"_attn_bwd_dkdv_additive": {"DV"}}
 _I32_PTRS = {"KLEN", "XLEN"}
 # unit strides: the launchers make the last dimension contiguous, and Triton specializes an
@@ -95,8 +95,8 @@ _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod
 
 
 def _kernels():
-    from fusedattn.kernels import additive, common, dot
-    return additive, dot, common
+    from fusedattn.kernels import additive, additive_bwd, common, dot
+    return additive, dot, common, additive_bwd
 
 
 def _FWD_VARIANTS(dt):
@@ -111,7 +111,7 @@ def variants(quick: bool = False, arch: int = 90) -> list[dict]:
     loads per tile (8-element masks) and have one."""
     from fusedattn.backends.triton_backend import delta_shape
 
-    additive, dot, _ = _kernels()
+    additive, dot, _, additive_bwd = _kernels()
     dtypes = QUICK_DTYPES if quick else DTYPES
     widths = QUICK_WIDTHS if quick else WIDTHS
     out = []
@@ -126,6 +126,9 @@ def variants(quick: bool = False, arch: int = 90) -> list[dict]:
         # -- prologue / epilogue kernels --
         for ba in (16, 32, 64) if not quick else (64,):
             add("_attn_exp_table", dt, "", dict(BLOCK_L=64, BLOCK_A=ba, num_warps=4, num_stages=1))
+        for ap in widths:
+            add("_bwd_exp_table", dt, "", dict(A_PAD=ap, XB=additive_bwd.XB, BLOCK_A=min(64, ap), num_warps=4,
+                                               num_stages=1))
         for bdv in widths:
             # delta: the chunk of the dot dQ kernel at this width, and the additive Dv chunks
             _, dq_cfg = dot.prune_bwd_configs(bdv, bdv, dt == "fp32", arch)
@@ -146,15 +149,13 @@ def variants(quick: bool = False, arch: int = 90) -> list[dict]:
                 cfg.update(BLOCK_DV=bdv, FAST_RCP=True, DOT_PRECISION=prec)
                 add("_attn_fwd_additive", dt, variant, cfg, (cfg["BLOCK_M"], cfg["BLOCK_N"]), "additive", odt,
                     ADDITIVE_A)
-            if not 32 <= bdv <= (32 if dt == "fp32" else 64):
-                continue  # the launcher's Dv chunk
-            kv, q = additive.prune_bwd_configs(bdv, dt == "fp32")
-            kv.update(BLOCK_DV=bdv, FAST_RCP=True, DOT_PRECISION=prec)
-            q.update(BLOCK_DV=bdv, FAST_RCP=True, DOT_PRECISION=prec)
-            add("_attn_bwd_dkdv_additive", dt, "", kv, (kv["BLOCK_N"], kv["BLOCK_M"]), "additive", None,
-                ADDITIVE_A)
-            add("_attn_bwd_dq_additive", dt, "", q, (q["BLOCK_M"], q["BLOCK_N"]), "additive", None,
-                ADDITIVE_A)
+        # additive backward: one layout per padded A (features per thread, threads per row); Dv
+        # is walked in chunks of the config's BLOCK_DV columns
+        for ba in widths:
+            cfg = additive_bwd.bwd_config(ba, dt == "fp32")
+            cfg.update(FAST_RCP=True, DOT_PRECISION=prec)
+            for kern in ("_attn_bwd_dkdv_additive", "_attn_bwd_dq_additive"):
+                add(kern, dt, "", cfg, (cfg["AS"], cfg["XB"]), "additive-bwd", None, ba)
         # -- dot (the launcher pads D and Dv to one width: BLOCK_D == BLOCK_DV) --
         for bd in widths:
             for even in (True, False):
@@ -298,6 +299,8 @@ def amortized(v: dict, loops: list, ins) -> dict:
     non-direct loop all A columns. The per-tile overhead is every instruction of the enclosing
     tile loop outside its MUFU loops (softmax, P @ V, dP, masks, the other path's glue). The
     direct-tanh loops (fallback for |x| > 40) are left out."""
+    if v["score"] == "additive-bwd":
+        return _amortized_steps(v, loops, ins)
     per_thread = v["tile"][0] * v["tile"][1] / (32 * v["config"]["num_warps"])
     used = [lp for lp in loops if "instr_per_elem" in lp]
     if not used:
@@ -337,6 +340,34 @@ def amortized(v: dict, loops: list, ins) -> dict:
                 over_mufu += len(re.findall(r"MUFU\.", t))
     elems = A * per_thread
     return dict(instr_per_elem_loop=round(instr / elems, 2), overhead_instr_per_tile=overhead,
+                instr_per_elem_amortized=round((instr + overhead) / elems, 2),
+                mufu_per_elem=round((mufu + over_mufu) / elems, 3))
+
+
+def _amortized_steps(v: dict, loops: list, ins) -> dict:
+    """The additive backward (``kernels.additive_bwd``): each thread walks the other index one
+    step at a time, AS triples per step (tile = (AS, XB)); the loop figure is the fast step
+    loop per triple, the per-tile overhead every instruction of the enclosing block loop (XB
+    steps: the dP product, scratch, barriers, dV) outside its step loops."""
+    AS, XB = v["tile"]
+    fast = [lp for lp in loops if lp.get("kind") == "fast"]
+    if not fast:
+        return dict(instr_per_elem_loop=None, overhead_instr_per_tile=None, instr_per_elem_amortized=None,
+                    mufu_per_elem=None)
+    lp = min(fast, key=lambda x: x["instr"] / x["elems"])
+    steps = lp["elems"] / AS
+    instr, mufu = lp["instr"] / steps * XB, sum(lp["mufu"].values()) / steps * XB
+    overhead, over_mufu = 0, 0
+    if lp["parent"] is not None:
+        inner = [x["span"] for x in loops if x["parent"] == lp["parent"]]
+        inner += [sp for sp in _spans(ins) if sp != lp["parent"] and lp["parent"][0] <= sp[0]
+                  and sp[1] <= lp["parent"][1]]
+        for a, t in ins:
+            if lp["parent"][0] <= a <= lp["parent"][1] and not any(lo <= a <= hi for lo, hi in inner):
+                overhead += 1
+                over_mufu += len(re.findall(r"MUFU\.", t))
+    elems = AS * XB
+    return dict(instr_per_elem_loop=round(lp["instr"] / lp["elems"], 2), overhead_instr_per_tile=overhead,
                 instr_per_elem_amortized=round((instr + overhead) / elems, 2),
                 mufu_per_elem=round((mufu + over_mufu) / elems, 3))
 
@@ -396,7 +427,12 @@ def compile_one(v: dict, arch: int, sass_dir: str | None = None) -> dict:
         per_thread = v["tile"][0] * v["tile"][1] / threads
         for lp in _loops(ins):
             unroll, kind = 1, "softmax"
-            if v["score"] == "additive" and lp["mufu"].get("RCP"):
+            if v["score"] == "additive-bwd" and lp["mufu"].get("RCP"):
+                # one step (other index) per AS reciprocals per thread; the direct path also
+                # issues AS EX2 per step
+                unroll = max(1, round(lp["mufu"]["RCP"] / v["config"]["AS"])) * v["config"]["AS"] / per_thread
+                kind = "direct" if lp["mufu"].get("EX2", 0) >= lp["mufu"]["RCP"] else "fast"
+            elif v["score"] == "additive" and lp["mufu"].get("RCP"):
                 n = max(1, round(lp["mufu"]["RCP"] / per_thread))
                 k = v["config"].get("SOFT_RCP", 0)
                 kind = "direct" if lp["mufu"].get("EX2") else "fast"
