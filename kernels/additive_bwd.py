@@ -88,12 +88,12 @@ def _rcp(z, FAST_RCP: tl.constexpr):
         return 1.0 / z
 
 
-@triton.jit(do_not_specialize=SIZE_ARGS)
-def _bwd_exp_table(X, ET, XMAX, XLEN, stride_xb, stride_xh, stride_xl, stride_eb, stride_eh, Hx, L, A,
-                   A_PAD: tl.constexpr, XB: tl.constexpr, BLOCK_A: tl.constexpr):
-    """The backward's tables of x (B, Hx, L, A), tiled (B, Hx, L_pad / XB, 2 A_PAD, XB): for l in
-    block l // XB, row a < A_PAD holds exp(2 clamp(x[l, a], -40, 40)) at column l % XB and row
-    A_PAD + a holds x[l, a]. Features a >= A read as x = 0 (e = 1; their w is 0) and rows
+@triton.jit(do_not_specialize=SIZE_ARGS + ("a_pad",))
+def _bwd_exp_table(X, ET, XMAX, XLEN, stride_xb, stride_xh, stride_xl, stride_eb, stride_eh, Hx, L, A, a_pad,
+                   XB: tl.constexpr, BLOCK_A: tl.constexpr):
+    """The backward's tables of x (B, Hx, L, A), tiled (B, Hx, L_pad / XB, 2 a_pad, XB): for l in
+    block l // XB, row a < a_pad holds exp(2 clamp(x[l, a], -40, 40)) at column l % XB and row
+    a_pad + a holds x[l, a] (a_pad: A padded to the kernels' power of two, a runtime size). Features a >= A read as x = 0 (e = 1; their w is 0) and rows
     l >= XLEN[b] as x = 0 (padding keys never reach a score). XMAX[b, h, l] = max_a |x[l, a]| (inf
     for a row holding a NaN). One feature of XB consecutive rows is one 64-byte line, and a
     thread's features (a = s AS + a_loc) sit XB floats apart: the kernels address them with
@@ -107,17 +107,18 @@ def _bwd_exp_table(X, ET, XMAX, XLEN, stride_xb, stride_xh, stride_xl, stride_eb
     offs_l = pid_l * XB + offs_i
     mask_l = offs_l < tl.load(XLEN + off_b)
     x_base = X + off_b64 * stride_xb + off_h64 * stride_xh + offs_l[:, None].to(tl.int64) * stride_xl
-    e_base = (ET + off_b64 * stride_eb + off_h64 * stride_eh + tl.cast(pid_l, tl.int64) * (2 * A_PAD * XB)
+    e_base = (ET + off_b64 * stride_eb + off_h64 * stride_eh + tl.cast(pid_l, tl.int64) * (2 * a_pad * XB)
               + offs_i[:, None])
     mx = tl.zeros([XB], dtype=tl.float32)
     A = (A // 8) * 8  # a multiple of 8 (launch contract): 128-bit masked loads
-    for a0 in range(0, A_PAD, BLOCK_A):
+    for a0 in range(0, a_pad, BLOCK_A):
         offs_a = a0 + tl.arange(0, BLOCK_A)
         x = tl.load(x_base + offs_a[None, :], mask=mask_l[:, None] & (offs_a[None, :] < A), other=0.0)
         x = x.to(tl.float32)
         mx = tl.maximum(mx, tl.max(tl.where(x == x, tl.abs(x), float("inf")), axis=1))
-        tl.store(e_base + offs_a[None, :] * XB, _exp2x(tl.minimum(tl.maximum(x, -EXP_SAFE), EXP_SAFE)))
-        tl.store(e_base + (A_PAD + offs_a[None, :]) * XB, x)
+        in_t = offs_a[None, :] < a_pad
+        tl.store(e_base + offs_a[None, :] * XB, _exp2x(tl.minimum(tl.maximum(x, -EXP_SAFE), EXP_SAFE)), mask=in_t)
+        tl.store(e_base + (a_pad + offs_a[None, :]) * XB, x, mask=in_t)
     tl.store(XMAX + off_bh.to(tl.int64) * L + offs_l, mx, mask=offs_l < L)
 
 

@@ -30,6 +30,9 @@ from .common import LOG2E, SIZE_ARGS, _attn_fwd_epilogue, _dims, _ld, _mma, _mma
 # (Q K^T, dO V^T) are summed over D chunks loaded from memory instead of keeping the whole
 # Q / dO (or K / V) tile resident in registers. BLOCK_DC defaults to the full width.
 FWD_CONFIGS = [  # predicate on (BLOCK_D, BLOCK_DV, decode, arch)
+    # maxnreg: at 256 columns ptxas otherwise caps the decode kernel at 168 registers and spills
+    (lambda d, dv, decode, arch: decode and max(d, dv) > 128,
+     dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1, maxnreg=255)),
     (lambda d, dv, decode, arch: decode, dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)),
     (lambda d, dv, decode, arch: max(d, dv) <= 32 and arch >= 90,
      dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2)),
@@ -45,7 +48,7 @@ FWD_CONFIGS = [  # predicate on (BLOCK_D, BLOCK_DV, decode, arch)
 ]
 FWD_CONFIGS_FP32 = [
     (lambda d, dv, decode, arch: decode and max(d, dv) <= 64,
-     dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)),
+     dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1, maxnreg=255)),
     (lambda d, dv, decode, arch: decode, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_DC=32, num_warps=4, num_stages=1)),
     (lambda d, dv, decode, arch: max(d, dv) <= 32 and arch >= 90,
      dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
@@ -67,7 +70,7 @@ BWD_DQ_CONFIGS = [
     (lambda d, dv, arch: max(d, dv) <= 64, dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=1)),
     (lambda d, dv, arch: max(d, dv) <= 128 and arch >= 90, dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)),
     (lambda d, dv, arch: max(d, dv) <= 128, dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)),
-    (lambda d, dv, arch: True, dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)),
+    (lambda d, dv, arch: True, dict(BLOCK_M=32, BLOCK_N=16, BLOCK_DC=128, num_warps=4, num_stages=1)),
 ]
 BWD_DKDV_CONFIGS_FP32 = [
     (lambda d, dv, arch: max(d, dv) <= 32, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_DC=16, num_warps=4, num_stages=1)),

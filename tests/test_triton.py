@@ -276,6 +276,13 @@ def test_public_api(case):
     testing.check_backend(case, "triton")
 
 
+def test_negative_scale():
+    """The dot kernels track the row max of q . k, so the launcher runs a negative scale as
+    |scale| * (-q) . k (and negates dq back)."""
+    testing.check_backend(Case(score="dot", B=1, H=2, Hk=1, Lq=17, Lk=33, D=16, Dv=8, scale=-0.3, causal=True,
+                               magnitude=30.0), "triton")
+
+
 def test_backend_declarations():
     assert BACKEND.name == "triton"
     assert "cpu" in BACKEND.devices and "cuda" in BACKEND.devices

@@ -334,8 +334,8 @@ def _bwd_table(x: torch.Tensor, xlen: torch.Tensor, cfg: dict):
                          f"exceeds the 2^31-element table limit (x shape {tuple(x.shape)})")
     xmax = torch.empty(B, Hx, L, dtype=torch.float32, device=x.device)
     _addb._bwd_exp_table[(t.shape[2], B * Hx)](
-        x, t, xmax, xlen, *x.stride()[:3], *t.stride()[:2], Hx, L, A,
-        A_PAD=a_pad, XB=xb, BLOCK_A=min(64, a_pad), num_warps=4, **LAUNCH_OPTS)
+        x, t, xmax, xlen, *x.stride()[:3], *t.stride()[:2], Hx, L, A, a_pad,
+        XB=xb, BLOCK_A=64, num_warps=4, **LAUNCH_OPTS)
     return t, xmax
 
 

@@ -126,9 +126,7 @@ def variants(quick: bool = False, arch: int = 90) -> list[dict]:
         # -- prologue / epilogue kernels --
         for ba in (16, 32, 64) if not quick else (64,):
             add("_attn_exp_table", dt, "", dict(BLOCK_L=64, BLOCK_A=ba, num_warps=4, num_stages=1))
-        for ap in widths:
-            add("_bwd_exp_table", dt, "", dict(A_PAD=ap, XB=additive_bwd.XB, BLOCK_A=min(64, ap), num_warps=4,
-                                               num_stages=1))
+        add("_bwd_exp_table", dt, "", dict(XB=additive_bwd.XB, BLOCK_A=64, num_warps=4, num_stages=1))
         for bdv in widths:
             # delta: the chunk of the dot dQ kernel at this width, and the additive Dv chunks
             _, dq_cfg = dot.prune_bwd_configs(bdv, bdv, dt == "fp32", arch)
