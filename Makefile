@@ -37,7 +37,8 @@ compile-check: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
-	env -u TRITON_INTERPRET $(PY) -m fusedattn.tools.gpu_compile_check --arch 80 90 --jobs 2
+	mkdir -p out
+	env -u TRITON_INTERPRET $(PY) -m fusedattn.tools.gpu_compile_check --arch 80 90 --jobs 2 --json out/cc.json --sass-dir out/sass
 
 bench: $(STAMP)
 	mkdir -p out
