@@ -41,9 +41,14 @@ import triton.language as tl
 
 from .common import (
     SIZE_ARGS,
+    _allowed,
     _attn_fwd_epilogue,
     _attn_fwd_key_range,
+    _bias,
     _dims,
+    _drel_ends,
+    _drel_program,
+    _drel_tile,
     _exp2x,
     _ld,
     _mma,
@@ -281,8 +286,10 @@ def _attn_fwd_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, Out, LSE,
                        stride_os, stride_ob, stride_oh, stride_om, stride_od,
                        stride_ls, stride_lb, stride_lh, stride_lm,
                        H, Hk, Lq, Lk, A, Dv, CAUSAL_SHIFT, SPLIT_N,
+                       WINDOW_SHIFT, REL, SLOPES, REL_M,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
-                       FAST_RCP: tl.constexpr, SOFT_RCP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       FAST_RCP: tl.constexpr, SOFT_RCP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       WINDOW: tl.constexpr, BIAS: tl.constexpr):
     """One program: BLOCK_M query rows of one (b, h), keys [pid_s*SPLIT_N, +SPLIT_N).
     Rows of V at or past key_lengths load as 0, so padding keys holding NaN or inf never reach
     P @ V; the head-dim mask covers 8 elements at a time (128-bit loads), once per key tile.
@@ -291,6 +298,9 @@ def _attn_fwd_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, Out, LSE,
     (CAUSAL_SHIFT = Lk - Lq when causal, Lk otherwise). EQ/EK are the transposed exp tables
     and QMAX/KMAX the row max|x| from ``_attn_exp_table``. Writes the normalized output and
     the natural-log LSE of its split (the final result when there is a single split).
+    Modifiers (constexpr-gated; ``fusedattn.spec``): WINDOW also requires j >= i + WINDOW_SHIFT
+    (key tiles left of the tile's window are skipped); BIAS & 1 adds rel_bias (REL float32
+    (H, 2 REL_M - 1) contiguous), BIAS & 2 ALiBi (SLOPES float32 (B, H) contiguous).
     """
     tl.static_assert(BLOCK_N >= 16)
     tl.static_assert(BLOCK_DV >= 16)
@@ -322,6 +332,14 @@ def _attn_fwd_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, Out, LSE,
 
     # -- key range of this program --
     n_lo, n_hi, klen = _attn_fwd_key_range(KLEN, off_b, pid_m, pid_s, CAUSAL_SHIFT, SPLIT_N, BLOCK_M)
+    if WINDOW:
+        n_lo = tl.maximum(n_lo, tl.maximum(pid_m * BLOCK_M + WINDOW_SHIFT, 0) // BLOCK_N * BLOCK_N)
+    rel_row = 0
+    slope = 0.0
+    if BIAS > 0:
+        rel_row = off_h * (2 * REL_M - 1)
+        if BIAS & 2:
+            slope = tl.load(SLOPES + off_bh)
 
     wsum = _w_sum(W_h, stride_wa, A)
     qmax = tl.load(QMAX + off_bh.to(tl.int64) * Lq + offs_m, mask=mask_m, other=0.0)
@@ -340,7 +358,9 @@ def _attn_fwd_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, Out, LSE,
                     stride_eqa, stride_eka, 1, 1, stride_eqa, stride_eka,
                     W_h, stride_wa, A, wsum, fast,
                     BLOCK_M, BLOCK_N, FAST_RCP, SOFT_RCP)
-        allowed = (offs_n[None, :] < klen) & (offs_n[None, :] <= offs_m[:, None] + CAUSAL_SHIFT)
+        if BIAS > 0:
+            s += _bias(offs_m, offs_n, Lk - Lq, REL, rel_row, REL_M, slope, BIAS, False)
+        allowed = _allowed(offs_m, offs_n, klen, CAUSAL_SHIFT, WINDOW_SHIFT, WINDOW, False)
         s = tl.where(allowed, s, -float("inf"))
         # -- online softmax --
         p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
@@ -370,8 +390,10 @@ def _attn_bwd_dkdv_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta
                             stride_dkb, stride_dkh, stride_dka,
                             stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                             H, Hk, Lq, Lk, A, Dv, CAUSAL_SHIFT,
+                            WINDOW_SHIFT, REL, SLOPES, REL_M,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
-                            FAST_RCP: tl.constexpr, SOFT_RCP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                            FAST_RCP: tl.constexpr, SOFT_RCP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                            WINDOW: tl.constexpr, BIAS: tl.constexpr):
     """One program: BLOCK_N keys of one (b, kv head); loops over the group's query heads and
     the query tiles that can see these keys. Tiles are transposed (keys are rows), so the
     dK reduction over queries runs along axis 1. DKT is float32 scratch (B, Hk, A, >=Lk) and
@@ -407,6 +429,8 @@ def _attn_bwd_dkdv_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta
     m_lo = tl.maximum(pid_n * BLOCK_N - CAUSAL_SHIFT, 0)
     m_lo = (m_lo // BLOCK_M) * BLOCK_M
     m_hi = tl.where(pid_n * BLOCK_N < klen, Lq, 0)
+    if WINDOW:  # rows i <= j - WINDOW_SHIFT see key j
+        m_hi = tl.minimum(m_hi, tl.maximum(start_n + BLOCK_N - WINDOW_SHIFT, 0))
 
     dv_tile = DV + off_b64 * stride_dvb + off_hk64 * stride_dvh + tl.cast(start_n, tl.int64) * stride_dvn
     v_tile = v_base + tl.cast(start_n, tl.int64) * stride_vn
@@ -418,6 +442,13 @@ def _attn_bwd_dkdv_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta
         row_base = (off_b64 * H + off_h64) * Lq
         W_h = W + off_h64 * stride_wh
         wsum = _w_sum(W_h, stride_wa, A)
+        rel_row = 0
+        slope = 0.0
+        if BIAS > 0:
+            off_h = off_hk * GROUP + g
+            rel_row = off_h * (2 * REL_M - 1)
+            if BIAS & 2:
+                slope = tl.load(SLOPES + off_b * H + off_h)
         for start_m in range(m_lo, m_hi, BLOCK_M):
             offs_m = start_m + offs_m0
             mask_m = offs_m < Lq
@@ -428,7 +459,9 @@ def _attn_bwd_dkdv_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta
                          stride_eka, stride_eqa, 1, 1, stride_eka, stride_eqa,
                          W_h, stride_wa, A, wsum, fast,
                          BLOCK_N, BLOCK_M, FAST_RCP, SOFT_RCP)
-            allowed = ((offs_n[:, None] < klen) & (offs_n[:, None] <= offs_m[None, :] + CAUSAL_SHIFT)
+            if BIAS > 0:
+                sT += _bias(offs_m, offs_n, Lk - Lq, REL, rel_row, REL_M, slope, BIAS, True)
+            allowed = (_allowed(offs_m, offs_n, klen, CAUSAL_SHIFT, WINDOW_SHIFT, WINDOW, True)
                        & mask_m[None, :])
             lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0)
             lse = tl.where(lse == -float("inf"), 0.0, lse)
@@ -473,11 +506,14 @@ def _attn_bwd_dq_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta, 
                           stride_dob, stride_doh, stride_dom, stride_dod,
                           stride_dqb, stride_dqh, stride_dqa,
                           H, Hk, Lq, Lk, A, Dv, CAUSAL_SHIFT,
+                          WINDOW_SHIFT, REL, SLOPES, REL_M, DREL, SKEW,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
-                          FAST_RCP: tl.constexpr, SOFT_RCP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                          FAST_RCP: tl.constexpr, SOFT_RCP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                          WINDOW: tl.constexpr, BIAS: tl.constexpr):
     """One program: BLOCK_M query rows of one (b, h); loops over the allowed key tiles.
     DQT and DWT (per-row dw partials) are float32 scratch (B, H, A, >=Lq), zero-initialized,
-    sharing the strides ``stride_dq*``."""
+    sharing the strides ``stride_dq*``. Modifiers as in the forward; BIAS & 1 also writes the
+    program's partial rel_bias gradient (``common._drel_program``), summed by the launcher."""
     tl.static_assert(BLOCK_N >= 16)
     tl.static_assert(BLOCK_DV >= 16)
     pid_m = tl.program_id(0)
@@ -519,7 +555,24 @@ def _attn_bwd_dq_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta, 
     qmax = tl.load(QMAX + row_base + offs_m, mask=mask_m, other=0.0)
     q_ok = tl.max(qmax, axis=0) <= EXP_SAFE
 
-    for start_n in range(0, n_hi, BLOCK_N):
+    n_lo = 0
+    if WINDOW:
+        n_lo = tl.maximum(start_m + WINDOW_SHIFT, 0) // BLOCK_N * BLOCK_N
+    rel_row = 0
+    slope = 0.0
+    if BIAS > 0:
+        rel_row = off_h * (2 * REL_M - 1)
+        if BIAS & 2:
+            slope = tl.load(SLOPES + off_bh)
+    drel_p = DREL
+    skew_p = SKEW
+    below = tl.zeros([], dtype=tl.float32)
+    above = tl.zeros([], dtype=tl.float32)
+    if BIAS & 1:
+        drel_p, skew_p = _drel_program(DREL, SKEW, off_bh.to(tl.int64) * tl.num_programs(0) + pid_m, REL_M,
+                                       BLOCK_M, BLOCK_N)
+
+    for start_n in range(n_lo, n_hi, BLOCK_N):
         offs_n = start_n + offs_n0
         mask_n = offs_n < Lk
         # -- scores and probabilities (recomputed) --
@@ -529,7 +582,9 @@ def _attn_bwd_dq_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta, 
                     stride_eqa, stride_eka, 1, 1, stride_eqa, stride_eka,
                     W_h, stride_wa, A, wsum, fast,
                     BLOCK_M, BLOCK_N, FAST_RCP, SOFT_RCP)
-        allowed = ((offs_n[None, :] < klen) & (offs_n[None, :] <= offs_m[:, None] + CAUSAL_SHIFT)
+        if BIAS > 0:
+            s += _bias(offs_m, offs_n, Lk - Lq, REL, rel_row, REL_M, slope, BIAS, False)
+        allowed = (_allowed(offs_m, offs_n, klen, CAUSAL_SHIFT, WINDOW_SHIFT, WINDOW, False)
                    & mask_m[:, None])
         p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
         # -- dS (dP summed over Dv chunks; dO re-read from cache) --
@@ -543,6 +598,9 @@ def _attn_bwd_dq_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta, 
                     offs_c, Dv, True, True)
             dp += _mma(do, tl.trans(v), DOT_PRECISION)
         ds = p * (dp - delta[:, None])
+        if BIAS & 1:  # d rel_bias: dS summed along the tile's diagonals
+            below, above = _drel_tile(ds, start_n - start_m - (Lk - Lq), skew_p, drel_p, REL_M, below, above,
+                                      BLOCK_M, BLOCK_N)
         ds_sum = tl.sum(ds, axis=1)
         # -- dQ and dw columns --
         if fast:
@@ -554,3 +612,5 @@ def _attn_bwd_dq_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta, 
                           stride_eqa, stride_eka, 1, 1, stride_eqa, stride_eka,
                           W_h, stride_wa, A, ds, ds_sum, dq_base, dw_base, stride_dqa, True, True, FAST_RCP)
         tl.debug_barrier()  # the next tile reads the dQ/dw columns stored above
+    if BIAS & 1:
+        _drel_ends(drel_p, REL_M, below, above)

@@ -17,7 +17,21 @@ so grouped heads are summed without atomics) and a dQ kernel per query tile.
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E, SIZE_ARGS, _attn_fwd_epilogue, _dims, _ld, _mma, _mma_acc
+from .common import (
+    LN2,
+    LOG2E,
+    SIZE_ARGS,
+    _allowed,
+    _attn_fwd_epilogue,
+    _dims,
+    _drel_ends,
+    _drel_program,
+    _drel_tile,
+    _ld,
+    _mma,
+    _mma_acc,
+    _mod_log2,
+)
 
 # ----------------------------------------------------------------------------------------
 # configurations (GPU); the interpreter uses INTERPRET_CONFIG
@@ -143,9 +157,10 @@ def _chunked_dot(A, a_rows, offs_r, n_r, B, b_rows, offs_s, n_s, D,
 @triton.jit
 def _fwd_loop(acc, m_i, l_i, q, q_base, q_rows, q_idx, n_q, k_base, v_base, lo, hi, offs_m, offs_n0, offs_d,
               offs_dv, klen, D, Dv, CAUSAL_SHIFT, qk_scale, stride_kn, stride_vn,
+              WINDOW_SHIFT, DIST_SHIFT, REL, rel_row, REL_M, slope, softcap_k, softcap,
               MASKED: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DC: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
+              DOT_PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, BIAS: tl.constexpr):
     """Key tiles [lo, hi) of the online softmax, scores in log2 units (s * scale * log2 e).
     offs_m: the query index of each row (causal mask); q_rows / q_idx < n_q: row offsets and
     validity for the chunked path. MASKED: the tiles on the causal diagonal or past key_lengths (loads of keys >= klen read 0,
@@ -164,10 +179,22 @@ def _fwd_loop(acc, m_i, l_i, q, q_base, q_rows, q_idx, n_q, k_base, v_base, lo, 
                               BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DC, EVEN, DOT_PRECISION)
         if MASKED:
             offs_n = start_n + offs_n0
-            allowed = (offs_n[None, :] < klen) & (offs_n[None, :] <= offs_m[:, None] + CAUSAL_SHIFT)
-            s = tl.where(allowed, qk * qk_scale, -float("inf"))
+            allowed = _allowed(offs_m, offs_n, klen, CAUSAL_SHIFT, WINDOW_SHIFT, WINDOW, False)
+            if SOFTCAP or BIAS > 0:
+                s, _ = _mod_log2(qk, offs_m, offs_n, qk_scale, DIST_SHIFT, REL, rel_row, REL_M, slope, softcap_k,
+                                 softcap, SOFTCAP, BIAS, False)
+                s = tl.where(allowed, s, -float("inf"))
+            else:
+                s = tl.where(allowed, qk * qk_scale, -float("inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+        elif SOFTCAP or BIAS > 0:
+            # every key allowed, finite modified scores
+            s, _ = _mod_log2(qk, offs_m, start_n + offs_n0, qk_scale, DIST_SHIFT, REL, rel_row, REL_M, slope,
+                             softcap_k, softcap, SOFTCAP, BIAS, False)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = m_new
             p = tl.math.exp2(s - m_safe[:, None])
         else:
             # every key allowed: m_new is finite and the scale folds into one FMA per pair
@@ -190,15 +217,21 @@ def _attn_fwd_dot(Q, K, V, KLEN, Out, LSE,
                   stride_os, stride_ob, stride_oh, stride_om, stride_od,
                   stride_ls, stride_lb, stride_lh, stride_lm,
                   scale, H, Hk, Lq, Lk, D, Dv, CAUSAL_SHIFT, SPLIT_N,
+                  WINDOW_SHIFT, REL, SLOPES, REL_M, softcap_k, softcap,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_DV: tl.constexpr, BLOCK_DC: tl.constexpr, EVEN: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                  BIAS: tl.constexpr):
     """One program: BLOCK_M rows of one (b, kv head), keys [pid_s*SPLIT_N, +SPLIT_N); row r is
     query r % Lq of query head kv_head * (H / Hk) + r // Lq (grid axis 1: B * Hk, axis 0:
     cdiv(H / Hk * Lq, BLOCK_M)). Key j is allowed for query i iff j < KLEN[b] and
     j <= i + CAUSAL_SHIFT. EVEN: D == BLOCK_D
     and Dv == BLOCK_DV (no head-dim masks). BLOCK_DC < BLOCK_D: Q is not kept in registers;
-    Q K^T is summed over D chunks. Unit last strides (stride_*d) are assumed."""
+    Q K^T is summed over D chunks. Unit last strides (stride_*d) are assumed.
+    Modifiers (constexpr-gated): WINDOW also requires j >= i + WINDOW_SHIFT (key tiles left of
+    every row's window are skipped, the straddling ones masked); SOFTCAP caps the scores
+    (softcap_k = 2 scale log2 e / softcap); BIAS & 1 adds rel_bias (REL: float32 (H, 2 REL_M - 1)
+    contiguous), BIAS & 2 ALiBi (SLOPES: float32 (B, H) contiguous)."""
     tl.static_assert(BLOCK_M >= 16)
     tl.static_assert(BLOCK_N >= 16)
     tl.static_assert(BLOCK_D >= 16)
@@ -244,19 +277,42 @@ def _attn_fwd_dot(Q, K, V, KLEN, Out, LSE,
     n_lo = pid_s * SPLIT_N
     n_hi = tl.minimum(tl.minimum(klen, i_max + 1 + CAUSAL_SHIFT), n_lo + SPLIT_N)
     n_free = tl.minimum(klen, i_min + CAUSAL_SHIFT + 1)
-    n_full = tl.maximum(n_lo + (tl.minimum(n_free, n_hi) - n_lo) // BLOCK_N * BLOCK_N, n_lo)
+    # WINDOW: [n_lo, n_mid) straddles the left bound (masked), then as without it
+    n_mid = n_lo
+    if WINDOW:
+        n_lo = tl.maximum(n_lo, tl.maximum(i_min + WINDOW_SHIFT, 0) // BLOCK_N * BLOCK_N)
+        n_mid = tl.maximum(tl.minimum((tl.maximum(i_max + WINDOW_SHIFT, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N,
+                                      n_hi), n_lo)
+    n_full = tl.maximum(n_mid + (tl.minimum(n_free, n_hi) - n_mid) // BLOCK_N * BLOCK_N, n_mid)
+
+    # -- modifiers: per-row head (rows may span the heads of a group) --
+    rel_row = 0
+    slope = 0.0
+    if BIAS > 0:
+        h_row = tl.minimum(off_hk * GROUP + rows // Lq, H - 1)
+        rel_row = (h_row * (2 * REL_M - 1))[:, None]
+        if BIAS & 2:
+            slope = tl.load(SLOPES + off_b * H + h_row)[:, None]
 
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, q_base, q_rows, rows, n_rows, k_base, v_base, n_lo, n_full,
+    if WINDOW:
+        acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, q_base, q_rows, rows, n_rows, k_base, v_base, n_lo, n_mid,
+                                  offs_m, offs_n0, offs_d, offs_dv, klen, D, Dv, CAUSAL_SHIFT, qk_scale,
+                                  stride_kn, stride_vn, WINDOW_SHIFT, Lk - Lq, REL, rel_row, REL_M, slope,
+                                  softcap_k, softcap, True, EVEN, BLOCK_M, BLOCK_N, BLOCK_D,
+                                  BLOCK_DV, BLOCK_DC, DOT_PRECISION, WINDOW, SOFTCAP, BIAS)
+    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, q_base, q_rows, rows, n_rows, k_base, v_base, n_mid, n_full,
                               offs_m, offs_n0, offs_d, offs_dv, klen, D, Dv, CAUSAL_SHIFT, qk_scale,
-                              stride_kn, stride_vn, False, EVEN, BLOCK_M, BLOCK_N, BLOCK_D,
-                              BLOCK_DV, BLOCK_DC, DOT_PRECISION)
+                              stride_kn, stride_vn, WINDOW_SHIFT, Lk - Lq, REL, rel_row, REL_M, slope,
+                              softcap_k, softcap, False, EVEN, BLOCK_M, BLOCK_N, BLOCK_D,
+                              BLOCK_DV, BLOCK_DC, DOT_PRECISION, WINDOW, SOFTCAP, BIAS)
     acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, q_base, q_rows, rows, n_rows, k_base, v_base, n_full, n_hi,
                               offs_m, offs_n0, offs_d, offs_dv, klen, D, Dv, CAUSAL_SHIFT, qk_scale,
-                              stride_kn, stride_vn, True, EVEN, BLOCK_M, BLOCK_N, BLOCK_D,
-                              BLOCK_DV, BLOCK_DC, DOT_PRECISION)
+                              stride_kn, stride_vn, WINDOW_SHIFT, Lk - Lq, REL, rel_row, REL_M, slope,
+                              softcap_k, softcap, True, EVEN, BLOCK_M, BLOCK_N, BLOCK_D,
+                              BLOCK_DV, BLOCK_DC, DOT_PRECISION, WINDOW, SOFTCAP, BIAS)
 
     # -- epilogue: empty rows give out = 0, lse = -inf (m_i is in log2 units); the row heads
     #    are recomputed here rather than kept live (as int64) across the loops --
@@ -272,28 +328,38 @@ def _attn_fwd_dot(Q, K, V, KLEN, Out, LSE,
 # backward
 # ----------------------------------------------------------------------------------------
 @triton.jit
-def _bwd_probs(qk, lse2, offs_m, offs_n, klen, CAUSAL_SHIFT, qk_scale, MASKED: tl.constexpr, TRANS: tl.constexpr):
-    """P (or P^T when TRANS: rows are keys) from raw scores, lse2 = lse * log2 e per query."""
-    if TRANS:
-        p = tl.math.exp2(qk * qk_scale - lse2[None, :])
-        if MASKED:
-            allowed = (offs_n[:, None] < klen) & (offs_n[:, None] <= offs_m[None, :] + CAUSAL_SHIFT)
-            p = tl.where(allowed, p, 0.0)
+def _bwd_probs(qk, lse2, offs_m, offs_n, klen, CAUSAL_SHIFT, qk_scale,
+               WINDOW_SHIFT, DIST_SHIFT, REL, rel_row, REL_M, slope, softcap_k, softcap,
+               MASKED: tl.constexpr, TRANS: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+               BIAS: tl.constexpr):
+    """P (or P^T when TRANS: rows are keys) from raw scores, lse2 = lse * log2 e per query, and
+    the softcap's r (``_mod_log2``)."""
+    if SOFTCAP or BIAS > 0:
+        s, r = _mod_log2(qk, offs_m, offs_n, qk_scale, DIST_SHIFT, REL, rel_row, REL_M, slope, softcap_k, softcap,
+                         SOFTCAP, BIAS, TRANS)
+        if TRANS:
+            p = tl.math.exp2(s - lse2[None, :])
+        else:
+            p = tl.math.exp2(s - lse2[:, None])
     else:
-        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
-        if MASKED:
-            allowed = (offs_n[None, :] < klen) & (offs_n[None, :] <= offs_m[:, None] + CAUSAL_SHIFT)
-            p = tl.where(allowed, p, 0.0)
-    return p
+        r = qk
+        if TRANS:
+            p = tl.math.exp2(qk * qk_scale - lse2[None, :])
+        else:
+            p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+    if MASKED:
+        p = tl.where(_allowed(offs_m, offs_n, klen, CAUSAL_SHIFT, WINDOW_SHIFT, WINDOW, TRANS), p, 0.0)
+    return p, r
 
 
 @triton.jit
 def _dkdv_loop(dk_acc, dv_acc, k, v, q_base, do_base, k_base, v_base, LSE, Delta, row_base,
                it_lo, it_hi, m_first, m_skip, m_second, offs_m0, offs_n, offs_n0, n_ok, offs_d, offs_dv,
                klen, Lq, D, Dv, CAUSAL_SHIFT, qk_scale, stride_qm, stride_dom, stride_kn, stride_vn,
+               WINDOW_SHIFT, DIST_SHIFT, REL, rel_row, REL_M, slope, softcap_k, softcap,
                MASKED: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DC: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, BIAS: tl.constexpr):
     """Query tiles it_lo..it_hi of one key tile: tile t starts at m_first + t * BLOCK_M, and
     tiles from index m_skip on jump to m_second (the masked loop covers the causal diagonal
     tiles and the query tail with one body). Rows >= Lq load as 0 and contribute nothing."""
@@ -315,7 +381,8 @@ def _dkdv_loop(dk_acc, dv_acc, k, v, q_base, do_base, k_base, v_base, LSE, Delta
             qkT = _chunked_dot(k_base, offs_n0 * stride_kn, offs_n0, n_ok, qb, offs_m0 * stride_qm, offs_m0, m_ok,
                                D, BLOCK_N, BLOCK_M, BLOCK_D, BLOCK_DC, EVEN, DOT_PRECISION)
         lse2 = tl.load(LSE + row_base + offs_m, mask=offs_m < Lq, other=0.0) * LOG2E
-        pT = _bwd_probs(qkT, lse2, offs_m, offs_n, klen, CAUSAL_SHIFT, qk_scale, MASKED, True)
+        pT, rT = _bwd_probs(qkT, lse2, offs_m, offs_n, klen, CAUSAL_SHIFT, qk_scale, WINDOW_SHIFT, DIST_SHIFT, REL,
+                            rel_row, REL_M, slope, softcap_k, softcap, MASKED, True, WINDOW, SOFTCAP, BIAS)
         do = _ld(dob + do_offs, offs_m0, m_ok, offs_dv, Dv, MASKED, not EVEN)
         dv_acc = _mma_acc(pT.to(do.dtype), do, dv_acc, DOT_PRECISION)
         if BLOCK_DC == BLOCK_D:
@@ -325,6 +392,8 @@ def _dkdv_loop(dk_acc, dv_acc, k, v, q_base, do_base, k_base, v_base, LSE, Delta
                                m_ok, Dv, BLOCK_N, BLOCK_M, BLOCK_DV, BLOCK_DC, EVEN, DOT_PRECISION)
         delta = tl.load(Delta + row_base + offs_m, mask=offs_m < Lq, other=0.0)
         dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:
+            dsT = dsT * ((rT - rT * rT) * 4.0)  # through the cap: 1 - tanh^2 = 4 r (1 - r)
         if BLOCK_DC != BLOCK_D:
             q = _ld(qb + q_offs, offs_m0, m_ok, offs_d, D, MASKED, not EVEN)
         dk_acc = _mma_acc(dsT.to(q.dtype), q, dk_acc, DOT_PRECISION)
@@ -340,14 +409,18 @@ def _attn_bwd_dkdv_dot(Q, K, V, KLEN, DO, LSE, Delta, DK, DV,
                        stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                        stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                        scale, H, Hk, Lq, Lk, D, Dv, CAUSAL_SHIFT,
+                       WINDOW_SHIFT, REL, SLOPES, REL_M, softcap_k, softcap,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_DV: tl.constexpr, BLOCK_DC: tl.constexpr, EVEN: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
+                       DOT_PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                       BIAS: tl.constexpr):
     """One program: BLOCK_N keys of one (b, kv head); loops over the group's query heads and
     the query tiles that can see these keys. LSE and Delta are contiguous (B, H, Lq) float32.
     Query tiles strictly below the causal diagonal of a key tile that lies below key_lengths
     run unmasked; the diagonal tiles, the query tail and key tiles crossing key_lengths run
-    masked. BLOCK_DC < BLOCK_D: K and V are not kept in registers."""
+    masked. BLOCK_DC < BLOCK_D: K and V are not kept in registers. Modifiers as in
+    ``_attn_fwd_dot`` (WINDOW: query tiles past every key's left bound are skipped, those
+    straddling it masked); the rel_bias gradient is the dQ kernel's."""
     tl.static_assert(BLOCK_M >= 16)
     tl.static_assert(BLOCK_N >= 16)
     tl.static_assert(BLOCK_D >= 16)
@@ -391,6 +464,14 @@ def _attn_bwd_dkdv_dot(Q, K, V, KLEN, DO, LSE, Delta, DK, DV,
     m_free = tl.maximum(start_n + BLOCK_N - 1 - CAUSAL_SHIFT, 0)
     m_free = tl.minimum(tl.maximum((m_free + BLOCK_M - 1) // BLOCK_M * BLOCK_M, m_lo), m_end)
     m_tail = tl.maximum(m_free, m_hi // BLOCK_M * BLOCK_M)
+    if WINDOW:
+        # rows i <= start_n + BLOCK_N - 1 - WINDOW_SHIFT see a key of the tile; tiles of rows all
+        # <= start_n - WINDOW_SHIFT see every key (left side); the rest of the range is masked
+        m_hi = tl.minimum(m_hi, tl.maximum(start_n + BLOCK_N - WINDOW_SHIFT, 0))
+        m_end = tl.maximum(m_lo, (m_hi + BLOCK_M - 1) // BLOCK_M * BLOCK_M)
+        m_free = tl.minimum(m_free, m_end)
+        m_wfree = tl.maximum(start_n - WINDOW_SHIFT + 1, 0) // BLOCK_M * BLOCK_M
+        m_tail = tl.maximum(m_free, tl.minimum(tl.minimum(m_tail, m_wfree), m_end))
     if start_n + BLOCK_N > klen:
         m_free = m_end  # the whole key tile is masked
         m_tail = m_end
@@ -402,20 +483,29 @@ def _attn_bwd_dkdv_dot(Q, K, V, KLEN, DO, LSE, Delta, DK, DV,
     dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     qk_scale = scale * LOG2E
     for g in range(0, GROUP):
-        off_h64 = (off_hk * GROUP + g).to(tl.int64)
+        off_h = off_hk * GROUP + g
+        off_h64 = off_h.to(tl.int64)
         q_base = Q + off_b64 * stride_qb + off_h64 * stride_qh
         do_base = DO + off_b64 * stride_dob + off_h64 * stride_doh
         row_base = (off_b64 * H + off_h64) * Lq
+        rel_row = 0
+        slope = 0.0
+        if BIAS > 0:
+            rel_row = off_h * (2 * REL_M - 1)
+            if BIAS & 2:
+                slope = tl.load(SLOPES + off_b * H + off_h)
         dk_acc, dv_acc = _dkdv_loop(dk_acc, dv_acc, k, v, q_base, do_base, k_base, v_base, LSE, Delta, row_base,
                                     0, n_free, m_free, 0, 0, offs_m0, offs_n, offs_n0, n_ok, offs_d, offs_dv,
                                     klen, Lq, D, Dv, CAUSAL_SHIFT, qk_scale, stride_qm, stride_dom,
-                                    stride_kn, stride_vn, False, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
-                                    BLOCK_DC, DOT_PRECISION)
+                                    stride_kn, stride_vn, WINDOW_SHIFT, Lk - Lq, REL, rel_row, REL_M, slope,
+                                    softcap_k, softcap, False, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+                                    BLOCK_DC, DOT_PRECISION, WINDOW, SOFTCAP, BIAS)
         dk_acc, dv_acc = _dkdv_loop(dk_acc, dv_acc, k, v, q_base, do_base, k_base, v_base, LSE, Delta, row_base,
                                     0, n_diag + n_tail, m_lo, n_diag, m_tail, offs_m0, offs_n, offs_n0, n_ok,
                                     offs_d, offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, qk_scale, stride_qm,
-                                    stride_dom, stride_kn, stride_vn, True, EVEN, BLOCK_M, BLOCK_N, BLOCK_D,
-                                    BLOCK_DV, BLOCK_DC, DOT_PRECISION)
+                                    stride_dom, stride_kn, stride_vn, WINDOW_SHIFT, Lk - Lq, REL, rel_row, REL_M,
+                                    slope, softcap_k, softcap, True, EVEN, BLOCK_M, BLOCK_N, BLOCK_D,
+                                    BLOCK_DV, BLOCK_DC, DOT_PRECISION, WINDOW, SOFTCAP, BIAS)
 
     dk_acc = dk_acc * scale
     dk_ptrs = (DK + off_b64 * stride_dkb + off_hk64 * stride_dkh + tl.cast(start_n, tl.int64) * stride_dkn
@@ -435,9 +525,11 @@ def _attn_bwd_dkdv_dot(Q, K, V, KLEN, DO, LSE, Delta, DK, DV,
 @triton.jit
 def _dq_loop(dq_acc, q, do, lse2, delta, q_base, do_base, k_base, v_base, lo, hi, offs_m, offs_n0,
              offs_d, offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, qk_scale, stride_qm, stride_dom, stride_kn,
-             stride_vn, MASKED: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr,
+             stride_vn, WINDOW_SHIFT, DIST_SHIFT, REL, rel_row, REL_M, slope, softcap_k, softcap,
+             start_m, drel_p, skew_p, below, above,
+             MASKED: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DC: tl.constexpr,
-             DOT_PRECISION: tl.constexpr):
+             DOT_PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, BIAS: tl.constexpr):
     k_offs = offs_n0[:, None] * stride_kn + offs_d[None, :]
     v_offs = offs_n0[:, None] * stride_vn + offs_dv[None, :]
     for start_n in range(lo, hi, BLOCK_N):
@@ -450,7 +542,9 @@ def _dq_loop(dq_acc, q, do, lse2, delta, q_base, do_base, k_base, v_base, lo, hi
         else:
             qk = _chunked_dot(q_base, offs_m.to(tl.int64) * stride_qm, offs_m, Lq, kb, offs_n0 * stride_kn, offs_n0,
                               n_ok, D, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DC, EVEN, DOT_PRECISION)
-        p = _bwd_probs(qk, lse2, offs_m, start_n + offs_n0, klen, CAUSAL_SHIFT, qk_scale, MASKED, False)
+        p, r = _bwd_probs(qk, lse2, offs_m, start_n + offs_n0, klen, CAUSAL_SHIFT, qk_scale, WINDOW_SHIFT,
+                          DIST_SHIFT, REL, rel_row, REL_M, slope, softcap_k, softcap, MASKED, False, WINDOW,
+                          SOFTCAP, BIAS)
         if BLOCK_DC == BLOCK_D:
             v = _ld(vb + v_offs, offs_n0, n_ok, offs_dv, Dv, MASKED, not EVEN)
             dp = _mma(do, tl.trans(v), DOT_PRECISION)
@@ -458,8 +552,13 @@ def _dq_loop(dq_acc, q, do, lse2, delta, q_base, do_base, k_base, v_base, lo, hi
             dp = _chunked_dot(do_base, offs_m.to(tl.int64) * stride_dom, offs_m, Lq, vb, offs_n0 * stride_vn,
                               offs_n0, n_ok, Dv, BLOCK_M, BLOCK_N, BLOCK_DV, BLOCK_DC, EVEN, DOT_PRECISION)
         ds = p * (dp - delta[:, None])
+        if BIAS & 1:  # d rel_bias: dS of the final score, summed along the tile's diagonals
+            below, above = _drel_tile(ds, start_n - start_m - DIST_SHIFT, skew_p, drel_p, REL_M, below, above,
+                                      BLOCK_M, BLOCK_N)
+        if SOFTCAP:
+            ds = ds * ((r - r * r) * 4.0)  # through the cap: 1 - tanh^2 = 4 r (1 - r)
         dq_acc = _mma_acc(ds.to(k.dtype), k, dq_acc, DOT_PRECISION)
-    return dq_acc
+    return dq_acc, below, above
 
 
 @triton.jit(do_not_specialize=SIZE_ARGS)
@@ -470,11 +569,16 @@ def _attn_bwd_dq_dot(Q, K, V, KLEN, DO, LSE, Delta, DQ,
                      stride_dob, stride_doh, stride_dom, stride_dod,
                      stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                      scale, H, Hk, Lq, Lk, D, Dv, CAUSAL_SHIFT,
+                     WINDOW_SHIFT, REL, SLOPES, REL_M, softcap_k, softcap, DREL, SKEW,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_DV: tl.constexpr, BLOCK_DC: tl.constexpr, EVEN: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
+                     DOT_PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                     BIAS: tl.constexpr):
     """One program: BLOCK_M query rows of one (b, h); loops over the allowed key tiles, the
-    ones every row sees unmasked. BLOCK_DC < BLOCK_D: Q and dO are not kept in registers."""
+    ones every row sees unmasked. BLOCK_DC < BLOCK_D: Q and dO are not kept in registers.
+    Modifiers as in ``_attn_fwd_dot``; BIAS & 1 also writes this program's partial rel_bias
+    gradient (``common._drel_program``: DREL (B, H, cdiv(Lq, BLOCK_M), 2M - 1) float32 zeros,
+    SKEW scratch), which the launcher sums in a fixed order."""
     tl.static_assert(BLOCK_M >= 16)
     tl.static_assert(BLOCK_N >= 16)
     tl.static_assert(BLOCK_D >= 16)
@@ -520,15 +624,52 @@ def _attn_bwd_dq_dot(Q, K, V, KLEN, DO, LSE, Delta, DQ,
     n_full = tl.maximum(tl.minimum(n_free, n_hi) // BLOCK_N * BLOCK_N, 0)
     qk_scale = scale * LOG2E
 
+    # -- modifiers --
+    rel_row = 0
+    slope = 0.0
+    if BIAS > 0:
+        rel_row = off_h * (2 * REL_M - 1)
+        if BIAS & 2:
+            slope = tl.load(SLOPES + off_bh)
+    drel_p = DREL
+    skew_p = SKEW
+    below = tl.zeros([], dtype=tl.float32)
+    above = tl.zeros([], dtype=tl.float32)
+    if BIAS & 1:
+        drel_p, skew_p = _drel_program(DREL, SKEW, off_bh.to(tl.int64) * tl.num_programs(0) + pid_m, REL_M,
+                                       BLOCK_M, BLOCK_N)
+
     dq_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq_acc = _dq_loop(dq_acc, q, do, lse2, delta, q_base, do_base, k_base, v_base, 0, n_full, offs_m, offs_n0,
-                      offs_d, offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, qk_scale, stride_qm, stride_dom,
-                      stride_kn, stride_vn, False, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_DC,
-                      DOT_PRECISION)
-    dq_acc = _dq_loop(dq_acc, q, do, lse2, delta, q_base, do_base, k_base, v_base, n_full, n_hi, offs_m,
-                      offs_n0, offs_d, offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, qk_scale, stride_qm,
-                      stride_dom, stride_kn, stride_vn, True, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
-                      BLOCK_DC, DOT_PRECISION)
+    n_lo = 0
+    if WINDOW:
+        # [n_lo, n_mid): tiles straddling the left bound of some row (masked); tiles left of
+        # every row's window are skipped
+        i_max = tl.minimum(start_m + BLOCK_M, Lq) - 1
+        n_lo = tl.maximum(start_m + WINDOW_SHIFT, 0) // BLOCK_N * BLOCK_N
+        n_mid = tl.maximum(tl.minimum((tl.maximum(i_max + WINDOW_SHIFT, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N,
+                                      n_hi), n_lo)
+        dq_acc, below, above = _dq_loop(
+            dq_acc, q, do, lse2, delta, q_base, do_base, k_base, v_base, n_lo, n_mid, offs_m, offs_n0, offs_d,
+            offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, qk_scale, stride_qm, stride_dom, stride_kn, stride_vn,
+            WINDOW_SHIFT, Lk - Lq, REL, rel_row, REL_M, slope, softcap_k, softcap, start_m, drel_p, skew_p,
+            below, above, True, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_DC, DOT_PRECISION, WINDOW,
+            SOFTCAP, BIAS)
+        n_lo = n_mid
+        n_full = tl.maximum(n_full, n_mid)
+    dq_acc, below, above = _dq_loop(
+        dq_acc, q, do, lse2, delta, q_base, do_base, k_base, v_base, n_lo, n_full, offs_m, offs_n0, offs_d,
+        offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, qk_scale, stride_qm, stride_dom, stride_kn, stride_vn,
+        WINDOW_SHIFT, Lk - Lq, REL, rel_row, REL_M, slope, softcap_k, softcap, start_m, drel_p, skew_p,
+        below, above, False, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_DC, DOT_PRECISION, WINDOW,
+        SOFTCAP, BIAS)
+    dq_acc, below, above = _dq_loop(
+        dq_acc, q, do, lse2, delta, q_base, do_base, k_base, v_base, n_full, n_hi, offs_m, offs_n0, offs_d,
+        offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, qk_scale, stride_qm, stride_dom, stride_kn, stride_vn,
+        WINDOW_SHIFT, Lk - Lq, REL, rel_row, REL_M, slope, softcap_k, softcap, start_m, drel_p, skew_p,
+        below, above, True, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_DC, DOT_PRECISION, WINDOW,
+        SOFTCAP, BIAS)
+    if BIAS & 1:
+        _drel_ends(drel_p, REL_M, below, above)
 
     dq_acc = dq_acc * scale
     dq_ptrs = (DQ + off_b64 * stride_dqb + off_h64 * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqm
