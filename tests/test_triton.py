@@ -400,6 +400,29 @@ def test_compile_check_sass_analysis():
     assert g.ctas_per_sm(80, 32, 128, 0) == 16           # 2048 threads / 128
 
 
+def test_compile_check_covers_every_modifier_variant():
+    """Every main-kernel configuration the launchers can pick is compiled without modifiers and
+    with all of them on (the superset of each flag's code, see ``variants``); the flags are
+    constexprs of every main kernel."""
+    from fusedattn.tools import gpu_compile_check as g
+    main = ("_attn_fwd_dot", "_attn_bwd_dkdv_dot", "_attn_bwd_dq_dot", "_attn_fwd_additive",
+            "_attn_bwd_dkdv_additive", "_attn_bwd_dq_additive")
+    for arch in (80, 90):
+        rows = [v for v in g.variants(arch=arch) if v["kernel"] in main]
+        def key(v):
+            flags = ("WINDOW", "BIAS", "SOFTCAP")
+            cfg = tuple(sorted((k, x) for k, x in v["config"].items() if k not in flags))
+            return (v["kernel"], v["dtype"], v["out_dtype"], v["variant"].replace("+mods", ""), cfg)
+        base = {key(v) for v in rows if not v["config"]["WINDOW"] and not v["config"]["BIAS"]
+                and not v["config"].get("SOFTCAP")}
+        every = {key(v) for v in rows if v["variant"].endswith("+mods")}
+        assert base and base == every, arch
+        for v in rows:
+            if v["variant"].endswith("+mods"):
+                assert v["config"]["WINDOW"] and v["config"]["BIAS"] == 3
+                assert v["config"].get("SOFTCAP", "dot" not in v["kernel"])
+
+
 def test_compile_check_json_fields():
     from fusedattn.tools import gpu_compile_check as g
     row = {k: 0 for k in g.JSON_FIELDS}

@@ -151,7 +151,7 @@ def variants(quick: bool = False, arch: int = 90) -> list[dict]:
         if dtype in SINGLE_MODS_DTYPES and width in SINGLE_MODS_WIDTHS and variant == "":
             singles = dict(SINGLE_MODS, **({"softcap": dict(SOFTCAP=True)} if score == "dot" else {}))
             for name, flags in singles.items():
-                add(kernel, dtype, f"{variant}+{name}", dict(cfg, **NO_MODS, **dot_flags, **flags), tile,
+                add(kernel, dtype, f"{variant}+{name}", dict(cfg, **{**NO_MODS, **dot_flags, **flags}), tile,
                     score, out_dtype, head_dim)
 
     for dt in dtypes:
