@@ -14,6 +14,8 @@
   ``d = j - i - (Lk - Lq)``), ``_softcap_log2`` and ``_mod_log2`` (dot) and ``_drel_tile`` (the deterministic
   rel_bias gradient: diagonal sums of a dS tile).
 """
+import os
+
 import triton
 import triton.language as tl
 
@@ -22,6 +24,8 @@ LN2_LO = tl.constexpr(1.428606765330187e-06)
 TWO_LOG2E = tl.constexpr(2.8853900817779268)
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+# kernels decorated for the interpreter (decided at import, as triton does): no inline PTX there
+INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 # Launch contract (the compile check compiles exactly this specialization):
 # - size arguments (lengths, head counts, widths, causal shift, split size) are never
@@ -264,8 +268,12 @@ def _softcap_log2(qk, softcap_k, softcap):
     the additive kernels: one MUFU.EX2 and one reciprocal, no tanh instruction; saturates to
     +-1 without NaN), so ``softcap log2(e) tanh(.) = c2 - 2 c2 r`` (c2 = softcap log2 e); the
     backward's 1 - tanh^2 is ``4 r (1 - r)``."""
-    e = tl.math.exp2(qk * softcap_k)
-    r = tl.fdiv(tl.full(qk.shape, 1.0, tl.float32), e + 1.0, ieee_rounding=False)
+    z = tl.math.exp2(qk * softcap_k) + 1.0
+    if INTERPRET:
+        r = 1.0 / z
+    else:  # one MUFU.RCP (rcp.approx: 1 ulp; 1/inf = 0, the saturated limit)
+        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [z], dtype=tl.float32, is_pure=True,
+                                      pack=1)
     c2 = softcap * LOG2E
     return c2 - (2.0 * c2) * r, r
 
@@ -293,13 +301,18 @@ def _drel_tile(ds, d0, SKEW, DRELP, REL_M, below, above, BLOCK_M: tl.constexpr, 
     skewed into the program's scratch SKEW (the shorter side as rows, column e = offset of the
     diagonal) and reading it back in two (rows, longer side) chunks summed over the rows, a fixed
     order. d0 is the distance of tile element (0, 0); distances below -(M-1) / above M-1 go to the
-    running scalars ``below`` / ``above`` (the caller writes them once, ``_drel_ends``).
-    Barriers separate the store, the loads and the next tile's store."""
+    running scalars ``below`` / ``above`` (the caller writes them once, ``_drel_ends``), and a
+    tile wholly in one clamped range (long rows, small M) is one sum. Barriers separate the
+    store, the loads and the next tile's store."""
     tl.static_assert(BLOCK_M >= 2 and BLOCK_N >= 2)
     EW: tl.constexpr = BLOCK_M + BLOCK_N  # row width of SKEW (> the BLOCK_M + BLOCK_N - 1 diagonals)
     ii = tl.arange(0, BLOCK_M)
     jj = tl.arange(0, BLOCK_N)
-    if BLOCK_N <= BLOCK_M:  # rows: keys jj; e = ii - jj + BLOCK_N - 1, d = d0 + BLOCK_N - 1 - e
+    if d0 + (BLOCK_N - 1) <= 1 - REL_M:  # the whole tile clamps to rel_bias[0]
+        below += tl.sum(tl.sum(ds, axis=1), axis=0)
+    elif d0 - (BLOCK_M - 1) >= REL_M - 1:  # ... to rel_bias[2M - 2]
+        above += tl.sum(tl.sum(ds, axis=1), axis=0)
+    elif BLOCK_N <= BLOCK_M:  # rows: keys jj; e = ii - jj + BLOCK_N - 1, d = d0 + BLOCK_N - 1 - e
         tl.store(SKEW + (jj[None, :] * EW + (ii[:, None] - jj[None, :] + (BLOCK_N - 1))), ds)
         tl.debug_barrier()
         for c in tl.static_range(2):
@@ -313,6 +326,7 @@ def _drel_tile(ds, d0, SKEW, DRELP, REL_M, below, above, BLOCK_M: tl.constexpr, 
             inr = (d >= 1 - REL_M) & (d <= REL_M - 1) & (e < BLOCK_M + BLOCK_N - 1)
             ptr = DRELP + (d + (REL_M - 1))
             tl.store(ptr, tl.load(ptr, mask=inr, other=0.0) + col, mask=inr)
+        tl.debug_barrier()
     else:  # rows: queries ii; e = jj - ii + BLOCK_M - 1, d = d0 + e - (BLOCK_M - 1)
         tl.store(SKEW + (ii[:, None] * EW + (jj[None, :] - ii[:, None] + (BLOCK_M - 1))), ds)
         tl.debug_barrier()
@@ -327,7 +341,7 @@ def _drel_tile(ds, d0, SKEW, DRELP, REL_M, below, above, BLOCK_M: tl.constexpr, 
             inr = (d >= 1 - REL_M) & (d <= REL_M - 1) & (e < BLOCK_M + BLOCK_N - 1)
             ptr = DRELP + (d + (REL_M - 1))
             tl.store(ptr, tl.load(ptr, mask=inr, other=0.0) + col, mask=inr)
-    tl.debug_barrier()
+        tl.debug_barrier()
     return below, above
 
 

@@ -113,21 +113,38 @@ def interpret_config(BLOCK_D, BLOCK_DV, decode):
     return _with_dc(INTERPRET_DECODE_CONFIG if decode else INTERPRET_CONFIG, BLOCK_D, BLOCK_DV)
 
 
-def prune_fwd_config(BLOCK_D, BLOCK_DV, fp32, decode, arch=90):
-    """The forward config for padded head widths, float32 inputs?, decode (Lq <= 16)? and the
-    compute capability (80, 90, ...)."""
+def score_mods_config(cfg):
+    """The config of a call with per-element score modifiers (softcap, rel_bias, ALiBi; the
+    window alone costs no registers): twice the warps (at most 8), else half the query rows
+    (at least 16), for the same tile. The modifier terms (a gathered rel_bias load with its
+    address, |d|, the softcap's r) keep several values per score element live; on the base
+    configs the "+mods" variants spilled (sm_90 fp16 D = 64: 224-424 bytes)."""
+    cfg = dict(cfg)
+    if cfg["num_warps"] < 8:
+        cfg["num_warps"] *= 2
+    elif cfg["BLOCK_M"] > 16:
+        cfg["BLOCK_M"] //= 2
+    return cfg
+
+
+def prune_fwd_config(BLOCK_D, BLOCK_DV, fp32, decode, arch=90, score_mods=False):
+    """The forward config for padded head widths, float32 inputs?, decode (Lq <= 16)?, the
+    compute capability (80, 90, ...) and per-element score modifiers?"""
     table = FWD_CONFIGS_FP32 if fp32 else FWD_CONFIGS
-    return _with_dc(next(c for pred, c in table if pred(BLOCK_D, BLOCK_DV, decode, arch)), BLOCK_D, BLOCK_DV)
+    cfg = _with_dc(next(c for pred, c in table if pred(BLOCK_D, BLOCK_DV, decode, arch)), BLOCK_D, BLOCK_DV)
+    return score_mods_config(cfg) if score_mods else cfg
 
 
-def prune_bwd_configs(BLOCK_D, BLOCK_DV, fp32, arch=90):
-    """(dK/dV config, dQ config) for padded head widths, float32 inputs? and the compute
-    capability."""
+def prune_bwd_configs(BLOCK_D, BLOCK_DV, fp32, arch=90, score_mods=False):
+    """(dK/dV config, dQ config) for padded head widths, float32 inputs?, the compute
+    capability and per-element score modifiers?"""
     kv_table = BWD_DKDV_CONFIGS_FP32 if fp32 else BWD_DKDV_CONFIGS
     q_table = BWD_DQ_CONFIGS_FP32 if fp32 else BWD_DQ_CONFIGS
-    dkdv = next(c for pred, c in kv_table if pred(BLOCK_D, BLOCK_DV, arch))
-    dq = next(c for pred, c in q_table if pred(BLOCK_D, BLOCK_DV, arch))
-    return _with_dc(dkdv, BLOCK_D, BLOCK_DV), _with_dc(dq, BLOCK_D, BLOCK_DV)
+    dkdv = _with_dc(next(c for pred, c in kv_table if pred(BLOCK_D, BLOCK_DV, arch)), BLOCK_D, BLOCK_DV)
+    dq = _with_dc(next(c for pred, c in q_table if pred(BLOCK_D, BLOCK_DV, arch)), BLOCK_D, BLOCK_DV)
+    if score_mods:
+        return score_mods_config(dkdv), score_mods_config(dq)
+    return dkdv, dq
 
 
 # ----------------------------------------------------------------------------------------

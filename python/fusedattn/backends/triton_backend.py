@@ -145,6 +145,11 @@ def _mods(spec: AttnSpec, B: int, H: int, Lq: int, Lk: int, device):
 _LOG2E = 1.4426950408889634
 
 
+def _score_mods(spec: AttnSpec) -> bool:
+    """Per-element score modifiers (dot kernels: their own configs, ``kernels.dot.score_mods_config``)."""
+    return spec.softcap > 0 or spec.rel_bias is not None or spec.alibi_slopes is not None
+
+
 def _drel_scratch(spec: AttnSpec, B: int, H: int, Lq: int, cfg_q: dict, device):
     """(DREL, SKEW) of the dQ kernels (``kernels.common._drel_program``): per-program partial
     rel_bias gradients (zeros, (B, H, query tiles, 2M - 1)) and skew scratch; dummies without
@@ -275,7 +280,7 @@ class TritonBackend(Backend):
             cfg_kv = cfg_q = _dot.interpret_config(BLOCK_D, BLOCK_DV, False)
         else:
             cfg_kv, cfg_q = _dot.prune_bwd_configs(BLOCK_D, BLOCK_DV, q.dtype == torch.float32,
-                                                   _arch(q.device))
+                                                   _arch(q.device), _score_mods(spec))
         klen = _klen(key_lengths, B, Lk, q.device)
         shift, margs, flags = _mods(spec, B, H, Lq, Lk, q.device)
         drel, skew = _drel_scratch(spec, B, H, Lq, cfg_q, q.device)
@@ -457,7 +462,8 @@ def _forward(spec, q, k, v, w, num_splits):
     elif score == "additive":
         cfg = _add.prune_fwd_config(BLOCK_DV, q.dtype == torch.float32, decode)
     else:
-        cfg = _dot.prune_fwd_config(BLOCK_D, BLOCK_DV, q.dtype == torch.float32, decode, _arch(q.device))
+        cfg = _dot.prune_fwd_config(BLOCK_D, BLOCK_DV, q.dtype == torch.float32, decode, _arch(q.device),
+                                    _score_mods(spec))
     # the dot kernel's rows are (query head of a kv group, query) pairs: B * Hk programs of
     # H / Hk * Lq rows each, so a GQA decode step shares each K/V tile among the group's heads
     heads, rows = (Hk, H // Hk * Lq) if score == "dot" else (H, Lq)

@@ -143,16 +143,24 @@ def variants(quick: bool = False, arch: int = 90) -> list[dict]:
                         score=score, out_dtype=out_dtype or dtype, head_dim=head_dim))
 
     def add_mods(kernel, dtype, variant, cfg, tile, score, out_dtype, head_dim, width):
-        """the kernel without modifiers, with all of them, and (fp16, widths 64/128) each alone"""
+        """the kernel without modifiers, with all of them, and (fp16, widths 64/128) each alone;
+        dot kernels with per-element score modifiers run ``dot.score_mods_config``"""
         dot_flags = dict(SOFTCAP=False) if score == "dot" else {}
         add(kernel, dtype, variant, dict(cfg, **NO_MODS, **dot_flags), tile, score, out_dtype, head_dim)
+
+        def mod_cfg(flags):
+            c = dict(cfg, **{**NO_MODS, **dot_flags, **flags})
+            if score == "dot" and (c["BIAS"] or c["SOFTCAP"]):
+                c = dot.score_mods_config(c)
+            t = (c["BLOCK_M"], c["BLOCK_N"]) if tile[0] == cfg["BLOCK_M"] else (c["BLOCK_N"], c["BLOCK_M"])
+            return c, t
+
         every = dict(ALL_MODS, **({"SOFTCAP": True} if score == "dot" else {}))
-        add(kernel, dtype, variant + "+mods", dict(cfg, **every), tile, score, out_dtype, head_dim)
+        add(kernel, dtype, variant + "+mods", *mod_cfg(every), score, out_dtype, head_dim)
         if dtype in SINGLE_MODS_DTYPES and width in SINGLE_MODS_WIDTHS and variant == "":
             singles = dict(SINGLE_MODS, **({"softcap": dict(SOFTCAP=True)} if score == "dot" else {}))
             for name, flags in singles.items():
-                add(kernel, dtype, f"{variant}+{name}", dict(cfg, **{**NO_MODS, **dot_flags, **flags}), tile,
-                    score, out_dtype, head_dim)
+                add(kernel, dtype, f"{variant}+{name}", *mod_cfg(flags), score, out_dtype, head_dim)
 
     for dt in dtypes:
         prec = "tf32x3" if dt == "fp32" else "tf32"
