@@ -180,3 +180,19 @@ def test_limit_microbenchmark_is_accurate_or_says_why(monkeypatch):
     monkeypatch.setenv("CC", "/nonexistent/cc")
     lim = limits.measure(threads=1, seconds=0.005)
     assert lim["additive_triples_per_s"] is None and "compil" in lim["reason"]
+
+
+def test_model_records_count_the_tensor_cores():
+    """The H100 model takes the tensor-core FLOPs of the counts: a pass whose MMA work outlasts its
+    issue, MUFU and memory bounds is reported tensor-bound, with the time of that bound."""
+    r = {"score": "dot", "pass": "fwd", "device": "cpu", "dtype": "float16", "B": 1, "H": 1, "Hk": 1,
+         "Lq": 4096, "Lk": 4096, "D": 128, "Dv": 128, "A": None, "causal": False, "elements": 4096 * 4096}
+    tf = gpu_model.tensor_flops_per_elem("dot", "fwd", 128, 128)
+    counts = {("dot", "fwd"): {"mufu_per_elem": 0.0, "instr_per_elem": 0.01, "per": "pair",
+                               "tensor_flops_per_elem": tf, "source": "test"}}
+    (m,) = report.model_records([r], counts)
+    assert m["model_bound"] == "tensor"
+    assert m["time_ms"] == pytest.approx(r["elements"] * tf / gpu_model.H100.tensor_flops_16bit * 1e3)
+    (m32,) = report.model_records([dict(r, dtype="float32")], counts)  # 3xTF32: three TF32 MMAs
+    assert m32["time_ms"] == pytest.approx(m["time_ms"] * 3 * gpu_model.H100.tensor_flops_16bit
+                                           / gpu_model.H100.tensor_flops_tf32)

@@ -131,12 +131,13 @@ def _mode_equivalence(rank: int, P: int) -> None:
             print("FAIL", msg)
         n += 1
     print(f"equivalence: {n} cases checked on rank {rank}")
-    for score in ("additive", "dot"):  # bfloat16 shards (fp32 merge and accumulators), same rule in bfloat16
-        case = testing.Case(score=score, B=2, H=4, Hk=2, Lq=L, Lk=L, D=12, Dv=7, causal=True,
-                            lengths=(L - 1, 9), dtype=torch.bfloat16, seed=100)
-        for msg in _check_case(case, "zigzag"):
-            print("FAIL", msg)
-    print("bfloat16: checked")
+    for dtype in (torch.bfloat16, torch.float16):  # 16-bit shards (fp32 merge and accumulators), same rule
+        for score in ("additive", "dot"):
+            case = testing.Case(score=score, B=2, H=4, Hk=2, Lq=L, Lk=L, D=12, Dv=7, causal=True,
+                                lengths=(L - 1, 9), dtype=dtype, seed=100)
+            for msg in _check_case(case, "zigzag"):
+                print("FAIL", msg)
+    print("bfloat16, float16: checked")
     # every rank alone in a group of one: plain attention (and a group that is not the default one)
     singles = [dist.new_group([r]) for r in range(P)]
     case = testing.Case(score="additive", B=2, H=2, Hk=1, Lq=10, Lk=10, D=12, Dv=7, causal=True,
@@ -282,7 +283,7 @@ def test_ring_matches_single_process(P):
     results = _launch("equivalence", P)
     _check_ok(results, "equivalence")
     for _rc, out in results:
-        for line in ("equivalence: 24 cases checked", "bfloat16: checked", "group of one: checked",
+        for line in ("equivalence: 24 cases checked", "bfloat16, float16: checked", "group of one: checked",
                      "roundtrip: checked"):
             assert line in out, out
 

@@ -156,7 +156,8 @@ def model_records(records: list[dict], counts: dict) -> list[dict]:
         nbytes = gpu_model.compulsory_bytes(r["score"], r["pass"], r["B"], r["H"], r["Hk"], r["Lq"],
                                             r["Lk"], r["D"], r["Dv"], esize(r["dtype"]))
         m = gpu_model.lower_bound(elems, c["mufu_per_elem"], c["instr_per_elem"], nbytes,
-                                  c.get("fp32_per_elem"))
+                                  c.get("fp32_per_elem"), tf32=r["dtype"] == "float32",
+                                  tensor_flops_per_elem=c.get("tensor_flops_per_elem"))
         rec = {k: r[k] for k in ("score", "pass", "dtype", "B", "H", "Hk", "Lq", "Lk", "D", "Dv", "A",
                                  "causal", "elements")}
         rec.update({"backend": "triton (H100 model)", "device": "h100-model", "modeled": True,
