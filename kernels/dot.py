@@ -113,17 +113,33 @@ def interpret_config(BLOCK_D, BLOCK_DV, decode):
     return _with_dc(INTERPRET_DECODE_CONFIG if decode else INTERPRET_CONFIG, BLOCK_D, BLOCK_DV)
 
 
-def score_mods_config(cfg):
+def score_mods_config(cfg, width, kind):
     """The config of a call with per-element score modifiers (softcap, rel_bias, ALiBi; the
-    window alone costs no registers): twice the warps (at most 8), else half the query rows
-    (at least 16), for the same tile. The modifier terms (a gathered rel_bias load with its
-    address, |d|, the softcap's r) keep several values per score element live; on the base
-    configs the "+mods" variants spilled (sm_90 fp16 D = 64: 224-424 bytes)."""
-    cfg = dict(cfg)
-    if cfg["num_warps"] < 8:
-        cfg["num_warps"] *= 2
-    elif cfg["BLOCK_M"] > 16:
-        cfg["BLOCK_M"] //= 2
+    window alone costs no registers) for kernel ``kind`` ("fwd", "dkdv", "dq") at padded head
+    width ``width``: the same kind of tile with at most 16 score elements and 64 accumulator
+    elements per thread (dQ: 4 and 32; it also forms the rel_bias gradient's diagonal sums),
+    reached by doubling the warps up to 8, then halving the accumulator's rows (dK/dV: keys,
+    else queries); Q / dO (K / V) chunked from memory above 64 columns (BLOCK_DC); the register
+    cap lifted (maxnreg=255: without it ptxas capped an 8-warp decode config at 128). On the
+    base configs the "+mods" variants spilled (sm_90 fp16 D = 64: 224-424 bytes)."""
+    cfg = dict(cfg, maxnreg=255)
+    tile_max, acc_max = (4, 32) if kind == "dq" else (16, 64)
+
+    def over():
+        threads = 32 * cfg["num_warps"]
+        acc_rows = 2 * cfg["BLOCK_N"] if kind == "dkdv" else cfg["BLOCK_M"]
+        return (cfg["BLOCK_M"] * cfg["BLOCK_N"] > tile_max * threads or acc_rows * width > acc_max * threads)
+
+    while over():
+        if cfg["num_warps"] < 8:
+            cfg["num_warps"] *= 2
+        elif kind == "dkdv" and cfg["BLOCK_N"] > 16:
+            cfg["BLOCK_N"] //= 2
+        elif kind != "dkdv" and cfg["BLOCK_M"] > 16:
+            cfg["BLOCK_M"] //= 2
+        else:
+            break
+    cfg["BLOCK_DC"] = min(cfg["BLOCK_DC"], 64)
     return cfg
 
 
@@ -132,7 +148,7 @@ def prune_fwd_config(BLOCK_D, BLOCK_DV, fp32, decode, arch=90, score_mods=False)
     compute capability (80, 90, ...) and per-element score modifiers?"""
     table = FWD_CONFIGS_FP32 if fp32 else FWD_CONFIGS
     cfg = _with_dc(next(c for pred, c in table if pred(BLOCK_D, BLOCK_DV, decode, arch)), BLOCK_D, BLOCK_DV)
-    return score_mods_config(cfg) if score_mods else cfg
+    return score_mods_config(cfg, max(BLOCK_D, BLOCK_DV), "fwd") if score_mods else cfg
 
 
 def prune_bwd_configs(BLOCK_D, BLOCK_DV, fp32, arch=90, score_mods=False):
@@ -143,7 +159,8 @@ def prune_bwd_configs(BLOCK_D, BLOCK_DV, fp32, arch=90, score_mods=False):
     dkdv = _with_dc(next(c for pred, c in kv_table if pred(BLOCK_D, BLOCK_DV, arch)), BLOCK_D, BLOCK_DV)
     dq = _with_dc(next(c for pred, c in q_table if pred(BLOCK_D, BLOCK_DV, arch)), BLOCK_D, BLOCK_DV)
     if score_mods:
-        return score_mods_config(dkdv), score_mods_config(dq)
+        width = max(BLOCK_D, BLOCK_DV)
+        return score_mods_config(dkdv, width, "dkdv"), score_mods_config(dq, width, "dq")
     return dkdv, dq
 
 

@@ -420,7 +420,8 @@ def test_compile_check_covers_every_modifier_variant():
                 continue
             want = dict(cfg, WINDOW=True, BIAS=3)
             if "dot" in v["kernel"]:
-                want = dot.score_mods_config(dict(want, SOFTCAP=True))
+                kind = g.DOT_KIND[v["kernel"]]
+                want = dot.score_mods_config(dict(want, SOFTCAP=True), cfg["BLOCK_D"], kind)
             key = (v["kernel"], v["dtype"], v["out_dtype"], v["variant"], tuple(sorted(want.items())))
             assert key in every, key
             n += 1

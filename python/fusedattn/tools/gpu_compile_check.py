@@ -112,6 +112,7 @@ ALL_MODS = dict(WINDOW=True, BIAS=3)
 SINGLE_MODS = {"window": dict(WINDOW=True), "rel": dict(BIAS=1), "alibi": dict(BIAS=2)}
 SINGLE_MODS_DTYPES = ("fp16",)  # the single-flag variants: fp16, widths 64 and 128
 SINGLE_MODS_WIDTHS = (64, 128)
+DOT_KIND = {"_attn_fwd_dot": "fwd", "_attn_bwd_dkdv_dot": "dkdv", "_attn_bwd_dq_dot": "dq"}
 
 
 def variants(quick: bool = False, arch: int = 90) -> list[dict]:
@@ -151,8 +152,8 @@ def variants(quick: bool = False, arch: int = 90) -> list[dict]:
         def mod_cfg(flags):
             c = dict(cfg, **{**NO_MODS, **dot_flags, **flags})
             if score == "dot" and (c["BIAS"] or c["SOFTCAP"]):
-                c = dot.score_mods_config(c)
-            t = (c["BLOCK_M"], c["BLOCK_N"]) if tile[0] == cfg["BLOCK_M"] else (c["BLOCK_N"], c["BLOCK_M"])
+                c = dot.score_mods_config(c, c["BLOCK_D"], DOT_KIND[kernel])
+            t = (c["BLOCK_N"], c["BLOCK_M"]) if "dkdv" in kernel else (c["BLOCK_M"], c["BLOCK_N"])
             return c, t
 
         every = dict(ALL_MODS, **({"SOFTCAP": True} if score == "dot" else {}))
