@@ -113,17 +113,20 @@ def interpret_config(BLOCK_D, BLOCK_DV, decode):
     return _with_dc(INTERPRET_DECODE_CONFIG if decode else INTERPRET_CONFIG, BLOCK_D, BLOCK_DV)
 
 
-def score_mods_config(cfg, width, kind):
+def score_mods_config(cfg, width, kind, fp32=False):
     """The config of a call with per-element score modifiers (softcap, rel_bias, ALiBi; the
     window alone costs no registers) for kernel ``kind`` ("fwd", "dkdv", "dq") at padded head
     width ``width``: the same kind of tile with at most 16 score elements and 64 accumulator
-    elements per thread (dK/dV: 8 and 32; dQ: 4 and 32, with the rel_bias gradient's sums),
+    elements per thread (dK/dV: 8 and 32; dQ: 4 and 32, with the rel_bias gradient's sums; a
+    quarter and half for float32, whose 3xTF32 products hold split copies of their operands),
     reached by doubling the warps up to 8, then halving the accumulator's rows (dK/dV: keys,
     else queries); Q / dO (K / V) chunked from memory above 64 columns (BLOCK_DC); the register
     cap lifted (maxnreg=255: without it ptxas capped an 8-warp decode config at 128). On the
     base configs the "+mods" variants spilled (sm_90 fp16 D = 64: 224-424 bytes)."""
     cfg = dict(cfg, maxnreg=255, num_stages=1)  # one stage: 2 stages spilled 8-16 bytes
     tile_max, acc_max = {"dq": (4, 32), "dkdv": (8, 32)}.get(kind, (16, 64))
+    if fp32:
+        tile_max, acc_max = tile_max // 4, acc_max // 2
 
     def over():
         threads = 32 * cfg["num_warps"]
@@ -148,7 +151,7 @@ def prune_fwd_config(BLOCK_D, BLOCK_DV, fp32, decode, arch=90, score_mods=False)
     compute capability (80, 90, ...) and per-element score modifiers?"""
     table = FWD_CONFIGS_FP32 if fp32 else FWD_CONFIGS
     cfg = _with_dc(next(c for pred, c in table if pred(BLOCK_D, BLOCK_DV, decode, arch)), BLOCK_D, BLOCK_DV)
-    return score_mods_config(cfg, max(BLOCK_D, BLOCK_DV), "fwd") if score_mods else cfg
+    return score_mods_config(cfg, max(BLOCK_D, BLOCK_DV), "fwd", fp32) if score_mods else cfg
 
 
 def prune_bwd_configs(BLOCK_D, BLOCK_DV, fp32, arch=90, score_mods=False):
@@ -160,7 +163,7 @@ def prune_bwd_configs(BLOCK_D, BLOCK_DV, fp32, arch=90, score_mods=False):
     dq = _with_dc(next(c for pred, c in q_table if pred(BLOCK_D, BLOCK_DV, arch)), BLOCK_D, BLOCK_DV)
     if score_mods:
         width = max(BLOCK_D, BLOCK_DV)
-        return score_mods_config(dkdv, width, "dkdv"), score_mods_config(dq, width, "dq")
+        return score_mods_config(dkdv, width, "dkdv", fp32), score_mods_config(dq, width, "dq", fp32)
     return dkdv, dq
 
 

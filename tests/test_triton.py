@@ -421,7 +421,8 @@ def test_compile_check_covers_every_modifier_variant():
             want = dict(cfg, WINDOW=True, BIAS=3)
             if "dot" in v["kernel"]:
                 kind = g.DOT_KIND[v["kernel"]]
-                want = dot.score_mods_config(dict(want, SOFTCAP=True), cfg["BLOCK_D"], kind)
+                want = dict(want, SOFTCAP=True)
+                want = dot.score_mods_config(want, cfg["BLOCK_D"], kind, v["dtype"] == "fp32")
             key = (v["kernel"], v["dtype"], v["out_dtype"], v["variant"], tuple(sorted(want.items())))
             assert key in every, key
             n += 1

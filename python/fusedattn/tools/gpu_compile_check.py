@@ -152,7 +152,7 @@ def variants(quick: bool = False, arch: int = 90) -> list[dict]:
         def mod_cfg(flags):
             c = dict(cfg, **{**NO_MODS, **dot_flags, **flags})
             if score == "dot" and (c["BIAS"] or c["SOFTCAP"]):
-                c = dot.score_mods_config(c, c["BLOCK_D"], DOT_KIND[kernel])
+                c = dot.score_mods_config(c, c["BLOCK_D"], DOT_KIND[kernel], dtype == "fp32")
             t = (c["BLOCK_N"], c["BLOCK_M"]) if "dkdv" in kernel else (c["BLOCK_M"], c["BLOCK_N"])
             return c, t
 
