@@ -68,8 +68,10 @@ void set_modifiers(const char* op, Problem& p, int64_t window_left, int64_t wind
 // with softcap and T != nullptr, stores tanh(raw / softcap) in T (same layout) for the backward.
 void apply_mods(const Problem& p, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* S,
                 int ldS, float* T);
-// Backward of the biases: drel[idx(d)] += dS over the tile; then dS *= 1 - T^2 (softcap).
-void mods_backward(const Problem& p, int64_t i0, int nr, int64_t j0, int nc, float* dS, int ldS,
-                   const float* T, float* drel);
+// Backward of the biases: drel[idx(d)] += dS and drel[2M - 1 + idx(d)] += P (the softmax, same
+// layout as dS) over the tile, in double; then dS *= 1 - T^2 (softcap). reduce_rel uses the
+// softmax mass per distance to remove the rows' rounding residual (see prep.cpp).
+void mods_backward(const Problem& p, int64_t i0, int nr, int64_t j0, int nc, float* dS, const float* P, int ldS,
+                   const float* T, double* drel);
 
 }  // namespace fusedattn_cpu

@@ -25,6 +25,11 @@
 // Backward: work items (batch, kv head, key chunk); an item owns the dK/dV rows of its key tiles
 // (grouped query heads are summed inside the item) and writes dQ into a buffer private to its key
 // chunk; the chunk buffers (and dw partials) are then summed in a fixed order.
+//
+// Masks: a tile only computes the keys (forward) or key columns (backward) its rows may see. Where
+// a window edge (or the start of a causal mask) cuts a tile diagonally, the forward runs it in
+// sub-tiles of BR query rows and the backward its key tile in query blocks of BR rows, each over
+// its own key range, when that computes 1/8 fewer entries; the choice depends on sizes only.
 #include <ATen/Parallel.h>
 #include <Python.h>
 #include <torch/library.h>
@@ -45,10 +50,22 @@ namespace {
 
 // ----------------------------------------------------------------------------- forward
 
+// Score entries computed for query rows [0, nr) with allowed keys [los[i], lims[i]) (both
+// non-decreasing in i), keys limited to [kb, ke), when the rows run in groups of R, each group over
+// the keys its rows see (from a multiple of 16).
+inline int64_t work_rows(const int64_t* los, const int64_t* lims, int nr, int R, int64_t kb, int64_t ke) {
+  int64_t w = 0;
+  for (int r0 = 0; r0 < nr; r0 += R) {
+    const int rn = std::min(R, nr - r0);
+    w += rn * std::max<int64_t>(0, std::min(ke, lims[r0 + rn - 1]) - std::max(kb, los[r0]) / 16 * 16);
+  }
+  return w;
+}
+
 // out_f (B, H, Lq, Dv) float32 and lse (B, H, Lq) float32, both preallocated and contiguous.
 template <class Scores>
 void forward(const Problem& p, const Scores& sc, const float* v, float* out, float* lse, Isa isa) {
-  constexpr int BQ = Scores::BQ, BK = Scores::BK;
+  constexpr int BQ = Scores::BQ, BK = Scores::BK, BR = Scores::BR;
   const int64_t nqt = (p.Lq + BQ - 1) / BQ, nkt = (p.Lk + BK - 1) / BK;
   const int64_t base_items = p.B * p.H * nqt;
   // Few items (e.g. one decoder step): split the keys so every core has work.
@@ -76,45 +93,50 @@ void forward(const Problem& p, const Scores& sc, const float* v, float* out, flo
       const int64_t i0 = qt * BQ;
       const int nr = (int)std::min<int64_t>(BQ, p.Lq - i0);
       const int64_t kb = s * chunk, ke = std::min<int64_t>(p.Lk, kb + chunk);
-      int64_t kmax = 0, kmin = p.Lk;
-      for (int i = 0; i < nr; ++i) {
+      for (int i = 0; i < nr; ++i) {  // both non-decreasing in i
         lims[i] = p.lim(b, i0 + i);
         los[i] = p.lo(b, i0 + i);
-        kmax = std::max(kmax, lims[i]);
-        kmin = std::min(kmin, los[i]);
         m[i] = kNegInf;
         l[i] = 0.f;
       }
       std::memset(O.data(), 0, sizeof(float) * nr * Dv);
-      const int64_t kend = std::min(ke, kmax);
-      // tiles wholly left of every row's window are skipped (tile starts stay multiples of BK)
-      for (int64_t j0 = std::max(kb, kmin / BK * BK); j0 < kend; j0 += BK) {
-        const int nc = (int)std::min<int64_t>(BK, kend - j0);
-        sc.tile(isa, b, h, i0, nr, j0, nc, S.data());
-        if (p.mods.any()) apply_mods(p, b, h, i0, nr, j0, nc, S.data(), BK, nullptr);
-        for (int i = 0; i < nr; ++i) {
-          float* srow = S.data() + i * BK;
-          const int valid = (int)std::clamp<int64_t>(lims[i] - j0, 0, nc);
-          const int first = (int)std::clamp<int64_t>(los[i] - j0, 0, valid);
-          for (int j = 0; j < first; ++j) srow[j] = kNegInf;
-          for (int j = valid; j < nc; ++j) srow[j] = kNegInf;
-          const float rm = valid > first ? row_max(isa, srow + first, valid - first) : kNegInf;
-          const float mn = (rm > m[i] || std::isnan(rm)) ? rm : m[i];  // a NaN score stays NaN
-          if (mn == kNegInf) {  // nothing allowed yet in this row
-            std::memset(srow, 0, sizeof(float) * nc);
-            continue;
+      // A tile that straddles a window edge (or the start of a causal mask) runs in sub-tiles of BR
+      // rows, each over its own key range (see work_rows), with key blocks as wide as the scratch allows.
+      const bool sub =
+          nr > BR && work_rows(los, lims, nr, BR, kb, ke) * 8 < work_rows(los, lims, nr, nr, kb, ke) * 7;
+      const int R = sub ? BR : nr, W = sub ? BQ * BK / BR : BK;
+      for (int r0 = 0; r0 < nr; r0 += R) {
+        const int rn = std::min(R, nr - r0);
+        const int64_t kend = std::min(ke, lims[r0 + rn - 1]);
+        // key blocks start on a multiple of 16 (the additive tables are read in 16s)
+        for (int64_t j0 = std::max(kb, los[r0]) / 16 * 16; j0 < kend; j0 += W) {
+          const int nc = (int)std::min<int64_t>(W, kend - j0);
+          sc.tile(isa, b, h, i0 + r0, rn, j0, nc, S.data(), W);
+          if (p.mods.any()) apply_mods(p, b, h, i0 + r0, rn, j0, nc, S.data(), W, nullptr);
+          for (int i = r0; i < r0 + rn; ++i) {
+            float* srow = S.data() + (int64_t)(i - r0) * W;
+            const int valid = (int)std::clamp<int64_t>(lims[i] - j0, 0, nc);
+            const int first = (int)std::clamp<int64_t>(los[i] - j0, 0, valid);
+            for (int j = 0; j < first; ++j) srow[j] = kNegInf;
+            for (int j = valid; j < nc; ++j) srow[j] = kNegInf;
+            const float rm = valid > first ? row_max(isa, srow + first, valid - first) : kNegInf;
+            const float mn = (rm > m[i] || std::isnan(rm)) ? rm : m[i];  // a NaN score stays NaN
+            if (mn == kNegInf) {  // nothing allowed yet in this row
+              std::memset(srow, 0, sizeof(float) * nc);
+              continue;
+            }
+            const float alpha = m[i] == kNegInf ? 0.f : std::exp(m[i] - mn);
+            const float sum = exp_sub_sum(isa, srow, nc, mn);
+            l[i] = l[i] * alpha + sum;
+            m[i] = mn;
+            if (alpha != 1.f) {
+              float* o = O.data() + (int64_t)i * Dv;
+              for (int d = 0; d < Dv; ++d) o[d] *= alpha;
+            }
           }
-          const float alpha = m[i] == kNegInf ? 0.f : std::exp(m[i] - mn);
-          const float sum = exp_sub_sum(isa, srow, nc, mn);
-          l[i] = l[i] * alpha + sum;
-          m[i] = mn;
-          if (alpha != 1.f) {
-            float* o = O.data() + (int64_t)i * Dv;
-            for (int d = 0; d < Dv; ++d) o[d] *= alpha;
-          }
+          gemm(false, false, rn, Dv, nc, 1.f, S.data(), W, v + ((b * p.Hk + hk) * p.Lk + j0) * p.Dv, Dv, 1.f,
+               O.data() + (int64_t)r0 * Dv, Dv);
         }
-        gemm(false, false, nr, Dv, nc, 1.f, S.data(), BK, v + ((b * p.Hk + hk) * p.Lk + j0) * p.Dv, Dv,
-             1.f, O.data(), Dv);
       }
       const int64_t row0 = (b * p.H + h) * p.Lq + i0;
       for (int i = 0; i < nr; ++i) {
@@ -172,18 +194,73 @@ void forward(const Problem& p, const Scores& sc, const float* v, float* out, flo
 
 // ----------------------------------------------------------------------------- backward
 
+// The key columns [*ca, *ca + *nc) of the tile [j0, j0 + ncv) that query rows [i0, i0 + nr) see, *ca
+// rounded down to a multiple of 16 (j0 is one); false when they see none.
+inline bool block_cols(const Problem& p, int64_t b, int64_t i0, int nr, int64_t j0, int ncv, int* ca, int* nc) {
+  const int lo = (int)(std::clamp<int64_t>(p.lo(b, i0) - j0, 0, ncv) / 16 * 16);
+  const int hi = (int)std::clamp<int64_t>(p.lim(b, i0 + nr - 1) - j0, 0, ncv);
+  *ca = lo;
+  *nc = hi - lo;
+  return hi > lo;
+}
+
+// Score entries the backward computes for the key tile [j0, j0 + ncv) with query blocks of R rows
+// from row i (to iend), each over the columns its rows see.
+inline int64_t bwd_work(const Problem& p, int64_t b, int64_t j0, int ncv, int64_t i, int64_t iend, int R) {
+  int64_t w = 0;
+  for (int ca, nc; i < iend; i += R) {
+    const int nr = (int)std::min<int64_t>(R, iend - i);
+    if (block_cols(p, b, i, nr, j0, ncv, &ca, &nc)) w += (int64_t)nr * nc;
+  }
+  return w;
+}
+
 // Gradient consumers: given dS for a (query tile x key tile), accumulate into
 // dq rows (dqr, leading dim D), the key-tile accumulator dkacc, and per-item state.
 struct DotGrad {
   const DotScores* sc;
+  // rows of q (B, H, Lq) and k (B, Hk, Lk) holding a non-finite value (nonfinite_rows)
+  const uint8_t* qbad;
+  const uint8_t* kbad;
   static int dk_size(const Problem& p, int BK) { return BK * (int)p.D; }
+  static int64_t dk_offset(const Problem& p, int ca) { return (int64_t)ca * p.D; }
   static int dw_size(const Problem&) { return 0; }
+  // rng: the allowed columns [first, valid) of each row (empty for rows with dS = 0). dS is 0 outside
+  // them, but 0 * NaN is NaN: when the block's keys (queries) hold a non-finite value, dq (dk) takes
+  // each row (column) over its allowed range only, so rows that never see a NaN key stay finite.
   void consume(Isa, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, const float* dS,
-               float* dqr, float* dkacc, float*) const {
+               const int* rng, float* dqr, float* dkacc, float*) const {
     const Problem& p = *sc->p;
     const int D = (int)p.D, BK = DotScores::BK;
-    gemm(true, false, nc, D, nr, sc->scale, dS, BK, sc->qrow(b, h, i0), D, 1.f, dkacc, D);
-    gemm(false, false, nr, D, nc, sc->scale, dS, BK, sc->krow(b, h / p.G, j0), D, 1.f, dqr, D);
+    const int64_t hk = h / p.G;
+    if (!any_set(qbad + (b * p.H + h) * p.Lq + i0, nr)) {
+      gemm(true, false, nc, D, nr, sc->scale, dS, BK, sc->qrow(b, h, i0), D, 1.f, dkacc, D);
+    } else {
+      for (int j = 0; j < nc; ++j) {  // rows seeing column j: an interval (lo, lim non-decreasing)
+        int ia = 0;
+        while (ia < nr && !(rng[2 * ia] <= j && j < rng[2 * ia + 1])) ++ia;
+        int ie = ia;
+        while (ie < nr && rng[2 * ie] <= j && j < rng[2 * ie + 1]) ++ie;
+        if (ie > ia)
+          gemm(true, false, 1, D, ie - ia, sc->scale, dS + (int64_t)ia * BK + j, BK, sc->qrow(b, h, i0 + ia), D,
+               1.f, dkacc + (int64_t)j * D, D);
+      }
+    }
+    if (!any_set(kbad + (b * p.Hk + hk) * p.Lk + j0, nc)) {
+      gemm(false, false, nr, D, nc, sc->scale, dS, BK, sc->krow(b, hk, j0), D, 1.f, dqr, D);
+    } else {
+      for (int i = 0; i < nr; ++i) {
+        const int f = rng[2 * i], n = rng[2 * i + 1] - f;
+        if (n > 0)
+          gemm(false, false, 1, D, n, sc->scale, dS + (int64_t)i * BK + f, BK, sc->krow(b, hk, j0 + f), D, 1.f,
+               dqr + (int64_t)i * D, D);
+      }
+    }
+  }
+  static bool any_set(const uint8_t* f, int n) {
+    int a = 0;
+    for (int i = 0; i < n; ++i) a |= f[i];
+    return a != 0;
   }
   // dk rows j (tile-local) from the accumulator.
   void write_dk(const Problem& p, const float* dkacc, int nc, float* dk) const {
@@ -196,8 +273,9 @@ struct DotGrad {
 struct AddGrad {
   const AddScores* sc;
   static int dk_size(const Problem& p, int BK) { return 2 * BK * (int)p.D; }
+  static int64_t dk_offset(const Problem&, int ca) { return ca; }  // a column of dkT
   static int dw_size(const Problem& p) { return 2 * (int)p.D; }
-  void consume(Isa isa, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* dS,
+  void consume(Isa isa, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* dS, const int*,
                float* dqr, float* dkT, float* dwst) const {
     const Problem& p = *sc->p;
     const int A = (int)p.D, BK = AddScores::BK;
@@ -222,11 +300,13 @@ struct AddGrad {
         ds = 0.f;
       }
     }
-    // the fast kernel sums this tile's dk terms into a zeroed buffer (blocked summation)
+    // the fast kernel sums this block's dk terms into a zeroed buffer (blocked summation); dkT and
+    // tmp start at the block's first column (ld BK)
     float* tmp = dkT + (int64_t)A * BK;
-    std::memset(tmp, 0, sizeof(float) * A * BK);
+    for (int a = 0; a < A; ++a) std::memset(tmp + (int64_t)a * BK, 0, sizeof(float) * nc16);
     add_bwd(isa, nr, nc16, A, sc->eq(b, h, i0), sc->ekt(b, hk, j0), sc->LkP, wh, dS, BK, dqr, tmp, BK, dwst);
-    for (int64_t e = 0; e < (int64_t)A * BK; ++e) dkT[e] += tmp[e];
+    for (int a = 0; a < A; ++a)
+      for (int j = 0; j < nc16; ++j) dkT[(int64_t)a * BK + j] += tmp[(int64_t)a * BK + j];
   }
   void write_dk(const Problem& p, const float* dkT, int nc, float* dk) const {
     const int A = (int)p.D, BK = AddScores::BK;
@@ -255,8 +335,8 @@ template <class Scores, class Grad>
 std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, const float* v,
                             const float* dout, const float* out, const float* lse, const float* delta,
                             float* dq, float* dk, float* dv, int64_t* n_items_out, Isa isa,
-                            std::vector<float>* drel_part = nullptr, const Low16& dv16 = Low16()) {
-  constexpr int BQ = Scores::BQ, BK = Scores::BK;
+                            std::vector<double>* drel_part = nullptr, const Low16& dv16 = Low16()) {
+  constexpr int BQ = Scores::BQ, BK = Scores::BK, BR = Scores::BR;
   const int64_t nkt = (p.Lk + BK - 1) / BK;
   const int64_t bhk = p.B * p.Hk;
   int64_t nchunk = std::min<int64_t>(nkt, (8 + bhk - 1) / bhk);
@@ -271,13 +351,14 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
   std::vector<float> dw_part(std::max<int64_t>(n_items * p.G * dws, 1), 0.f);
   const int Dv = (int)p.Dv;
   // rel_bias gradient partials per (item, group member), reduced by the caller in a fixed order
-  const int64_t nrel = p.mods.rel != nullptr ? 2 * p.mods.M - 1 : 0;
-  if (drel_part != nullptr) drel_part->assign(std::max<int64_t>(n_items * p.G * nrel, 1), 0.f);
+  const int64_t nrel = p.mods.rel != nullptr ? 2 * (2 * p.mods.M - 1) : 0;  // dS and P sums
+  if (drel_part != nullptr) drel_part->assign(std::max<int64_t>(n_items * p.G * nrel, 1), 0.0);
   const bool softcap = p.mods.softcap > 0.f;
 
   parallel_items(n_items, [&](auto pull) {
     Buf S(BQ * BK), dP(BQ * BK), dkacc(Grad::dk_size(p, BK)), dvacc(BK * std::max(Dv, 1));
     Buf T(softcap ? BQ * BK : 1);
+    int rng[2 * BQ];  // allowed columns [first, valid) of each row of a block
     for (int64_t it; (it = pull()) >= 0;) {
       const int64_t c = it % nchunk, bk_ = it / nchunk, b = bk_ / p.Hk, hk = bk_ % p.Hk;
       float* dqbase = nchunk > 1 ? dq_part.data() + c * dq_numel : dq;
@@ -299,43 +380,56 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
         std::memset(dvacc.data(), 0, sizeof(float) * BK * Dv);
         const float* vt = v + ((b * p.Hk + hk) * p.Lk + j0) * p.Dv;
         const int64_t istart = p.first_row(j0), iend = p.end_row(j0 + ncv);
+        // Query blocks of BQ rows from a multiple of BQ, or of BR rows from istart when the key tile
+        // straddles a window edge; a block computes only the key columns its rows see.
+        const int64_t ib = istart / BQ * BQ;
+        const bool sub =
+            bwd_work(p, b, j0, ncv, istart, iend, BR) * 8 < bwd_work(p, b, j0, ncv, ib, iend, BQ) * 7;
+        const int R = sub ? BR : BQ;
         for (int64_t g = 0; g < p.G; ++g) {
           const int64_t h = hk * p.G + g;
           float* dwst = dwst_item + g * dws;
-          float* drel = nrel > 0 ? drel_part->data() + (it * p.G + g) * nrel : nullptr;
-          for (int64_t i0 = istart / BQ * BQ; i0 < iend; i0 += BQ) {
-            const int nr = (int)std::min<int64_t>(BQ, p.Lq - i0);
-            const int64_t row0 = (b * p.H + h) * p.Lq + i0;
-            sc.tile(isa, b, h, i0, nr, j0, ncv, S.data());
-            if (p.mods.any()) apply_mods(p, b, h, i0, nr, j0, ncv, S.data(), BK, softcap ? T.data() : nullptr);
+          double* drel = nrel > 0 ? drel_part->data() + (it * p.G + g) * nrel : nullptr;
+          for (int64_t i0 = sub ? istart : ib; i0 < iend; i0 += R) {
+            const int nr = (int)std::min<int64_t>(R, iend - i0);
+            int ca, nc;  // the block's key columns [ca, ca + nc) of the tile (ca a multiple of 16)
+            if (!block_cols(p, b, i0, nr, j0, ncv, &ca, &nc)) continue;
+            const int64_t c0 = j0 + ca, row0 = (b * p.H + h) * p.Lq + i0;
+            const float* vc = vt + (int64_t)ca * Dv;
+            sc.tile(isa, b, h, i0, nr, c0, nc, S.data(), BK);
+            if (p.mods.any()) apply_mods(p, b, h, i0, nr, c0, nc, S.data(), BK, softcap ? T.data() : nullptr);
             const float* dor = dout + row0 * p.Dv;
             if (dv16.on())
-              gemm16(dv16.t, false, true, nr, ncv, Dv, 1.f, dv16.pa() + row0 * p.Dv, Dv,
-                     dv16.pb() + ((b * p.Hk + hk) * p.Lk + j0) * p.Dv, Dv, 0.f, dP.data(), BK);
+              gemm16(dv16.t, false, true, nr, nc, Dv, 1.f, dv16.pa() + row0 * p.Dv, Dv,
+                     dv16.pb() + ((b * p.Hk + hk) * p.Lk + c0) * p.Dv, Dv, 0.f, dP.data(), BK);
             else
-              gemm(false, true, nr, ncv, Dv, 1.f, dor, Dv, vt, Dv, 0.f, dP.data(), BK);
+              gemm(false, true, nr, nc, Dv, 1.f, dor, Dv, vc, Dv, 0.f, dP.data(), BK);
             bool any = false;
             for (int i = 0; i < nr; ++i) {
               float* srow = S.data() + i * BK;
               float* drow = dP.data() + i * BK;
               const float L = lse[row0 + i];
-              const int valid = (int)std::clamp<int64_t>(p.lim(b, i0 + i) - j0, 0, ncv);
-              const int first = (int)std::clamp<int64_t>(p.lo(b, i0 + i) - j0, 0, valid);
+              const int valid = (int)std::clamp<int64_t>(p.lim(b, i0 + i) - c0, 0, nc);
+              const int first = (int)std::clamp<int64_t>(p.lo(b, i0 + i) - c0, 0, valid);
+              rng[2 * i] = rng[2 * i + 1] = 0;
               if (L == kNegInf || valid == first) {
                 std::memset(srow, 0, sizeof(float) * BK);
                 std::memset(drow, 0, sizeof(float) * BK);
                 continue;
               }
               any = true;
-              for (int j = 0; j < first; ++j) srow[j] = kNegInf;
-              exp_sub_sum(isa, srow, valid, L);
+              rng[2 * i] = first;
+              rng[2 * i + 1] = valid;
+              // P only where allowed (a NaN lse must not reach the other columns)
+              exp_sub_sum(isa, srow + first, valid - first, L);
+              for (int j = 0; j < first; ++j) srow[j] = 0.f;
               for (int j = valid; j < BK; ++j) srow[j] = 0.f;
               const float dl = delta[row0 + i];
               for (int j = 0; j < first; ++j) drow[j] = 0.f;
               for (int j = first; j < valid; ++j) {
                 if (srow[j] > 0.5f) {  // the row's dominant key: see dominant_ds
                   drow[j] = srow[j] * dominant_ds(dor + (int64_t)i * Dv, out + (row0 + i) * p.Dv,
-                                                  vt + (int64_t)j * Dv, Dv);
+                                                  vc + (int64_t)j * Dv, Dv);
                 } else {
                   drow[j] = srow[j] * (drow[j] - dl);
                 }
@@ -343,9 +437,10 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
               for (int j = valid; j < BK; ++j) drow[j] = 0.f;
             }
             if (!any) continue;
-            if (nrel > 0 || softcap) mods_backward(p, i0, nr, j0, ncv, dP.data(), BK, T.data(), drel);
-            gemm(true, false, ncv, Dv, nr, 1.f, S.data(), BK, dor, Dv, 1.f, dvacc.data(), Dv);
-            gr.consume(isa, b, h, i0, nr, j0, ncv, dP.data(), dqbase + row0 * p.D, dkacc.data(), dwst);
+            if (nrel > 0 || softcap) mods_backward(p, i0, nr, c0, nc, dP.data(), S.data(), BK, T.data(), drel);
+            gemm(true, false, nc, Dv, nr, 1.f, S.data(), BK, dor, Dv, 1.f, dvacc.data() + (int64_t)ca * Dv, Dv);
+            gr.consume(isa, b, h, i0, nr, c0, nc, dP.data(), rng, dqbase + row0 * p.D,
+                       dkacc.data() + Grad::dk_offset(p, ca), dwst);
           }
         }
         gr.write_dk(p, dkacc.data(), nc, dk + ((b * p.Hk + hk) * p.Lk + j0) * p.D);
@@ -420,7 +515,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> additive_bwd(
   Tensor dv = at::empty({p.B, p.Hk, p.Lk, p.Dv}, fo);
   AddGrad gr{&d.sc};
   int64_t n_items = 0;
-  std::vector<float> drelp;
+  std::vector<double> drelp;
   std::vector<float> dwp = backward(p, d.sc, gr, vf.data_ptr<float>(), dof.data_ptr<float>(), of.data_ptr<float>(),
                                     lsef.data_ptr<float>(), delta.data(), dq.data_ptr<float>(),
                                     dk.data_ptr<float>(), dv.data_ptr<float>(), &n_items, isa, &drelp);
@@ -478,9 +573,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dot_bwd(
   auto fo = q.options().dtype(at::kFloat);
   Tensor dq = at::empty({p.B, p.H, p.Lq, p.D}, fo), dk = at::empty({p.B, p.Hk, p.Lk, p.D}, fo);
   Tensor dv = at::empty({p.B, p.Hk, p.Lk, p.Dv}, fo);
-  DotGrad gr{&sc};
+  const std::vector<uint8_t> qbad = nonfinite_rows(qf.data_ptr<float>(), p.B * p.H * p.Lq, p.D),
+                             kbad = nonfinite_rows(kf.data_ptr<float>(), p.B * p.Hk * p.Lk, p.D);
+  DotGrad gr{&sc, qbad.data(), kbad.data()};
   int64_t n_items = 0;
-  std::vector<float> drelp;
+  std::vector<double> drelp;
   backward(p, sc, gr, vf.data_ptr<float>(), dof.data_ptr<float>(), of.data_ptr<float>(), lsef.data_ptr<float>(),
            delta.data(), dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(), &n_items, isa, &drelp,
            dv16);

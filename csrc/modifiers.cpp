@@ -139,22 +139,35 @@ void apply_mods(const Problem& p, int64_t b, int64_t h, int64_t i0, int nr, int6
   }
 }
 
-void mods_backward(const Problem& p, int64_t i0, int nr, int64_t j0, int nc, float* dS, int ldS,
-                   const float* T, float* drel) {
+void mods_backward(const Problem& p, int64_t i0, int nr, int64_t j0, int nc, float* dS, const float* P, int ldS,
+                   const float* T, double* drel) {
   const Mods& m = p.mods;
   const int64_t shift = p.Lk - p.Lq;
   for (int i = 0; i < nr; ++i) {
     float* ds = dS + (int64_t)i * ldS;
     if (m.rel != nullptr) {  // drel[d + M - 1] += dS, as apply_mods reads rel: three segments
-      const int64_t M1 = m.M - 1, d0 = j0 - (i0 + i) - shift;
+      const int64_t M1 = m.M - 1, d0 = j0 - (i0 + i) - shift, n = 2 * M1 + 1;
+      const float* pr = P + (int64_t)i * ldS;
       const int lo = (int)std::clamp<int64_t>(-M1 - d0, 0, nc), hi = (int)std::clamp<int64_t>(M1 - d0 + 1, lo, nc);
-      float below = 0.f, above = 0.f;
-      for (int j = 0; j < lo; ++j) below += ds[j];
-      float* r = drel + M1 + d0;
-      for (int j = lo; j < hi; ++j) r[j] += ds[j];
-      for (int j = hi; j < nc; ++j) above += ds[j];
+      double below = 0.0, above = 0.0, pbelow = 0.0, pabove = 0.0;
+      for (int j = 0; j < lo; ++j) {
+        below += ds[j];
+        pbelow += pr[j];
+      }
+      double* r = drel + M1 + d0;
+      double* pm = drel + n + M1 + d0;  // the softmax mass per distance (reduce_rel)
+      for (int j = lo; j < hi; ++j) {
+        r[j] += ds[j];
+        pm[j] += pr[j];
+      }
+      for (int j = hi; j < nc; ++j) {
+        above += ds[j];
+        pabove += pr[j];
+      }
       drel[0] += below;
       drel[2 * M1] += above;
+      drel[n] += pbelow;
+      drel[n + 2 * M1] += pabove;
     }
     if (m.softcap > 0.f) {
       const float* t = T + (int64_t)i * ldS;

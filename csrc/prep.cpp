@@ -17,6 +17,18 @@ Low16 low16(Isa isa, const Tensor& a, const Tensor& b) {
   return r;
 }
 
+std::vector<uint8_t> nonfinite_rows(const float* x, int64_t rows, int64_t n) {
+  std::vector<uint8_t> bad(std::max<int64_t>(rows, 1), 0);
+  at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float acc = 0.f;  // x * 0 is 0 for finite x, NaN for inf and NaN (branch-free: vectorizes)
+      for (int64_t d = 0; d < n; ++d) acc += x[r * n + d] * 0.f;
+      bad[r] = acc != 0.f;
+    }
+  });
+  return bad;
+}
+
 // delta_i = dout_i . out_i (accumulated in double). The one key that may dominate a row takes
 // dP_ij - delta_i in another form (dominant_ds), so delta only meets the keys with P_ij <= 1/2.
 std::vector<float> row_delta(const Problem& p, const float* dout, const float* out) {
@@ -101,16 +113,33 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
 }
 
 // The rel_bias gradient (empty when there is none): the partials of items (b, hk, chunk) x G summed per
-// query head h = hk*G + g, in item order (deterministic for any thread count).
-Tensor reduce_rel(const Problem& p, const std::vector<float>& part, int64_t n_items,
+// query head h = hk*G + g, in item order (deterministic for any thread count), in double.
+// Each softmax row's dS sums to 0, so the gradient of a head sums to 0 over the distances. The
+// recomputed softmax (float32 lse, vector exp) and delta = dout.out leave each row a small residual
+// that a distance bucket covering most of the rows' keys (a clamped edge, T5's far buckets) would sum
+// over all rows: the head's total residual is taken off the distances in proportion to their
+// softmax mass (the partials' second half), where a row's residual lies.
+Tensor reduce_rel(const Problem& p, const std::vector<double>& part, int64_t n_items,
                   const c10::optional<Tensor>& rel_bias) {
   if (!rel_bias.has_value() || !rel_bias->defined()) return at::empty({0}, at::kFloat);
   const int64_t nrel = 2 * p.mods.M - 1;
-  Tensor out = at::zeros({p.H, nrel}, at::kFloat);
-  float* o = out.data_ptr<float>();
-  for_each_partial(p, part.data(), n_items, nrel, [&](int64_t h, const float* st) {
-    for (int64_t e = 0; e < nrel; ++e) o[h * nrel + e] += st[e];
+  std::vector<double> acc(p.H * 2 * nrel, 0.0);
+  for_each_partial(p, part.data(), n_items, 2 * nrel, [&](int64_t h, const double* st) {
+    for (int64_t e = 0; e < 2 * nrel; ++e) acc[h * 2 * nrel + e] += st[e];
   });
+  Tensor out = at::empty({p.H, nrel}, at::kFloat);
+  float* o = out.data_ptr<float>();
+  for (int64_t h = 0; h < p.H; ++h) {
+    const double* ds = acc.data() + h * 2 * nrel;
+    const double* pm = ds + nrel;
+    double res = 0.0, mass = 0.0;
+    for (int64_t e = 0; e < nrel; ++e) {
+      res += ds[e];
+      mass += pm[e];
+    }
+    const bool fix = std::isfinite(res) && std::isfinite(mass) && mass > 0.0;
+    for (int64_t e = 0; e < nrel; ++e) o[h * nrel + e] = (float)(fix ? ds[e] - res * pm[e] / mass : ds[e]);
+  }
   return out.to(rel_bias->scalar_type());
 }
 

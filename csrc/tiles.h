@@ -65,18 +65,19 @@ struct DotScores {
   const uint16_t* q16 = nullptr;  // the same in bfloat16/float16 when the scores use gemm16
   const uint16_t* k16 = nullptr;
   at::ScalarType t16 = at::kFloat;
-  static constexpr int BQ = 128, BK = 256;
+  // query and key tile; BR: the rows of a sub-tile when a tile straddles a window edge (see the drivers)
+  static constexpr int BQ = 128, BK = 256, BR = 32;
   int64_t qoff(int64_t b, int64_t h, int64_t i) const { return ((b * p->H + h) * p->Lq + i) * p->D; }
   int64_t koff(int64_t b, int64_t hk, int64_t j) const { return ((b * p->Hk + hk) * p->Lk + j) * p->D; }
   const float* qrow(int64_t b, int64_t h, int64_t i) const { return q + qoff(b, h, i); }
   const float* krow(int64_t b, int64_t hk, int64_t j) const { return k + koff(b, hk, j); }
-  void tile(Isa, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* S) const {
+  void tile(Isa, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* S, int ldS) const {
     const int D = (int)p->D;
     if (q16 != nullptr)
       gemm16(t16, false, true, nr, nc, D, scale, q16 + qoff(b, h, i0), D, k16 + koff(b, h / p->G, j0), D, 0.f,
-             S, BK);
+             S, ldS);
     else
-      gemm(false, true, nr, nc, D, scale, qrow(b, h, i0), D, krow(b, h / p->G, j0), D, 0.f, S, BK);
+      gemm(false, true, nr, nc, D, scale, qrow(b, h, i0), D, krow(b, h / p->G, j0), D, 0.f, S, ldS);
   }
 };
 
@@ -105,7 +106,7 @@ struct AddScores {
   const uint8_t* kflag;  // (B, Hk, Lk)
   int64_t LkP;
   const Problem* p;
-  static constexpr int BQ = 32, BK = 128;  // BK 128 vs 64: backward ~6% faster (Zen 4)
+  static constexpr int BQ = 32, BK = 128, BR = 16;  // BK 128 vs 64: backward ~6% faster (Zen 4)
 
   const float* eq(int64_t b, int64_t h, int64_t i) const { return Eq + ((b * p->H + h) * p->Lq + i) * p->D; }
   const float* ekt(int64_t b, int64_t hk, int64_t j) const { return EkT + (b * p->Hk + hk) * p->D * LkP + j; }
@@ -133,14 +134,15 @@ struct AddScores {
     return s;
   }
 
-  void tile(Isa isa, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* S) const {
+  // j0 must be a multiple of 16 (EkT is read up to round_up(nc, 16) columns on); ldS too.
+  void tile(Isa isa, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* S, int ldS) const {
     const int64_t hk = h / p->G;
     const int nc16 = (int)round_up(nc, 16);
-    add_scores(isa, nr, nc16, (int)p->D, eq(b, h, i0), ekt(b, hk, j0), LkP, w + h * p->D, S, BK);
+    add_scores(isa, nr, nc16, (int)p->D, eq(b, h, i0), ekt(b, hk, j0), LkP, w + h * p->D, S, ldS);
     if (!any_flagged(b, h, i0, nr, j0, nc)) return;
     for (int i = 0; i < nr; ++i)
       for (int j = 0; j < nc; ++j)
-        if (flagged(b, h, i0 + i, j0 + j)) S[i * BK + j] = direct(b, h, i0 + i, j0 + j);
+        if (flagged(b, h, i0 + i, j0 + j)) S[(int64_t)i * ldS + j] = direct(b, h, i0 + i, j0 + j);
   }
 };
 
@@ -155,14 +157,17 @@ struct AddData {
 void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tensor& k, const Tensor& w,
                       Isa isa);
 
+// 1 for each of the `rows` rows of x (row length n) holding an inf or NaN.
+std::vector<uint8_t> nonfinite_rows(const float* x, int64_t rows, int64_t n);
+
 // delta_i = dout_i . out_i for every query row (see prep.cpp).
 std::vector<float> row_delta(const Problem& p, const float* dout, const float* out);
 
 // The rel_bias gradient from the per-item partials (prep.cpp), and its value for empty problems.
 // Per-(item, group member) partials of the backward, `stride` floats each, items (b, hk, chunk) in that
 // order: calls f(h, partial) for every partial of query head h = hk*G + g, in item order (deterministic).
-template <class F>
-void for_each_partial(const Problem& p, const float* part, int64_t n_items, int64_t stride, F f) {
+template <class T, class F>
+void for_each_partial(const Problem& p, const T* part, int64_t n_items, int64_t stride, F f) {
   const int64_t per_bhk = n_items / (p.B * p.Hk);
   for (int64_t h = 0; h < p.H; ++h) {
     const int64_t hk = h / p.G, g = h % p.G;
@@ -170,7 +175,7 @@ void for_each_partial(const Problem& p, const float* part, int64_t n_items, int6
       for (int64_t c = 0; c < per_bhk; ++c) f(h, part + (((b * p.Hk + hk) * per_bhk + c) * p.G + g) * stride);
   }
 }
-Tensor reduce_rel(const Problem& p, const std::vector<float>& part, int64_t n_items,
+Tensor reduce_rel(const Problem& p, const std::vector<double>& part, int64_t n_items,
                   const c10::optional<Tensor>& rel_bias);
 Tensor rel_grad_zeros(const c10::optional<Tensor>& rel_bias);
 

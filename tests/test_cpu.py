@@ -12,8 +12,10 @@ import math
 import pytest
 import torch
 
+import fusedattn
 from fusedattn import reference as R
 from fusedattn.backends import unavailable_reason
+from fusedattn.testing import Case, check_backend
 
 _REASON = unavailable_reason("cpu")
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"cpu backend unavailable: {_REASON}")
@@ -123,6 +125,82 @@ def test_matches_reference(score, case):
     B, H, Hk, Lq, Lk, D, Dv, causal, kl = case
     q, k, v, w, do = _inputs(score, B, H, Hk, Lq, Lk, D, Dv)
     _compare(score, q, k, v, w, do, _lengths(kl), causal)
+
+
+# Windows narrower than a tile: the kernels run such tiles in row sub-tiles over their own key
+# ranges (forward) and query blocks over the columns they see (backward); with every modifier.
+WINDOW_CASES = [
+    Case(B=2, H=4, Hk=2, Lq=300, Lk=333, D=40, Dv=24, window=(40, 0), lengths=(333, 290), rel_bias=50),
+    Case(Lq=400, Lk=257, D=24, Dv=17, window=(70, 5), alibi="H"),
+    Case(Lq=257, Lk=300, D=20, window=(0, 31), causal=False, rel_bias=9),
+    Case(H=2, Hk=1, Lq=700, Lk=700, D=16, window=(300, 0), causal=True, lengths=(650,)),
+]
+
+
+@pytest.mark.parametrize("score", ["additive", "dot"])
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=str)
+def test_window_edges_match_reference(score, case):
+    check_backend(case.with_(score=score), "cpu")
+
+
+@pytest.mark.parametrize("score", ["additive", "dot"])
+def test_window_one_vs_two_threads_bitwise(score):
+    q, k, v, w, _ = _inputs(score, 1, 2, 1, 333, 400, 24, 16)
+    fn = fusedattn.additive_attention if score == "additive" else fusedattn.dot_product_attention
+    inputs = (q, k, v, w) if score == "additive" else (q, k, v)
+    old = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            out = fn(*leaves, window=(37, 3), key_lengths=torch.tensor([390]), backend="cpu")
+            out.square().sum().backward()
+            results.append([out, *[t.grad for t in leaves]])
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("score", ["additive", "dot"])
+def test_nan_query_poisons_only_the_keys_it_sees(score):
+    """A NaN in query row 150 of a window (20, 0): dk and dv of the keys it never sees stay finite
+    (the dk product would multiply dS = 0 by the NaN row), and so do the other rows' dq."""
+    q, k, v, w, _ = _inputs(score, 1, 1, 1, 300, 300, 24, 16)
+    q[0, 0, 150, 3] = float("nan")
+    leaves = [t.requires_grad_() for t in ((q, k, v, w) if score == "additive" else (q, k, v))]
+    fn = fusedattn.additive_attention if score == "additive" else fusedattn.dot_product_attention
+    out = fn(*leaves, window=(20, 0), backend="cpu")
+    out.sum().backward()
+    seen = torch.zeros(300, dtype=torch.bool)
+    seen[130:151] = True
+    assert out[0, 0, 150].isnan().all() and torch.isfinite(out[0, 0, torch.arange(300) != 150]).all()
+    assert torch.isfinite(q.grad[0, 0, torch.arange(300) != 150]).all()
+    assert torch.isfinite(k.grad[0, 0, ~seen]).all() and torch.isfinite(v.grad[0, 0, ~seen]).all()
+    assert k.grad[0, 0, seen].isnan().any()
+
+
+@pytest.mark.parametrize("score", ["additive", "dot"])
+def test_rel_bias_gradient_of_a_clamped_bucket(score):
+    """rel_bias with M = 2: the bucket d <= -1 holds almost every pair of a long causal call. Each
+    softmax row's dS sums to 0, so a head's gradient sums to 0 over the distances, and that bucket's
+    gradient is minus the diagonal's. Summed directly, the rows' rounding residuals add up (the float32
+    lse, the vector exp): 2.8x the float32 reference's error at L = 4096 before the kernel removed them."""
+    L, D = 2048, 16
+    q, k, v, w, do = _inputs(score, 1, 1, 1, L, L, D, D, seed=3)
+    rel = torch.randn(1, 3, generator=torch.Generator().manual_seed(4))
+    grads = {}
+    for name, dt, backend in (("truth", torch.float64, "reference"), ("ref32", torch.float32, "reference"),
+                              ("cpu", torch.float32, "cpu")):
+        r = rel.to(dt).clone().requires_grad_()
+        leaves = [t.to(dt) for t in ((q, k, v, w) if score == "additive" else (q, k, v))]
+        fn = fusedattn.additive_attention if score == "additive" else fusedattn.dot_product_attention
+        fn(*leaves, rel_bias=r, causal=True, backend=backend).backward(do.to(dt))
+        grads[name] = r.grad.double()
+    g, t = grads["cpu"], grads["truth"]
+    assert g.sum().abs() <= 1e-6 * g.abs().max()
+    assert (g - t).abs().max() <= 2 * (grads["ref32"] - t).abs().max()
 
 
 @pytest.mark.parametrize("pre", [30.0, 1e4])
