@@ -116,7 +116,7 @@ def interpret_config(BLOCK_D, BLOCK_DV, decode):
 def score_mods_config(cfg, width, kind, fp32=False):
     """The config of a call with per-element score modifiers (softcap, rel_bias, ALiBi; the
     window alone costs no registers) for kernel ``kind`` ("fwd", "dkdv", "dq") at padded head
-    width ``width``: the same kind of tile with at most 16 score elements and 64 accumulator
+    width ``width``: the same kind of tile with at most 16 score elements and 32 accumulator
     elements per thread (dK/dV: 8 and 32; dQ: 4 and 32, with the rel_bias gradient's sums; a
     quarter and half for float32, whose 3xTF32 products hold split copies of their operands),
     reached by doubling the warps up to 8, then halving the accumulator's rows (dK/dV: keys,
@@ -124,7 +124,7 @@ def score_mods_config(cfg, width, kind, fp32=False):
     cap lifted (maxnreg=255: without it ptxas capped an 8-warp decode config at 128). On the
     base configs the "+mods" variants spilled (sm_90 fp16 D = 64: 224-424 bytes)."""
     cfg = dict(cfg, maxnreg=255, num_stages=1)  # one stage: 2 stages spilled 8-16 bytes
-    tile_max, acc_max = {"dq": (4, 32), "dkdv": (8, 32)}.get(kind, (16, 64))
+    tile_max, acc_max = {"dq": (4, 32), "dkdv": (8, 32)}.get(kind, (16, 32))
     if fp32:
         tile_max, acc_max = tile_max // 4, acc_max // 2
 
