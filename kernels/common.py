@@ -8,7 +8,14 @@
   forward kernels that do not depend on the score type.
 - ``_exp2x``: ``exp(2x)`` with a Cody-Waite range reduction, so the relative error does not
   grow with ``|x|`` (a plain ``tl.exp`` multiplies by log2(e) first and loses ~|2x|*2^-24).
+- score modifiers (``fusedattn.spec``), shared by both scores: ``_allowed`` (key_lengths, the
+  causal / right window bound ``j <= i + CAUSAL_SHIFT`` and, WINDOW, the left bound
+  ``j >= i + WINDOW_SHIFT``), ``_bias`` (rel_bias and ALiBi at the distance
+  ``d = j - i - (Lk - Lq)``), ``_softcap`` (dot) and ``_drel_tile`` (the deterministic
+  rel_bias gradient: diagonal sums of a dS tile).
 """
+import os
+
 import triton
 import triton.language as tl
 
@@ -17,6 +24,8 @@ LN2_LO = tl.constexpr(1.428606765330187e-06)
 TWO_LOG2E = tl.constexpr(2.8853900817779268)
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+# kernels decorated for the interpreter (decided at import, as triton does): no inline PTX there
+INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 # Launch contract (the compile check compiles exactly this specialization):
 # - size arguments (lengths, head counts, widths, causal shift, split size) are never
@@ -25,7 +34,8 @@ LN2 = tl.constexpr(0.6931471805599453)
 # - every pointer is 16-byte aligned and every stride argument is a multiple of 16 elements,
 #   with unit strides for the last dimension (the host launcher copies other inputs into padded
 #   buffers), so loads vectorize and the checked "divisible by 16" variant is the one that runs.
-SIZE_ARGS = ("H", "Hk", "Hx", "Lq", "Lk", "L", "A", "D", "Dv", "CAUSAL_SHIFT", "SPLIT_N", "NUM_SPLITS")
+SIZE_ARGS = ("H", "Hk", "Hx", "Lq", "Lk", "L", "A", "D", "Dv", "CAUSAL_SHIFT", "SPLIT_N", "NUM_SPLITS",
+             "WINDOW_SHIFT", "REL_M")
 
 
 @triton.jit
@@ -202,3 +212,137 @@ def _attn_fwd_merge(OP, LSEP, Out, LSE,
     tl.store(Out + off_b * stride_ob + off_h * stride_oh + off_m * stride_om + offs_d * stride_od,
              out.to(Out.dtype.element_ty), mask=mask_d)
     tl.store(LSE + off_b * stride_lseb + off_h * stride_lseh + off_m * stride_lsem, lse)
+
+
+# ----------------------------------------------------------------------------------------
+# score modifiers (constexpr-gated: kernels without them compile to the code they had before)
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _allowed(offs_q, offs_k, klen, CAUSAL_SHIFT, WINDOW_SHIFT, WINDOW: tl.constexpr, TRANS: tl.constexpr):
+    """Boolean tile: key offs_k allowed for query offs_q (rows are queries, or keys when TRANS):
+    ``k < klen``, ``k <= q + CAUSAL_SHIFT`` and, WINDOW, ``k >= q + WINDOW_SHIFT``."""
+    if TRANS:
+        qq = offs_q[None, :]
+        kk = offs_k[:, None]
+    else:
+        qq = offs_q[:, None]
+        kk = offs_k[None, :]
+    ok = (kk < klen) & (kk <= qq + CAUSAL_SHIFT)
+    if WINDOW:
+        ok = ok & (kk >= qq + WINDOW_SHIFT)
+    return ok
+
+
+@triton.jit
+def _bias(offs_q, offs_k, DIST_SHIFT, REL, rel_row, REL_M, slope, BIAS: tl.constexpr, TRANS: tl.constexpr):
+    """Position bias tile (float32) at d = k - q - DIST_SHIFT: BIAS & 1 adds
+    ``REL[rel_row + clamp(d, -(M-1), M-1) + M - 1]`` (REL: rel_bias as float32 (H, 2M - 1),
+    contiguous; rel_row = h * (2M - 1), a scalar or a column broadcastable to the tile; the
+    index is clamped, so no mask), BIAS & 2 adds ``-slope * |d|`` with d formed in float32 from
+    per-row and per-column conversions (exact below 2^24; no int-to-float conversion per element)."""
+    if BIAS & 2:
+        kf = offs_k.to(tl.float32)
+        qf = (offs_q + DIST_SHIFT).to(tl.float32)
+        if TRANS:
+            ab = -slope * tl.abs(kf[:, None] - qf[None, :])
+        else:
+            ab = -slope * tl.abs(kf[None, :] - qf[:, None])
+    if BIAS & 1:
+        if TRANS:
+            d = offs_k[:, None] - offs_q[None, :] - DIST_SHIFT
+        else:
+            d = offs_k[None, :] - offs_q[:, None] - DIST_SHIFT
+        idx = tl.minimum(tl.maximum(d, 1 - REL_M), REL_M - 1) + (REL_M - 1)
+        b = tl.load(REL + (rel_row + idx))
+        if BIAS & 2:
+            b = b + ab
+    else:
+        b = ab
+    return b
+
+
+@triton.jit
+def _softcap(qk, softcap_k, softcap):
+    """Soft-capped dot score in natural units and r: with r = 1 / (1 + 2^(qk * softcap_k))
+    (softcap_k = 2 scale log2(e) / softcap), tanh(scale qk / softcap) = 1 - 2 r (the identity of
+    the additive kernels: one MUFU.EX2 and one reciprocal, no tanh instruction; saturates to
+    +-1 without NaN), so ``softcap tanh(.) = softcap - 2 softcap r``; the backward's
+    1 - tanh^2 is ``4 r (1 - r)``."""
+    z = tl.math.exp2(qk * softcap_k) + 1.0
+    if INTERPRET:
+        r = 1.0 / z
+    else:  # one MUFU.RCP (rcp.approx: 1 ulp; 1/inf = 0, the saturated limit)
+        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [z], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    return softcap - (2.0 * softcap) * r, r
+
+
+@triton.jit
+def _drel_tile(ds, d0, SKEW, DRELP, REL_M, below, above, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Add a dS tile (BLOCK_M queries x BLOCK_N keys, zero where not allowed) to the program's
+    partial rel_bias gradient DRELP (float32, 2M - 1 entries by clamped distance) without
+    atomics: the sums along the tile's diagonals (equal distance) are formed by storing the tile
+    skewed into the program's scratch SKEW (the shorter side as rows, column e = offset of the
+    diagonal) and reading it back in two (rows, longer side) chunks summed over the rows, a fixed
+    order. d0 is the distance of tile element (0, 0); distances below -(M-1) / above M-1 go to the
+    running scalars ``below`` / ``above`` (the caller writes them once, ``_drel_ends``), and a
+    tile wholly in one clamped range (long rows, small M) is one sum. Barriers separate the
+    store, the loads and the next tile's store."""
+    tl.static_assert(BLOCK_M >= 2 and BLOCK_N >= 2)
+    EW: tl.constexpr = BLOCK_M + BLOCK_N  # row width of SKEW (> the BLOCK_M + BLOCK_N - 1 diagonals)
+    ii = tl.arange(0, BLOCK_M)
+    jj = tl.arange(0, BLOCK_N)
+    if d0 + (BLOCK_N - 1) <= 1 - REL_M:  # the whole tile clamps to rel_bias[0]
+        below += tl.sum(tl.sum(ds, axis=1), axis=0)
+    elif d0 - (BLOCK_M - 1) >= REL_M - 1:  # ... to rel_bias[2M - 2]
+        above += tl.sum(tl.sum(ds, axis=1), axis=0)
+    elif BLOCK_N <= BLOCK_M:  # rows: keys jj; e = ii - jj + BLOCK_N - 1, d = d0 + BLOCK_N - 1 - e
+        tl.store(SKEW + (jj[None, :] * EW + (ii[:, None] - jj[None, :] + (BLOCK_N - 1))), ds)
+        tl.debug_barrier()
+        for c in tl.static_range(2):
+            e = c * BLOCK_M + ii
+            src = e[None, :] + jj[:, None] - (BLOCK_N - 1)  # the query row of (jj, e)
+            x = tl.load(SKEW + (jj[:, None] * EW + e[None, :]), mask=(src >= 0) & (src < BLOCK_M), other=0.0)
+            col = tl.sum(x, axis=0)
+            d = d0 + (BLOCK_N - 1) - e
+            below += tl.sum(tl.where(d < 1 - REL_M, col, 0.0), axis=0)
+            above += tl.sum(tl.where(d > REL_M - 1, col, 0.0), axis=0)
+            inr = (d >= 1 - REL_M) & (d <= REL_M - 1) & (e < BLOCK_M + BLOCK_N - 1)
+            ptr = DRELP + (d + (REL_M - 1))
+            tl.store(ptr, tl.load(ptr, mask=inr, other=0.0) + col, mask=inr)
+        tl.debug_barrier()
+    else:  # rows: queries ii; e = jj - ii + BLOCK_M - 1, d = d0 + e - (BLOCK_M - 1)
+        tl.store(SKEW + (ii[:, None] * EW + (jj[None, :] - ii[:, None] + (BLOCK_M - 1))), ds)
+        tl.debug_barrier()
+        for c in tl.static_range(2):
+            e = c * BLOCK_N + jj
+            src = e[None, :] + ii[:, None] - (BLOCK_M - 1)  # the key column of (ii, e)
+            x = tl.load(SKEW + (ii[:, None] * EW + e[None, :]), mask=(src >= 0) & (src < BLOCK_N), other=0.0)
+            col = tl.sum(x, axis=0)
+            d = d0 + e - (BLOCK_M - 1)
+            below += tl.sum(tl.where(d < 1 - REL_M, col, 0.0), axis=0)
+            above += tl.sum(tl.where(d > REL_M - 1, col, 0.0), axis=0)
+            inr = (d >= 1 - REL_M) & (d <= REL_M - 1) & (e < BLOCK_M + BLOCK_N - 1)
+            ptr = DRELP + (d + (REL_M - 1))
+            tl.store(ptr, tl.load(ptr, mask=inr, other=0.0) + col, mask=inr)
+        tl.debug_barrier()
+    return below, above
+
+
+@triton.jit
+def _drel_ends(DRELP, REL_M, below, above):
+    """DRELP[0] += below, DRELP[2M - 2] += above (one entry when M = 1); after ``_drel_tile``'s
+    closing barrier."""
+    two = tl.arange(0, 2)
+    idx = two * (2 * REL_M - 2)
+    val = tl.where(two == 0, below + tl.where(REL_M == 1, above, 0.0), above)
+    ok = (two == 0) | (idx > 0)
+    tl.store(DRELP + idx, tl.load(DRELP + idx, mask=ok, other=0.0) + val, mask=ok)
+
+
+@triton.jit
+def _drel_program(DREL, SKEW, pid, REL_M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(partial row, skew scratch) of program ``pid`` (int64): DREL rows of 2M - 1 float32
+    (zero-initialized), SKEW blocks of 2 BLOCK_M BLOCK_N floats (>= the smaller tile side x
+    (BLOCK_M + BLOCK_N), what ``_drel_tile`` uses)."""
+    return DREL + pid * (2 * REL_M - 1), SKEW + pid * (2 * BLOCK_M * BLOCK_N)

@@ -1,8 +1,11 @@
 """Fused scaled dot-product attention: FlashAttention-2-form forward and backward kernels.
 
 Scores ``s_ij = scale * q_i . k_j`` come from ``tl.dot`` on (BLOCK_M, BLOCK_D) x (BLOCK_D, BLOCK_N)
-tiles; the softmax runs in log2 units (``exp2(qk * scale * log2 e - m)``: one FMA and one
-MUFU.EX2 per pair). Head dims are padded to a power of two >= 16: the launcher passes
+tiles; the forward tracks the row max m of the raw products q.k (the launcher makes scale >= 0)
+and weights ``exp2((qk - m) * scale * log2 e)`` (the row max gets exactly 1), lse = fl(m * scale)
++ log(l); the backward takes ``P = exp(fl(qk * scale) - lse)`` (``_mul_rn``). With SOFTCAP or BIAS
+the same holds for the modified score s in natural units (``_mod_score``): max of s, weights
+``exp2((s - m) log2 e)``, lse = m + log(l), P = exp(s - lse). Head dims are padded to a power of two >= 16: the launcher passes
 ``EVEN`` when D == BLOCK_D and Dv == BLOCK_DV (no head-dim masks); otherwise the widths are
 multiples of 8 (``common._dims``) so the masks cover 16 bytes and loads stay 128-bit. Each
 loop over key (or query) tiles is split in two: the tiles every row of the program sees in
@@ -17,106 +20,35 @@ so grouped heads are summed without atomics) and a dQ kernel per query tile.
 import triton
 import triton.language as tl
 
-from .common import LOG2E, SIZE_ARGS, _attn_fwd_epilogue, _dims, _ld, _mma, _mma_acc
-
-# ----------------------------------------------------------------------------------------
-# configurations (GPU); the interpreter uses INTERPRET_CONFIG
-# ----------------------------------------------------------------------------------------
-# Each entry: (predicate on (BLOCK_D, BLOCK_DV, decode?, arch), config). The first match wins.
-# Chosen with the compile check (no spills on sm_80 and sm_90; the sm_90 rows meet the
-# amortized-instruction targets of docs/PERFORMANCE.md). float32 inputs use 3xTF32
-# dots (three MMAs on split big/small operands, fp32-level accuracy) and get their own,
-# smaller tiles; at wide heads they also set BLOCK_DC < BLOCK_D: the score products
-# (Q K^T, dO V^T) are summed over D chunks loaded from memory instead of keeping the whole
-# Q / dO (or K / V) tile resident in registers. BLOCK_DC defaults to the full width.
-FWD_CONFIGS = [  # predicate on (BLOCK_D, BLOCK_DV, decode, arch)
-    # maxnreg: at 256 columns ptxas otherwise caps the decode kernel at 168 registers and spills
-    (lambda d, dv, decode, arch: decode and max(d, dv) > 128,
-     dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1, maxnreg=255)),
-    (lambda d, dv, decode, arch: decode, dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)),
-    (lambda d, dv, decode, arch: max(d, dv) <= 32 and arch >= 90,
-     dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2)),
-    (lambda d, dv, decode, arch: max(d, dv) <= 32, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
-    (lambda d, dv, decode, arch: max(d, dv) <= 64 and arch >= 90,
-     dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)),
-    (lambda d, dv, decode, arch: max(d, dv) <= 64, dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)),
-    (lambda d, dv, decode, arch: max(d, dv) <= 128 and arch >= 90,
-     dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)),
-    (lambda d, dv, decode, arch: max(d, dv) <= 128, dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)),
-    (lambda d, dv, decode, arch: arch >= 90, dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)),
-    (lambda d, dv, decode, arch: True, dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)),
-]
-FWD_CONFIGS_FP32 = [
-    (lambda d, dv, decode, arch: decode and max(d, dv) <= 64,
-     dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1, maxnreg=255)),
-    (lambda d, dv, decode, arch: decode, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_DC=32, num_warps=4, num_stages=1)),
-    (lambda d, dv, decode, arch: max(d, dv) <= 32 and arch >= 90,
-     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
-    (lambda d, dv, decode, arch: max(d, dv) <= 32, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)),
-    (lambda d, dv, decode, arch: max(d, dv) <= 64, dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1)),
-    (lambda d, dv, decode, arch: max(d, dv) <= 128,
-     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_DC=32, num_warps=4, num_stages=1)),
-    (lambda d, dv, decode, arch: True, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_DC=32, num_warps=4, num_stages=1)),
-]
-BWD_DKDV_CONFIGS = [  # predicate on (BLOCK_D, BLOCK_DV, arch)
-    (lambda d, dv, arch: max(d, dv) <= 32, dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)),
-    (lambda d, dv, arch: max(d, dv) <= 64 and arch >= 90, dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)),
-    (lambda d, dv, arch: max(d, dv) <= 64, dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)),
-    (lambda d, dv, arch: max(d, dv) <= 128 and arch >= 90, dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2)),
-    (lambda d, dv, arch: max(d, dv) <= 128, dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)),
-    (lambda d, dv, arch: True, dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1)),
-]
-BWD_DQ_CONFIGS = [
-    (lambda d, dv, arch: max(d, dv) <= 64, dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=1)),
-    (lambda d, dv, arch: max(d, dv) <= 128 and arch >= 90, dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)),
-    (lambda d, dv, arch: max(d, dv) <= 128, dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)),
-    (lambda d, dv, arch: True, dict(BLOCK_M=32, BLOCK_N=16, BLOCK_DC=128, num_warps=4, num_stages=1)),
-]
-BWD_DKDV_CONFIGS_FP32 = [
-    (lambda d, dv, arch: max(d, dv) <= 32, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_DC=16, num_warps=4, num_stages=1)),
-    (lambda d, dv, arch: max(d, dv) <= 64, dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)),
-    (lambda d, dv, arch: max(d, dv) <= 128, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_DC=32, num_warps=8, num_stages=1)),
-    (lambda d, dv, arch: True, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_DC=16, num_warps=8, num_stages=1)),
-]
-BWD_DQ_CONFIGS_FP32 = [
-    (lambda d, dv, arch: max(d, dv) <= 64, dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)),
-    (lambda d, dv, arch: max(d, dv) <= 128, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_DC=32, num_warps=8, num_stages=1)),
-    (lambda d, dv, arch: True, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_DC=32, num_warps=8, num_stages=1)),
-]
-# the interpreter chunks D above 64, so the tests run both the resident and the chunked path
-INTERPRET_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_DC=64, num_warps=4, num_stages=1)
-INTERPRET_DECODE_CONFIG = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_DC=64, num_warps=4, num_stages=1)
-
-
-def _with_dc(cfg, BLOCK_D, BLOCK_DV):
-    """Clamp BLOCK_DC (default: no chunking) to the padded width; the launcher pads D and Dv
-    to one width, which BLOCK_DC divides (both are powers of two)."""
-    cfg = dict(cfg)
-    width = max(BLOCK_D, BLOCK_DV)
-    cfg["BLOCK_DC"] = min(cfg.get("BLOCK_DC", width), width)
-    return cfg
-
-
-def interpret_config(BLOCK_D, BLOCK_DV, decode):
-    """The configuration used under TRITON_INTERPRET=1."""
-    return _with_dc(INTERPRET_DECODE_CONFIG if decode else INTERPRET_CONFIG, BLOCK_D, BLOCK_DV)
-
-
-def prune_fwd_config(BLOCK_D, BLOCK_DV, fp32, decode, arch=90):
-    """The forward config for padded head widths, float32 inputs?, decode (Lq <= 16)? and the
-    compute capability (80, 90, ...)."""
-    table = FWD_CONFIGS_FP32 if fp32 else FWD_CONFIGS
-    return _with_dc(next(c for pred, c in table if pred(BLOCK_D, BLOCK_DV, decode, arch)), BLOCK_D, BLOCK_DV)
-
-
-def prune_bwd_configs(BLOCK_D, BLOCK_DV, fp32, arch=90):
-    """(dK/dV config, dQ config) for padded head widths, float32 inputs? and the compute
-    capability."""
-    kv_table = BWD_DKDV_CONFIGS_FP32 if fp32 else BWD_DKDV_CONFIGS
-    q_table = BWD_DQ_CONFIGS_FP32 if fp32 else BWD_DQ_CONFIGS
-    dkdv = next(c for pred, c in kv_table if pred(BLOCK_D, BLOCK_DV, arch))
-    dq = next(c for pred, c in q_table if pred(BLOCK_D, BLOCK_DV, arch))
-    return _with_dc(dkdv, BLOCK_D, BLOCK_DV), _with_dc(dq, BLOCK_D, BLOCK_DV)
+from .common import (
+    LOG2E,
+    SIZE_ARGS,
+    _allowed,
+    _attn_fwd_epilogue,
+    _bias,
+    _dims,
+    _drel_ends,
+    _drel_program,
+    _drel_tile,
+    _ld,
+    _mma,
+    _mma_acc,
+    _softcap,
+)
+from .dot_configs import (  # noqa: F401  (re-exported: the launcher and the compile check use dot.*)
+    BWD_DKDV_CONFIGS,
+    BWD_DKDV_CONFIGS_FP32,
+    BWD_DQ_CONFIGS,
+    BWD_DQ_CONFIGS_FP32,
+    FWD_CONFIGS,
+    FWD_CONFIGS_FP32,
+    INTERPRET_CONFIG,
+    INTERPRET_DECODE_CONFIG,
+    interpret_config,
+    prune_bwd_configs,
+    prune_fwd_config,
+    score_mods_config,
+)
 
 
 # ----------------------------------------------------------------------------------------
@@ -134,6 +66,23 @@ def _mul_rn(a, b, DOT_PRECISION: tl.constexpr):
                                          dtype=tl.float32, is_pure=True, pack=1)
     else:
         return a * b
+
+
+@triton.jit
+def _mod_score(qk, offs_q, offs_k, scale, DIST_SHIFT, REL, rel_row, REL_M, slope, softcap_k, softcap,
+               SOFTCAP: tl.constexpr, BIAS: tl.constexpr, TRANS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The modified score in natural units (``fusedattn.spec``: softcap, then the position
+    biases) and the softcap's r (``common._softcap``; qk itself when not SOFTCAP). Without
+    SOFTCAP the product is rounded on its own (``_mul_rn``) before the bias is added, as the
+    float32 reference forms ``scale * q.k + bias``. Forward and backward form it identically."""
+    if SOFTCAP:
+        s, r = _softcap(qk, softcap_k, softcap)
+    else:
+        s = _mul_rn(qk, scale, DOT_PRECISION)
+        r = qk
+    if BIAS > 0:
+        s += _bias(offs_q, offs_k, DIST_SHIFT, REL, rel_row, REL_M, slope, BIAS, TRANS)
+    return s, r
 
 
 @triton.jit
@@ -159,12 +108,16 @@ def _chunked_dot(A, a_rows, offs_r, n_r, B, b_rows, offs_s, n_s, D,
 # ----------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_loop(acc, m_i, l_i, q, q_base, q_rows, q_idx, n_q, k_base, v_base, lo, hi, offs_m, offs_n0, offs_d,
-              offs_dv, klen, D, Dv, CAUSAL_SHIFT, qk_scale, stride_kn, stride_vn,
+              offs_dv, klen, D, Dv, CAUSAL_SHIFT, qk_scale, scale, stride_kn, stride_vn,
+              WINDOW_SHIFT, DIST_SHIFT, REL, rel_row, REL_M, slope, softcap_k, softcap,
               MASKED: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DC: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
-    """Key tiles [lo, hi) of the online softmax. m_i is the running max of the raw products
-    q . k (the launcher makes scale >= 0); the weights are exp2((q . k - m_i) scale log2 e).
+              DOT_PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, BIAS: tl.constexpr):
+    """Key tiles [lo, hi) of the online softmax. Without SOFTCAP / BIAS, m_i is the running max of
+    the raw products q . k (the launcher makes scale >= 0) and the weights are
+    exp2((q . k - m_i) scale log2 e); with them, m_i is the running max of the modified score s in
+    natural units (``_mod_score``) and the weights are exp2((s - m_i) log2 e). Either way the row
+    max itself gets weight exactly 1.
     offs_m: the query index of each row (causal mask); q_rows / q_idx < n_q: row offsets and
     validity for the chunked path. MASKED: the tiles on the causal diagonal or past key_lengths
     (loads of keys >= klen read 0, so padding keys holding NaN or inf never reach P @ V); the
@@ -185,16 +138,32 @@ def _fwd_loop(acc, m_i, l_i, q, q_base, q_rows, q_idx, n_q, k_base, v_base, lo, 
         # (one-hot) row gives out = v exactly and the backward's dP - delta cancels there
         if MASKED:
             offs_n = start_n + offs_n0
-            allowed = (offs_n[None, :] < klen) & (offs_n[None, :] <= offs_m[:, None] + CAUSAL_SHIFT)
-            m_new = tl.maximum(m_i, tl.max(tl.where(allowed, qk, -float("inf")), axis=1))
+            allowed = _allowed(offs_m, offs_n, klen, CAUSAL_SHIFT, WINDOW_SHIFT, WINDOW, False)
+            if SOFTCAP or BIAS > 0:
+                x, _ = _mod_score(qk, offs_m, offs_n, scale, DIST_SHIFT, REL, rel_row, REL_M, slope, softcap_k,
+                                  softcap, SOFTCAP, BIAS, False, DOT_PRECISION)
+                c = LOG2E
+            else:
+                x = qk
+                c = qk_scale
+            m_new = tl.maximum(m_i, tl.max(tl.where(allowed, x, -float("inf")), axis=1))
             m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-            p = tl.where(allowed, tl.math.exp2((qk - m_safe[:, None]) * qk_scale), 0.0)
+            p = tl.where(allowed, tl.math.exp2((x - m_safe[:, None]) * c), 0.0)
+        elif SOFTCAP or BIAS > 0:
+            # every key allowed, finite modified scores
+            x, _ = _mod_score(qk, offs_m, start_n + offs_n0, scale, DIST_SHIFT, REL, rel_row, REL_M, slope,
+                              softcap_k, softcap, SOFTCAP, BIAS, False, DOT_PRECISION)
+            c = LOG2E
+            m_new = tl.maximum(m_i, tl.max(x, axis=1))
+            m_safe = m_new
+            p = tl.math.exp2((x - m_safe[:, None]) * c)
         else:
             # every key allowed: m_new is finite
             m_new = tl.maximum(m_i, tl.max(qk, axis=1))
             m_safe = m_new
-            p = tl.math.exp2((qk - m_safe[:, None]) * qk_scale)
-        alpha = tl.where(m_i == -float("inf"), 0.0, tl.math.exp2((m_i - m_safe) * qk_scale))
+            c = qk_scale
+            p = tl.math.exp2((qk - m_safe[:, None]) * c)
+        alpha = tl.where(m_i == -float("inf"), 0.0, tl.math.exp2((m_i - m_safe) * c))
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = _ld(vb + v_offs, offs_n0, n_ok, offs_dv, Dv, MASKED, not EVEN)
         acc = _mma_acc(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
@@ -210,15 +179,21 @@ def _attn_fwd_dot(Q, K, V, KLEN, Out, LSE,
                   stride_os, stride_ob, stride_oh, stride_om, stride_od,
                   stride_ls, stride_lb, stride_lh, stride_lm,
                   scale, H, Hk, Lq, Lk, D, Dv, CAUSAL_SHIFT, SPLIT_N,
+                  WINDOW_SHIFT, REL, SLOPES, REL_M, softcap_k, softcap,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_DV: tl.constexpr, BLOCK_DC: tl.constexpr, EVEN: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                  BIAS: tl.constexpr):
     """One program: BLOCK_M rows of one (b, kv head), keys [pid_s*SPLIT_N, +SPLIT_N); row r is
     query r % Lq of query head kv_head * (H / Hk) + r // Lq (grid axis 1: B * Hk, axis 0:
     cdiv(H / Hk * Lq, BLOCK_M)). Key j is allowed for query i iff j < KLEN[b] and
     j <= i + CAUSAL_SHIFT. EVEN: D == BLOCK_D
     and Dv == BLOCK_DV (no head-dim masks). BLOCK_DC < BLOCK_D: Q is not kept in registers;
-    Q K^T is summed over D chunks. Unit last strides (stride_*d) are assumed."""
+    Q K^T is summed over D chunks. Unit last strides (stride_*d) are assumed.
+    Modifiers (constexpr-gated): WINDOW also requires j >= i + WINDOW_SHIFT (key tiles left of
+    every row's window are skipped, the straddling ones masked); SOFTCAP caps the scores
+    (softcap_k = 2 scale log2 e / softcap); BIAS & 1 adds rel_bias (REL: float32 (H, 2 REL_M - 1)
+    contiguous), BIAS & 2 ALiBi (SLOPES: float32 (B, H) contiguous)."""
     tl.static_assert(BLOCK_M >= 16)
     tl.static_assert(BLOCK_N >= 16)
     tl.static_assert(BLOCK_D >= 16)
@@ -264,25 +239,51 @@ def _attn_fwd_dot(Q, K, V, KLEN, Out, LSE,
     n_lo = pid_s * SPLIT_N
     n_hi = tl.minimum(tl.minimum(klen, i_max + 1 + CAUSAL_SHIFT), n_lo + SPLIT_N)
     n_free = tl.minimum(klen, i_min + CAUSAL_SHIFT + 1)
-    n_full = tl.maximum(n_lo + (tl.minimum(n_free, n_hi) - n_lo) // BLOCK_N * BLOCK_N, n_lo)
+    # WINDOW: [n_lo, n_mid) straddles the left bound (masked), then as without it
+    n_mid = n_lo
+    if WINDOW:
+        n_lo = tl.maximum(n_lo, tl.maximum(i_min + WINDOW_SHIFT, 0) // BLOCK_N * BLOCK_N)
+        n_mid = tl.maximum(tl.minimum((tl.maximum(i_max + WINDOW_SHIFT, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N,
+                                      n_hi), n_lo)
+    n_full = tl.maximum(n_mid + (tl.minimum(n_free, n_hi) - n_mid) // BLOCK_N * BLOCK_N, n_mid)
+
+    # -- modifiers: per-row head (rows may span the heads of a group) --
+    rel_row = 0
+    slope = 0.0
+    if BIAS > 0:
+        h_row = tl.minimum(off_hk * GROUP + rows // Lq, H - 1)
+        rel_row = (h_row * (2 * REL_M - 1))[:, None]
+        if BIAS & 2:
+            slope = tl.load(SLOPES + off_b * H + h_row)[:, None]
 
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, q_base, q_rows, rows, n_rows, k_base, v_base, n_lo, n_full,
-                              offs_m, offs_n0, offs_d, offs_dv, klen, D, Dv, CAUSAL_SHIFT, qk_scale,
-                              stride_kn, stride_vn, False, EVEN, BLOCK_M, BLOCK_N, BLOCK_D,
-                              BLOCK_DV, BLOCK_DC, DOT_PRECISION)
+    if WINDOW:
+        acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, q_base, q_rows, rows, n_rows, k_base, v_base, n_lo, n_mid,
+                                  offs_m, offs_n0, offs_d, offs_dv, klen, D, Dv, CAUSAL_SHIFT, qk_scale, scale,
+                                  stride_kn, stride_vn, WINDOW_SHIFT, Lk - Lq, REL, rel_row, REL_M, slope,
+                                  softcap_k, softcap, True, EVEN, BLOCK_M, BLOCK_N, BLOCK_D,
+                                  BLOCK_DV, BLOCK_DC, DOT_PRECISION, WINDOW, SOFTCAP, BIAS)
+    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, q_base, q_rows, rows, n_rows, k_base, v_base, n_mid, n_full,
+                              offs_m, offs_n0, offs_d, offs_dv, klen, D, Dv, CAUSAL_SHIFT, qk_scale, scale,
+                              stride_kn, stride_vn, WINDOW_SHIFT, Lk - Lq, REL, rel_row, REL_M, slope,
+                              softcap_k, softcap, False, EVEN, BLOCK_M, BLOCK_N, BLOCK_D,
+                              BLOCK_DV, BLOCK_DC, DOT_PRECISION, WINDOW, SOFTCAP, BIAS)
     acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, q_base, q_rows, rows, n_rows, k_base, v_base, n_full, n_hi,
-                              offs_m, offs_n0, offs_d, offs_dv, klen, D, Dv, CAUSAL_SHIFT, qk_scale,
-                              stride_kn, stride_vn, True, EVEN, BLOCK_M, BLOCK_N, BLOCK_D,
-                              BLOCK_DV, BLOCK_DC, DOT_PRECISION)
+                              offs_m, offs_n0, offs_d, offs_dv, klen, D, Dv, CAUSAL_SHIFT, qk_scale, scale,
+                              stride_kn, stride_vn, WINDOW_SHIFT, Lk - Lq, REL, rel_row, REL_M, slope,
+                              softcap_k, softcap, True, EVEN, BLOCK_M, BLOCK_N, BLOCK_D,
+                              BLOCK_DV, BLOCK_DC, DOT_PRECISION, WINDOW, SOFTCAP, BIAS)
 
     # -- epilogue: empty rows give out = 0, lse = -inf. lse = s_max + log(l) with s_max =
     #    fl(m_i * scale), the rounded score the backward recomputes (see _mul_rn): one rounding,
     #    and s_max itself on a saturated row. The row heads are recomputed here rather than
     #    kept live (as int64) across the loops --
-    m_hi = _mul_rn(m_i, scale, DOT_PRECISION)
+    if SOFTCAP or BIAS > 0:
+        m_hi = m_i  # already the (modified) score in natural units
+    else:
+        m_hi = _mul_rn(m_i, scale, DOT_PRECISION)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     off_h64 = (off_hk * GROUP + rows // Lq).to(tl.int64)
     _attn_fwd_epilogue(acc, m_hi, l_i, Out, LSE, pid_s, off_b64, off_h64, rows % Lq, offs_dv,
@@ -295,33 +296,38 @@ def _attn_fwd_dot(Q, K, V, KLEN, Out, LSE,
 # backward
 # ----------------------------------------------------------------------------------------
 @triton.jit
-def _bwd_probs(qk, lse, offs_m, offs_n, klen, CAUSAL_SHIFT, scale, MASKED: tl.constexpr, TRANS: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
-    """P (or P^T when TRANS: rows are keys) from raw scores and the natural-log lse per query:
-    exp(fl(q.k * scale) - lse), the rounded score minus lse in natural units as the forward's
-    lse was formed (see _mul_rn), so a saturated row gets P = 1 exactly. Two FP32 instructions
-    per pair more than exp2(q.k * scale log2 e - lse log2 e), which rounds lse twice more."""
-    s = _mul_rn(qk, scale, DOT_PRECISION)
+def _bwd_probs(qk, lse, offs_m, offs_n, klen, CAUSAL_SHIFT, scale,
+               WINDOW_SHIFT, DIST_SHIFT, REL, rel_row, REL_M, slope, softcap_k, softcap,
+               MASKED: tl.constexpr, TRANS: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+               BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """P (or P^T when TRANS: rows are keys) from raw scores and the natural-log lse per query,
+    and the softcap's r (``_mod_score``; qk when not SOFTCAP): exp(s - lse) with s the score in
+    natural units as the forward formed it (fl(q.k * scale), see _mul_rn, or the modified score),
+    so a saturated row gets P = 1 exactly. Two FP32 instructions per pair more than
+    exp2(q.k * scale log2 e - lse log2 e), which rounds lse twice more."""
+    if SOFTCAP or BIAS > 0:
+        s, r = _mod_score(qk, offs_m, offs_n, scale, DIST_SHIFT, REL, rel_row, REL_M, slope, softcap_k, softcap,
+                          SOFTCAP, BIAS, TRANS, DOT_PRECISION)
+    else:
+        s = _mul_rn(qk, scale, DOT_PRECISION)
+        r = qk
     if TRANS:
         p = tl.math.exp2((s - lse[None, :]) * LOG2E)
-        if MASKED:
-            allowed = (offs_n[:, None] < klen) & (offs_n[:, None] <= offs_m[None, :] + CAUSAL_SHIFT)
-            p = tl.where(allowed, p, 0.0)
     else:
         p = tl.math.exp2((s - lse[:, None]) * LOG2E)
-        if MASKED:
-            allowed = (offs_n[None, :] < klen) & (offs_n[None, :] <= offs_m[:, None] + CAUSAL_SHIFT)
-            p = tl.where(allowed, p, 0.0)
-    return p
+    if MASKED:
+        p = tl.where(_allowed(offs_m, offs_n, klen, CAUSAL_SHIFT, WINDOW_SHIFT, WINDOW, TRANS), p, 0.0)
+    return p, r
 
 
 @triton.jit
 def _dkdv_loop(dk_acc, dv_acc, k, v, q_base, do_base, k_base, v_base, LSE, Delta, row_base,
                it_lo, it_hi, m_first, m_skip, m_second, offs_m0, offs_n, offs_n0, n_ok, offs_d, offs_dv,
                klen, Lq, D, Dv, CAUSAL_SHIFT, scale, stride_qm, stride_dom, stride_kn, stride_vn,
+               WINDOW_SHIFT, DIST_SHIFT, REL, rel_row, REL_M, slope, softcap_k, softcap,
                MASKED: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DC: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, BIAS: tl.constexpr):
     """Query tiles it_lo..it_hi of one key tile: tile t starts at m_first + t * BLOCK_M, and
     tiles from index m_skip on jump to m_second (the masked loop covers the causal diagonal
     tiles and the query tail with one body). Rows >= Lq load as 0 and contribute nothing."""
@@ -343,7 +349,9 @@ def _dkdv_loop(dk_acc, dv_acc, k, v, q_base, do_base, k_base, v_base, LSE, Delta
             qkT = _chunked_dot(k_base, offs_n0 * stride_kn, offs_n0, n_ok, qb, offs_m0 * stride_qm, offs_m0, m_ok,
                                D, BLOCK_N, BLOCK_M, BLOCK_D, BLOCK_DC, EVEN, DOT_PRECISION)
         lse = tl.load(LSE + row_base + offs_m, mask=offs_m < Lq, other=0.0)
-        pT = _bwd_probs(qkT, lse, offs_m, offs_n, klen, CAUSAL_SHIFT, scale, MASKED, True, DOT_PRECISION)
+        pT, rT = _bwd_probs(qkT, lse, offs_m, offs_n, klen, CAUSAL_SHIFT, scale, WINDOW_SHIFT, DIST_SHIFT, REL,
+                            rel_row, REL_M, slope, softcap_k, softcap, MASKED, True, WINDOW, SOFTCAP, BIAS,
+                            DOT_PRECISION)
         do = _ld(dob + do_offs, offs_m0, m_ok, offs_dv, Dv, MASKED, not EVEN)
         dv_acc = _mma_acc(pT.to(do.dtype), do, dv_acc, DOT_PRECISION)
         if BLOCK_DC == BLOCK_D:
@@ -353,6 +361,8 @@ def _dkdv_loop(dk_acc, dv_acc, k, v, q_base, do_base, k_base, v_base, LSE, Delta
                                m_ok, Dv, BLOCK_N, BLOCK_M, BLOCK_DV, BLOCK_DC, EVEN, DOT_PRECISION)
         delta = tl.load(Delta + row_base + offs_m, mask=offs_m < Lq, other=0.0)
         dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:
+            dsT = dsT * ((rT - rT * rT) * 4.0)  # through the cap: 1 - tanh^2 = 4 r (1 - r)
         if BLOCK_DC != BLOCK_D:
             q = _ld(qb + q_offs, offs_m0, m_ok, offs_d, D, MASKED, not EVEN)
         dk_acc = _mma_acc(dsT.to(q.dtype), q, dk_acc, DOT_PRECISION)
@@ -368,14 +378,18 @@ def _attn_bwd_dkdv_dot(Q, K, V, KLEN, DO, LSE, Delta, DK, DV,
                        stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                        stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                        scale, H, Hk, Lq, Lk, D, Dv, CAUSAL_SHIFT,
+                       WINDOW_SHIFT, REL, SLOPES, REL_M, softcap_k, softcap,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_DV: tl.constexpr, BLOCK_DC: tl.constexpr, EVEN: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
+                       DOT_PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                       BIAS: tl.constexpr):
     """One program: BLOCK_N keys of one (b, kv head); loops over the group's query heads and
     the query tiles that can see these keys. LSE and Delta are contiguous (B, H, Lq) float32.
     Query tiles strictly below the causal diagonal of a key tile that lies below key_lengths
     run unmasked; the diagonal tiles, the query tail and key tiles crossing key_lengths run
-    masked. BLOCK_DC < BLOCK_D: K and V are not kept in registers."""
+    masked. BLOCK_DC < BLOCK_D: K and V are not kept in registers. Modifiers as in
+    ``_attn_fwd_dot`` (WINDOW: query tiles past every key's left bound are skipped, those
+    straddling it masked); the rel_bias gradient is the dQ kernel's."""
     tl.static_assert(BLOCK_M >= 16)
     tl.static_assert(BLOCK_N >= 16)
     tl.static_assert(BLOCK_D >= 16)
@@ -419,6 +433,14 @@ def _attn_bwd_dkdv_dot(Q, K, V, KLEN, DO, LSE, Delta, DK, DV,
     m_free = tl.maximum(start_n + BLOCK_N - 1 - CAUSAL_SHIFT, 0)
     m_free = tl.minimum(tl.maximum((m_free + BLOCK_M - 1) // BLOCK_M * BLOCK_M, m_lo), m_end)
     m_tail = tl.maximum(m_free, m_hi // BLOCK_M * BLOCK_M)
+    if WINDOW:
+        # rows i <= start_n + BLOCK_N - 1 - WINDOW_SHIFT see a key of the tile; tiles of rows all
+        # <= start_n - WINDOW_SHIFT see every key (left side); the rest of the range is masked
+        m_hi = tl.minimum(m_hi, tl.maximum(start_n + BLOCK_N - WINDOW_SHIFT, 0))
+        m_end = tl.maximum(m_lo, (m_hi + BLOCK_M - 1) // BLOCK_M * BLOCK_M)
+        m_free = tl.minimum(m_free, m_end)
+        m_wfree = tl.maximum(start_n - WINDOW_SHIFT + 1, 0) // BLOCK_M * BLOCK_M
+        m_tail = tl.maximum(m_free, tl.minimum(tl.minimum(m_tail, m_wfree), m_end))
     if start_n + BLOCK_N > klen:
         m_free = m_end  # the whole key tile is masked
         m_tail = m_end
@@ -429,20 +451,29 @@ def _attn_bwd_dkdv_dot(Q, K, V, KLEN, DO, LSE, Delta, DK, DV,
     dk_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for g in range(0, GROUP):
-        off_h64 = (off_hk * GROUP + g).to(tl.int64)
+        off_h = off_hk * GROUP + g
+        off_h64 = off_h.to(tl.int64)
         q_base = Q + off_b64 * stride_qb + off_h64 * stride_qh
         do_base = DO + off_b64 * stride_dob + off_h64 * stride_doh
         row_base = (off_b64 * H + off_h64) * Lq
+        rel_row = 0
+        slope = 0.0
+        if BIAS > 0:
+            rel_row = off_h * (2 * REL_M - 1)
+            if BIAS & 2:
+                slope = tl.load(SLOPES + off_b * H + off_h)
         dk_acc, dv_acc = _dkdv_loop(dk_acc, dv_acc, k, v, q_base, do_base, k_base, v_base, LSE, Delta, row_base,
                                     0, n_free, m_free, 0, 0, offs_m0, offs_n, offs_n0, n_ok, offs_d, offs_dv,
                                     klen, Lq, D, Dv, CAUSAL_SHIFT, scale, stride_qm, stride_dom,
-                                    stride_kn, stride_vn, False, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
-                                    BLOCK_DC, DOT_PRECISION)
+                                    stride_kn, stride_vn, WINDOW_SHIFT, Lk - Lq, REL, rel_row, REL_M, slope,
+                                    softcap_k, softcap, False, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+                                    BLOCK_DC, DOT_PRECISION, WINDOW, SOFTCAP, BIAS)
         dk_acc, dv_acc = _dkdv_loop(dk_acc, dv_acc, k, v, q_base, do_base, k_base, v_base, LSE, Delta, row_base,
                                     0, n_diag + n_tail, m_lo, n_diag, m_tail, offs_m0, offs_n, offs_n0, n_ok,
                                     offs_d, offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, scale, stride_qm,
-                                    stride_dom, stride_kn, stride_vn, True, EVEN, BLOCK_M, BLOCK_N, BLOCK_D,
-                                    BLOCK_DV, BLOCK_DC, DOT_PRECISION)
+                                    stride_dom, stride_kn, stride_vn, WINDOW_SHIFT, Lk - Lq, REL, rel_row, REL_M,
+                                    slope, softcap_k, softcap, True, EVEN, BLOCK_M, BLOCK_N, BLOCK_D,
+                                    BLOCK_DV, BLOCK_DC, DOT_PRECISION, WINDOW, SOFTCAP, BIAS)
 
     dk_acc = dk_acc * scale
     dk_ptrs = (DK + off_b64 * stride_dkb + off_hk64 * stride_dkh + tl.cast(start_n, tl.int64) * stride_dkn
@@ -462,9 +493,11 @@ def _attn_bwd_dkdv_dot(Q, K, V, KLEN, DO, LSE, Delta, DK, DV,
 @triton.jit
 def _dq_loop(dq_acc, q, do, lse, delta, q_base, do_base, k_base, v_base, lo, hi, offs_m, offs_n0,
              offs_d, offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, scale, stride_qm, stride_dom, stride_kn,
-             stride_vn, MASKED: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr,
+             stride_vn, WINDOW_SHIFT, DIST_SHIFT, REL, rel_row, REL_M, slope, softcap_k, softcap,
+             start_m, drel_p, skew_p, below, above,
+             MASKED: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DC: tl.constexpr,
-             DOT_PRECISION: tl.constexpr):
+             DOT_PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, BIAS: tl.constexpr):
     k_offs = offs_n0[:, None] * stride_kn + offs_d[None, :]
     v_offs = offs_n0[:, None] * stride_vn + offs_dv[None, :]
     for start_n in range(lo, hi, BLOCK_N):
@@ -477,8 +510,9 @@ def _dq_loop(dq_acc, q, do, lse, delta, q_base, do_base, k_base, v_base, lo, hi,
         else:
             qk = _chunked_dot(q_base, offs_m.to(tl.int64) * stride_qm, offs_m, Lq, kb, offs_n0 * stride_kn, offs_n0,
                               n_ok, D, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DC, EVEN, DOT_PRECISION)
-        p = _bwd_probs(qk, lse, offs_m, start_n + offs_n0, klen, CAUSAL_SHIFT, scale, MASKED, False,
-                      DOT_PRECISION)
+        p, r = _bwd_probs(qk, lse, offs_m, start_n + offs_n0, klen, CAUSAL_SHIFT, scale, WINDOW_SHIFT,
+                          DIST_SHIFT, REL, rel_row, REL_M, slope, softcap_k, softcap, MASKED, False, WINDOW,
+                          SOFTCAP, BIAS, DOT_PRECISION)
         if BLOCK_DC == BLOCK_D:
             v = _ld(vb + v_offs, offs_n0, n_ok, offs_dv, Dv, MASKED, not EVEN)
             dp = _mma(do, tl.trans(v), DOT_PRECISION)
@@ -486,8 +520,13 @@ def _dq_loop(dq_acc, q, do, lse, delta, q_base, do_base, k_base, v_base, lo, hi,
             dp = _chunked_dot(do_base, offs_m.to(tl.int64) * stride_dom, offs_m, Lq, vb, offs_n0 * stride_vn,
                               offs_n0, n_ok, Dv, BLOCK_M, BLOCK_N, BLOCK_DV, BLOCK_DC, EVEN, DOT_PRECISION)
         ds = p * (dp - delta[:, None])
+        if BIAS & 1:  # d rel_bias: dS of the final score, summed along the tile's diagonals
+            below, above = _drel_tile(ds, start_n - start_m - DIST_SHIFT, skew_p, drel_p, REL_M, below, above,
+                                      BLOCK_M, BLOCK_N)
+        if SOFTCAP:
+            ds = ds * ((r - r * r) * 4.0)  # through the cap: 1 - tanh^2 = 4 r (1 - r)
         dq_acc = _mma_acc(ds.to(k.dtype), k, dq_acc, DOT_PRECISION)
-    return dq_acc
+    return dq_acc, below, above
 
 
 @triton.jit(do_not_specialize=SIZE_ARGS)
@@ -498,11 +537,16 @@ def _attn_bwd_dq_dot(Q, K, V, KLEN, DO, LSE, Delta, DQ,
                      stride_dob, stride_doh, stride_dom, stride_dod,
                      stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                      scale, H, Hk, Lq, Lk, D, Dv, CAUSAL_SHIFT,
+                     WINDOW_SHIFT, REL, SLOPES, REL_M, softcap_k, softcap, DREL, SKEW,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_DV: tl.constexpr, BLOCK_DC: tl.constexpr, EVEN: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
+                     DOT_PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                     BIAS: tl.constexpr):
     """One program: BLOCK_M query rows of one (b, h); loops over the allowed key tiles, the
-    ones every row sees unmasked. BLOCK_DC < BLOCK_D: Q and dO are not kept in registers."""
+    ones every row sees unmasked. BLOCK_DC < BLOCK_D: Q and dO are not kept in registers.
+    Modifiers as in ``_attn_fwd_dot``; BIAS & 1 also writes this program's partial rel_bias
+    gradient (``common._drel_program``: DREL (B, H, cdiv(Lq, BLOCK_M), 2M - 1) float32 zeros,
+    SKEW scratch), which the launcher sums in a fixed order."""
     tl.static_assert(BLOCK_M >= 16)
     tl.static_assert(BLOCK_N >= 16)
     tl.static_assert(BLOCK_D >= 16)
@@ -547,15 +591,52 @@ def _attn_bwd_dq_dot(Q, K, V, KLEN, DO, LSE, Delta, DQ,
     n_free = tl.minimum(klen, start_m + CAUSAL_SHIFT + 1)
     n_full = tl.maximum(tl.minimum(n_free, n_hi) // BLOCK_N * BLOCK_N, 0)
 
+    # -- modifiers --
+    rel_row = 0
+    slope = 0.0
+    if BIAS > 0:
+        rel_row = off_h * (2 * REL_M - 1)
+        if BIAS & 2:
+            slope = tl.load(SLOPES + off_bh)
+    drel_p = DREL
+    skew_p = SKEW
+    below = tl.zeros([], dtype=tl.float32)
+    above = tl.zeros([], dtype=tl.float32)
+    if BIAS & 1:
+        drel_p, skew_p = _drel_program(DREL, SKEW, off_bh.to(tl.int64) * tl.num_programs(0) + pid_m, REL_M,
+                                       BLOCK_M, BLOCK_N)
+
     dq_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq_acc = _dq_loop(dq_acc, q, do, lse, delta, q_base, do_base, k_base, v_base, 0, n_full, offs_m, offs_n0,
-                      offs_d, offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, scale, stride_qm, stride_dom,
-                      stride_kn, stride_vn, False, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_DC,
-                      DOT_PRECISION)
-    dq_acc = _dq_loop(dq_acc, q, do, lse, delta, q_base, do_base, k_base, v_base, n_full, n_hi, offs_m,
-                      offs_n0, offs_d, offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, scale, stride_qm,
-                      stride_dom, stride_kn, stride_vn, True, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
-                      BLOCK_DC, DOT_PRECISION)
+    n_lo = 0
+    if WINDOW:
+        # [n_lo, n_mid): tiles straddling the left bound of some row (masked); tiles left of
+        # every row's window are skipped
+        i_max = tl.minimum(start_m + BLOCK_M, Lq) - 1
+        n_lo = tl.maximum(start_m + WINDOW_SHIFT, 0) // BLOCK_N * BLOCK_N
+        n_mid = tl.maximum(tl.minimum((tl.maximum(i_max + WINDOW_SHIFT, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N,
+                                      n_hi), n_lo)
+        dq_acc, below, above = _dq_loop(
+            dq_acc, q, do, lse, delta, q_base, do_base, k_base, v_base, n_lo, n_mid, offs_m, offs_n0, offs_d,
+            offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, scale, stride_qm, stride_dom, stride_kn, stride_vn,
+            WINDOW_SHIFT, Lk - Lq, REL, rel_row, REL_M, slope, softcap_k, softcap, start_m, drel_p, skew_p,
+            below, above, True, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_DC, DOT_PRECISION, WINDOW,
+            SOFTCAP, BIAS)
+        n_lo = n_mid
+        n_full = tl.maximum(n_full, n_mid)
+    dq_acc, below, above = _dq_loop(
+        dq_acc, q, do, lse, delta, q_base, do_base, k_base, v_base, n_lo, n_full, offs_m, offs_n0, offs_d,
+        offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, scale, stride_qm, stride_dom, stride_kn, stride_vn,
+        WINDOW_SHIFT, Lk - Lq, REL, rel_row, REL_M, slope, softcap_k, softcap, start_m, drel_p, skew_p,
+        below, above, False, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_DC, DOT_PRECISION, WINDOW,
+        SOFTCAP, BIAS)
+    dq_acc, below, above = _dq_loop(
+        dq_acc, q, do, lse, delta, q_base, do_base, k_base, v_base, n_full, n_hi, offs_m, offs_n0, offs_d,
+        offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, scale, stride_qm, stride_dom, stride_kn, stride_vn,
+        WINDOW_SHIFT, Lk - Lq, REL, rel_row, REL_M, slope, softcap_k, softcap, start_m, drel_p, skew_p,
+        below, above, True, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_DC, DOT_PRECISION, WINDOW,
+        SOFTCAP, BIAS)
+    if BIAS & 1:
+        _drel_ends(drel_p, REL_M, below, above)
 
     dq_acc = dq_acc * scale
     dq_ptrs = (DQ + off_b64 * stride_dqb + off_h64 * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqm

@@ -10,6 +10,9 @@ key lengths including 0 (fully masked rows), grouped heads, pre-activations scal
 and 1e4 (saturated tanh: the direct-tanh tiles), transposed (B, L, H, D) inputs,
 fp32/fp16/bf16 and the flash-decoding split path. Interpreter block sizes are
 ``INTERPRET_CONFIG`` in the kernel modules (Lq, Lk = 97 and 257 span several tiles).
+Score modifiers (window, softcap, rel_bias, ALiBi): ``MODS`` below, on sizes that span several
+tiles (skipped, straddling and unmasked tiles); the one-tile combinations are generated in
+``test_backends.py::MODIFIER_CASES``.
 """
 from __future__ import annotations
 
@@ -436,6 +439,35 @@ def test_compile_check_sass_analysis():
     assert g.ctas_per_sm(80, 32, 128, 0) == 16           # 2048 threads / 128
 
 
+def test_compile_check_covers_every_modifier_variant():
+    """Every main-kernel configuration the launchers can pick is compiled without modifiers and
+    with all of them on (the superset of each flag's code, see ``variants``; dot kernels with
+    score modifiers on ``dot.score_mods_config``, as the launcher picks)."""
+    from fusedattn.kernels import dot
+    from fusedattn.tools import gpu_compile_check as g
+    main = ("_attn_fwd_dot", "_attn_bwd_dkdv_dot", "_attn_bwd_dq_dot", "_attn_fwd_additive",
+            "_attn_bwd_dkdv_additive_mods", "_attn_bwd_dq_additive_mods")
+    flags = ("WINDOW", "BIAS", "SOFTCAP")
+    for arch in (80, 90):
+        rows = [v for v in g.variants(arch=arch) if v["kernel"] in main]
+        every = {(v["kernel"], v["dtype"], v["out_dtype"], v["variant"][:-len("+mods")],
+                  tuple(sorted(v["config"].items()))) for v in rows if v["variant"].endswith("+mods")}
+        n = 0
+        for v in rows:
+            cfg = v["config"]
+            if any(cfg.get(f) for f in flags):
+                continue
+            want = dict(cfg, WINDOW=True, BIAS=3)
+            if "dot" in v["kernel"]:
+                kind = g.DOT_KIND[v["kernel"]]
+                want = dict(want, SOFTCAP=True)
+                want = dot.score_mods_config(want, cfg["BLOCK_D"], kind, v["dtype"] == "fp32")
+            key = (v["kernel"], v["dtype"], v["out_dtype"], v["variant"], tuple(sorted(want.items())))
+            assert key in every, key
+            n += 1
+        assert n == len(every) > 0, arch
+
+
 def test_compile_check_json_fields():
     from fusedattn.tools import gpu_compile_check as g
     row = {k: 0 for k in g.JSON_FIELDS}
@@ -500,3 +532,65 @@ def test_constant_softmax_has_exactly_zero_gradients(score):
     case = Case(score=score, B=1, H=2, Hk=2, Lq=17, Lk=1, D=16, Dv=63, magnitude=mag)
     fused = _grads_vs_rule(case, lambda *t: t, ("out", "dv"))
     assert (fused["dq"] == 0).all() and (fused["dk"] == 0).all()
+
+
+# ------------------------------------------------------------------------------ score modifiers
+MODS = [
+    # dot: window wider than a tile (interior tiles unmasked, left tiles skipped), rel_bias, GQA
+    Case(score="dot", B=1, H=2, Hk=1, Lq=97, Lk=257, D=40, Dv=24, window=(100, 20), rel_bias=50,
+         lengths=(200,)),
+    Case(score="dot", B=2, H=2, Hk=2, Lq=97, Lk=97, D=64, Dv=64, window=(70, -1), causal=True, softcap=5.0,
+         alibi="BH", dtype=F16),
+    Case(score="dot", B=1, H=4, Hk=2, Lq=17, Lk=97, D=16, Dv=16, softcap=2.0, rel_bias=300, alibi="H",
+         dtype=BF16),
+    Case(score="dot", B=2, H=2, Hk=1, Lq=1, Lk=257, D=16, Dv=16, window=(40, 0), rel_bias=3,
+         lengths=(257, 100)),                                                        # decode split
+    Case(score="dot", B=1, H=1, Hk=1, Lq=97, Lk=17, D=16, Dv=16, window=(0, 0), softcap=1.0),
+    # additive: the same modifiers (no softcap)
+    Case(B=1, H=2, Hk=1, Lq=97, Lk=64, D=40, Dv=24, window=(20, 20), rel_bias=9, alibi="H"),
+    Case(B=2, H=1, Hk=1, Lq=17, Lk=257, D=16, Dv=16, window=(-1, 3), alibi="BH", lengths=(257, 100),
+         dtype=F16),
+    Case(B=1, H=2, Hk=2, Lq=64, Lk=97, D=16, Dv=16, window=(40, 0), rel_bias=70, dtype=BF16),
+]
+
+
+@pytest.mark.parametrize("case", MODS, ids=str)
+def test_modifiers(case):
+    testing.check_backend(case, "triton")
+
+
+def _run_mods(case, k=None, v=None):
+    q, k0, v0, w, lengths = testing.make_inputs(case)
+    k, v = (k0 if k is None else k), (v0 if v is None else v)
+    mods = testing.make_modifiers(case)
+    dout = testing._dout(case, "cpu")
+    return testing.run(case, "triton", q, k, v, w, lengths, dout, mods), (k0, v0)
+
+
+@pytest.mark.parametrize("score", ["additive", "dot"])
+def test_tiles_outside_the_window_are_skipped(score):
+    """Keys whose whole key tile lies outside every row's window (left of it, or right of it with
+    causal) are never loaded: NaN there changes nothing, forward or backward (a masked tile would
+    turn it into NaN through P @ V)."""
+    case = Case(score=score, B=1, H=1, Hk=1, Lq=64, Lk=257, D=16, Dv=16, window=(20, 0), rel_bias=4)
+    clean, (k, v) = _run_mods(case)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, :128] = float("nan")  # queries 0..63 see keys 173..256 (window 20, shift 193)
+    v2[:, :, :128] = float("nan")
+    dirty, _ = _run_mods(case, k2, v2)
+    for name in clean:
+        if name in ("dk", "dv"):
+            assert torch.equal(clean[name][:, :, 128:], dirty[name][:, :, 128:]), name
+            assert (dirty[name][:, :, :128] == 0).all(), name
+        else:
+            assert torch.equal(clean[name], dirty[name]), name
+
+
+@pytest.mark.parametrize("score", ["additive", "dot"])
+def test_rel_bias_gradient_is_deterministic(score):
+    """d rel_bias is summed without atomics (per-query-tile partials of diagonal sums, reduced in a
+    fixed order): two runs agree bit for bit."""
+    case = Case(score=score, B=2, H=2, Hk=1, Lq=97, Lk=97, D=16, Dv=16, rel_bias=40, causal=True)
+    a, _ = _run_mods(case)
+    b, _ = _run_mods(case)
+    assert torch.equal(a["drel_bias"], b["drel_bias"])

@@ -29,10 +29,12 @@ from fusedattn.kernels import additive_bwd as _addb
 from fusedattn.kernels import dot as _dot
 from fusedattn.kernels.common import _attn_bwd_preprocess, _attn_fwd_merge
 
-from .base import Backend
+from ..spec import AttnSpec
+from .base import Backend, Grads
 
 DECODE_MAX_LQ = 16
 MAX_HEAD_DIM = 256
+BWD_DV_CHUNK = 64  # additive backward with modifiers: Dv in chunks of this many columns
 MAX_SPLITS = 64
 MAX_GRID_Y = 65535  # CUDA limit on grid axis 1, which carries the (batch, head) index
 # compile options of every launch: FMA contraction on (the instruction counts of the compile check
@@ -100,9 +102,73 @@ def _klen(key_lengths: Optional[torch.Tensor], B: int, Lk: int, device) -> torch
     return _flat(key_lengths.to(device=device, dtype=torch.int32))
 
 
-def _causal_shift(causal: bool, Lq: int, Lk: int) -> int:
-    """Key j is allowed for query i iff j <= i + shift; non-causal: shift = Lk (always true)."""
-    return Lk - Lq if causal else Lk
+def _causal_shift(right: int, Lq: int, Lk: int) -> int:
+    """Key j is allowed for query i iff j <= i + shift (the window's right side, causal: right = 0);
+    right = -1 (unbounded): shift = Lk (always true)."""
+    return Lk - Lq + right if right >= 0 else Lk
+
+
+def _spec(score: str, key_lengths, causal: bool, scale: float = 1.0) -> AttnSpec:
+    """The spec of a legacy launcher call (key_lengths and causal only)."""
+    return AttnSpec(score=score, scale=scale, window_right=0 if causal else -1, key_lengths=key_lengths)
+
+
+_DUMMY: dict = {}
+
+
+def _dummy(device) -> torch.Tensor:
+    """A small aligned float32 buffer passed for absent modifier tensors (never read)."""
+    key = str(device)
+    if key not in _DUMMY:
+        _DUMMY[key] = torch.zeros(16, dtype=torch.float32, device=device)
+    return _DUMMY[key]
+
+
+def _mods(spec: AttnSpec, B: int, H: int, Lq: int, Lk: int, device):
+    """The modifiers of ``spec`` as kernel arguments: (CAUSAL_SHIFT, runtime args in kernel order
+    (WINDOW_SHIFT, REL, SLOPES, REL_M[, softcap_k, softcap] for dot), constexpr flags).
+    rel_bias goes as float32 (H, 2M - 1) contiguous, alibi slopes as float32 (B, H) contiguous."""
+    left = spec.window_left
+    shift = _causal_shift(spec.window_right, Lq, Lk)
+    rb, al = spec.rel_bias, spec.alibi_slopes
+    rel = _flat(rb.to(device)) if rb is not None else _dummy(device)
+    slopes = _flat(al.to(device).float().expand(B, H)) if al is not None else _dummy(device)
+    M = (rb.shape[-1] + 1) // 2 if rb is not None else 1
+    args = [Lk - Lq - left if left >= 0 else 0, rel, slopes, M]
+    flags = dict(WINDOW=left >= 0, BIAS=(1 if rb is not None else 0) | (2 if al is not None else 0))
+    if not spec.additive:
+        cap = float(spec.softcap)
+        args += [2.0 * float(spec.scale) * _LOG2E / cap if cap > 0 else 0.0, cap]
+        flags["SOFTCAP"] = cap > 0
+    return shift, args, flags
+
+
+_LOG2E = 1.4426950408889634
+
+
+def _score_mods(spec: AttnSpec) -> bool:
+    """Per-element score modifiers (dot kernels: their own configs, ``kernels.dot.score_mods_config``)."""
+    return spec.softcap > 0 or spec.rel_bias is not None or spec.alibi_slopes is not None
+
+
+def _drel_scratch(spec: AttnSpec, B: int, H: int, Lq: int, cfg_q: dict, device):
+    """(DREL, SKEW) of the dQ kernels (``kernels.common._drel_program``): per-program partial
+    rel_bias gradients (zeros, (B, H, query tiles, 2M - 1)) and skew scratch; dummies without
+    rel_bias."""
+    if spec.rel_bias is None:
+        return _dummy(device), _dummy(device)
+    n_mt = triton.cdiv(Lq, cfg_q["BLOCK_M"])
+    drel = torch.zeros(B, H, n_mt, spec.rel_bias.shape[-1], dtype=torch.float32, device=device)
+    skew = torch.empty(B * H * n_mt * 2 * cfg_q["BLOCK_M"] * cfg_q["BLOCK_N"], dtype=torch.float32,
+                       device=device)
+    return drel, skew
+
+
+def _drel_result(spec: AttnSpec, drel: torch.Tensor):
+    """d rel_bias (H, 2M - 1): the partials summed over batch and query tiles (a fixed order)."""
+    if spec.rel_bias is None:
+        return None
+    return drel.sum(dim=(0, 2)).to(spec.rel_bias.dtype)
 
 
 class TritonBackend(Backend):
@@ -110,6 +176,7 @@ class TritonBackend(Backend):
     devices = frozenset({"cuda", "cpu"}) if interpreting() else frozenset({"cuda"})
     dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
     max_head_dim = MAX_HEAD_DIM
+    modifiers = frozenset({"key_lengths", "causal", "window", "softcap", "rel_bias", "alibi"})
     description = ("fused Triton kernels (FlashAttention-2 forward/backward, online softmax, "
                    "flash-decoding); CPU tensors only under TRITON_INTERPRET=1")
 
@@ -123,17 +190,38 @@ class TritonBackend(Backend):
             return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU)"
         return None
 
+    # -- entry points (the spec's modifiers) ---------------------------------------
+    def forward(self, spec, q, k, v, w):
+        if spec.varlen:
+            return super().forward(spec, q, k, v, w)
+        return _forward(spec, q, k, v, w if spec.additive else None, None)
+
+    def backward(self, spec, dout, q, k, v, w, out, lse):
+        if spec.varlen:
+            return super().backward(spec, dout, q, k, v, w, out, lse)
+        if spec.additive:
+            return Grads(*self._additive_backward(spec, dout, q, k, v, w, out, lse))
+        dq, dk, dv, drel = self._dot_backward(spec, dout, q, k, v, out, lse)
+        return Grads(dq, dk, dv, None, drel)
+
     # -- forward ----------------------------------------------------------------
     def additive_forward(self, q, k, v, w, key_lengths, causal, num_splits=None):
-        return _forward("additive", q, k, v, w, key_lengths, 1.0, causal, num_splits)
+        return _forward(_spec("additive", key_lengths, causal), q, k, v, w, num_splits)
 
     def dot_forward(self, q, k, v, key_lengths, scale, causal, num_splits=None):
-        if scale < 0:  # the kernels track the row max of q . k: scale * q . k = |scale| * (-q) . k
-            q, scale = -q, -scale
-        return _forward("dot", q, k, v, None, key_lengths, scale, causal, num_splits)
+        return _forward(_spec("dot", key_lengths, causal, scale), q, k, v, None, num_splits)
 
     # -- backward ---------------------------------------------------------------
     def additive_backward(self, dout, q, k, v, w, key_lengths, causal, out, lse):
+        return self._additive_backward(_spec("additive", key_lengths, causal), dout, q, k, v, w, out, lse)[:4]
+
+    def dot_backward(self, dout, q, k, v, key_lengths, scale, causal, out, lse):
+        return self._dot_backward(_spec("dot", key_lengths, causal, scale), dout, q, k, v, out, lse)[:3]
+
+    def _additive_backward(self, spec, dout, q, k, v, w, out, lse):
+        if spec.window_left >= 0 or spec.rel_bias is not None or spec.alibi_slopes is not None:
+            return self._additive_backward_mods(spec, dout, q, k, v, w, out, lse)
+        key_lengths = spec.key_lengths
         check_grid(q, k)
         A_user, Dv_user, w_dtype = q.shape[-1], v.shape[-1], w.dtype
         q, k, v, w, dout, out = _aligned(q, k, v, w.float(), dout, out)
@@ -143,7 +231,7 @@ class TritonBackend(Backend):
         BLOCK_DV = cfg["BLOCK_DV"]  # Dv is walked in chunks of this many columns
         blk, xb = cfg["BLOCK"], cfg["XB"]
         klen = _klen(key_lengths, B, Lk, q.device)
-        shift = _causal_shift(causal, Lq, Lk)
+        shift = _causal_shift(spec.window_right, Lq, Lk)
         lse = _flat(lse)
         delta = _delta(out, dout, delta_shape(dict(BLOCK_M=blk, BLOCK_N=xb), BLOCK_DV, BLOCK_DV,
                                               q.dtype == torch.float32))
@@ -173,12 +261,68 @@ class TritonBackend(Backend):
         dk.copy_(dkt[:, :, :A_user, :Lk].transpose(-1, -2))
         dv = dv32[:, :, :Lk, :Dv_user].to(v.dtype).contiguous()
         dw = dwt[:, :, :A_user, :Lq].sum(dim=(0, 3))  # per-row partials, fixed order
-        return dq, dk, dv, dw.to(w_dtype)
+        return dq, dk, dv, dw.to(w_dtype), None
 
-    def dot_backward(self, dout, q, k, v, key_lengths, scale, causal, out, lse):
-        if scale < 0:  # as in dot_forward: s = |scale| * (-q) . k, and dq = -(d/d(-q))
-            dq, dk, dv = self.dot_backward(dout, -q, k, v, key_lengths, -scale, causal, out, lse)
-            return -dq, dk, dv
+
+    def _additive_backward_mods(self, spec, dout, q, k, v, w, out, lse):
+        """The additive backward with a left window edge, rel_bias or ALiBi: the earlier two-kernel
+        form (``kernels/additive.py``, about 3.8 MUFU per triple) that carries the score modifiers;
+        ``kernels/additive_bwd.py`` (2 MUFU per triple) serves every other call."""
+        key_lengths = spec.key_lengths
+        check_grid(q, k)
+        A_user, Dv_user, w_dtype = q.shape[-1], v.shape[-1], w.dtype
+        q, k, v, w, dout, out = _aligned(q, k, v, w.float(), dout, out)
+        B, H, Lq, A = q.shape
+        _, Hk, Lk, Dv = v.shape
+        # the backward walks Dv in chunks (64 columns, 32 for float32)
+        # (at least 32 columns: the 16-column variant spills on sm_80)
+        BLOCK_DV = max(32, min(BWD_DV_CHUNK // (2 if q.dtype == torch.float32 else 1), block_dim(Dv)))
+        if interpreting():
+            cfg_kv = cfg_q = dict(_add.INTERPRET_CONFIG)
+        else:
+            cfg_kv, cfg_q = _add.prune_bwd_configs(BLOCK_DV, q.dtype == torch.float32)
+        klen = _klen(key_lengths, B, Lk, q.device)
+        shift, margs, flags = _mods(spec, B, H, Lq, Lk, q.device)
+        drel, skew = _drel_scratch(spec, B, H, Lq, cfg_q, q.device)
+        lse = _flat(lse)
+        delta = _delta(out, dout, delta_shape(cfg_q, BLOCK_DV, BLOCK_DV, q.dtype == torch.float32))
+        eq, qmax = _exp_table(q, torch.full((B,), Lq, dtype=torch.int32, device=q.device))
+        ek, kmax = _key_table(k, klen, key_lengths)
+        dkt = torch.zeros(B, Hk, A, _pad(Lk), dtype=torch.float32, device=q.device)
+        dv32 = torch.zeros(B, Hk, _pad(Lk), triton.cdiv(Dv, BLOCK_DV) * BLOCK_DV, dtype=torch.float32,
+                           device=q.device)
+        dqt = torch.zeros(B, H, A, _pad(Lq), dtype=torch.float32, device=q.device)
+        dwt = torch.zeros_like(dqt)
+        common = dict(FAST_RCP=not interpreting(), DOT_PRECISION=dot_precision(q.dtype))
+        grid = (triton.cdiv(Lk, cfg_kv["BLOCK_N"]), B * Hk)
+        _add._attn_bwd_dkdv_additive_mods[grid](
+            q, k, v, w, eq, ek, qmax, kmax, klen, dout, lse, delta, dkt, dv32,
+            *q.stride(), *k.stride(), *v.stride(), *w.stride(),
+            *eq.stride()[:3], *ek.stride()[:3], *dout.stride(),
+            *dkt.stride()[:3], *dv32.stride(),
+            H, Hk, Lq, Lk, A, Dv, shift, *margs,
+            BLOCK_DV=BLOCK_DV, **cfg_kv, **common, **flags, **LAUNCH_OPTS)
+        grid = (triton.cdiv(Lq, cfg_q["BLOCK_M"]), B * H)
+        _add._attn_bwd_dq_additive_mods[grid](
+            q, k, v, w, eq, ek, qmax, kmax, klen, dout, lse, delta, dqt, dwt,
+            *q.stride(), *k.stride(), *v.stride(), *w.stride(),
+            *eq.stride()[:3], *ek.stride()[:3], *dout.stride(),
+            *dqt.stride()[:3],
+            H, Hk, Lq, Lk, A, Dv, shift, *margs, drel, skew,
+            BLOCK_DV=BLOCK_DV, **cfg_q, **common, **flags, **LAUNCH_OPTS)
+        dq = torch.empty(*q.shape[:-1], A_user, dtype=q.dtype, device=q.device)
+        dq.copy_(dqt[:, :, :A_user, :Lq].transpose(-1, -2))
+        dk = torch.empty(*k.shape[:-1], A_user, dtype=k.dtype, device=k.device)
+        dk.copy_(dkt[:, :, :A_user, :Lk].transpose(-1, -2))
+        dv = dv32[:, :, :Lk, :Dv_user].to(v.dtype).contiguous()
+        dw = dwt[:, :, :A_user, :Lq].sum(dim=(0, 3))  # per-row partials (zero in the padding), fixed order
+        return dq, dk, dv, dw.to(w_dtype), _drel_result(spec, drel)
+
+    def _dot_backward(self, spec, dout, q, k, v, out, lse):
+        if spec.scale < 0:  # as in _forward: s = |scale| * (-q) . k, and dq = -(d/d(-q))
+            dq, dk, dv, drel = self._dot_backward(spec.replace(scale=-spec.scale), dout, -q, k, v, out, lse)
+            return -dq, dk, dv, drel
+        key_lengths, scale = spec.key_lengths, spec.scale
         check_grid(q, k)
         D_user, Dv_user = q.shape[-1], v.shape[-1]
         q, k, v, dout, out = _aligned(q, k, v, dout, out)
@@ -189,9 +333,10 @@ class TritonBackend(Backend):
             cfg_kv = cfg_q = _dot.interpret_config(BLOCK_D, BLOCK_DV, False)
         else:
             cfg_kv, cfg_q = _dot.prune_bwd_configs(BLOCK_D, BLOCK_DV, q.dtype == torch.float32,
-                                                   _arch(q.device))
+                                                   _arch(q.device), _score_mods(spec))
         klen = _klen(key_lengths, B, Lk, q.device)
-        shift = _causal_shift(causal, Lq, Lk)
+        shift, margs, flags = _mods(spec, B, H, Lq, Lk, q.device)
+        drel, skew = _drel_scratch(spec, B, H, Lq, cfg_q, q.device)
         lse = _flat(lse)
         delta = _delta(out, dout, delta_shape(cfg_q, BLOCK_DV, cfg_q["BLOCK_DC"], q.dtype == torch.float32))
         dq = _empty_aligned(*q.shape, dtype=q.dtype, device=q.device)
@@ -203,13 +348,15 @@ class TritonBackend(Backend):
         _dot._attn_bwd_dkdv_dot[grid](
             q, k, v, klen, dout, lse, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-            float(scale), H, Hk, Lq, Lk, D, Dv, shift, **cfg_kv, **common, **LAUNCH_OPTS)
+            float(scale), H, Hk, Lq, Lk, D, Dv, shift, *margs, **cfg_kv, **common, **flags, **LAUNCH_OPTS)
         grid = (triton.cdiv(Lq, cfg_q["BLOCK_M"]), B * H)
         _dot._attn_bwd_dq_dot[grid](
             q, k, v, klen, dout, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-            float(scale), H, Hk, Lq, Lk, D, Dv, shift, **cfg_q, **common, **LAUNCH_OPTS)
-        return (dq[..., :D_user].contiguous(), dk[..., :D_user].contiguous(), dv[..., :Dv_user].contiguous())
+            float(scale), H, Hk, Lq, Lk, D, Dv, shift, *margs, drel, skew, **cfg_q, **common, **flags,
+            **LAUNCH_OPTS)
+        return (dq[..., :D_user].contiguous(), dk[..., :D_user].contiguous(), dv[..., :Dv_user].contiguous(),
+                _drel_result(spec, drel))
 
 
 def _pad(n: int) -> int:
@@ -362,8 +509,11 @@ def _delta(out: torch.Tensor, dout: torch.Tensor, shape: dict) -> torch.Tensor:
     return delta
 
 
-def _forward(score, q, k, v, w, key_lengths, scale, causal, num_splits):
+def _forward(spec, q, k, v, w, num_splits):
     """Shared forward launcher: single pass, or flash-decoding splits + LSE merge."""
+    if spec.score == "dot" and spec.scale < 0:  # the kernels track the row max of q . k:
+        q, spec = -q, spec.replace(scale=-spec.scale)  # scale * q . k = |scale| * (-q) . k
+    score, key_lengths, scale = spec.score, spec.key_lengths, spec.scale
     check_grid(q, k)
     Dv_user = v.shape[-1]
     q, k, v = _aligned(q, k, v)
@@ -383,7 +533,8 @@ def _forward(score, q, k, v, w, key_lengths, scale, causal, num_splits):
     elif score == "additive":
         cfg = _add.prune_fwd_config(BLOCK_DV, q.dtype == torch.float32, decode)
     else:
-        cfg = _dot.prune_fwd_config(BLOCK_D, BLOCK_DV, q.dtype == torch.float32, decode, _arch(q.device))
+        cfg = _dot.prune_fwd_config(BLOCK_D, BLOCK_DV, q.dtype == torch.float32, decode, _arch(q.device),
+                                    _score_mods(spec))
     # the dot kernel's rows are (query head of a kv group, query) pairs: B * Hk programs of
     # H / Hk * Lq rows each, so a GQA decode step shares each K/V tile among the group's heads
     heads, rows = (Hk, H // Hk * Lq) if score == "dot" else (H, Lq)
@@ -395,7 +546,7 @@ def _forward(score, q, k, v, w, key_lengths, scale, causal, num_splits):
     num_splits = triton.cdiv(Lk, split_n)
 
     klen = _klen(key_lengths, B, Lk, q.device)
-    shift = _causal_shift(causal, Lq, Lk)
+    shift, margs, flags = _mods(spec, B, H, Lq, Lk, q.device)
     out = _empty_aligned(B, H, Lq, Dv, dtype=q.dtype, device=q.device)
     lse = _empty_aligned(B, H, Lq, dtype=torch.float32, device=q.device)
     if num_splits == 1:
@@ -415,17 +566,17 @@ def _forward(score, q, k, v, w, key_lengths, scale, causal, num_splits):
             *q.stride(), *k.stride(), *v.stride(), *w.stride(),
             *eq.stride()[:3], *ek.stride()[:3],
             stride_os, *o_strides, stride_ls, *l_strides,
-            H, Hk, Lq, Lk, D, Dv, shift, split_n,
+            H, Hk, Lq, Lk, D, Dv, shift, split_n, *margs,
             BLOCK_DV=BLOCK_DV, FAST_RCP=not interpreting(), DOT_PRECISION=dot_precision(q.dtype),
-            **cfg, **LAUNCH_OPTS)
+            **cfg, **flags, **LAUNCH_OPTS)
     else:
         _dot._attn_fwd_dot[grid](
             q, k, v, klen, o_buf, l_buf,
             *q.stride(), *k.stride(), *v.stride(),
             stride_os, *o_strides, stride_ls, *l_strides,
-            float(scale), H, Hk, Lq, Lk, D, Dv, shift, split_n,
+            float(scale), H, Hk, Lq, Lk, D, Dv, shift, split_n, *margs,
             BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, EVEN=D == BLOCK_D and Dv == BLOCK_DV,
-            DOT_PRECISION=dot_precision(q.dtype), **cfg, **LAUNCH_OPTS)
+            DOT_PRECISION=dot_precision(q.dtype), **cfg, **flags, **LAUNCH_OPTS)
     if num_splits > 1:
         _attn_fwd_merge[(Lq, B * H)](
             o_buf, l_buf, out, lse, *o_buf.stride(), *l_buf.stride(), *out.stride(), *lse.stride(),

@@ -17,7 +17,8 @@ sm_90: 227 KB per block). ``--quick`` compiles a reduced set (fp16 and fp32; hea
 with exactly the fields of ``JSON_FIELDS``:
 
 - ``kernel``, ``arch``, ``dtype`` ("fp16" | "bf16" | "fp32"), ``variant`` ("", "decode",
-  "decode-split"; "+hdmask" for the dot kernels' head-dim-masked form), ``config`` (the
+  "decode-split"; "+hdmask" for the dot kernels' head-dim-masked form; "+mods", "+window",
+  "+softcap", "+rel", "+alibi" for score modifiers, see ``variants``), ``config`` (the
   constexprs and ``num_warps``/``num_stages``/``maxnreg``), ``head_dim`` (BLOCK_D for dot
   kernels; for additive kernels the A over which the per-tile work is amortized: 128),
 - ``regs``, ``spill_bytes`` (stack + local), ``shared`` (bytes of dynamic shared memory),
@@ -84,8 +85,9 @@ JSON_FIELDS = ("kernel", "arch", "dtype", "variant", "config", "head_dim", "regs
 
 # pointer arguments that are always float32 / int32 (everything else is in the input dtype)
 _FP32_PTRS = {"W", "EQ", "EK", "QMAX", "KMAX", "LSE", "Delta", "DKT", "DQT", "DWT", "ET", "XMAX",
-              "OP", "LSEP", "DPS", "RN"}
-_FP32_PTRS_BY_KERNEL = {"_attn_bwd_dkdv_additive": {"DV"}}
+              "OP", "LSEP", "DPS", "RN", "REL", "SLOPES", "DREL", "SKEW"}
+_FP32_SCALARS = {"scale", "softcap_k", "softcap"}
+_FP32_PTRS_BY_KERNEL = {"_attn_bwd_dkdv_additive": {"DV"}, "_attn_bwd_dkdv_additive_mods": {"DV"}}
 _I32_PTRS = {"KLEN", "XLEN"}
 # unit strides: the launchers make the last dimension contiguous, and Triton specializes an
 # integer argument equal to 1 as a constant, so this is the variant that runs
@@ -104,11 +106,31 @@ def _FWD_VARIANTS(dt):
     return (("", False, dt), ("decode", True, dt), ("decode-split", True, "fp32"))
 
 
+# score-modifier flags (constexprs of the main kernels); "+mods" turns every one on
+NO_MODS = dict(WINDOW=False, BIAS=0)
+ALL_MODS = dict(WINDOW=True, BIAS=3)
+SINGLE_MODS = {"window": dict(WINDOW=True), "rel": dict(BIAS=1), "alibi": dict(BIAS=2)}
+SINGLE_MODS_DTYPES = ("fp16",)  # the single-flag variants: fp16, widths 64 and 128
+SINGLE_MODS_WIDTHS = (64, 128)
+DOT_KIND = {"_attn_fwd_dot": "fwd", "_attn_bwd_dkdv_dot": "dkdv", "_attn_bwd_dq_dot": "dq"}
+
+
 def variants(quick: bool = False, arch: int = 90) -> list[dict]:
     """Every (kernel, dtype, constexpr/config) variant the launchers can pick on ``arch``.
     Dot kernels come in two head-dim variants: EVEN (D == BLOCK_D and Dv == BLOCK_DV: no
     head-dim masks) and masked (variant suffix "+hdmask"); additive kernels mask V and dO
-    loads per tile (8-element masks) and have one."""
+    loads per tile (8-element masks) and have one.
+
+    Score modifiers: each main kernel (forward, dK/dV, dQ of both scores) is compiled for every
+    configuration without modifiers and with all of them on (suffix "+mods": WINDOW, BIAS = 3
+    (rel_bias and ALiBi), and SOFTCAP for dot). A launch with only some flags on runs a subset of
+    that code: each flag adds its own code under a constexpr ``if`` (loop bounds and masks for
+    WINDOW; per-element score terms for SOFTCAP and BIAS; the rel_bias gradient's diagonal sums in
+    the dQ kernels) and no flag changes another's code or the configuration, so "+mods" is the
+    superset of every path and of the live values, which is what the register and spill limits
+    bound. The single-flag variants ("+window", "+softcap", "+rel", "+alibi") are compiled for
+    fp16 at head widths 64 and 128 (additive: Dv 64 and 128), EVEN, not decode, where their
+    per-element figures are reported against the base rows."""
     from fusedattn.backends.triton_backend import delta_shape
 
     additive, dot, _, additive_bwd = _kernels()
@@ -120,6 +142,26 @@ def variants(quick: bool = False, arch: int = 90) -> list[dict]:
         cfg = dict(cfg)
         out.append(dict(kernel=kernel, dtype=dtype, variant=variant, config=cfg, tile=tile,
                         score=score, out_dtype=out_dtype or dtype, head_dim=head_dim))
+
+    def add_mods(kernel, dtype, variant, cfg, tile, score, out_dtype, head_dim, width):
+        """the kernel without modifiers, with all of them, and (fp16, widths 64/128) each alone;
+        dot kernels with per-element score modifiers run ``dot.score_mods_config``"""
+        dot_flags = dict(SOFTCAP=False) if score == "dot" else {}
+        add(kernel, dtype, variant, dict(cfg, **NO_MODS, **dot_flags), tile, score, out_dtype, head_dim)
+
+        def mod_cfg(flags):
+            c = dict(cfg, **{**NO_MODS, **dot_flags, **flags})
+            if score == "dot" and (c["BIAS"] or c["SOFTCAP"]):
+                c = dot.score_mods_config(c, c["BLOCK_D"], DOT_KIND[kernel], dtype == "fp32")
+            t = (c["BLOCK_N"], c["BLOCK_M"]) if "dkdv" in kernel else (c["BLOCK_M"], c["BLOCK_N"])
+            return c, t
+
+        every = dict(ALL_MODS, **({"SOFTCAP": True} if score == "dot" else {}))
+        add(kernel, dtype, variant + "+mods", *mod_cfg(every), score, out_dtype, head_dim)
+        if dtype in SINGLE_MODS_DTYPES and width in SINGLE_MODS_WIDTHS and variant == "":
+            singles = dict(SINGLE_MODS, **({"softcap": dict(SOFTCAP=True)} if score == "dot" else {}))
+            for name, flags in singles.items():
+                add(kernel, dtype, f"{variant}+{name}", *mod_cfg(flags), score, out_dtype, head_dim)
 
     for dt in dtypes:
         prec = "tf32x3" if dt == "fp32" else "tf32"
@@ -145,10 +187,20 @@ def variants(quick: bool = False, arch: int = 90) -> list[dict]:
                     continue  # same signature as "decode"
                 cfg = additive.prune_fwd_config(bdv, dt == "fp32", decode)
                 cfg.update(BLOCK_DV=bdv, FAST_RCP=True, DOT_PRECISION=prec)
-                add("_attn_fwd_additive", dt, variant, cfg, (cfg["BLOCK_M"], cfg["BLOCK_N"]), "additive", odt,
-                    ADDITIVE_A)
-        # additive backward: one layout per padded A (features per thread, threads per row); Dv
-        # is walked in chunks of the config's BLOCK_DV columns
+                add_mods("_attn_fwd_additive", dt, variant, cfg, (cfg["BLOCK_M"], cfg["BLOCK_N"]), "additive",
+                         odt, ADDITIVE_A, bdv)
+            if not 32 <= bdv <= (32 if dt == "fp32" else 64):
+                continue  # the launcher's Dv chunk
+            # the earlier two-kernel backward: calls with a left window edge, rel_bias or ALiBi
+            kv, q = additive.prune_bwd_configs(bdv, dt == "fp32")
+            kv.update(BLOCK_DV=bdv, FAST_RCP=True, DOT_PRECISION=prec)
+            q.update(BLOCK_DV=bdv, FAST_RCP=True, DOT_PRECISION=prec)
+            add_mods("_attn_bwd_dkdv_additive_mods", dt, "", kv, (kv["BLOCK_N"], kv["BLOCK_M"]), "additive",
+                     None, ADDITIVE_A, bdv)
+            add_mods("_attn_bwd_dq_additive_mods", dt, "", q, (q["BLOCK_M"], q["BLOCK_N"]), "additive", None,
+                     ADDITIVE_A, bdv)
+        # additive backward (every other call): one layout per padded A (features per thread,
+        # threads per row); Dv is walked in chunks of the config's BLOCK_DV columns
         for ba in widths:
             cfg = additive_bwd.bwd_config(ba, dt == "fp32")
             cfg.update(FAST_RCP=True, DOT_PRECISION=prec)
@@ -161,13 +213,15 @@ def variants(quick: bool = False, arch: int = 90) -> list[dict]:
                 for variant, decode, odt in _FWD_VARIANTS(dt):
                     cfg = dot.prune_fwd_config(bd, bd, dt == "fp32", decode, arch)
                     cfg.update(BLOCK_D=bd, BLOCK_DV=bd, EVEN=even, DOT_PRECISION=prec)
-                    add("_attn_fwd_dot", dt, variant + sfx, cfg, (cfg["BLOCK_M"], cfg["BLOCK_N"]), "dot", odt,
-                        bd)
+                    add_mods("_attn_fwd_dot", dt, variant + sfx, cfg, (cfg["BLOCK_M"], cfg["BLOCK_N"]), "dot",
+                             odt, bd, bd if even else 0)
                 kv, q = dot.prune_bwd_configs(bd, bd, dt == "fp32", arch)
                 kv.update(BLOCK_D=bd, BLOCK_DV=bd, EVEN=even, DOT_PRECISION=prec)
                 q.update(BLOCK_D=bd, BLOCK_DV=bd, EVEN=even, DOT_PRECISION=prec)
-                add("_attn_bwd_dkdv_dot", dt, sfx, kv, (kv["BLOCK_N"], kv["BLOCK_M"]), "dot", None, bd)
-                add("_attn_bwd_dq_dot", dt, sfx, q, (q["BLOCK_M"], q["BLOCK_N"]), "dot", None, bd)
+                add_mods("_attn_bwd_dkdv_dot", dt, sfx, kv, (kv["BLOCK_N"], kv["BLOCK_M"]), "dot", None, bd,
+                         bd if even else 0)
+                add_mods("_attn_bwd_dq_dot", dt, sfx, q, (q["BLOCK_M"], q["BLOCK_N"]), "dot", None, bd,
+                         bd if even else 0)
     # drop exact duplicates (e.g. a decode config equal to the regular one)
     seen, unique = set(), []
     for v in out:
@@ -196,7 +250,7 @@ def _signature(fn, v):
             raise ValueError(f"size argument {name} is specialized (add it to do_not_specialize)")
         if name in cfg or name in _UNIT_STRIDES:
             sig[name] = "constexpr"
-        elif name == "scale":
+        elif name in _FP32_SCALARS:
             sig[name] = "fp32"
         elif name[0].isupper() and name not in SIZE_ARGS:
             if name in _FP32_PTRS or name in _FP32_PTRS_BY_KERNEL.get(v["kernel"], ()):
