@@ -559,6 +559,17 @@ def test_modifiers(case):
     testing.check_backend(case, "triton")
 
 
+@pytest.mark.parametrize("mods", [dict(rel_bias=5), dict(alibi="H", window=(8, 2)),
+                                  dict(softcap=50.0, rel_bias=3)],
+                         ids=["rel_bias", "alibi+window", "softcap+rel_bias"])
+def test_extreme_values_with_modifiers(mods):
+    """Saturated rows with per-element score modifiers: the dot kernels track the max of the
+    modified score in natural units and the backward takes exp(s - lse) there too (the row max
+    gets P = 1 exactly), as without modifiers (test_reliability.py::test_extreme_values)."""
+    for mag in (30.0, 1e4):
+        testing.check_backend(Case(score="dot", Lq=17, Lk=33, D=40, Dv=8, magnitude=mag, **mods), "triton")
+
+
 def _run_mods(case, k=None, v=None):
     q, k0, v0, w, lengths = testing.make_inputs(case)
     k, v = (k0 if k is None else k), (v0 if v is None else v)
