@@ -114,6 +114,10 @@ def score_mods_config(cfg, width, kind, fp32=False):
             cfg["BLOCK_M"] //= 2
         else:
             break
+    if kind == "dq" and cfg["BLOCK_M"] == 16:
+        # at most 32 keys on 16-row dQ tiles: sm_90 fp16 D = 128 "+hdmask+mods" spilled 8 bytes
+        # with 64 (after the natural-unit modified scores of the tmod/tfix merge)
+        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], 32)
     cfg["BLOCK_DC"] = min(cfg["BLOCK_DC"], 64)
     return cfg
 
