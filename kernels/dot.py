@@ -72,11 +72,11 @@ def _mul_rn(a, b, DOT_PRECISION: tl.constexpr):
 def _mod_score(qk, offs_q, offs_k, scale, DIST_SHIFT, REL, rel_row, REL_M, slope, softcap_k, softcap,
                SOFTCAP: tl.constexpr, BIAS: tl.constexpr, TRANS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """The modified score in natural units (``fusedattn.spec``: softcap, then the position
-    biases) and the softcap's r (``common._softcap``; qk itself when not SOFTCAP). Without
+    biases) and the softcap's factor 1 - tanh^2 (``common._softcap``; qk itself when not SOFTCAP). Without
     SOFTCAP the product is rounded on its own (``_mul_rn``) before the bias is added, as the
     float32 reference forms ``scale * q.k + bias``. Forward and backward form it identically."""
     if SOFTCAP:
-        s, r = _softcap(qk, softcap_k, softcap)
+        s, r = _softcap(qk, softcap_k, softcap, DOT_PRECISION == "ieee" or DOT_PRECISION == "tf32x3")
     else:
         s = _mul_rn(qk, scale, DOT_PRECISION)
         r = qk
@@ -301,7 +301,7 @@ def _bwd_probs(qk, lse, offs_m, offs_n, klen, CAUSAL_SHIFT, scale,
                MASKED: tl.constexpr, TRANS: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
                BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """P (or P^T when TRANS: rows are keys) from raw scores and the natural-log lse per query,
-    and the softcap's r (``_mod_score``; qk when not SOFTCAP): exp(s - lse) with s the score in
+    and the softcap's factor 1 - tanh^2 (``_mod_score``; qk when not SOFTCAP): exp(s - lse) with s the score in
     natural units as the forward formed it (fl(q.k * scale), see _mul_rn, or the modified score),
     so a saturated row gets P = 1 exactly. Two FP32 instructions per pair more than
     exp2(q.k * scale log2 e - lse log2 e), which rounds lse twice more."""
@@ -362,7 +362,7 @@ def _dkdv_loop(dk_acc, dv_acc, k, v, q_base, do_base, k_base, v_base, LSE, Delta
         delta = tl.load(Delta + row_base + offs_m, mask=offs_m < Lq, other=0.0)
         dsT = pT * (dpT - delta[None, :])
         if SOFTCAP:
-            dsT = dsT * ((rT - rT * rT) * 4.0)  # through the cap: 1 - tanh^2 = 4 r (1 - r)
+            dsT = dsT * rT  # through the cap: rT = 1 - tanh^2 (``common._softcap``)
         if BLOCK_DC != BLOCK_D:
             q = _ld(qb + q_offs, offs_m0, m_ok, offs_d, D, MASKED, not EVEN)
         dk_acc = _mma_acc(dsT.to(q.dtype), q, dk_acc, DOT_PRECISION)
@@ -524,7 +524,7 @@ def _dq_loop(dq_acc, q, do, lse, delta, q_base, do_base, k_base, v_base, lo, hi,
             below, above = _drel_tile(ds, start_n - start_m - DIST_SHIFT, skew_p, drel_p, REL_M, below, above,
                                       BLOCK_M, BLOCK_N)
         if SOFTCAP:
-            ds = ds * ((r - r * r) * 4.0)  # through the cap: 1 - tanh^2 = 4 r (1 - r)
+            ds = ds * r  # through the cap: r = 1 - tanh^2 (``common._softcap``)
         dq_acc = _mma_acc(ds.to(k.dtype), k, dq_acc, DOT_PRECISION)
     return dq_acc, below, above
 

@@ -46,6 +46,15 @@ if _REASON is None:
         offs = tl.arange(0, N)
         tl.store(Y + offs, _exp_fma(tl.load(X + offs)))
 
+    from fusedattn.kernels.common import _softcap
+
+    @triton.jit
+    def _softcap_kernel(X, S, G, softcap_k, softcap, N: tl.constexpr, POLY: tl.constexpr):
+        offs = tl.arange(0, N)
+        s, g = _softcap(tl.load(X + offs), softcap_k, softcap, POLY)
+        tl.store(S + offs, s)
+        tl.store(G + offs, g)
+
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 # ------------------------------------------------------------------------------ cases
@@ -186,6 +195,38 @@ def test_fma_pipe_exp_is_float32_accurate():
     rel = ((y.double() - ref).abs() / ref.clamp_min(1e-300))[x > -87]
     assert float((rel / (3e-7 + 1e-7 * x[x > -87].abs().double())).max()) <= 1.0
     assert (y[x < -104] == 0).all() and y[x == 0].eq(1.0).all()
+
+
+@pytest.mark.parametrize("poly", [True, False], ids=["float32", "16bit"])
+@pytest.mark.parametrize("cap", [50.0, 2.0])
+def test_softcap_is_accurate_near_zero_and_saturated(cap, poly):
+    """``common._softcap`` against float64 tanh: for float32 inputs (POLY) s = cap tanh(x) within a
+    few float32 ulps of its own size for x from 1e-6 to 20 (1 - 2 e r alone errs by cap ulp(1)
+    near 0: ~1e-4 relative at x = 1e-3), for 16-bit inputs within a few cap ulp(1); g = 1 - tanh^2
+    within a few ulps of its own size on both paths (also at x << 0, where 1 - r would cancel);
+    exactly +-cap and g = 0 when saturated."""
+    mag = torch.logspace(-6, 1.3, 2000, dtype=torch.float64)
+    x = torch.cat([mag, -mag, torch.tensor([0.0, 0.6, -0.6, 1e4, -1e4], dtype=torch.float64)])
+    x = torch.cat([x, torch.zeros(4096 - x.numel(), dtype=torch.float64)])
+    scale = 0.125
+    softcap_k = 2.0 * scale * 1.4426950408889634 / cap
+    qk = (x * cap / scale).float()  # raw products whose scaled value is x
+    s, g = torch.empty_like(qk), torch.empty_like(qk)
+    _softcap_kernel[(1,)](qk, s, g, softcap_k, cap, N=4096, POLY=poly)
+    xx = qk.double() * scale / cap
+    t = torch.tanh(xx)
+    ok = xx.abs() < 5
+    rel_s = ((s.double() - cap * t).abs() / (cap * t).abs().clamp_min(1e-300))[ok & (xx != 0)]
+    rel_g = ((g.double() - (1 - t * t)).abs() / (1 - t * t))[ok]
+    eps = 2.0 ** -24
+    if poly:
+        assert float(rel_s.max()) <= 8 * eps, float(rel_s.max())
+    else:
+        assert float((s.double() - cap * t).abs()[ok].max()) <= 4 * eps * cap
+        assert float(rel_s.max()) > 1e-3  # what POLY is for
+    assert float(rel_g.max()) <= 16 * eps, float(rel_g.max())
+    assert s[xx == 0].eq(0).all()
+    assert s[xx > 30].eq(cap).all() and s[xx < -30].eq(-cap).all() and g[xx.abs() > 30].eq(0).all()
 
 
 def test_deterministic():

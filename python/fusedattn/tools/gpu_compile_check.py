@@ -343,9 +343,10 @@ def ctas_per_sm(arch: int, regs: int, threads: int, shared: int) -> int:
 def amortized(v: dict, loops: list, ins) -> dict:
     """Per score element (pair for dot, triple for additive) figures of a tiled kernel.
 
-    Dot: the innermost MUFU loop is the key-tile (or query-tile) loop, one pass per tile: the
-    loop figure is the unmasked loop (the one with the fewest instructions; the masked copy runs
-    only on diagonal and tail tiles) and there is no further per-tile overhead.
+    Dot: the innermost MUFU loop is the key-tile (or query-tile) loop, one pass per tile (or per
+    ``unroll`` tiles, from its EX2 count): the loop figure is the unmasked loop (the one with the
+    fewest instructions per pair; the masked copy runs only on diagonal and tail tiles) and there
+    is no further per-tile overhead.
     Additive: the innermost MUFU loops walk the A columns inside the tile loop; a "mixed" loop
     covers A - A % SOFT_RCP columns and the "fast" loop right after it the rest, any other
     non-direct loop all A columns. The per-tile overhead is every instruction of the enclosing
@@ -359,9 +360,13 @@ def amortized(v: dict, loops: list, ins) -> dict:
         return dict(instr_per_elem_loop=None, overhead_instr_per_tile=None, instr_per_elem_amortized=None,
                     mufu_per_elem=None)
     if v["score"] == "dot":
-        lp = min(used, key=lambda x: x["instr"])
-        mufu = round(sum(lp["mufu"].values()) / per_thread, 3)
-        ipe = round(lp["instr"] / per_thread, 2)
+        pairs = [lp for lp in used if lp["kind"] == "softmax"]
+        if not pairs:
+            return dict(instr_per_elem_loop=None, overhead_instr_per_tile=None, instr_per_elem_amortized=None,
+                        mufu_per_elem=None)
+        lp = min(pairs, key=lambda x: x["instr"] / x["elems"])
+        mufu = round(sum(lp["mufu"].values()) / lp["elems"], 3)
+        ipe = round(lp["instr"] / lp["elems"], 2)
         return dict(instr_per_elem_loop=ipe, overhead_instr_per_tile=0, instr_per_elem_amortized=ipe,
                     mufu_per_elem=mufu)
     A = v["head_dim"]
@@ -492,6 +497,15 @@ def compile_one(v: dict, arch: int, sass_dir: str | None = None) -> dict:
                     unroll, kind = n * k / (k - 1), "mixed"
                 else:
                     unroll = n
+            elif v["score"] == "dot":
+                # a key-tile (query-tile) loop issues one EX2 per pair (two with SOFTCAP: the cap's
+                # own) and ptxas may unroll it; a MUFU loop with fewer is not a tile loop (e.g. a
+                # loop nested in the tile loop) and is reported as "other"
+                n = lp["mufu"].get("EX2", 0) / (per_thread * (2 if v["config"].get("SOFTCAP") else 1))
+                if n < 0.9:
+                    kind = "other"
+                else:
+                    unroll = max(1, round(n))
             elems = per_thread * unroll
             lp["kind"] = kind
             lp.update(elems=elems, instr_per_elem=round(lp["instr"] / elems, 2),
