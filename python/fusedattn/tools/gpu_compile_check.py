@@ -293,19 +293,37 @@ def _spans(ins):
     return sorted(spans)
 
 
-def _loops(ins):
+def _loops(ins, trips: int = 1):
     """Innermost loops that contain MUFU instructions, each with the span of its enclosing loop
-    (``parent``, None at top level)."""
+    (``parent``, None at top level). With ``trips`` > 1 (dot kernels whose products run over
+    BLOCK_D / BLOCK_DC head-dim chunks in a runtime loop), a loop that issues MUFU outside its
+    nested loops also counts when those nested loops issue none (the chunk loops): its ``instr``
+    is its own instructions plus each nested loop's body times ``trips`` (an upper bound: a
+    rotated loop runs its body trips - 1 times after a peeled first pass), ``nested`` their
+    count."""
     spans = _spans(ins)
-    inner = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
+
+    def inside(s, o):
+        return o != s and s[0] <= o[0] and o[1] <= s[1]
+
     res = []
-    for lo, hi in inner:
+    for lo, hi in spans:
+        kids = [o for o in spans if inside((lo, hi), o)]
+        top = [o for o in kids if not any(inside(k, o) for k in kids)]
+        if kids and trips <= 1:
+            continue
         body = [t for a, t in ins if lo <= a <= hi]
-        mufu = collections.Counter(m for t in body for m in re.findall(r"MUFU\.(\w+)", t))
-        if mufu:
-            outer = [o for o in spans if o != (lo, hi) and o[0] <= lo and hi <= o[1]]
-            parent = min(outer, key=lambda o: o[1] - o[0]) if outer else None
-            res.append(dict(instr=len(body), mufu=dict(mufu), span=(lo, hi), parent=parent))
+        own = [t for a, t in ins if lo <= a <= hi and not any(k[0] <= a <= k[1] for k in top)]
+        mufu = collections.Counter(m for t in own for m in re.findall(r"MUFU\.(\w+)", t))
+        if not mufu or any(re.search(r"MUFU\.", t) for a, t in ins if any(k[0] <= a <= k[1] for k in top)):
+            continue
+        instr = len(own) + trips * (len(body) - len(own))
+        outer = [o for o in spans if inside(o, (lo, hi))]
+        parent = min(outer, key=lambda o: o[1] - o[0]) if outer else None
+        row = dict(instr=instr, mufu=dict(mufu), span=(lo, hi), parent=parent)
+        if kids:
+            row["nested"] = len(top)
+        res.append(row)
     return res
 
 
@@ -482,7 +500,9 @@ def compile_one(v: dict, arch: int, sass_dir: str | None = None) -> dict:
     row["mufu"] = dict(collections.Counter(m for _, t in ins for m in re.findall(r"MUFU\.(\w+)", t)))
     if v["tile"]:
         per_thread = v["tile"][0] * v["tile"][1] / threads
-        for lp in _loops(ins):
+        cfg = v["config"]
+        trips = cfg["BLOCK_D"] // cfg["BLOCK_DC"] if v["score"] == "dot" and cfg.get("BLOCK_DC") else 1
+        for lp in _loops(ins, trips):
             unroll, kind = 1, "softmax"
             if v["score"] == "additive-bwd" and lp["mufu"].get("RCP"):
                 # one step (other index) per AS reciprocals per thread; the direct path also
@@ -498,10 +518,11 @@ def compile_one(v: dict, arch: int, sass_dir: str | None = None) -> dict:
                 else:
                     unroll = n
             elif v["score"] == "dot":
-                # a key-tile (query-tile) loop issues one EX2 per pair (two with SOFTCAP: the cap's
-                # own) and ptxas may unroll it; a MUFU loop with fewer is not a tile loop (e.g. a
-                # loop nested in the tile loop) and is reported as "other"
-                n = lp["mufu"].get("EX2", 0) / (per_thread * (2 if v["config"].get("SOFTCAP") else 1))
+                # a key-tile (query-tile) loop issues one EX2 per pair (with SOFTCAP exactly one
+                # RCP per pair, the cap's) and ptxas may unroll it; a MUFU loop with fewer is not
+                # a tile loop (e.g. a loop nested in the tile loop) and is reported as "other"
+                soft = v["config"].get("SOFTCAP")
+                n = lp["mufu"].get("RCP" if soft else "EX2", 0) / per_thread
                 if n < 0.9:
                     kind = "other"
                 else:
