@@ -1,6 +1,7 @@
 """Quick CPU timings of the fused kernels (torch.ops.fusedattn_cpu) against the reference and SDPA.
 
-Usage: python benchmarks/cpu_quick.py [additive|dot|decode|memory|all] [threads]
+Usage: python benchmarks/cpu_quick.py [additive|dot|dots|decode|memory|all] [threads]
+("dots": the dot-product targets of issue 11, three shapes x causal x float32/bfloat16/float16)
 Ratios are taken within one run; the machine is noisy, so each figure is the best of a few repeats.
 """
 from __future__ import annotations
@@ -73,10 +74,10 @@ def additive(L=1024, A=128, Dv=128):
           f"-> {rfb/tfb:.0f}x")
 
 
-def dot(B=1, H=4, L=4096, D=64, causal=False):
+def dot(B=1, H=4, L=4096, D=64, causal=False, dtype=torch.float32):
     torch.manual_seed(0)
-    q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
-    do = torch.randn(B, H, L, D)
+    q, k, v = (torch.randn(B, H, L, D, dtype=dtype) for _ in range(3))
+    do = torch.randn(B, H, L, D, dtype=dtype)
     scale = 1 / math.sqrt(D)
 
     def f_fwd():
@@ -96,7 +97,7 @@ def dot(B=1, H=4, L=4096, D=64, causal=False):
 
     tf, sf = race([f_fwd, s_fwd], reps=6)
     tfb, sfb = race([f_fb, s_fb], reps=4)
-    print(f"dot B={B} H={H} L={L} D={D} causal={causal}: fwd fused {tf*1e3:.0f} ms, sdpa {sf*1e3:.0f} ms "
+    print(f"dot {str(dtype)[6:]} B={B} H={H} L={L} D={D} causal={causal}: fwd fused {tf*1e3:.0f} ms, sdpa {sf*1e3:.0f} ms "
           f"-> {sf/tf:.2f}x sdpa speed; fwd+bwd fused {tfb*1e3:.0f} ms, sdpa {sfb*1e3:.0f} ms "
           f"-> {sfb/tfb:.2f}x")
 
@@ -141,6 +142,11 @@ if __name__ == "__main__":
         additive()
     if what in ("dot", "all"):
         dot()
+    if what == "dots":
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for B, H, L, D in ((1, 4, 4096, 64), (4, 8, 1024, 64), (1, 8, 2048, 128)):
+                for causal in (False, True):
+                    dot(B, H, L, D, causal, dtype)
     if what in ("decode", "all"):
         decode()
     if what == "memory":

@@ -12,13 +12,21 @@
 namespace fusedattn_cpu {
 namespace {
 
-// s[j] = c * tanh(s[j] / c) (and t[j] = tanh(s[j] / c) when t != nullptr), through
+// s[j] = c * tanh(s[j] / c) (and t[j] = tanh(s[j] / c) when t != nullptr). For |x| >= 0.6 through
 // tanh(x) = 1 - 2 / (1 + e^{2x}) with e^{2x} from a degree-6 polynomial after range reduction
-// (relative error of e^{2x} about 1.2e-7, so the absolute error of tanh stays below 3e-7).
+// (relative error of e^{2x} about 1.2e-7, so the absolute error of tanh stays below 3e-7, a few ulps
+// of |tanh| >= 0.53); below 0.6, where 1 - 2 / (1 + e^{2x}) cancels (the same absolute error would be
+// a large relative error of a small score: 1e-4 at x = 1e-3), tanh(x) = x + x^3 P(x^2) with a degree-4
+// least-squares P (1.3 ulp on [0, 0.6] in float32 Horner form; the Triton kernels use the same one).
+// On AVX-512 the division is a 14-bit reciprocal and one Newton step (about 1 ulp).
 // AVX-512 and AVX2 forms (intrinsics: GCC does not vectorize this loop in target functions)
 // and a scalar fallback, at the ISA level the kernels use (current_isa()).
 constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693145751953125f, kLn2Lo = 1.42860682030941723e-6f;
 constexpr float kP[] = {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
+// tanh(x) = x + x^3 (T0 + T1 x^2 + ... + T4 x^8) on |x| < 0.6
+constexpr float kT[] = {-0.005995491519570351f, 0.020877007395029068f, -0.0538061261177063f, 0.133321613073349f,
+                        -0.3333330452442169f};
+constexpr float kSmall = 0.6f;
 
 void softcap_scalar(float* s, float* t, int n, float c) {
   for (int j = 0; j < n; ++j) {
@@ -30,20 +38,30 @@ void softcap_scalar(float* s, float* t, int n, float c) {
 
 __attribute__((target("avx512f")))
 void softcap_avx512(float* s, float* t, int n, float c) {
-  const __m512 inv = _mm512_set1_ps(2.f / c), cv = _mm512_set1_ps(c), one = _mm512_set1_ps(1.f),
+  const __m512 rc = _mm512_set1_ps(1.f / c), cv = _mm512_set1_ps(c), one = _mm512_set1_ps(1.f),
                two = _mm512_set1_ps(2.f), lo = _mm512_set1_ps(-87.f), hi = _mm512_set1_ps(87.f);
   for (int j = 0; j < n; j += 16) {
     const __mmask16 m = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
-    __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + j), inv);
-    x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
-    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(kLn2Hi), x);
-    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(kLn2Lo), r);
-    __m512 p = _mm512_set1_ps(kP[0]);
-    for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP[i]));
-    const __m512 e = _mm512_scalef_ps(p, k);
-    const __m512 th = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(one, e)));
+    const __m512 u = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + j), rc);  // x = s / c
+    const __m512 u2 = _mm512_mul_ps(u, u);
+    __m512 q = _mm512_set1_ps(kT[0]);
+    for (int i = 1; i < 5; ++i) q = _mm512_fmadd_ps(q, u2, _mm512_set1_ps(kT[i]));
+    __m512 th = _mm512_fmadd_ps(_mm512_mul_ps(u, u2), q, u);  // |x| < 0.6
+    const __mmask16 ms = _mm512_cmp_ps_mask(_mm512_abs_ps(u), _mm512_set1_ps(kSmall), _CMP_LT_OQ);
+    if (ms != (__mmask16)0xFFFF) {  // some |x| >= 0.6 (or NaN): 1 - 2 / (1 + e^{2x})
+      __m512 x = _mm512_add_ps(u, u);
+      x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+      const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(kLn2Hi), x);
+      r = _mm512_fnmadd_ps(k, _mm512_set1_ps(kLn2Lo), r);
+      __m512 p = _mm512_set1_ps(kP[0]);
+      for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP[i]));
+      const __m512 z = _mm512_add_ps(one, _mm512_scalef_ps(p, k));
+      __m512 r0 = _mm512_rcp14_ps(z);
+      r0 = _mm512_mul_ps(r0, _mm512_fnmadd_ps(z, r0, two));  // 1 / z, one Newton step
+      th = _mm512_mask_blend_ps(ms, _mm512_fnmadd_ps(two, r0, one), th);
+    }
     if (t != nullptr) _mm512_mask_storeu_ps(t + j, m, th);
     _mm512_mask_storeu_ps(s + j, m, _mm512_mul_ps(cv, th));
   }
@@ -51,23 +69,32 @@ void softcap_avx512(float* s, float* t, int n, float c) {
 
 __attribute__((target("avx2,fma")))
 void softcap_avx2(float* s, float* t, int n, float c) {
-  const __m256 inv = _mm256_set1_ps(2.f / c), cv = _mm256_set1_ps(c), one = _mm256_set1_ps(1.f),
+  const __m256 rc = _mm256_set1_ps(1.f / c), cv = _mm256_set1_ps(c), one = _mm256_set1_ps(1.f),
                two = _mm256_set1_ps(2.f), lo = _mm256_set1_ps(-87.f), hi = _mm256_set1_ps(87.f);
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int j = 0; j < n; j += 8) {
     const int nv = std::min(8, n - j);
     alignas(32) float buf[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     for (int i = 0; i < nv; ++i) buf[i] = s[j + i];
-    __m256 x = _mm256_mul_ps(_mm256_load_ps(buf), inv);
-    x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
-    const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(kLn2Hi), x);
-    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(kLn2Lo), r);
-    __m256 p = _mm256_set1_ps(kP[0]);
-    for (int i = 1; i < 7; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP[i]));
-    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-    const __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-    const __m256 th = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(one, e)));
+    const __m256 u = _mm256_mul_ps(_mm256_load_ps(buf), rc);  // x = s / c
+    const __m256 u2 = _mm256_mul_ps(u, u);
+    __m256 q = _mm256_set1_ps(kT[0]);
+    for (int i = 1; i < 5; ++i) q = _mm256_fmadd_ps(q, u2, _mm256_set1_ps(kT[i]));
+    __m256 th = _mm256_fmadd_ps(_mm256_mul_ps(u, u2), q, u);  // |x| < 0.6
+    const __m256 small = _mm256_cmp_ps(_mm256_and_ps(u, absmask), _mm256_set1_ps(kSmall), _CMP_LT_OQ);
+    if (_mm256_movemask_ps(small) != 0xFF) {  // some |x| >= 0.6 (or NaN): 1 - 2 / (1 + e^{2x})
+      __m256 x = _mm256_add_ps(u, u);
+      x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+      const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(kLn2Hi), x);
+      r = _mm256_fnmadd_ps(k, _mm256_set1_ps(kLn2Lo), r);
+      __m256 p = _mm256_set1_ps(kP[0]);
+      for (int i = 1; i < 7; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP[i]));
+      const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+      const __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+      th = _mm256_blendv_ps(_mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(one, e))), th, small);
+    }
     alignas(32) float tb[8], sb[8];
     _mm256_store_ps(tb, th);
     _mm256_store_ps(sb, _mm256_mul_ps(cv, th));

@@ -181,3 +181,33 @@ def test_level_additive_large_factor_products(level, dtype, isa_level):
     q, k, v, w, do = (t.to(dtype) for t in (q, k, v, w, do))
     fused = _compare("additive", q, k, v, w, do, None, False)
     assert not any(t.isnan().any() for t in fused)
+
+
+@pytest.mark.parametrize("level", ISA_LEVELS)
+@pytest.mark.parametrize("cap", [50.0, 2.0])
+def test_level_softcap_is_accurate_near_zero_and_saturated(level, cap, isa_level):
+    """With one key the lse is the capped score itself: cap tanh(x) within a few float32 ulps of its
+    own size for |x| from 1e-6 to 20 (1 - 2 / (1 + e^{2x}) alone errs by about cap * 3e-7 near 0:
+    1e-4 relative at x = 1e-3), and exactly +-cap when saturated; the gradient through the cap stays
+    within the rule."""
+    _need(level)
+    isa_level(level)
+    import fusedattn
+    mag = torch.logspace(-6, 1.3, 400, dtype=torch.float64)
+    x = torch.cat([mag, -mag, torch.tensor([0.0, 0.6, -0.6, 0.59999, 1e4, -1e4], dtype=torch.float64)])
+    n = x.numel()
+    # query i . key = x_i * cap (scale 1): q = (x_i cap, 0...), k = (1, 0...)
+    q = torch.zeros(1, 1, n, 16)
+    q[0, 0, :, 0] = (x * cap).float()
+    k = torch.zeros(1, 1, 1, 16)
+    k[0, 0, 0, 0] = 1.0
+    v = torch.ones(1, 1, 1, 16)
+    _, lse = fusedattn.dot_product_attention(q, k, v, scale=1.0, softcap=cap, return_lse=True, backend="cpu")
+    xx = q[0, 0, :, 0].double() / cap
+    want = cap * torch.tanh(xx)
+    got = lse[0, 0].double()
+    ok = (xx.abs() < 5) & (xx != 0)
+    rel = ((got - want).abs() / want.abs())[ok]
+    assert float(rel.max()) <= 8 * 2.0 ** -24, float(rel.max())
+    assert got[xx == 0].eq(0).all()
+    assert got[xx > 30].eq(cap).all() and got[xx < -30].eq(-cap).all()
