@@ -123,7 +123,8 @@ def _attn_exp_table(X, ET, XMAX, XLEN,
     XMAX[b, h, l] = max_a |x[b, h, l, a]| (inf for a row holding a NaN). Rows l >= XLEN[b]
     (keys past key_lengths, and the padding up to the table's width, which the main kernels
     read unmasked) are written as x = 0 (e^0 = 1, max 0), so whatever they hold (NaN, inf)
-    never reaches a score or a gradient."""
+    never reaches a score or a gradient. BLOCK_A divides A (the launcher picks it so: A is a
+    multiple of 8), so the loads carry only the row mask and are 128-bit for 16-bit inputs."""
     pid_l = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = off_bh // Hx
@@ -137,14 +138,13 @@ def _attn_exp_table(X, ET, XMAX, XLEN,
     mx = tl.zeros([BLOCK_L], dtype=tl.float32)
     for a0 in range(0, A, BLOCK_A):
         offs_a = a0 + tl.arange(0, BLOCK_A)
-        mask = mask_l[:, None] & (offs_a[None, :] < A)
-        x = tl.load(x_base + offs_a[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_base + offs_a[None, :] * stride_xd, mask=mask_l[:, None], other=0.0).to(tl.float32)
         # a NaN counts as out of range, so its row takes the direct path and stays NaN
         # (the clamp below would turn it into a finite number)
         mx = tl.maximum(mx, tl.max(tl.where(x == x, tl.abs(x), float("inf")), axis=1))
         e = _exp2x(tl.minimum(tl.maximum(x, -EXP_SAFE), EXP_SAFE))
-        tl.store(e_base + offs_a[None, :] * stride_ea, e, mask=offs_a[None, :] < A)
-        tl.store(e_base + (A + offs_a[None, :]) * stride_ea, x, mask=offs_a[None, :] < A)
+        tl.store(e_base + offs_a[None, :] * stride_ea, e)
+        tl.store(e_base + (A + offs_a[None, :]) * stride_ea, x)
     tl.store(XMAX + off_bh.to(tl.int64) * L + offs_l, mx, mask=offs_l < L)
 
 

@@ -438,7 +438,10 @@ def _exp_table(x: torch.Tensor, xlen: torch.Tensor):
         raise ValueError(f"triton backend: additive attention over {L} positions x {A} features per head "
                          f"exceeds the 2^31-element table limit (x shape {tuple(x.shape)})")
     xmax = torch.empty(B, Hx, L, dtype=torch.float32, device=x.device)
-    BLOCK_L, BLOCK_A = 64, min(64, block_dim(A))
+    BLOCK_L, BLOCK_A = 64, min(64, A & -A)  # the largest power of two <= 64 dividing A (_aligned: >= 8)
+    if A % BLOCK_A or BLOCK_A < 8:
+        raise ValueError(f"triton backend: the key/query table needs a feature width that is a multiple of 8 "
+                         f"(the launcher pads it), got x shape {tuple(x.shape)}")
     _add._attn_exp_table[(et.shape[-1] // BLOCK_L, B * Hx)](
         x, et, xmax, xlen, *x.stride(), *et.stride()[:3], Hx, L, A,
         BLOCK_L=BLOCK_L, BLOCK_A=BLOCK_A, num_warps=4, **LAUNCH_OPTS)

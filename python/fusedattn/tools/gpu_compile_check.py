@@ -166,7 +166,7 @@ def variants(quick: bool = False, arch: int = 90) -> list[dict]:
     for dt in dtypes:
         prec = "tf32x3" if dt == "fp32" else "tf32"
         # -- prologue / epilogue kernels --
-        for ba in (16, 32, 64) if not quick else (64,):
+        for ba in (8, 16, 32, 64) if not quick else (64,):
             add("_attn_exp_table", dt, "", dict(BLOCK_L=64, BLOCK_A=ba, num_warps=4, num_stages=1))
         add("_bwd_exp_table", dt, "", dict(XB=additive_bwd.XB, BLOCK_A=64, num_warps=4, num_stages=1))
         for bdv in widths:
