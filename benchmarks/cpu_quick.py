@@ -97,7 +97,8 @@ def dot(B=1, H=4, L=4096, D=64, causal=False, dtype=torch.float32):
 
     tf, sf = race([f_fwd, s_fwd], reps=6)
     tfb, sfb = race([f_fb, s_fb], reps=4)
-    print(f"dot {str(dtype)[6:]} B={B} H={H} L={L} D={D} causal={causal}: fwd fused {tf*1e3:.0f} ms, sdpa {sf*1e3:.0f} ms "
+    print(f"dot {str(dtype)[6:]} B={B} H={H} L={L} D={D} causal={causal}: "
+          f"fwd fused {tf*1e3:.0f} ms, sdpa {sf*1e3:.0f} ms "
           f"-> {sf/tf:.2f}x sdpa speed; fwd+bwd fused {tfb*1e3:.0f} ms, sdpa {sfb*1e3:.0f} ms "
           f"-> {sfb/tfb:.2f}x")
 
