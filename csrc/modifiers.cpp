@@ -61,6 +61,8 @@ void softcap_avx512(float* s, float* t, int n, float c) {
       __m512 r0 = _mm512_rcp14_ps(z);
       r0 = _mm512_mul_ps(r0, _mm512_fnmadd_ps(z, r0, two));  // 1 / z, one Newton step
       th = _mm512_mask_blend_ps(ms, _mm512_fnmadd_ps(two, r0, one), th);
+      // a NaN score stays NaN (the clamp above would make it -87: a finite -softcap)
+      th = _mm512_mask_mov_ps(th, _mm512_cmp_ps_mask(u, u, _CMP_UNORD_Q), u);
     }
     if (t != nullptr) _mm512_mask_storeu_ps(t + j, m, th);
     _mm512_mask_storeu_ps(s + j, m, _mm512_mul_ps(cv, th));
@@ -94,6 +96,7 @@ void softcap_avx2(float* s, float* t, int n, float c) {
       const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
       const __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
       th = _mm256_blendv_ps(_mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(one, e))), th, small);
+      th = _mm256_blendv_ps(th, u, _mm256_cmp_ps(u, u, _CMP_UNORD_Q));  // a NaN score stays NaN
     }
     alignas(32) float tb[8], sb[8];
     _mm256_store_ps(tb, th);

@@ -211,3 +211,22 @@ def test_level_softcap_is_accurate_near_zero_and_saturated(level, cap, isa_level
     assert float(rel.max()) <= 8 * 2.0 ** -24, float(rel.max())
     assert got[xx == 0].eq(0).all()
     assert got[xx > 30].eq(cap).all() and got[xx < -30].eq(-cap).all()
+
+
+@pytest.mark.parametrize("level", ISA_LEVELS)
+def test_level_softcap_keeps_nan_in_its_row(level, isa_level):
+    """A NaN score stays NaN through the cap (the exponential path clamps its argument, which would
+    turn NaN into a finite -softcap): the query row holding a NaN gives NaN, the others match the
+    reference."""
+    _need(level)
+    isa_level(level)
+    import fusedattn
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g) for _ in range(3))
+    q[0, 1, 3, 2] = float("nan")
+    out = fusedattn.dot_product_attention(q, k, v, softcap=5.0, backend="cpu")
+    ref = fusedattn.dot_product_attention(q, k, v, softcap=5.0, backend="reference")
+    bad = torch.isnan(out).any(dim=-1)
+    assert bad[0, 1, 3] and int(bad.sum()) == 1
+    ok = ~torch.isnan(ref)
+    torch.testing.assert_close(out[ok], ref[ok], rtol=1e-5, atol=1e-5)
