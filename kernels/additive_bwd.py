@@ -136,14 +136,20 @@ def _pair_r(eo, e_ptrs, xo, x_ptrs, xi, DIRECT: tl.constexpr, FAST_RCP: tl.const
 
 @triton.jit
 def _dq_steps(dq_acc, u_acc, ds_sum, p_sum, eo, e_ptrs, xo, x_ptrs, w2, wsum, lse, delta, own, mask_m,
-              dp_ptrs, x0, n_x, CAUSAL_SHIFT, DIRECT: tl.constexpr, FAST_RCP: tl.constexpr):
+              dp_ptrs, x0, n_x, CAUSAL_SHIFT, WINDOW_SHIFT, DIST_SHIFT, slope,
+              DIRECT: tl.constexpr, FAST_RCP: tl.constexpr, WINDOW: tl.constexpr, ALIBI: tl.constexpr):
     """Keys x0 .. x0 + n_x of the dQ kernel, one at a time (see the module docstring): per
     triple dq += dS r (1 - r), u += dS r (dw = sum dS - 2 u); the weights exp(s - lse) are
-    divided by their row sum p_sum at the end."""
+    divided by their row sum p_sum at the end. WINDOW: keys below own + WINDOW_SHIFT are not
+    allowed; ALIBI: the score gains -slope |key - own - DIST_SHIFT|."""
     for xi in range(0, n_x):
         r = _pair_r(eo, e_ptrs, xo, x_ptrs, xi, DIRECT, FAST_RCP)
         s = tl.sum(tl.sum(w2 * r, axis=0), axis=1) + wsum                        # (BLOCK,)
+        if ALIBI:
+            s -= slope * tl.abs((x0 + xi - DIST_SHIFT - own).to(tl.float32))
         allowed = mask_m & (x0 + xi <= own + CAUSAL_SHIFT)
+        if WINDOW:
+            allowed = allowed & (x0 + xi >= own + WINDOW_SHIFT)
         p = tl.where(allowed, _exp_fma(s - lse), 0.0)
         p_sum += p
         ds = p * (tl.load(dp_ptrs + xi) - delta)
@@ -156,16 +162,22 @@ def _dq_steps(dq_acc, u_acc, ds_sum, p_sum, eo, e_ptrs, xo, x_ptrs, w2, wsum, ls
 
 @triton.jit
 def _dk_steps(acc, eo, e_ptrs, xo, x_ptrs, w2, wsum, LSE_row, RN_row, Delta_row, own, key_in,
-              dp_ptrs, p_ptrs, x0, n_x, CAUSAL_SHIFT, DIRECT: tl.constexpr, FAST_RCP: tl.constexpr):
+              dp_ptrs, p_ptrs, x0, n_x, CAUSAL_SHIFT, WINDOW_SHIFT, DIST_SHIFT, slope,
+              DIRECT: tl.constexpr, FAST_RCP: tl.constexpr, WINDOW: tl.constexpr, ALIBI: tl.constexpr):
     """Queries x0 .. x0 + n_x of one head in the dK/dV kernel, one at a time (acc += dS r (1 - r));
-    P^T goes to scratch. P = exp(s - lse) / p_sum with the dQ kernel's row sums (RN = 1 / p_sum)."""
+    P^T goes to scratch. P = exp(s - lse) / p_sum with the dQ kernel's row sums (RN = 1 / p_sum).
+    WINDOW and ALIBI as in ``_dq_steps`` (own: the keys, x: the query)."""
     for xi in range(0, n_x):
         x = x0 + xi
         r = _pair_r(eo, e_ptrs, xo, x_ptrs, xi, DIRECT, FAST_RCP)
         s = tl.sum(tl.sum(w2 * r, axis=0), axis=1) + wsum                        # (BLOCK,)
+        if ALIBI:
+            s -= slope * tl.abs((own - x - DIST_SHIFT).to(tl.float32))
         lse_x = tl.load(LSE_row + x)
         lse_x = tl.where(lse_x == -float("inf"), float("inf"), lse_x)  # a row with no key: P = 0
         allowed = key_in & (own <= x + CAUSAL_SHIFT)
+        if WINDOW:
+            allowed = allowed & (own >= x + WINDOW_SHIFT)
         p = tl.where(allowed, _exp_fma(s - lse_x) * tl.load(RN_row + x), 0.0)
         tl.store(p_ptrs + xi, p)
         ds = p * (tl.load(dp_ptrs + xi) - tl.load(Delta_row + x))
@@ -223,14 +235,17 @@ def _attn_bwd_dq_additive(W, EQ, EK, QMAX, KMAX, KLEN, DO, V, LSE, Delta, DQT, D
                           stride_dob, stride_doh, stride_dom,
                           stride_vb, stride_vh, stride_vn,
                           stride_dqb, stride_dqh, stride_dqa,
-                          H, Hk, Lq, Lk, A, Dv, CAUSAL_SHIFT,
+                          H, Hk, Lq, Lk, A, Dv, CAUSAL_SHIFT, WINDOW_SHIFT, SLOPES,
                           AS: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr, XB: tl.constexpr,
-                          BLOCK_DV: tl.constexpr, FAST_RCP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                          BLOCK_DV: tl.constexpr, FAST_RCP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                          WINDOW: tl.constexpr = False, ALIBI: tl.constexpr = False):
     """One program: BLOCK query rows of one (b, h); walks the allowed keys. EQ/EK: tiled tables
     (``_bwd_exp_table``, A_PAD = AS * S features). DQT and DWT (per-row dw partials) are float32
     (B, H, A, >=Lq) sharing the strides ``stride_dq*``; every element of rows < BLOCK * programs
     and a < A is written. DPS: float32 scratch, BLOCK x XB per program. RN (B, H, Lq): written,
-    1 / row sum of P (see the end)."""
+    1 / row sum of P (see the end). WINDOW: keys below i + WINDOW_SHIFT are not allowed (the
+    loop starts at the block holding the window's first key); ALIBI: SLOPES (B, H) float32
+    contiguous, the score gains -slope |j - i - (Lk - Lq)|."""
     A_PAD: tl.constexpr = AS * S
     pid_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -259,6 +274,12 @@ def _attn_bwd_dq_additive(W, EQ, EK, QMAX, KMAX, KLEN, DO, V, LSE, Delta, DQT, D
     q_ok = tl.max(tl.load(QMAX + row_base + own, mask=mask_m, other=0.0), axis=0) <= EXP_SAFE
     klen = tl.load(KLEN + off_b)
     n_hi = tl.minimum(klen, start_m + BLOCK + CAUSAL_SHIFT)
+    n_lo = 0
+    if WINDOW:
+        n_lo = tl.maximum(start_m + WINDOW_SHIFT, 0) // XB * XB
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(SLOPES + off_bh)
     kmax_base = KMAX + (off_b64 * Hk + off_hk64) * Lk
 
     offs_xb = tl.arange(0, XB)
@@ -271,7 +292,7 @@ def _attn_bwd_dq_additive(W, EQ, EK, QMAX, KMAX, KLEN, DO, V, LSE, Delta, DQT, D
     u_acc = tl.zeros([AS, BLOCK, S], dtype=tl.float32)
     ds_sum = tl.zeros([BLOCK], dtype=tl.float32)
     p_sum = tl.zeros([BLOCK], dtype=tl.float32)
-    for x0 in range(0, n_hi, XB):
+    for x0 in range(n_lo, n_hi, XB):
         # -- dP for XB keys on the tensor cores, handed to the per-key loop through scratch --
         dp = _dp_block(do_tile, stride_dom, Lq - start_m, v_base + tl.cast(x0, tl.int64) * stride_vn, stride_vn,
                        klen - x0, Dv, BLOCK, XB, BLOCK_DV, DOT_PRECISION)
@@ -283,11 +304,13 @@ def _attn_bwd_dq_additive(W, EQ, EK, QMAX, KMAX, KLEN, DO, V, LSE, Delta, DQT, D
         if q_ok & (tl.max(kmax, axis=0) <= EXP_SAFE):
             dq_acc, u_acc, ds_sum, p_sum = _dq_steps(dq_acc, u_acc, ds_sum, p_sum, eo, blk, xo, blk + A_PAD * XB,
                                                     w2, wsum, lse, delta, own, mask_m, dps + o_loc * XB, x0, n_x,
-                                                    CAUSAL_SHIFT, False, FAST_RCP)
+                                                    CAUSAL_SHIFT, WINDOW_SHIFT, Lk - Lq, slope, False, FAST_RCP,
+                                                    WINDOW, ALIBI)
         else:
             dq_acc, u_acc, ds_sum, p_sum = _dq_steps(dq_acc, u_acc, ds_sum, p_sum, eo, blk, xo, blk + A_PAD * XB,
                                                     w2, wsum, lse, delta, own, mask_m, dps + o_loc * XB, x0, n_x,
-                                                    CAUSAL_SHIFT, True, FAST_RCP)
+                                                    CAUSAL_SHIFT, WINDOW_SHIFT, Lk - Lq, slope, True, FAST_RCP,
+                                                    WINDOW, ALIBI)
         tl.debug_barrier()  # the next block overwrites the dP scratch
 
     # -- P = exp(s - lse) / p_sum: the weights renormalized in this kernel's own arithmetic. Its
@@ -315,14 +338,16 @@ def _attn_bwd_dkdv_additive(W, EQ, EK, QMAX, KMAX, KLEN, DO, V, LSE, Delta, DKT,
                             stride_vb, stride_vh, stride_vn,
                             stride_dkb, stride_dkh, stride_dka,
                             stride_dvb, stride_dvh, stride_dvn,
-                            H, Hk, Lq, Lk, A, Dv, CAUSAL_SHIFT,
+                            H, Hk, Lq, Lk, A, Dv, CAUSAL_SHIFT, WINDOW_SHIFT, SLOPES,
                             AS: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr, XB: tl.constexpr,
-                            BLOCK_DV: tl.constexpr, FAST_RCP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                            BLOCK_DV: tl.constexpr, FAST_RCP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                            WINDOW: tl.constexpr = False, ALIBI: tl.constexpr = False):
     """One program: BLOCK keys of one (b, kv head); walks the group's query heads and the queries
     that can see these keys. DKT: float32 (B, Hk, A, >=Lk), every element of keys < BLOCK * programs
     and a < A written; DV: float32 (B, Hk, >=Lk, >=Dv rounded up to BLOCK_DV), zero-initialized. DPS: float32
     scratch, 2 x BLOCK x XB per program (dP^T, then P^T for dV). LSE, Delta and RN (from the dQ
-    kernel): contiguous (B, H, Lq)."""
+    kernel): contiguous (B, H, Lq). WINDOW / ALIBI as in the dQ kernel: queries above
+    j - WINDOW_SHIFT do not see key j (the loop stops after the last query that sees the block)."""
     A_PAD: tl.constexpr = AS * S
     pid_n = tl.program_id(0)
     off_bhk = tl.program_id(1)
@@ -345,6 +370,8 @@ def _attn_bwd_dkdv_additive(W, EQ, EK, QMAX, KMAX, KLEN, DO, V, LSE, Delta, DKT,
     #    boundary); none when the block starts past klen --
     m_lo = tl.maximum(start_n - CAUSAL_SHIFT, 0) // XB * XB
     m_hi = tl.where(start_n < klen, Lq, 0)
+    if WINDOW:
+        m_hi = tl.minimum(m_hi, tl.maximum(start_n + BLOCK - WINDOW_SHIFT, 0))
 
     offs_xb = tl.arange(0, XB)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -360,6 +387,9 @@ def _attn_bwd_dkdv_additive(W, EQ, EK, QMAX, KMAX, KLEN, DO, V, LSE, Delta, DKT,
         off_h64 = (off_hk * GROUP + g).to(tl.int64)
         eq_base = EQ + off_b64 * stride_eqb + off_h64 * stride_eqh
         w2 = tl.load(W + off_h64 * stride_wh + fa * stride_wa, mask=fa < A, other=0.0) * -2.0
+        slope = 0.0
+        if ALIBI:
+            slope = tl.load(SLOPES + off_b64 * H + off_h64)
         wsum = -0.5 * tl.sum(tl.sum(tl.sum(w2, axis=0), axis=1), axis=0)
         do_base = DO + off_b64 * stride_dob + off_h64 * stride_doh
         row_base = (off_b64 * H + off_h64) * Lq
@@ -376,11 +406,11 @@ def _attn_bwd_dkdv_additive(W, EQ, EK, QMAX, KMAX, KLEN, DO, V, LSE, Delta, DKT,
             if k_ok & (tl.max(qmax, axis=0) <= EXP_SAFE):
                 acc = _dk_steps(acc, eo, blk, xo, blk + A_PAD * XB, w2, wsum, LSE + row_base, RN + row_base,
                                 Delta + row_base, own, key_in, dps + o_loc * XB, pps + o_loc * XB, x0, n_x,
-                                CAUSAL_SHIFT, False, FAST_RCP)
+                                CAUSAL_SHIFT, WINDOW_SHIFT, Lk - Lq, slope, False, FAST_RCP, WINDOW, ALIBI)
             else:
                 acc = _dk_steps(acc, eo, blk, xo, blk + A_PAD * XB, w2, wsum, LSE + row_base, RN + row_base,
                                 Delta + row_base, own, key_in, dps + o_loc * XB, pps + o_loc * XB, x0, n_x,
-                                CAUSAL_SHIFT, True, FAST_RCP)
+                                CAUSAL_SHIFT, WINDOW_SHIFT, Lk - Lq, slope, True, FAST_RCP, WINDOW, ALIBI)
             tl.debug_barrier()  # P^T of the block is in scratch
             pT = tl.load(pps + o_loc[:, None] * XB + offs_xb[None, :], mask=offs_xb[None, :] < m_hi - x0,
                          other=0.0)

@@ -507,6 +507,15 @@ def test_compile_check_covers_every_modifier_variant():
             assert key in every, key
             n += 1
         assert n == len(every) > 0, arch
+        # the additive backward of kernels/additive_bwd.py: each config also with WINDOW and ALIBI
+        names = ("_attn_bwd_dkdv_additive", "_attn_bwd_dq_additive")
+        bwd = [v for v in g.variants(arch=arch) if v["kernel"] in names]
+        on = dict(WINDOW=True, ALIBI=True)
+        plain = {(v["kernel"], v["dtype"], tuple(sorted(dict(v["config"], **on).items())))
+                 for v in bwd if v["variant"] == ""}
+        mods = {(v["kernel"], v["dtype"], tuple(sorted(v["config"].items())))
+                for v in bwd if v["variant"] == "+mods"}
+        assert plain == mods and len(mods) > 0, arch
 
 
 def test_compile_check_json_fields():
@@ -592,6 +601,10 @@ MODS = [
     Case(B=2, H=1, Hk=1, Lq=17, Lk=257, D=16, Dv=16, window=(-1, 3), alibi="BH", lengths=(257, 100),
          dtype=F16),
     Case(B=1, H=2, Hk=2, Lq=64, Lk=97, D=16, Dv=16, window=(40, 0), rel_bias=70, dtype=BF16),
+    # additive without rel_bias: window and ALiBi in kernels/additive_bwd.py (left edges, GQA, lengths)
+    Case(B=1, H=2, Hk=1, Lq=97, Lk=64, D=40, Dv=24, window=(20, 20), alibi="H"),
+    Case(B=2, H=1, Hk=1, Lq=257, Lk=97, D=16, Dv=16, window=(30, 0), lengths=(97, 50)),
+    Case(B=1, H=2, Hk=2, Lq=17, Lk=257, D=64, Dv=16, window=(100, -1), alibi="BH", dtype=F16),
 ]
 
 

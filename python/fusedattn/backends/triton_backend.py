@@ -219,7 +219,7 @@ class TritonBackend(Backend):
         return self._dot_backward(_spec("dot", key_lengths, causal, scale), dout, q, k, v, out, lse)[:3]
 
     def _additive_backward(self, spec, dout, q, k, v, w, out, lse):
-        if spec.window_left >= 0 or spec.rel_bias is not None or spec.alibi_slopes is not None:
+        if spec.rel_bias is not None:
             return self._additive_backward_mods(spec, dout, q, k, v, w, out, lse)
         key_lengths = spec.key_lengths
         check_grid(q, k)
@@ -231,7 +231,8 @@ class TritonBackend(Backend):
         BLOCK_DV = cfg["BLOCK_DV"]  # Dv is walked in chunks of this many columns
         blk, xb = cfg["BLOCK"], cfg["XB"]
         klen = _klen(key_lengths, B, Lk, q.device)
-        shift = _causal_shift(spec.window_right, Lq, Lk)
+        shift, (window_shift, _, slopes, _), flags = _mods(spec, B, H, Lq, Lk, q.device)
+        mods = dict(WINDOW=flags["WINDOW"], ALIBI=flags["BIAS"] == 2)
         lse = _flat(lse)
         delta = _delta(out, dout, delta_shape(dict(BLOCK_M=blk, BLOCK_N=xb), BLOCK_DV, BLOCK_DV,
                                               q.dtype == torch.float32))
@@ -251,10 +252,11 @@ class TritonBackend(Backend):
         rnorm = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)  # 1 / row sum of P, dQ -> dK/dV
         _addb._attn_bwd_dq_additive[(n_q, B * H)](
             w, eq, ek, qmax, kmax, klen, dout, v, lse, delta, dqt, dwt, scratch, rnorm,
-            *tables, *dqt.stride()[:3], H, Hk, Lq, Lk, A, Dv, shift, **common)
+            *tables, *dqt.stride()[:3], H, Hk, Lq, Lk, A, Dv, shift, window_shift, slopes, **common, **mods)
         _addb._attn_bwd_dkdv_additive[(n_k, B * Hk)](
             w, eq, ek, qmax, kmax, klen, dout, v, lse, delta, dkt, dv32, scratch, rnorm,
-            *tables, *dkt.stride()[:3], *dv32.stride()[:3], H, Hk, Lq, Lk, A, Dv, shift, **common)
+            *tables, *dkt.stride()[:3], *dv32.stride()[:3], H, Hk, Lq, Lk, A, Dv, shift, window_shift, slopes,
+            **common, **mods)
         dq = torch.empty(*q.shape[:-1], A_user, dtype=q.dtype, device=q.device)
         dq.copy_(dqt[:, :, :A_user, :Lq].transpose(-1, -2))
         dk = torch.empty(*k.shape[:-1], A_user, dtype=k.dtype, device=k.device)
@@ -265,9 +267,10 @@ class TritonBackend(Backend):
 
 
     def _additive_backward_mods(self, spec, dout, q, k, v, w, out, lse):
-        """The additive backward with a left window edge, rel_bias or ALiBi: the earlier two-kernel
-        form (``kernels/additive.py``, about 3.8 MUFU per triple) that carries the score modifiers;
-        ``kernels/additive_bwd.py`` (2 MUFU per triple) serves every other call."""
+        """The additive backward with rel_bias: the earlier two-kernel form (``kernels/additive.py``,
+        about 3.8 MUFU per triple) that carries the rel_bias gradient's diagonal sums;
+        ``kernels/additive_bwd.py`` (2 MUFU per triple) serves every other call, windows and ALiBi
+        included."""
         key_lengths = spec.key_lengths
         check_grid(q, k)
         A_user, Dv_user, w_dtype = q.shape[-1], v.shape[-1], w.dtype

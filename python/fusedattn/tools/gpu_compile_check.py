@@ -201,11 +201,15 @@ def variants(quick: bool = False, arch: int = 90) -> list[dict]:
                      ADDITIVE_A, bdv)
         # additive backward (every other call): one layout per padded A (features per thread,
         # threads per row); Dv is walked in chunks of the config's BLOCK_DV columns
+        # (without modifiers, and "+mods": a left window edge and ALiBi, the modifiers it serves)
         for ba in widths:
             cfg = additive_bwd.bwd_config(ba, dt == "fp32")
             cfg.update(FAST_RCP=True, DOT_PRECISION=prec)
             for kern in ("_attn_bwd_dkdv_additive", "_attn_bwd_dq_additive"):
-                add(kern, dt, "", cfg, (cfg["AS"], cfg["XB"]), "additive-bwd", None, ba)
+                add(kern, dt, "", dict(cfg, WINDOW=False, ALIBI=False), (cfg["AS"], cfg["XB"]),
+                    "additive-bwd", None, ba)
+                add(kern, dt, "+mods", dict(cfg, WINDOW=True, ALIBI=True), (cfg["AS"], cfg["XB"]),
+                    "additive-bwd", None, ba)
         # -- dot (the launcher pads D and Dv to one width: BLOCK_D == BLOCK_DV) --
         for bd in widths:
             for even in (True, False):
