@@ -1,10 +1,10 @@
-"""Fused additive (Bahdanau) attention: forward and backward Triton kernels.
+"""Fused additive (Bahdanau) attention: the forward Triton kernel and its exp-table prologue.
 
 Scores ``s_ij = sum_a w_a * tanh(q_ia + k_ja)`` are rebuilt tile by tile and never stored.
 Per (query tile, key tile) the A axis is walked one column at a time: a query column
 (BLOCK_M,) and a key column (BLOCK_N,) are loaded as vectors from the float32 tables below
 and the triple work is a rank-1 update of a (BLOCK_M, BLOCK_N) register tile. q and k are
-read only by the prologue; the main kernels load 16-bit data only for V and dO, with
+read only by the prologue; the main kernel loads 16-bit data only for V, with
 head-dim masks over 8 elements (``common._dims``: 128-bit loads, once per tile, so there is
 no unmasked variant).
 
@@ -27,16 +27,8 @@ underflow, which gives r = 0 or 1, the correct saturated limits) takes this path
 tile takes the DIRECT path ``r = 1 / (1 + exp(2 (x + y)))`` with one exp per triple.
 
 Backward: ``additive_bwd.py`` (one reciprocal per triple per kernel, gradients in registers)
-serves every call except those with a left window edge, rel_bias or ALiBi, which run the
-earlier two-kernel form below (FlashAttention-2 structure, deterministic, no atomics):
-``dS = P * (dP - delta)``; ``dq_ia = 4 w_a sum_j dS_ij r (1 - r)``,
-``dk_ja = 4 w_a sum_i dS_ij r (1 - r)``, ``dw_a = sum_ij dS_ij (1 - 2 r)``.
-The dK/dV kernel works on transposed tiles (keys as rows), so both dQ and dK reduce along
-axis 1. A register tile cannot be indexed by column, so the per-column sums are accumulated
-in program-owned float32 scratch in global memory, stored transposed (B, H, A, L) so one
-column is contiguous (read-modify-write of one column per ``a``; a barrier separates
-consecutive tiles). ``dw`` is written as per-(b, h, query row) partials that the host sums
-in a fixed order.
+serves every call, every modifier included; it reuses ``_attn_exp_table``'s idea with its own
+tiled tables.
 """
 import triton
 import triton.language as tl
@@ -48,9 +40,6 @@ from .common import (
     _attn_fwd_key_range,
     _bias,
     _dims,
-    _drel_ends,
-    _drel_program,
-    _drel_tile,
     _exp2x,
     _ld,
     _mma,
@@ -82,15 +71,6 @@ FWD_CONFIGS = [  # predicate on (BLOCK_DV, fp32, decode)
 # thread-instructions but only 16 MUFU results per clock), so one column in five takes its
 # reciprocal on the FMA pipes: 6.3 instructions and 0.8 MUFU ops per triple, 1.25x fewer
 # clocks by that count. Loops already issue-bound (float32: 8.9; BLOCK_DV = 256: 8.75) keep 0.
-# The backward walks Dv in chunks of BLOCK_DV <= 64 columns (32 for float32), so its configs
-# depend on the chunk width and the dtype only.
-BWD_DKDV_CONFIGS = [  # predicate on (BLOCK_DV chunk, fp32); BLOCK_N keys are the tile rows
-    (lambda dv, f32: True, dict(BLOCK_M=16, BLOCK_N=64, SOFT_RCP=0, num_warps=4, num_stages=1, maxnreg=255)),
-]
-BWD_DQ_CONFIGS = [  # predicate on (BLOCK_DV chunk, fp32)
-    (lambda dv, f32: not f32, dict(BLOCK_M=16, BLOCK_N=128, SOFT_RCP=5, num_warps=4, num_stages=1, maxnreg=255)),
-    (lambda dv, f32: True, dict(BLOCK_M=16, BLOCK_N=64, SOFT_RCP=0, num_warps=4, num_stages=1, maxnreg=255)),
-]
 # the interpreter runs the FMA-pipe reciprocal too (every 5th column), so the tests check its numbers
 INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, SOFT_RCP=5, num_warps=4, num_stages=1)
 INTERPRET_DECODE_CONFIG = dict(BLOCK_M=16, BLOCK_N=64, SOFT_RCP=5, num_warps=4, num_stages=1)
@@ -99,13 +79,6 @@ INTERPRET_DECODE_CONFIG = dict(BLOCK_M=16, BLOCK_N=64, SOFT_RCP=5, num_warps=4, 
 def prune_fwd_config(BLOCK_DV, fp32, decode):
     """The forward config for a padded value width, float32 inputs?, decode (Lq <= 16)?"""
     return next(dict(c) for pred, c in FWD_CONFIGS if pred(BLOCK_DV, fp32, decode))
-
-
-def prune_bwd_configs(BLOCK_DV, fp32):
-    """(dK/dV config, dQ config) for a padded value width and float32 inputs?"""
-    dkdv = next(dict(c) for pred, c in BWD_DKDV_CONFIGS if pred(BLOCK_DV, fp32))
-    dq = next(dict(c) for pred, c in BWD_DQ_CONFIGS if pred(BLOCK_DV, fp32))
-    return dkdv, dq
 
 
 # ----------------------------------------------------------------------------------------
@@ -149,8 +122,7 @@ def _attn_exp_table(X, ET, XMAX, XLEN,
 
 
 # ----------------------------------------------------------------------------------------
-# score helpers: a "row" side (tile rows) and a "col" side (tile columns); tanh(x + y) is
-# symmetric, so the dK/dV kernel uses keys as rows and queries as columns.
+# score helpers: a "row" side (tile rows: queries) and a "col" side (tile columns: keys)
 # ----------------------------------------------------------------------------------------
 @triton.jit
 def _w_sum(W_h, stride_wa, A):
@@ -235,43 +207,6 @@ def _scores(XE, YE, X, Y, offs_x, offs_y, mask_x, mask_y,
                           stride_xea, stride_yea, stride_xl, stride_yl, stride_xd, stride_yd, W_h, stride_wa, A,
                           BLOCK_X, BLOCK_Y, True, FAST_RCP, 0)
     return acc + wsum
-
-
-@triton.jit
-def _grad_columns(XE, YE, X, Y, offs_x, offs_y, mask_x, mask_y,
-                  stride_xea, stride_yea, stride_xl, stride_yl, stride_xd, stride_yd, W_h, stride_wa, A,
-                  ds, ds_sum, DX, DW, stride_dxa,
-                  WITH_DW: tl.constexpr, DIRECT: tl.constexpr, FAST_RCP: tl.constexpr):
-    """For every column a, reduce over the tile's columns (axis 1):
-    dx[:, a] += 4 w_a sum_j ds r (1 - r)  and, WITH_DW, dw[:, a] += sum_j ds (1 - 2 r).
-    dx/dw are float32 scratch, transposed (column a contiguous), owned by this program."""
-    for a in range(0, A):
-        w4 = tl.load(W_h + a * stride_wa).to(tl.float32) * 4.0
-        # -- r = 1 / (1 + e^{2(x_ia + y_ja)}) for column a (inlined: the interpreter pays ~1 ms
-        #    per nested jit call) --
-        if DIRECT:
-            x = tl.load(X + (offs_x + a * stride_xd))
-            y = tl.load(Y + (offs_y + a * stride_yd))
-            z = tl.exp((x[:, None] + y[None, :]) * 2.0) + 1.0
-        else:
-            # tables are padded (finite values) to a multiple of 128 rows: no masks, vector loads
-            ex = tl.load(XE + (offs_x + a * stride_xea))
-            ey = tl.load(YE + (offs_y + a * stride_yea))
-            z = ex[:, None] * ey[None, :] + 1.0
-        if FAST_RCP:  # one MUFU.RCP (GPU only: inline PTX does not run under the interpreter)
-            r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [z],
-                                          dtype=tl.float32, is_pure=True, pack=1)
-        else:
-            r = 1.0 / z
-        u = ds * r
-        col = tl.sum(u - u * r, axis=1) * w4
-        # scratch rows are padded to a multiple of 128: no masks (padding rows get zeros)
-        cur = tl.load(DX + (offs_x + a * stride_dxa))
-        tl.store(DX + (offs_x + a * stride_dxa), cur + col)
-        if WITH_DW:
-            cw = ds_sum - 2.0 * tl.sum(u, axis=1)
-            cur_w = tl.load(DW + (offs_x + a * stride_dxa))
-            tl.store(DW + (offs_x + a * stride_dxa), cur_w + cw)
 
 
 # ----------------------------------------------------------------------------------------
@@ -375,244 +310,3 @@ def _attn_fwd_additive(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, Out, LSE,
     _attn_fwd_epilogue(acc, m_i, l_i, Out, LSE, pid_s, off_b64, off_h64, offs_m, offs_dv, mask_m, mask_dv,
                        stride_os, stride_ob, stride_oh, stride_om, stride_od,
                        stride_ls, stride_lb, stride_lh, stride_lm, BLOCK_M)
-
-
-# ----------------------------------------------------------------------------------------
-# backward
-# ----------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=SIZE_ARGS)
-def _attn_bwd_dkdv_additive_mods(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta, DKT, DV,
-                            stride_qb, stride_qh, stride_qm, stride_qd,
-                            stride_kb, stride_kh, stride_kn, stride_kd,
-                            stride_vb, stride_vh, stride_vn, stride_vd,
-                            stride_wh, stride_wa,
-                            stride_eqb, stride_eqh, stride_eqa,
-                            stride_ekb, stride_ekh, stride_eka,
-                            stride_dob, stride_doh, stride_dom, stride_dod,
-                            stride_dkb, stride_dkh, stride_dka,
-                            stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                            H, Hk, Lq, Lk, A, Dv, CAUSAL_SHIFT,
-                            WINDOW_SHIFT, REL, SLOPES, REL_M,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
-                            FAST_RCP: tl.constexpr, SOFT_RCP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                            WINDOW: tl.constexpr, BIAS: tl.constexpr):
-    """One program: BLOCK_N keys of one (b, kv head); loops over the group's query heads and
-    the query tiles that can see these keys. Tiles are transposed (keys are rows), so the
-    dK reduction over queries runs along axis 1. DKT is float32 scratch (B, Hk, A, >=Lk) and
-    DV float32 scratch (B, Hk, >=Lk, >=Dv rounded up to BLOCK_DV), both zero-initialized with
-    rows padded to a multiple of 128. LSE and Delta are contiguous (B, H, Lq) float32."""
-    tl.static_assert(BLOCK_M >= 16)
-    tl.static_assert(BLOCK_DV >= 16)
-    pid_n = tl.program_id(0)
-    off_bhk = tl.program_id(1)
-    off_b = off_bhk // Hk
-    off_hk = off_bhk % Hk
-    GROUP = H // Hk
-    off_b64 = off_b.to(tl.int64)
-    off_hk64 = off_hk.to(tl.int64)
-
-    start_n = pid_n * BLOCK_N
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_n = start_n + offs_n0
-    offs_m0 = tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    mask_n = offs_n < Lk
-    _, Dv = _dims(A, Dv)
-
-    ek_base = EK + off_b64 * stride_ekb + off_hk64 * stride_ekh
-    xk_base = ek_base + A * stride_eka  # rows A..2A of the table: x itself (float32)
-    dk_base = DKT + off_b64 * stride_dkb + off_hk64 * stride_dkh
-    v_base = V + off_b64 * stride_vb + off_hk64 * stride_vh
-    kmax = tl.load(KMAX + off_bhk.to(tl.int64) * Lk + offs_n, mask=mask_n, other=0.0)
-    k_ok = tl.max(kmax, axis=0) <= EXP_SAFE
-
-    # -- query tiles that can see a key of this tile: i >= j - CAUSAL_SHIFT, and none if masked --
-    klen = tl.load(KLEN + off_b)
-    m_lo = tl.maximum(pid_n * BLOCK_N - CAUSAL_SHIFT, 0)
-    m_lo = (m_lo // BLOCK_M) * BLOCK_M
-    m_hi = tl.where(pid_n * BLOCK_N < klen, Lq, 0)
-    if WINDOW:  # rows i <= j - WINDOW_SHIFT see key j
-        m_hi = tl.minimum(m_hi, tl.maximum(start_n + BLOCK_N - WINDOW_SHIFT, 0))
-
-    dv_tile = DV + off_b64 * stride_dvb + off_hk64 * stride_dvh + tl.cast(start_n, tl.int64) * stride_dvn
-    v_tile = v_base + tl.cast(start_n, tl.int64) * stride_vn
-    for g in range(0, GROUP):
-        off_h64 = (off_hk * GROUP + g).to(tl.int64)
-        eq_base = EQ + off_b64 * stride_eqb + off_h64 * stride_eqh
-        xq_base = eq_base + A * stride_eqa
-        do_base = DO + off_b64 * stride_dob + off_h64 * stride_doh
-        row_base = (off_b64 * H + off_h64) * Lq
-        W_h = W + off_h64 * stride_wh
-        wsum = _w_sum(W_h, stride_wa, A)
-        rel_row = 0
-        slope = 0.0
-        if BIAS > 0:
-            off_h = off_hk * GROUP + g
-            rel_row = off_h * (2 * REL_M - 1)
-            if BIAS & 2:
-                slope = tl.load(SLOPES + off_b * H + off_h)
-        for start_m in range(m_lo, m_hi, BLOCK_M):
-            offs_m = start_m + offs_m0
-            mask_m = offs_m < Lq
-            # -- transposed scores and probabilities (recomputed) --
-            qmax = tl.load(QMAX + row_base + offs_m, mask=mask_m, other=0.0)
-            fast = k_ok & (tl.max(qmax, axis=0) <= EXP_SAFE)
-            sT = _scores(ek_base, eq_base, xk_base, xq_base, offs_n, offs_m, mask_n, mask_m,
-                         stride_eka, stride_eqa, 1, 1, stride_eka, stride_eqa,
-                         W_h, stride_wa, A, wsum, fast,
-                         BLOCK_N, BLOCK_M, FAST_RCP, SOFT_RCP)
-            if BIAS > 0:
-                sT += _bias(offs_m, offs_n, Lk - Lq, REL, rel_row, REL_M, slope, BIAS, True)
-            allowed = (_allowed(offs_m, offs_n, klen, CAUSAL_SHIFT, WINDOW_SHIFT, WINDOW, True)
-                       & mask_m[None, :])
-            lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0)
-            lse = tl.where(lse == -float("inf"), 0.0, lse)
-            pT = tl.where(allowed, tl.exp(sT - lse[None, :]), 0.0)
-            # -- dV and dS^T --
-            # Dv is walked in BLOCK_DV chunks: dV accumulates in program-owned float32 scratch
-            # (rows padded: no row mask) and dP^T sums over the chunks, so no (BLOCK_N, Dv)
-            # tile stays live across the A loops whatever Dv is
-            dpT = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            do_tile = do_base + tl.cast(start_m, tl.int64) * stride_dom
-            for c in range(0, Dv, BLOCK_DV):
-                offs_c = c + offs_dv
-                do = _ld(do_tile + offs_m0[:, None] * stride_dom + offs_c[None, :], offs_m0, Lq - start_m,
-                         offs_c, Dv, True, True)
-                v = _ld(v_tile + offs_n0[:, None] * stride_vn + offs_c[None, :], offs_n0, klen - start_n,
-                        offs_c, Dv, True, True)
-                dv_ptrs = dv_tile + offs_n0[:, None] * stride_dvn + offs_c[None, :]
-                tl.store(dv_ptrs, tl.load(dv_ptrs) + _mma(pT.to(do.dtype), do, DOT_PRECISION))
-                dpT += _mma(v, tl.trans(do), DOT_PRECISION)
-            delta = tl.load(Delta + row_base + offs_m, mask=mask_m, other=0.0)
-            dsT = pT * (dpT - delta[None, :])
-            # -- dK columns --
-            if fast:
-                _grad_columns(ek_base, eq_base, xk_base, xq_base, offs_n, offs_m, mask_n, mask_m,
-                              stride_eka, stride_eqa, 1, 1, stride_eka, stride_eqa,
-                              W_h, stride_wa, A, dsT, 0.0, dk_base, dk_base, stride_dka, False, False, FAST_RCP)
-            else:
-                _grad_columns(ek_base, eq_base, xk_base, xq_base, offs_n, offs_m, mask_n, mask_m,
-                              stride_eka, stride_eqa, 1, 1, stride_eka, stride_eqa,
-                              W_h, stride_wa, A, dsT, 0.0, dk_base, dk_base, stride_dka, False, True, FAST_RCP)
-            tl.debug_barrier()  # the next tile reads the dK columns and dV rows stored above
-
-
-@triton.jit(do_not_specialize=SIZE_ARGS)
-def _attn_bwd_dq_additive_mods(Q, K, V, W, EQ, EK, QMAX, KMAX, KLEN, DO, LSE, Delta, DQT, DWT,
-                          stride_qb, stride_qh, stride_qm, stride_qd,
-                          stride_kb, stride_kh, stride_kn, stride_kd,
-                          stride_vb, stride_vh, stride_vn, stride_vd,
-                          stride_wh, stride_wa,
-                          stride_eqb, stride_eqh, stride_eqa,
-                          stride_ekb, stride_ekh, stride_eka,
-                          stride_dob, stride_doh, stride_dom, stride_dod,
-                          stride_dqb, stride_dqh, stride_dqa,
-                          H, Hk, Lq, Lk, A, Dv, CAUSAL_SHIFT,
-                          WINDOW_SHIFT, REL, SLOPES, REL_M, DREL, SKEW,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
-                          FAST_RCP: tl.constexpr, SOFT_RCP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                          WINDOW: tl.constexpr, BIAS: tl.constexpr):
-    """One program: BLOCK_M query rows of one (b, h); loops over the allowed key tiles.
-    DQT and DWT (per-row dw partials) are float32 scratch (B, H, A, >=Lq), zero-initialized,
-    sharing the strides ``stride_dq*``. Modifiers as in the forward; BIAS & 1 also writes the
-    program's partial rel_bias gradient (``common._drel_program``), summed by the launcher."""
-    tl.static_assert(BLOCK_N >= 16)
-    tl.static_assert(BLOCK_DV >= 16)
-    pid_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = off_bh // H
-    off_h = off_bh % H
-    off_hk = off_h // (H // Hk)
-    off_b64 = off_b.to(tl.int64)
-    off_h64 = off_h.to(tl.int64)
-    off_hk64 = off_hk.to(tl.int64)
-
-    start_m = pid_m * BLOCK_M
-    offs_m0 = tl.arange(0, BLOCK_M)
-    offs_m = start_m + offs_m0
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    mask_m = offs_m < Lq
-    _, Dv = _dims(A, Dv)
-
-    eq_base = EQ + off_b64 * stride_eqb + off_h64 * stride_eqh
-    xq_base = eq_base + A * stride_eqa  # rows A..2A of the table: x itself (float32)
-    ek_base = EK + off_b64 * stride_ekb + off_hk64 * stride_ekh
-    xk_base = ek_base + A * stride_eka
-    kmax_base = KMAX + (off_b64 * Hk + off_hk64) * Lk
-    v_base = V + off_b64 * stride_vb + off_hk64 * stride_vh
-    W_h = W + off_h64 * stride_wh
-    dq_base = DQT + off_b64 * stride_dqb + off_h64 * stride_dqh
-    dw_base = DWT + off_b64 * stride_dqb + off_h64 * stride_dqh
-    row_base = (off_b64 * H + off_h64) * Lq
-
-    do_tile = DO + off_b64 * stride_dob + off_h64 * stride_doh + tl.cast(start_m, tl.int64) * stride_dom
-    lse = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0)
-    lse = tl.where(lse == -float("inf"), 0.0, lse)
-    delta = tl.load(Delta + row_base + offs_m, mask=mask_m, other=0.0)
-
-    klen = tl.load(KLEN + off_b)
-    n_hi = tl.minimum(klen, (pid_m + 1) * BLOCK_M + CAUSAL_SHIFT)
-    wsum = _w_sum(W_h, stride_wa, A)
-    qmax = tl.load(QMAX + row_base + offs_m, mask=mask_m, other=0.0)
-    q_ok = tl.max(qmax, axis=0) <= EXP_SAFE
-
-    n_lo = 0
-    if WINDOW:
-        n_lo = tl.maximum(start_m + WINDOW_SHIFT, 0) // BLOCK_N * BLOCK_N
-    rel_row = 0
-    slope = 0.0
-    if BIAS > 0:
-        rel_row = off_h * (2 * REL_M - 1)
-        if BIAS & 2:
-            slope = tl.load(SLOPES + off_bh)
-    drel_p = DREL
-    skew_p = SKEW
-    below = tl.zeros([], dtype=tl.float32)
-    above = tl.zeros([], dtype=tl.float32)
-    if BIAS & 1:
-        drel_p, skew_p = _drel_program(DREL, SKEW, off_bh.to(tl.int64) * tl.num_programs(0) + pid_m, REL_M,
-                                       BLOCK_M, BLOCK_N)
-
-    for start_n in range(n_lo, n_hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        mask_n = offs_n < Lk
-        # -- scores and probabilities (recomputed) --
-        kmax = tl.load(kmax_base + offs_n, mask=mask_n, other=0.0)
-        fast = q_ok & (tl.max(kmax, axis=0) <= EXP_SAFE)
-        s = _scores(eq_base, ek_base, xq_base, xk_base, offs_m, offs_n, mask_m, mask_n,
-                    stride_eqa, stride_eka, 1, 1, stride_eqa, stride_eka,
-                    W_h, stride_wa, A, wsum, fast,
-                    BLOCK_M, BLOCK_N, FAST_RCP, SOFT_RCP)
-        if BIAS > 0:
-            s += _bias(offs_m, offs_n, Lk - Lq, REL, rel_row, REL_M, slope, BIAS, False)
-        allowed = (_allowed(offs_m, offs_n, klen, CAUSAL_SHIFT, WINDOW_SHIFT, WINDOW, False)
-                   & mask_m[:, None])
-        p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
-        # -- dS (dP summed over Dv chunks; dO re-read from cache) --
-        dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        v_tile = v_base + tl.cast(start_n, tl.int64) * stride_vn
-        for c in range(0, Dv, BLOCK_DV):
-            offs_c = c + offs_dv
-            do = _ld(do_tile + offs_m0[:, None] * stride_dom + offs_c[None, :], offs_m0, Lq - start_m,
-                     offs_c, Dv, True, True)
-            v = _ld(v_tile + offs_n0[:, None] * stride_vn + offs_c[None, :], offs_n0, klen - start_n,
-                    offs_c, Dv, True, True)
-            dp += _mma(do, tl.trans(v), DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        if BIAS & 1:  # d rel_bias: dS summed along the tile's diagonals
-            below, above = _drel_tile(ds, start_n - start_m - (Lk - Lq), skew_p, drel_p, REL_M, below, above,
-                                      BLOCK_M, BLOCK_N)
-        ds_sum = tl.sum(ds, axis=1)
-        # -- dQ and dw columns --
-        if fast:
-            _grad_columns(eq_base, ek_base, xq_base, xk_base, offs_m, offs_n, mask_m, mask_n,
-                          stride_eqa, stride_eka, 1, 1, stride_eqa, stride_eka,
-                          W_h, stride_wa, A, ds, ds_sum, dq_base, dw_base, stride_dqa, True, False, FAST_RCP)
-        else:
-            _grad_columns(eq_base, ek_base, xq_base, xk_base, offs_m, offs_n, mask_m, mask_n,
-                          stride_eqa, stride_eka, 1, 1, stride_eqa, stride_eka,
-                          W_h, stride_wa, A, ds, ds_sum, dq_base, dw_base, stride_dqa, True, True, FAST_RCP)
-        tl.debug_barrier()  # the next tile reads the dQ/dw columns stored above
-    if BIAS & 1:
-        _drel_ends(drel_p, REL_M, below, above)

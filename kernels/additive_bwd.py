@@ -26,11 +26,19 @@ registers (no per-feature-column read-modify-write of global memory, no cross-wa
 in the loops), and P @ dO for dV stays on the tensor cores. The direct path
 ``r = 1 / (1 + exp(2 (x + y)))`` (one exp more per triple) serves blocks where a factor would
 over- or underflow (``max|x| > 40``), as in the forward.
+
+Score modifiers (constexpr flags; without them the kernels compile to the code they had
+before): WINDOW (a left window edge: both loops bounded by it), ALIBI and REL_BIAS (per-pair
+score terms). The rel_bias gradient, ``d rel_bias[h, c + M - 1] += dS_ij`` with
+``c = clamp(j - i - (Lk - Lq), -(M-1), M-1)`` (diagonal sums of dS), is formed in the dK/dV kernel, whose P is already normalized by the dQ
+kernel's row sums: each step stores its dS^T column to scratch, and per block of XB queries
+``common._drel_tile`` sums the (XB x BLOCK) dS tile along its diagonals into the program's own
+partial row (fixed order, no atomics; the launcher sums the rows in a fixed order).
 """
 import triton
 import triton.language as tl
 
-from .common import SIZE_ARGS, _exp2x, _mma, _mma_acc
+from .common import SIZE_ARGS, _drel_ends, _drel_tile, _exp2x, _mma, _mma_acc
 
 EXP_SAFE = tl.constexpr(40.0)
 XB = 16  # other indices per dP block
@@ -135,18 +143,28 @@ def _pair_r(eo, e_ptrs, xo, x_ptrs, xi, DIRECT: tl.constexpr, FAST_RCP: tl.const
 
 
 @triton.jit
+def _rel_idx(d, REL_M):
+    """Index into a head's rel_bias row (2M - 1 entries) of the distance d: clamp(d, -(M-1), M-1) + M - 1."""
+    return tl.minimum(tl.maximum(d, 1 - REL_M), REL_M - 1) + (REL_M - 1)
+
+
+@triton.jit
 def _dq_steps(dq_acc, u_acc, ds_sum, p_sum, eo, e_ptrs, xo, x_ptrs, w2, wsum, lse, delta, own, mask_m,
-              dp_ptrs, x0, n_x, CAUSAL_SHIFT, WINDOW_SHIFT, DIST_SHIFT, slope,
-              DIRECT: tl.constexpr, FAST_RCP: tl.constexpr, WINDOW: tl.constexpr, ALIBI: tl.constexpr):
+              dp_ptrs, x0, n_x, CAUSAL_SHIFT, WINDOW_SHIFT, DIST_SHIFT, slope, rel, REL_M,
+              DIRECT: tl.constexpr, FAST_RCP: tl.constexpr, WINDOW: tl.constexpr, ALIBI: tl.constexpr,
+              REL_BIAS: tl.constexpr):
     """Keys x0 .. x0 + n_x of the dQ kernel, one at a time (see the module docstring): per
     triple dq += dS r (1 - r), u += dS r (dw = sum dS - 2 u); the weights exp(s - lse) are
     divided by their row sum p_sum at the end. WINDOW: keys below own + WINDOW_SHIFT are not
-    allowed; ALIBI: the score gains -slope |key - own - DIST_SHIFT|."""
+    allowed; ALIBI: the score gains -slope |key - own - DIST_SHIFT|; REL_BIAS: it gains
+    rel[_rel_idx(key - own - DIST_SHIFT)] (rel: this head's row of rel_bias)."""
     for xi in range(0, n_x):
         r = _pair_r(eo, e_ptrs, xo, x_ptrs, xi, DIRECT, FAST_RCP)
         s = tl.sum(tl.sum(w2 * r, axis=0), axis=1) + wsum                        # (BLOCK,)
         if ALIBI:
             s -= slope * tl.abs((x0 + xi - DIST_SHIFT - own).to(tl.float32))
+        if REL_BIAS:
+            s += tl.load(rel + _rel_idx(x0 + xi - DIST_SHIFT - own, REL_M))
         allowed = mask_m & (x0 + xi <= own + CAUSAL_SHIFT)
         if WINDOW:
             allowed = allowed & (x0 + xi >= own + WINDOW_SHIFT)
@@ -162,17 +180,21 @@ def _dq_steps(dq_acc, u_acc, ds_sum, p_sum, eo, e_ptrs, xo, x_ptrs, w2, wsum, ls
 
 @triton.jit
 def _dk_steps(acc, eo, e_ptrs, xo, x_ptrs, w2, wsum, LSE_row, RN_row, Delta_row, own, key_in,
-              dp_ptrs, p_ptrs, x0, n_x, CAUSAL_SHIFT, WINDOW_SHIFT, DIST_SHIFT, slope,
-              DIRECT: tl.constexpr, FAST_RCP: tl.constexpr, WINDOW: tl.constexpr, ALIBI: tl.constexpr):
+              dp_ptrs, p_ptrs, ds_ptrs, x0, n_x, CAUSAL_SHIFT, WINDOW_SHIFT, DIST_SHIFT, slope, rel, REL_M,
+              DIRECT: tl.constexpr, FAST_RCP: tl.constexpr, WINDOW: tl.constexpr, ALIBI: tl.constexpr,
+              REL_BIAS: tl.constexpr):
     """Queries x0 .. x0 + n_x of one head in the dK/dV kernel, one at a time (acc += dS r (1 - r));
     P^T goes to scratch. P = exp(s - lse) / p_sum with the dQ kernel's row sums (RN = 1 / p_sum).
-    WINDOW and ALIBI as in ``_dq_steps`` (own: the keys, x: the query)."""
+    WINDOW, ALIBI and REL_BIAS as in ``_dq_steps`` (own: the keys, x: the query); REL_BIAS also
+    stores dS^T to scratch (ds_ptrs) for the rel_bias gradient."""
     for xi in range(0, n_x):
         x = x0 + xi
         r = _pair_r(eo, e_ptrs, xo, x_ptrs, xi, DIRECT, FAST_RCP)
         s = tl.sum(tl.sum(w2 * r, axis=0), axis=1) + wsum                        # (BLOCK,)
         if ALIBI:
             s -= slope * tl.abs((own - x - DIST_SHIFT).to(tl.float32))
+        if REL_BIAS:
+            s += tl.load(rel + _rel_idx(own - x - DIST_SHIFT, REL_M))
         lse_x = tl.load(LSE_row + x)
         lse_x = tl.where(lse_x == -float("inf"), float("inf"), lse_x)  # a row with no key: P = 0
         allowed = key_in & (own <= x + CAUSAL_SHIFT)
@@ -181,6 +203,8 @@ def _dk_steps(acc, eo, e_ptrs, xo, x_ptrs, w2, wsum, LSE_row, RN_row, Delta_row,
         p = tl.where(allowed, _exp_fma(s - lse_x) * tl.load(RN_row + x), 0.0)
         tl.store(p_ptrs + xi, p)
         ds = p * (tl.load(dp_ptrs + xi) - tl.load(Delta_row + x))
+        if REL_BIAS:
+            tl.store(ds_ptrs + xi, ds)
         acc += ds[None, :, None] * (r - r * r)
     return acc
 
@@ -235,17 +259,20 @@ def _attn_bwd_dq_additive(W, EQ, EK, QMAX, KMAX, KLEN, DO, V, LSE, Delta, DQT, D
                           stride_dob, stride_doh, stride_dom,
                           stride_vb, stride_vh, stride_vn,
                           stride_dqb, stride_dqh, stride_dqa,
-                          H, Hk, Lq, Lk, A, Dv, CAUSAL_SHIFT, WINDOW_SHIFT, SLOPES,
+                          H, Hk, Lq, Lk, A, Dv, CAUSAL_SHIFT, WINDOW_SHIFT, SLOPES, REL, REL_M,
                           AS: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr, XB: tl.constexpr,
                           BLOCK_DV: tl.constexpr, FAST_RCP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                          WINDOW: tl.constexpr = False, ALIBI: tl.constexpr = False):
+                          WINDOW: tl.constexpr = False, ALIBI: tl.constexpr = False,
+                          REL_BIAS: tl.constexpr = False):
     """One program: BLOCK query rows of one (b, h); walks the allowed keys. EQ/EK: tiled tables
     (``_bwd_exp_table``, A_PAD = AS * S features). DQT and DWT (per-row dw partials) are float32
     (B, H, A, >=Lq) sharing the strides ``stride_dq*``; every element of rows < BLOCK * programs
     and a < A is written. DPS: float32 scratch, BLOCK x XB per program. RN (B, H, Lq): written,
     1 / row sum of P (see the end). WINDOW: keys below i + WINDOW_SHIFT are not allowed (the
     loop starts at the block holding the window's first key); ALIBI: SLOPES (B, H) float32
-    contiguous, the score gains -slope |j - i - (Lk - Lq)|."""
+    contiguous, the score gains -slope |j - i - (Lk - Lq)|; REL_BIAS: REL (H, 2 REL_M - 1)
+    float32 contiguous, the score gains REL[h, clamp(j - i - (Lk - Lq), -(M-1), M-1) + M - 1]
+    (its gradient is summed in the dK/dV kernel, whose P is normalized)."""
     A_PAD: tl.constexpr = AS * S
     pid_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -280,6 +307,9 @@ def _attn_bwd_dq_additive(W, EQ, EK, QMAX, KMAX, KLEN, DO, V, LSE, Delta, DQT, D
     slope = 0.0
     if ALIBI:
         slope = tl.load(SLOPES + off_bh)
+    rel = REL
+    if REL_BIAS:
+        rel = REL + off_h64 * (2 * REL_M - 1)
     kmax_base = KMAX + (off_b64 * Hk + off_hk64) * Lk
 
     offs_xb = tl.arange(0, XB)
@@ -304,13 +334,13 @@ def _attn_bwd_dq_additive(W, EQ, EK, QMAX, KMAX, KLEN, DO, V, LSE, Delta, DQT, D
         if q_ok & (tl.max(kmax, axis=0) <= EXP_SAFE):
             dq_acc, u_acc, ds_sum, p_sum = _dq_steps(dq_acc, u_acc, ds_sum, p_sum, eo, blk, xo, blk + A_PAD * XB,
                                                     w2, wsum, lse, delta, own, mask_m, dps + o_loc * XB, x0, n_x,
-                                                    CAUSAL_SHIFT, WINDOW_SHIFT, Lk - Lq, slope, False, FAST_RCP,
-                                                    WINDOW, ALIBI)
+                                                    CAUSAL_SHIFT, WINDOW_SHIFT, Lk - Lq, slope, rel, REL_M, False,
+                                                    FAST_RCP, WINDOW, ALIBI, REL_BIAS)
         else:
             dq_acc, u_acc, ds_sum, p_sum = _dq_steps(dq_acc, u_acc, ds_sum, p_sum, eo, blk, xo, blk + A_PAD * XB,
                                                     w2, wsum, lse, delta, own, mask_m, dps + o_loc * XB, x0, n_x,
-                                                    CAUSAL_SHIFT, WINDOW_SHIFT, Lk - Lq, slope, True, FAST_RCP,
-                                                    WINDOW, ALIBI)
+                                                    CAUSAL_SHIFT, WINDOW_SHIFT, Lk - Lq, slope, rel, REL_M, True,
+                                                    FAST_RCP, WINDOW, ALIBI, REL_BIAS)
         tl.debug_barrier()  # the next block overwrites the dP scratch
 
     # -- P = exp(s - lse) / p_sum: the weights renormalized in this kernel's own arithmetic. Its
@@ -338,16 +368,22 @@ def _attn_bwd_dkdv_additive(W, EQ, EK, QMAX, KMAX, KLEN, DO, V, LSE, Delta, DKT,
                             stride_vb, stride_vh, stride_vn,
                             stride_dkb, stride_dkh, stride_dka,
                             stride_dvb, stride_dvh, stride_dvn,
-                            H, Hk, Lq, Lk, A, Dv, CAUSAL_SHIFT, WINDOW_SHIFT, SLOPES,
+                            H, Hk, Lq, Lk, A, Dv, CAUSAL_SHIFT, WINDOW_SHIFT, SLOPES, REL, REL_M, DREL,
                             AS: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr, XB: tl.constexpr,
                             BLOCK_DV: tl.constexpr, FAST_RCP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                            WINDOW: tl.constexpr = False, ALIBI: tl.constexpr = False):
+                            WINDOW: tl.constexpr = False, ALIBI: tl.constexpr = False,
+                            REL_BIAS: tl.constexpr = False):
     """One program: BLOCK keys of one (b, kv head); walks the group's query heads and the queries
     that can see these keys. DKT: float32 (B, Hk, A, >=Lk), every element of keys < BLOCK * programs
     and a < A written; DV: float32 (B, Hk, >=Lk, >=Dv rounded up to BLOCK_DV), zero-initialized. DPS: float32
-    scratch, 2 x BLOCK x XB per program (dP^T, then P^T for dV). LSE, Delta and RN (from the dQ
-    kernel): contiguous (B, H, Lq). WINDOW / ALIBI as in the dQ kernel: queries above
-    j - WINDOW_SHIFT do not see key j (the loop stops after the last query that sees the block)."""
+    scratch, 2 x BLOCK x XB per program (dP^T, then P^T for dV; 3 x with REL_BIAS: dS^T). LSE,
+    Delta and RN (from the dQ kernel): contiguous (B, H, Lq). WINDOW / ALIBI / REL_BIAS as in the
+    dQ kernel: queries above j - WINDOW_SHIFT do not see key j (the loop stops after the last
+    query that sees the block). REL_BIAS also writes d rel_bias without atomics: DREL float32
+    (B, H, programs, 2 REL_M - 1), zero-initialized, one partial row per (program, query head),
+    which the launcher sums in a fixed order; each block's dS tile (XB queries x BLOCK keys, from
+    the dS^T scratch) goes through ``common._drel_tile`` (diagonal sums in a fixed order), with
+    the dP^T / P^T scratch (free once dV is updated) as its skew buffer."""
     A_PAD: tl.constexpr = AS * S
     pid_n = tl.program_id(0)
     off_bhk = tl.program_id(1)
@@ -379,8 +415,10 @@ def _attn_bwd_dkdv_additive(W, EQ, EK, QMAX, KMAX, KLEN, DO, V, LSE, Delta, DKT,
     v_tile = V + off_b64 * stride_vb + off_hk64 * stride_vh + tl.cast(start_n, tl.int64) * stride_vn
     dv_tile = (DV + off_b64 * stride_dvb + off_hk64 * stride_dvh + tl.cast(start_n, tl.int64) * stride_dvn
                + o_loc[:, None] * stride_dvn + offs_dv[None, :])
-    dps = DPS + (off_bhk.to(tl.int64) * tl.num_programs(0) + pid_n) * (2 * BLOCK * XB)
+    NSCR: tl.constexpr = 3 if REL_BIAS else 2
+    dps = DPS + (off_bhk.to(tl.int64) * tl.num_programs(0) + pid_n) * (NSCR * BLOCK * XB)
     pps = dps + BLOCK * XB
+    dss = pps + BLOCK * XB  # dS^T (REL_BIAS)
 
     dk_acc = tl.zeros([AS, BLOCK, S], dtype=tl.float32)
     for g in range(0, GROUP):
@@ -390,6 +428,13 @@ def _attn_bwd_dkdv_additive(W, EQ, EK, QMAX, KMAX, KLEN, DO, V, LSE, Delta, DKT,
         slope = 0.0
         if ALIBI:
             slope = tl.load(SLOPES + off_b64 * H + off_h64)
+        rel = REL
+        drel_p = DREL
+        below = tl.zeros([], dtype=tl.float32)
+        above = tl.zeros([], dtype=tl.float32)
+        if REL_BIAS:
+            rel = REL + off_h64 * (2 * REL_M - 1)
+            drel_p = DREL + ((off_b64 * H + off_h64) * tl.num_programs(0) + pid_n) * (2 * REL_M - 1)
         wsum = -0.5 * tl.sum(tl.sum(tl.sum(w2, axis=0), axis=1), axis=0)
         do_base = DO + off_b64 * stride_dob + off_h64 * stride_doh
         row_base = (off_b64 * H + off_h64) * Lq
@@ -405,12 +450,14 @@ def _attn_bwd_dkdv_additive(W, EQ, EK, QMAX, KMAX, KLEN, DO, V, LSE, Delta, DKT,
             n_x = tl.minimum(XB, m_hi - x0)
             if k_ok & (tl.max(qmax, axis=0) <= EXP_SAFE):
                 acc = _dk_steps(acc, eo, blk, xo, blk + A_PAD * XB, w2, wsum, LSE + row_base, RN + row_base,
-                                Delta + row_base, own, key_in, dps + o_loc * XB, pps + o_loc * XB, x0, n_x,
-                                CAUSAL_SHIFT, WINDOW_SHIFT, Lk - Lq, slope, False, FAST_RCP, WINDOW, ALIBI)
+                                Delta + row_base, own, key_in, dps + o_loc * XB, pps + o_loc * XB,
+                                dss + o_loc * XB, x0, n_x, CAUSAL_SHIFT, WINDOW_SHIFT, Lk - Lq, slope, rel, REL_M,
+                                False, FAST_RCP, WINDOW, ALIBI, REL_BIAS)
             else:
                 acc = _dk_steps(acc, eo, blk, xo, blk + A_PAD * XB, w2, wsum, LSE + row_base, RN + row_base,
-                                Delta + row_base, own, key_in, dps + o_loc * XB, pps + o_loc * XB, x0, n_x,
-                                CAUSAL_SHIFT, WINDOW_SHIFT, Lk - Lq, slope, True, FAST_RCP, WINDOW, ALIBI)
+                                Delta + row_base, own, key_in, dps + o_loc * XB, pps + o_loc * XB,
+                                dss + o_loc * XB, x0, n_x, CAUSAL_SHIFT, WINDOW_SHIFT, Lk - Lq, slope, rel, REL_M,
+                                True, FAST_RCP, WINDOW, ALIBI, REL_BIAS)
             tl.debug_barrier()  # P^T of the block is in scratch
             pT = tl.load(pps + o_loc[:, None] * XB + offs_xb[None, :], mask=offs_xb[None, :] < m_hi - x0,
                          other=0.0)
@@ -421,6 +468,11 @@ def _attn_bwd_dkdv_additive(W, EQ, EK, QMAX, KMAX, KLEN, DO, V, LSE, Delta, DKT,
                              mask=(offs_xb[:, None] < Lq - x0) & ((c + offs_dv)[None, :] < Dv), other=0.0)
                 tl.store(dv_tile + c, _mma_acc(pT.to(do.dtype), do, tl.load(dv_tile + c), DOT_PRECISION))
             tl.debug_barrier()  # the next block overwrites the scratch
+            if REL_BIAS:  # d rel_bias: the block's dS (queries x keys) summed along its diagonals
+                ds = tl.load(dss + o_loc[None, :] * XB + offs_xb[:, None], mask=offs_xb[:, None] < n_x, other=0.0)
+                below, above = _drel_tile(ds, start_n - x0 - (Lk - Lq), dps, drel_p, REL_M, below, above, XB, BLOCK)
+        if REL_BIAS:
+            _drel_ends(drel_p, REL_M, below, above)
         dk_acc += acc * (w2 * -2.0)  # 4 w of this head
 
     dk_base = DKT + off_b64 * stride_dkb + off_hk64 * stride_dkh

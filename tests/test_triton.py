@@ -46,7 +46,18 @@ if _REASON is None:
         offs = tl.arange(0, N)
         tl.store(Y + offs, _exp_fma(tl.load(X + offs)))
 
-    from fusedattn.kernels.common import _softcap
+    from fusedattn.kernels.common import _drel_ends, _drel_tile, _softcap
+
+    @triton.jit
+    def _drel_tile_kernel(DS, D0, DRELP, SKEW, REL_M, NT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+        ii = tl.arange(0, BM)
+        jj = tl.arange(0, BN)
+        below = tl.zeros([], dtype=tl.float32)
+        above = tl.zeros([], dtype=tl.float32)
+        for t in tl.static_range(NT):
+            ds = tl.load(DS + t * BM * BN + ii[:, None] * BN + jj[None, :])
+            below, above = _drel_tile(ds, tl.load(D0 + t), SKEW, DRELP, REL_M, below, above, BM, BN)
+        _drel_ends(DRELP, REL_M, below, above)
 
     @triton.jit
     def _softcap_kernel(X, S, G, softcap_k, softcap, N: tl.constexpr, POLY: tl.constexpr):
@@ -486,8 +497,7 @@ def test_compile_check_covers_every_modifier_variant():
     score modifiers on ``dot.score_mods_config``, as the launcher picks)."""
     from fusedattn.kernels import dot
     from fusedattn.tools import gpu_compile_check as g
-    main = ("_attn_fwd_dot", "_attn_bwd_dkdv_dot", "_attn_bwd_dq_dot", "_attn_fwd_additive",
-            "_attn_bwd_dkdv_additive_mods", "_attn_bwd_dq_additive_mods")
+    main = ("_attn_fwd_dot", "_attn_bwd_dkdv_dot", "_attn_bwd_dq_dot", "_attn_fwd_additive")
     flags = ("WINDOW", "BIAS", "SOFTCAP")
     for arch in (80, 90):
         rows = [v for v in g.variants(arch=arch) if v["kernel"] in main]
@@ -507,10 +517,13 @@ def test_compile_check_covers_every_modifier_variant():
             assert key in every, key
             n += 1
         assert n == len(every) > 0, arch
-        # the additive backward of kernels/additive_bwd.py: each config also with WINDOW and ALIBI
+        # the additive backward of kernels/additive_bwd.py: each config also with all of its flags
+        # (WINDOW, ALIBI, REL_BIAS), and (fp16, A 64 and 128) with each flag alone
         names = ("_attn_bwd_dkdv_additive", "_attn_bwd_dq_additive")
         bwd = [v for v in g.variants(arch=arch) if v["kernel"] in names]
-        on = dict(WINDOW=True, ALIBI=True)
+        on = dict(WINDOW=True, ALIBI=True, REL_BIAS=True)
+        singles = {(v["kernel"], v["variant"]) for v in bwd if v["dtype"] == "fp16" and v["head_dim"] == 128}
+        assert {(n, f"+{m}") for n in names for m in ("window", "alibi", "rel")} <= singles, arch
         plain = {(v["kernel"], v["dtype"], tuple(sorted(dict(v["config"], **on).items())))
                  for v in bwd if v["variant"] == ""}
         mods = {(v["kernel"], v["dtype"], tuple(sorted(v["config"].items())))
@@ -601,6 +614,12 @@ MODS = [
     Case(B=2, H=1, Hk=1, Lq=17, Lk=257, D=16, Dv=16, window=(-1, 3), alibi="BH", lengths=(257, 100),
          dtype=F16),
     Case(B=1, H=2, Hk=2, Lq=64, Lk=97, D=16, Dv=16, window=(40, 0), rel_bias=70, dtype=BF16),
+    # additive rel_bias (kernels/additive_bwd.py): GQA with key lengths incl. 0 and causal (Lq < Lk),
+    # A = 100 (16-row blocks), clamped buckets (M = 8), fp16; Lq > Lk with a left edge only, bf16, no
+    # bucket clamped (M = 120); M = 1 (every distance in one bucket)
+    Case(B=2, H=4, Hk=2, Lq=17, Lk=97, D=100, Dv=24, causal=True, rel_bias=8, lengths=(97, 0), dtype=F16),
+    Case(B=1, H=2, Hk=1, Lq=97, Lk=17, D=24, Dv=8, window=(5, -1), rel_bias=120, dtype=BF16),
+    Case(B=1, H=1, Hk=1, Lq=17, Lk=33, D=16, Dv=16, rel_bias=1, lengths=(20,)),
     # additive without rel_bias: window and ALiBi in kernels/additive_bwd.py (left edges, GQA, lengths)
     Case(B=1, H=2, Hk=1, Lq=97, Lk=64, D=40, Dv=24, window=(20, 20), alibi="H"),
     Case(B=2, H=1, Hk=1, Lq=257, Lk=97, D=16, Dv=16, window=(30, 0), lengths=(97, 50)),
@@ -649,6 +668,41 @@ def test_tiles_outside_the_window_are_skipped(score):
             assert (dirty[name][:, :, :128] == 0).all(), name
         else:
             assert torch.equal(clean[name], dirty[name]), name
+
+
+@pytest.mark.parametrize("bm,bn", [(16, 64), (16, 32), (16, 16), (32, 16), (64, 16)])
+def test_drel_tile_diagonal_sums(bm, bn):
+    """``common._drel_tile`` + ``_drel_ends`` against a loop over the tile: both orientations (the
+    additive dK/dV kernel passes XB = 16 queries x BLOCK = 16..64 keys on the GPU; the interpreter's
+    blocks are square), tiles straddling the clamped ends, wholly clamped tiles and M = 1.
+    Integer-valued dS: every sum is exact, so the comparison is bitwise."""
+    g = torch.Generator().manual_seed(bm + bn)
+    d0 = torch.tensor([-300, -70, -bm, 0, 5, bn - 1, 90, 400], dtype=torch.int32)
+    ds = torch.randint(-8, 9, (len(d0), bm, bn), generator=g).float()
+    i, j = torch.arange(bm)[:, None], torch.arange(bn)[None, :]
+    for m in (1, 2, 9, 40, 200):
+        got = torch.zeros(2 * m - 1)
+        _drel_tile_kernel[(1,)](ds, d0, got, torch.empty(2 * bm * bn), m, NT=len(d0), BM=bm, BN=bn)
+        want = torch.zeros(2 * m - 1, dtype=torch.float64)
+        for t in range(len(d0)):
+            idx = (int(d0[t]) + j - i).clamp(1 - m, m - 1) + m - 1
+            want.index_add_(0, idx.flatten(), ds[t].flatten().double())
+        assert torch.equal(got.double(), want), (bm, bn, m)
+
+
+def test_rel_bias_gpu_block_shape(monkeypatch):
+    """The additive backward with rel_bias in the GPU layout (XB = 16 other indices per block,
+    BLOCK = 64, 32 or 16 own rows; the interpreter's own config has XB = BLOCK): the dS^T scratch
+    and the (16 x BLOCK) diagonal-sum tiles of the dK/dV kernel, GQA, key lengths incl. 0, causal,
+    a window and ALiBi alongside."""
+    gpu = tb._addb.bwd_config
+    monkeypatch.setattr(tb._addb, "bwd_config", lambda a_pad, fp32, interpret=False: gpu(a_pad, fp32))
+    for case in (Case(B=2, H=2, Hk=1, Lq=70, Lk=33, D=16, Dv=16, rel_bias=6, causal=True, lengths=(33, 0)),
+                 Case(B=1, H=2, Hk=2, Lq=33, Lk=70, D=40, Dv=8, window=(20, 5), rel_bias=50, alibi="H",
+                      dtype=F16),
+                 Case(B=1, H=1, Hk=1, Lq=17, Lk=40, D=100, Dv=8, rel_bias=3, dtype=BF16)):
+        assert tb._addb.bwd_config(tb.block_dim(case.D), False, True)["XB"] == 16
+        testing.check_backend(case, "triton")
 
 
 @pytest.mark.parametrize("score", ["additive", "dot"])

@@ -34,7 +34,6 @@ from .base import Backend, Grads
 
 DECODE_MAX_LQ = 16
 MAX_HEAD_DIM = 256
-BWD_DV_CHUNK = 64  # additive backward with modifiers: Dv in chunks of this many columns
 MAX_SPLITS = 64
 MAX_GRID_Y = 65535  # CUDA limit on grid axis 1, which carries the (batch, head) index
 # compile options of every launch: FMA contraction on (the instruction counts of the compile check
@@ -152,7 +151,7 @@ def _score_mods(spec: AttnSpec) -> bool:
 
 
 def _drel_scratch(spec: AttnSpec, B: int, H: int, Lq: int, cfg_q: dict, device):
-    """(DREL, SKEW) of the dQ kernels (``kernels.common._drel_program``): per-program partial
+    """(DREL, SKEW) of the dot dQ kernel (``kernels.common._drel_program``): per-program partial
     rel_bias gradients (zeros, (B, H, query tiles, 2M - 1)) and skew scratch; dummies without
     rel_bias."""
     if spec.rel_bias is None:
@@ -165,7 +164,8 @@ def _drel_scratch(spec: AttnSpec, B: int, H: int, Lq: int, cfg_q: dict, device):
 
 
 def _drel_result(spec: AttnSpec, drel: torch.Tensor):
-    """d rel_bias (H, 2M - 1): the partials summed over batch and query tiles (a fixed order)."""
+    """d rel_bias (H, 2M - 1): the partials (B, H, tiles, 2M - 1) summed over batch and tiles (the dot
+    dQ kernel's query tiles, the additive dK/dV kernel's key blocks) in a fixed order."""
     if spec.rel_bias is None:
         return None
     return drel.sum(dim=(0, 2)).to(spec.rel_bias.dtype)
@@ -219,8 +219,6 @@ class TritonBackend(Backend):
         return self._dot_backward(_spec("dot", key_lengths, causal, scale), dout, q, k, v, out, lse)[:3]
 
     def _additive_backward(self, spec, dout, q, k, v, w, out, lse):
-        if spec.rel_bias is not None:
-            return self._additive_backward_mods(spec, dout, q, k, v, w, out, lse)
         key_lengths = spec.key_lengths
         check_grid(q, k)
         A_user, Dv_user, w_dtype = q.shape[-1], v.shape[-1], w.dtype
@@ -231,8 +229,8 @@ class TritonBackend(Backend):
         BLOCK_DV = cfg["BLOCK_DV"]  # Dv is walked in chunks of this many columns
         blk, xb = cfg["BLOCK"], cfg["XB"]
         klen = _klen(key_lengths, B, Lk, q.device)
-        shift, (window_shift, _, slopes, _), flags = _mods(spec, B, H, Lq, Lk, q.device)
-        mods = dict(WINDOW=flags["WINDOW"], ALIBI=flags["BIAS"] == 2)
+        shift, (window_shift, rel, slopes, rel_m), flags = _mods(spec, B, H, Lq, Lk, q.device)
+        mods = dict(WINDOW=flags["WINDOW"], ALIBI=bool(flags["BIAS"] & 2), REL_BIAS=bool(flags["BIAS"] & 1))
         lse = _flat(lse)
         delta = _delta(out, dout, delta_shape(dict(BLOCK_M=blk, BLOCK_N=xb), BLOCK_DV, BLOCK_DV,
                                               q.dtype == torch.float32))
@@ -245,80 +243,29 @@ class TritonBackend(Backend):
                            device=q.device)
         dqt = torch.empty(B, H, A, _pad(Lq), dtype=torch.float32, device=q.device)
         dwt = torch.empty_like(dqt)
-        scratch = torch.empty(max(B * Hk * n_k * 2, B * H * n_q) * blk * xb, dtype=torch.float32,
-                              device=q.device)
+        # per-program scratch: dQ BLOCK x XB; dK/dV 2 (3 with rel_bias) x BLOCK x XB
+        scratch = torch.empty(max(B * Hk * n_k * (3 if mods["REL_BIAS"] else 2), B * H * n_q) * blk * xb,
+                              dtype=torch.float32, device=q.device)
+        # d rel_bias: one partial row per (dK/dV program, query head), summed by _drel_result
+        drel = (torch.zeros(B, H, n_k, 2 * rel_m - 1, dtype=torch.float32, device=q.device)
+                if mods["REL_BIAS"] else _dummy(q.device))
         common = dict(FAST_RCP=not interpreting(), DOT_PRECISION=dot_precision(q.dtype), **cfg, **LAUNCH_OPTS)
         tables = (*w.stride(), *eq.stride()[:2], *ek.stride()[:2], *dout.stride()[:3], *v.stride()[:3])
         rnorm = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)  # 1 / row sum of P, dQ -> dK/dV
         _addb._attn_bwd_dq_additive[(n_q, B * H)](
             w, eq, ek, qmax, kmax, klen, dout, v, lse, delta, dqt, dwt, scratch, rnorm,
-            *tables, *dqt.stride()[:3], H, Hk, Lq, Lk, A, Dv, shift, window_shift, slopes, **common, **mods)
+            *tables, *dqt.stride()[:3], H, Hk, Lq, Lk, A, Dv, shift, window_shift, slopes, rel, rel_m,
+            **common, **mods)
         _addb._attn_bwd_dkdv_additive[(n_k, B * Hk)](
             w, eq, ek, qmax, kmax, klen, dout, v, lse, delta, dkt, dv32, scratch, rnorm,
             *tables, *dkt.stride()[:3], *dv32.stride()[:3], H, Hk, Lq, Lk, A, Dv, shift, window_shift, slopes,
-            **common, **mods)
+            rel, rel_m, drel, **common, **mods)
         dq = torch.empty(*q.shape[:-1], A_user, dtype=q.dtype, device=q.device)
         dq.copy_(dqt[:, :, :A_user, :Lq].transpose(-1, -2))
         dk = torch.empty(*k.shape[:-1], A_user, dtype=k.dtype, device=k.device)
         dk.copy_(dkt[:, :, :A_user, :Lk].transpose(-1, -2))
         dv = dv32[:, :, :Lk, :Dv_user].to(v.dtype).contiguous()
         dw = dwt[:, :, :A_user, :Lq].sum(dim=(0, 3))  # per-row partials, fixed order
-        return dq, dk, dv, dw.to(w_dtype), None
-
-
-    def _additive_backward_mods(self, spec, dout, q, k, v, w, out, lse):
-        """The additive backward with rel_bias: the earlier two-kernel form (``kernels/additive.py``,
-        about 3.8 MUFU per triple) that carries the rel_bias gradient's diagonal sums;
-        ``kernels/additive_bwd.py`` (2 MUFU per triple) serves every other call, windows and ALiBi
-        included."""
-        key_lengths = spec.key_lengths
-        check_grid(q, k)
-        A_user, Dv_user, w_dtype = q.shape[-1], v.shape[-1], w.dtype
-        q, k, v, w, dout, out = _aligned(q, k, v, w.float(), dout, out)
-        B, H, Lq, A = q.shape
-        _, Hk, Lk, Dv = v.shape
-        # the backward walks Dv in chunks (64 columns, 32 for float32)
-        # (at least 32 columns: the 16-column variant spills on sm_80)
-        BLOCK_DV = max(32, min(BWD_DV_CHUNK // (2 if q.dtype == torch.float32 else 1), block_dim(Dv)))
-        if interpreting():
-            cfg_kv = cfg_q = dict(_add.INTERPRET_CONFIG)
-        else:
-            cfg_kv, cfg_q = _add.prune_bwd_configs(BLOCK_DV, q.dtype == torch.float32)
-        klen = _klen(key_lengths, B, Lk, q.device)
-        shift, margs, flags = _mods(spec, B, H, Lq, Lk, q.device)
-        drel, skew = _drel_scratch(spec, B, H, Lq, cfg_q, q.device)
-        lse = _flat(lse)
-        delta = _delta(out, dout, delta_shape(cfg_q, BLOCK_DV, BLOCK_DV, q.dtype == torch.float32))
-        eq, qmax = _exp_table(q, torch.full((B,), Lq, dtype=torch.int32, device=q.device))
-        ek, kmax = _key_table(k, klen, key_lengths)
-        dkt = torch.zeros(B, Hk, A, _pad(Lk), dtype=torch.float32, device=q.device)
-        dv32 = torch.zeros(B, Hk, _pad(Lk), triton.cdiv(Dv, BLOCK_DV) * BLOCK_DV, dtype=torch.float32,
-                           device=q.device)
-        dqt = torch.zeros(B, H, A, _pad(Lq), dtype=torch.float32, device=q.device)
-        dwt = torch.zeros_like(dqt)
-        common = dict(FAST_RCP=not interpreting(), DOT_PRECISION=dot_precision(q.dtype))
-        grid = (triton.cdiv(Lk, cfg_kv["BLOCK_N"]), B * Hk)
-        _add._attn_bwd_dkdv_additive_mods[grid](
-            q, k, v, w, eq, ek, qmax, kmax, klen, dout, lse, delta, dkt, dv32,
-            *q.stride(), *k.stride(), *v.stride(), *w.stride(),
-            *eq.stride()[:3], *ek.stride()[:3], *dout.stride(),
-            *dkt.stride()[:3], *dv32.stride(),
-            H, Hk, Lq, Lk, A, Dv, shift, *margs,
-            BLOCK_DV=BLOCK_DV, **cfg_kv, **common, **flags, **LAUNCH_OPTS)
-        grid = (triton.cdiv(Lq, cfg_q["BLOCK_M"]), B * H)
-        _add._attn_bwd_dq_additive_mods[grid](
-            q, k, v, w, eq, ek, qmax, kmax, klen, dout, lse, delta, dqt, dwt,
-            *q.stride(), *k.stride(), *v.stride(), *w.stride(),
-            *eq.stride()[:3], *ek.stride()[:3], *dout.stride(),
-            *dqt.stride()[:3],
-            H, Hk, Lq, Lk, A, Dv, shift, *margs, drel, skew,
-            BLOCK_DV=BLOCK_DV, **cfg_q, **common, **flags, **LAUNCH_OPTS)
-        dq = torch.empty(*q.shape[:-1], A_user, dtype=q.dtype, device=q.device)
-        dq.copy_(dqt[:, :, :A_user, :Lq].transpose(-1, -2))
-        dk = torch.empty(*k.shape[:-1], A_user, dtype=k.dtype, device=k.device)
-        dk.copy_(dkt[:, :, :A_user, :Lk].transpose(-1, -2))
-        dv = dv32[:, :, :Lk, :Dv_user].to(v.dtype).contiguous()
-        dw = dwt[:, :, :A_user, :Lq].sum(dim=(0, 3))  # per-row partials (zero in the padding), fixed order
         return dq, dk, dv, dw.to(w_dtype), _drel_result(spec, drel)
 
     def _dot_backward(self, spec, dout, q, k, v, out, lse):

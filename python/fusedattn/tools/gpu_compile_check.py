@@ -87,7 +87,7 @@ JSON_FIELDS = ("kernel", "arch", "dtype", "variant", "config", "head_dim", "regs
 _FP32_PTRS = {"W", "EQ", "EK", "QMAX", "KMAX", "LSE", "Delta", "DKT", "DQT", "DWT", "ET", "XMAX",
               "OP", "LSEP", "DPS", "RN", "REL", "SLOPES", "DREL", "SKEW"}
 _FP32_SCALARS = {"scale", "softcap_k", "softcap"}
-_FP32_PTRS_BY_KERNEL = {"_attn_bwd_dkdv_additive": {"DV"}, "_attn_bwd_dkdv_additive_mods": {"DV"}}
+_FP32_PTRS_BY_KERNEL = {"_attn_bwd_dkdv_additive": {"DV"}}
 _I32_PTRS = {"KLEN", "XLEN"}
 # unit strides: the launchers make the last dimension contiguous, and Triton specializes an
 # integer argument equal to 1 as a constant, so this is the variant that runs
@@ -112,6 +112,8 @@ ALL_MODS = dict(WINDOW=True, BIAS=3)
 SINGLE_MODS = {"window": dict(WINDOW=True), "rel": dict(BIAS=1), "alibi": dict(BIAS=2)}
 SINGLE_MODS_DTYPES = ("fp16",)  # the single-flag variants: fp16, widths 64 and 128
 SINGLE_MODS_WIDTHS = (64, 128)
+ADDITIVE_BWD_NO_MODS = dict(WINDOW=False, ALIBI=False, REL_BIAS=False)  # flags of kernels/additive_bwd.py
+ADDITIVE_BWD_SINGLES = {"window": "WINDOW", "alibi": "ALIBI", "rel": "REL_BIAS"}
 DOT_KIND = {"_attn_fwd_dot": "fwd", "_attn_bwd_dkdv_dot": "dkdv", "_attn_bwd_dq_dot": "dq"}
 
 
@@ -126,11 +128,12 @@ def variants(quick: bool = False, arch: int = 90) -> list[dict]:
     (rel_bias and ALiBi), and SOFTCAP for dot). A launch with only some flags on runs a subset of
     that code: each flag adds its own code under a constexpr ``if`` (loop bounds and masks for
     WINDOW; per-element score terms for SOFTCAP and BIAS; the rel_bias gradient's diagonal sums in
-    the dQ kernels) and no flag changes another's code or the configuration, so "+mods" is the
-    superset of every path and of the live values, which is what the register and spill limits
-    bound. The single-flag variants ("+window", "+softcap", "+rel", "+alibi") are compiled for
-    fp16 at head widths 64 and 128 (additive: Dv 64 and 128), EVEN, not decode, where their
-    per-element figures are reported against the base rows."""
+    the dot dQ kernel and the additive dK/dV kernel) and no flag changes another's code or the
+    configuration, so "+mods" is the superset of every path and of the live values, which is what
+    the register and spill limits bound. The single-flag variants ("+window", "+softcap", "+rel",
+    "+alibi") are compiled for fp16 at head widths 64 and 128 (additive forward: Dv 64 and 128;
+    additive backward, flags WINDOW / ALIBI / REL_BIAS: padded A 64 and 128), EVEN, not decode,
+    where their per-element figures are reported against the base rows."""
     from fusedattn.backends.triton_backend import delta_shape
 
     additive, dot, _, additive_bwd = _kernels()
@@ -189,27 +192,20 @@ def variants(quick: bool = False, arch: int = 90) -> list[dict]:
                 cfg.update(BLOCK_DV=bdv, FAST_RCP=True, DOT_PRECISION=prec)
                 add_mods("_attn_fwd_additive", dt, variant, cfg, (cfg["BLOCK_M"], cfg["BLOCK_N"]), "additive",
                          odt, ADDITIVE_A, bdv)
-            if not 32 <= bdv <= (32 if dt == "fp32" else 64):
-                continue  # the launcher's Dv chunk
-            # the earlier two-kernel backward: calls with a left window edge, rel_bias or ALiBi
-            kv, q = additive.prune_bwd_configs(bdv, dt == "fp32")
-            kv.update(BLOCK_DV=bdv, FAST_RCP=True, DOT_PRECISION=prec)
-            q.update(BLOCK_DV=bdv, FAST_RCP=True, DOT_PRECISION=prec)
-            add_mods("_attn_bwd_dkdv_additive_mods", dt, "", kv, (kv["BLOCK_N"], kv["BLOCK_M"]), "additive",
-                     None, ADDITIVE_A, bdv)
-            add_mods("_attn_bwd_dq_additive_mods", dt, "", q, (q["BLOCK_M"], q["BLOCK_N"]), "additive", None,
-                     ADDITIVE_A, bdv)
-        # additive backward (every other call): one layout per padded A (features per thread,
-        # threads per row); Dv is walked in chunks of the config's BLOCK_DV columns
-        # (without modifiers, and "+mods": a left window edge and ALiBi, the modifiers it serves)
+        # additive backward: one layout per padded A (features per thread, threads per row); Dv is
+        # walked in chunks of the config's BLOCK_DV columns. Without modifiers, "+mods" (a left
+        # window edge, ALiBi and rel_bias: every flag of these kernels) and, for fp16 at A = 64
+        # and 128, each flag alone
         for ba in widths:
             cfg = additive_bwd.bwd_config(ba, dt == "fp32")
             cfg.update(FAST_RCP=True, DOT_PRECISION=prec)
+            flag_sets = {"": {}, "+mods": dict(WINDOW=True, ALIBI=True, REL_BIAS=True)}
+            if dt in SINGLE_MODS_DTYPES and ba in SINGLE_MODS_WIDTHS:
+                flag_sets.update({f"+{n}": {f: True} for n, f in ADDITIVE_BWD_SINGLES.items()})
             for kern in ("_attn_bwd_dkdv_additive", "_attn_bwd_dq_additive"):
-                add(kern, dt, "", dict(cfg, WINDOW=False, ALIBI=False), (cfg["AS"], cfg["XB"]),
-                    "additive-bwd", None, ba)
-                add(kern, dt, "+mods", dict(cfg, WINDOW=True, ALIBI=True), (cfg["AS"], cfg["XB"]),
-                    "additive-bwd", None, ba)
+                for sfx, on in flag_sets.items():
+                    add(kern, dt, sfx, dict(cfg, **{**ADDITIVE_BWD_NO_MODS, **on}), (cfg["AS"], cfg["XB"]),
+                        "additive-bwd", None, ba)
         # -- dot (the launcher pads D and Dv to one width: BLOCK_D == BLOCK_DV) --
         for bd in widths:
             for even in (True, False):
@@ -234,6 +230,15 @@ def variants(quick: bool = False, arch: int = 90) -> list[dict]:
             seen.add(key)
             unique.append(v)
     return unique
+
+
+def selected(kernel: str, only) -> bool:
+    """``--only``: keep a kernel whose name or module (``additive``, ``additive_bwd``, ``common``,
+    ``dot``) contains one of the substrings."""
+    if not only:
+        return True
+    module = _find_fn(kernel).fn.__module__.rsplit(".", 1)[-1]  # where it is defined
+    return any(o in kernel or o in module for o in only)
 
 
 def _find_fn(name):
@@ -558,7 +563,8 @@ def json_row(r: dict) -> dict:
 
 def compile_rows(archs=(80, 90), quick: bool = False, jobs: int = 2, only=None) -> list[dict]:
     """Compile every variant for every arch; returns the rows described in the module docstring.
-    ``only``: optional list of substrings; keep the kernels whose name contains one of them."""
+    ``only``: optional list of substrings; keep the kernels whose name or module contains one of
+    them (``selected``)."""
     from fusedattn.kernels import additive
     if type(additive._attn_fwd_additive).__name__ == "InterpretedFunction":
         # kernels were decorated for the interpreter: redo the work in a clean process
@@ -580,7 +586,7 @@ def compile_rows(archs=(80, 90), quick: bool = False, jobs: int = 2, only=None) 
 def iter_rows(archs=(80, 90), quick: bool = False, jobs: int = 2, only=None, sass_dir=None):
     """Like ``compile_rows`` (in a process without TRITON_INTERPRET), yielding rows in order."""
     tasks = [(v, arch, sass_dir) for arch in archs for v in variants(quick, arch)
-             if not only or any(o in v["kernel"] for o in only)]
+             if selected(v["kernel"], only)]
     if jobs <= 1:
         for t in tasks:
             yield compile_one(*t)
@@ -651,12 +657,18 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write the rows (the documented fields) to this file")
     ap.add_argument("--json-full", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--sass-dir", default=None, help="write one .sass file per compiled variant here")
-    ap.add_argument("--only", nargs="+", default=None, help="kernel-name substrings to keep")
+    ap.add_argument("--only", nargs="+", default=None,
+                    help="keep the kernels whose name or module (additive, additive_bwd, common, dot) "
+                         "contains one of these substrings; no match is an error")
     ap.add_argument("--no-print", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("gpu_compile_check: unset TRITON_INTERPRET (the kernels must be compiled, not interpreted)",
               file=sys.stderr)
+        return 2
+    if args.only and not any(selected(v["kernel"], args.only) for a in args.arch
+                             for v in variants(args.quick, a)):
+        print(f"gpu_compile_check: --only {' '.join(args.only)} selects no kernel", file=sys.stderr)
         return 2
     t0 = time.time()
     rows = []
