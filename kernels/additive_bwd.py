@@ -31,14 +31,16 @@ Score modifiers (constexpr flags; without them the kernels compile to the code t
 before): WINDOW (a left window edge: both loops bounded by it), ALIBI and REL_BIAS (per-pair
 score terms). The rel_bias gradient, ``d rel_bias[h, c + M - 1] += dS_ij`` with
 ``c = clamp(j - i - (Lk - Lq), -(M-1), M-1)`` (diagonal sums of dS), is formed in the dK/dV kernel, whose P is already normalized by the dQ
-kernel's row sums: each step stores its dS^T column to scratch, and per block of XB queries
-``common._drel_tile`` sums the (XB x BLOCK) dS tile along its diagonals into the program's own
-partial row (fixed order, no atomics; the launcher sums the rows in a fixed order).
+kernel's row sums: each step stores its dS column to scratch, skewed (the cell of query xi and
+key o at column o - xi + XB - 1 of row xi), and per block of XB queries ``common._drel_skewed``
+sums the columns (the diagonals of the XB x BLOCK dS tile) into the program's own partial row
+(fixed order, no atomics; the launcher folds the clamped lanes and sums the rows in a fixed
+order).
 """
 import triton
 import triton.language as tl
 
-from .common import SIZE_ARGS, _drel_ends, _drel_tile, _exp2x, _mma, _mma_acc
+from .common import SIZE_ARGS, _drel_skewed, _exp2x, _mma, _mma_acc
 
 EXP_SAFE = tl.constexpr(40.0)
 XB = 16  # other indices per dP block
@@ -180,13 +182,14 @@ def _dq_steps(dq_acc, u_acc, ds_sum, p_sum, eo, e_ptrs, xo, x_ptrs, w2, wsum, ls
 
 @triton.jit
 def _dk_steps(acc, eo, e_ptrs, xo, x_ptrs, w2, wsum, LSE_row, RN_row, Delta_row, own, key_in,
-              dp_ptrs, p_ptrs, ds_ptrs, x0, n_x, CAUSAL_SHIFT, WINDOW_SHIFT, DIST_SHIFT, slope, rel, REL_M,
-              DIRECT: tl.constexpr, FAST_RCP: tl.constexpr, WINDOW: tl.constexpr, ALIBI: tl.constexpr,
+              dp_ptrs, p_ptrs, ds_ptrs, ds_step, x0, n_x, CAUSAL_SHIFT, WINDOW_SHIFT, DIST_SHIFT, slope, rel,
+              REL_M, DIRECT: tl.constexpr, FAST_RCP: tl.constexpr, WINDOW: tl.constexpr, ALIBI: tl.constexpr,
               REL_BIAS: tl.constexpr):
     """Queries x0 .. x0 + n_x of one head in the dK/dV kernel, one at a time (acc += dS r (1 - r));
     P^T goes to scratch. P = exp(s - lse) / p_sum with the dQ kernel's row sums (RN = 1 / p_sum).
     WINDOW, ALIBI and REL_BIAS as in ``_dq_steps`` (own: the keys, x: the query); REL_BIAS also
-    stores dS^T to scratch (ds_ptrs) for the rel_bias gradient."""
+    stores dS to scratch for the rel_bias gradient, skewed (``common._drel_skewed``: step xi at
+    ds_ptrs + xi * ds_step)."""
     for xi in range(0, n_x):
         x = x0 + xi
         r = _pair_r(eo, e_ptrs, xo, x_ptrs, xi, DIRECT, FAST_RCP)
@@ -204,7 +207,7 @@ def _dk_steps(acc, eo, e_ptrs, xo, x_ptrs, w2, wsum, LSE_row, RN_row, Delta_row,
         tl.store(p_ptrs + xi, p)
         ds = p * (tl.load(dp_ptrs + xi) - tl.load(Delta_row + x))
         if REL_BIAS:
-            tl.store(ds_ptrs + xi, ds)
+            tl.store(ds_ptrs + xi * ds_step, ds)
         acc += ds[None, :, None] * (r - r * r)
     return acc
 
@@ -376,14 +379,14 @@ def _attn_bwd_dkdv_additive(W, EQ, EK, QMAX, KMAX, KLEN, DO, V, LSE, Delta, DKT,
     """One program: BLOCK keys of one (b, kv head); walks the group's query heads and the queries
     that can see these keys. DKT: float32 (B, Hk, A, >=Lk), every element of keys < BLOCK * programs
     and a < A written; DV: float32 (B, Hk, >=Lk, >=Dv rounded up to BLOCK_DV), zero-initialized. DPS: float32
-    scratch, 2 x BLOCK x XB per program (dP^T, then P^T for dV; 3 x with REL_BIAS: dS^T). LSE,
+    scratch, 2 x BLOCK x XB per program (dP^T, then P^T for dV; 4 x with REL_BIAS: dS). LSE,
     Delta and RN (from the dQ kernel): contiguous (B, H, Lq). WINDOW / ALIBI / REL_BIAS as in the
     dQ kernel: queries above j - WINDOW_SHIFT do not see key j (the loop stops after the last
     query that sees the block). REL_BIAS also writes d rel_bias without atomics: DREL float32
-    (B, H, programs, 2 REL_M - 1), zero-initialized, one partial row per (program, query head),
-    which the launcher sums in a fixed order; each block's dS tile (XB queries x BLOCK keys, from
-    the dS^T scratch) goes through ``common._drel_tile`` (diagonal sums in a fixed order), with
-    the dP^T / P^T scratch (free once dV is updated) as its skew buffer."""
+    (B, H, programs, 2 REL_M - 1 + 2 XB), zero-initialized, one partial row per (program, query
+    head; the layout of ``common._drel_skewed``), which the launcher sums in a fixed order: the
+    steps store each block's dS tile (XB queries x BLOCK keys) skewed, and ``_drel_skewed`` sums
+    its diagonals (a fixed order)."""
     A_PAD: tl.constexpr = AS * S
     pid_n = tl.program_id(0)
     off_bhk = tl.program_id(1)
@@ -415,10 +418,11 @@ def _attn_bwd_dkdv_additive(W, EQ, EK, QMAX, KMAX, KLEN, DO, V, LSE, Delta, DKT,
     v_tile = V + off_b64 * stride_vb + off_hk64 * stride_vh + tl.cast(start_n, tl.int64) * stride_vn
     dv_tile = (DV + off_b64 * stride_dvb + off_hk64 * stride_dvh + tl.cast(start_n, tl.int64) * stride_dvn
                + o_loc[:, None] * stride_dvn + offs_dv[None, :])
-    NSCR: tl.constexpr = 3 if REL_BIAS else 2
+    NSCR: tl.constexpr = 4 if REL_BIAS else 2
     dps = DPS + (off_bhk.to(tl.int64) * tl.num_programs(0) + pid_n) * (NSCR * BLOCK * XB)
     pps = dps + BLOCK * XB
-    dss = pps + BLOCK * XB  # dS^T (REL_BIAS)
+    # REL_BIAS: a block's dS, queries as rows, skewed (``common._drel_skewed``): XB x (XB + BLOCK) floats
+    dss = pps + BLOCK * XB + o_loc + (XB - 1)
 
     dk_acc = tl.zeros([AS, BLOCK, S], dtype=tl.float32)
     for g in range(0, GROUP):
@@ -430,11 +434,9 @@ def _attn_bwd_dkdv_additive(W, EQ, EK, QMAX, KMAX, KLEN, DO, V, LSE, Delta, DKT,
             slope = tl.load(SLOPES + off_b64 * H + off_h64)
         rel = REL
         drel_p = DREL
-        below = tl.zeros([], dtype=tl.float32)
-        above = tl.zeros([], dtype=tl.float32)
         if REL_BIAS:
             rel = REL + off_h64 * (2 * REL_M - 1)
-            drel_p = DREL + ((off_b64 * H + off_h64) * tl.num_programs(0) + pid_n) * (2 * REL_M - 1)
+            drel_p = DREL + ((off_b64 * H + off_h64) * tl.num_programs(0) + pid_n) * (2 * REL_M - 1 + 2 * XB)
         wsum = -0.5 * tl.sum(tl.sum(tl.sum(w2, axis=0), axis=1), axis=0)
         do_base = DO + off_b64 * stride_dob + off_h64 * stride_doh
         row_base = (off_b64 * H + off_h64) * Lq
@@ -451,13 +453,13 @@ def _attn_bwd_dkdv_additive(W, EQ, EK, QMAX, KMAX, KLEN, DO, V, LSE, Delta, DKT,
             if k_ok & (tl.max(qmax, axis=0) <= EXP_SAFE):
                 acc = _dk_steps(acc, eo, blk, xo, blk + A_PAD * XB, w2, wsum, LSE + row_base, RN + row_base,
                                 Delta + row_base, own, key_in, dps + o_loc * XB, pps + o_loc * XB,
-                                dss + o_loc * XB, x0, n_x, CAUSAL_SHIFT, WINDOW_SHIFT, Lk - Lq, slope, rel, REL_M,
-                                False, FAST_RCP, WINDOW, ALIBI, REL_BIAS)
+                                dss, XB + BLOCK - 1, x0, n_x, CAUSAL_SHIFT, WINDOW_SHIFT, Lk - Lq, slope, rel,
+                                REL_M, False, FAST_RCP, WINDOW, ALIBI, REL_BIAS)
             else:
                 acc = _dk_steps(acc, eo, blk, xo, blk + A_PAD * XB, w2, wsum, LSE + row_base, RN + row_base,
                                 Delta + row_base, own, key_in, dps + o_loc * XB, pps + o_loc * XB,
-                                dss + o_loc * XB, x0, n_x, CAUSAL_SHIFT, WINDOW_SHIFT, Lk - Lq, slope, rel, REL_M,
-                                True, FAST_RCP, WINDOW, ALIBI, REL_BIAS)
+                                dss, XB + BLOCK - 1, x0, n_x, CAUSAL_SHIFT, WINDOW_SHIFT, Lk - Lq, slope, rel,
+                                REL_M, True, FAST_RCP, WINDOW, ALIBI, REL_BIAS)
             tl.debug_barrier()  # P^T of the block is in scratch
             pT = tl.load(pps + o_loc[:, None] * XB + offs_xb[None, :], mask=offs_xb[None, :] < m_hi - x0,
                          other=0.0)
@@ -469,10 +471,7 @@ def _attn_bwd_dkdv_additive(W, EQ, EK, QMAX, KMAX, KLEN, DO, V, LSE, Delta, DKT,
                 tl.store(dv_tile + c, _mma_acc(pT.to(do.dtype), do, tl.load(dv_tile + c), DOT_PRECISION))
             tl.debug_barrier()  # the next block overwrites the scratch
             if REL_BIAS:  # d rel_bias: the block's dS (queries x keys) summed along its diagonals
-                ds = tl.load(dss + o_loc[None, :] * XB + offs_xb[:, None], mask=offs_xb[:, None] < n_x, other=0.0)
-                below, above = _drel_tile(ds, start_n - x0 - (Lk - Lq), dps, drel_p, REL_M, below, above, XB, BLOCK)
-        if REL_BIAS:
-            _drel_ends(drel_p, REL_M, below, above)
+                _drel_skewed(pps + BLOCK * XB, n_x, start_n - x0 - (Lk - Lq), drel_p, REL_M, XB, BLOCK, XB)
         dk_acc += acc * (w2 * -2.0)  # 4 w of this head
 
     dk_base = DKT + off_b64 * stride_dkb + off_hk64 * stride_dkh

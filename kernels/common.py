@@ -11,8 +11,8 @@
 - score modifiers (``fusedattn.spec``), shared by both scores: ``_allowed`` (key_lengths, the
   causal / right window bound ``j <= i + CAUSAL_SHIFT`` and, WINDOW, the left bound
   ``j >= i + WINDOW_SHIFT``), ``_bias`` (rel_bias and ALiBi at the distance
-  ``d = j - i - (Lk - Lq)``), ``_softcap`` (dot) and ``_drel_tile`` (the deterministic
-  rel_bias gradient: diagonal sums of a dS tile).
+  ``d = j - i - (Lk - Lq)``), ``_softcap`` (dot) and ``_drel_tile`` / ``_drel_skewed`` (the
+  deterministic rel_bias gradient: diagonal sums of a dS tile).
 """
 import os
 
@@ -350,6 +350,32 @@ def _drel_tile(ds, d0, SKEW, DRELP, REL_M, below, above, BLOCK_M: tl.constexpr, 
             tl.store(ptr, tl.load(ptr, mask=inr, other=0.0) + col, mask=inr)
         tl.debug_barrier()
     return below, above
+
+
+@triton.jit
+def _drel_skewed(SKEW, n_rows, d0, DRELP, REL_M, ROWS: tl.constexpr, COLS: tl.constexpr, CH: tl.constexpr):
+    """The read half of ``_drel_tile`` for a dS tile that its producer already stored skewed:
+    element (r, c) (distance d0 + c - r) at SKEW[r (ROWS + COLS) + c - r + ROWS - 1]; rows >= n_rows
+    and the cells outside the tile are never read (they may hold anything). The diagonals are
+    summed over the rows in CH-column chunks (a fixed order) and added to the program's own row
+    DRELP by read-modify-write, which holds 2M - 1 bins and then 2 CH lanes: a diagonal beyond
+    -(M-1) goes to lane e % CH of the first CH ("below"), one beyond M - 1 to lane e % CH of the
+    second ("above"), so every address of one store is distinct and no scalar stays live; the
+    launcher adds the lanes to bins 0 and 2M - 2. The producer's stores and these loads must be
+    separated by a barrier, and these loads and stores from the next tile's."""
+    rr = tl.arange(0, ROWS)
+    lane = tl.arange(0, CH)
+    for c in tl.static_range((ROWS + COLS - 1 + CH - 1) // CH):
+        e = c * CH + lane
+        src = e[None, :] + rr[:, None] - (ROWS - 1)  # the column of (r, e)
+        x = tl.load(SKEW + (rr[:, None] * (ROWS + COLS) + e[None, :]),
+                    mask=(src >= 0) & (src < COLS) & (rr[:, None] < n_rows), other=0.0)
+        col = tl.sum(x, axis=0)
+        d = d0 + e - (ROWS - 1)
+        idx = tl.where(d < 1 - REL_M, 2 * REL_M - 1 + lane,
+                       tl.where(d > REL_M - 1, 2 * REL_M - 1 + CH + lane, d + (REL_M - 1)))
+        ok = e < ROWS + COLS - 1
+        tl.store(DRELP + idx, tl.load(DRELP + idx, mask=ok, other=0.0) + col, mask=ok)
 
 
 @triton.jit

@@ -46,18 +46,29 @@ if _REASON is None:
         offs = tl.arange(0, N)
         tl.store(Y + offs, _exp_fma(tl.load(X + offs)))
 
-    from fusedattn.kernels.common import _drel_ends, _drel_tile, _softcap
+    from fusedattn.kernels.common import _drel_ends, _drel_skewed, _drel_tile, _softcap
 
     @triton.jit
-    def _drel_tile_kernel(DS, D0, DRELP, SKEW, REL_M, NT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    def _drel_kernel(DS, D0, NR, DRELP, SKEW, REL_M, NT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                     SKEWED: tl.constexpr):
+        """NT dS tiles (BM x BN) through ``_drel_tile``, or (SKEWED) stored skewed and read by
+        ``_drel_skewed`` with NR[t] valid rows (DRELP then has 2 BM lanes after the bins), as the
+        additive dK/dV kernel does."""
         ii = tl.arange(0, BM)
         jj = tl.arange(0, BN)
         below = tl.zeros([], dtype=tl.float32)
         above = tl.zeros([], dtype=tl.float32)
         for t in tl.static_range(NT):
             ds = tl.load(DS + t * BM * BN + ii[:, None] * BN + jj[None, :])
-            below, above = _drel_tile(ds, tl.load(D0 + t), SKEW, DRELP, REL_M, below, above, BM, BN)
-        _drel_ends(DRELP, REL_M, below, above)
+            if SKEWED:
+                tl.store(SKEW + (ii[:, None] * (BM + BN) + jj[None, :] - ii[:, None] + BM - 1), ds)
+                tl.debug_barrier()
+                _drel_skewed(SKEW, tl.load(NR + t), tl.load(D0 + t), DRELP, REL_M, BM, BN, BM)
+                tl.debug_barrier()
+            else:
+                below, above = _drel_tile(ds, tl.load(D0 + t), SKEW, DRELP, REL_M, below, above, BM, BN)
+        if not SKEWED:
+            _drel_ends(DRELP, REL_M, below, above)
 
     @triton.jit
     def _softcap_kernel(X, S, G, softcap_k, softcap, N: tl.constexpr, POLY: tl.constexpr):
@@ -670,23 +681,31 @@ def test_tiles_outside_the_window_are_skipped(score):
             assert torch.equal(clean[name], dirty[name]), name
 
 
-@pytest.mark.parametrize("bm,bn", [(16, 64), (16, 32), (16, 16), (32, 16), (64, 16)])
-def test_drel_tile_diagonal_sums(bm, bn):
-    """``common._drel_tile`` + ``_drel_ends`` against a loop over the tile: both orientations (the
-    additive dK/dV kernel passes XB = 16 queries x BLOCK = 16..64 keys on the GPU; the interpreter's
-    blocks are square), tiles straddling the clamped ends, wholly clamped tiles and M = 1.
-    Integer-valued dS: every sum is exact, so the comparison is bitwise."""
+@pytest.mark.parametrize("bm,bn,skewed", [(16, 64, False), (16, 32, False), (16, 16, False), (32, 16, False),
+                                           (64, 16, False), (16, 64, True), (16, 32, True), (16, 16, True),
+                                           (32, 32, True)])
+def test_drel_diagonal_sums(bm, bn, skewed):
+    """The rel_bias gradient's diagonal sums against a loop over the tile: ``common._drel_tile`` (dot
+    dQ kernel; both orientations) and ``_drel_skewed`` + the launcher's ``_drel_fold`` (additive
+    dK/dV kernel: XB = 16 query rows x BLOCK = 16..64 keys on the GPU, square blocks under the
+    interpreter; only the first n_rows rows count), with tiles straddling the clamped ends, wholly
+    clamped tiles and M = 1. Integer-valued dS: every sum is exact, so the comparison is bitwise."""
     g = torch.Generator().manual_seed(bm + bn)
     d0 = torch.tensor([-300, -70, -bm, 0, 5, bn - 1, 90, 400], dtype=torch.int32)
+    nr = torch.tensor([bm, 1, bm - 3, bm, bm, 7, bm, bm]) if skewed else torch.full((8,), bm)
     ds = torch.randint(-8, 9, (len(d0), bm, bn), generator=g).float()
     i, j = torch.arange(bm)[:, None], torch.arange(bn)[None, :]
     for m in (1, 2, 9, 40, 200):
-        got = torch.zeros(2 * m - 1)
-        _drel_tile_kernel[(1,)](ds, d0, got, torch.empty(2 * bm * bn), m, NT=len(d0), BM=bm, BN=bn)
+        got = torch.zeros(2 * m - 1 + (2 * bm if skewed else 0))
+        _drel_kernel[(1,)](ds, d0, nr.int(), got, torch.empty(2 * bm * bn), m, NT=len(d0), BM=bm, BN=bn,
+                           SKEWED=skewed)
+        if skewed:  # the launcher's fold of the clamped lanes
+            got = tb._drel_fold(got, bm)
         want = torch.zeros(2 * m - 1, dtype=torch.float64)
         for t in range(len(d0)):
             idx = (int(d0[t]) + j - i).clamp(1 - m, m - 1) + m - 1
-            want.index_add_(0, idx.flatten(), ds[t].flatten().double())
+            rows = slice(0, int(nr[t]))
+            want.index_add_(0, idx[rows].flatten(), ds[t, rows].flatten().double())
         assert torch.equal(got.double(), want), (bm, bn, m)
 
 

@@ -171,6 +171,16 @@ def _drel_result(spec: AttnSpec, drel: torch.Tensor):
     return drel.sum(dim=(0, 2)).to(spec.rel_bias.dtype)
 
 
+def _drel_fold(drel: torch.Tensor, lanes: int) -> torch.Tensor:
+    """Partial rows of ``kernels.common._drel_skewed`` (2M - 1 bins, then ``lanes`` below and
+    ``lanes`` above lanes) as 2M - 1 bins: the lanes summed (a fixed order) into bins 0 and 2M - 2."""
+    n = drel.shape[-1] - 2 * lanes
+    out = drel[..., :n].clone()
+    out[..., 0] += drel[..., n:n + lanes].sum(-1)
+    out[..., n - 1] += drel[..., n + lanes:].sum(-1)
+    return out
+
+
 class TritonBackend(Backend):
     name = "triton"
     devices = frozenset({"cuda", "cpu"}) if interpreting() else frozenset({"cuda"})
@@ -243,11 +253,12 @@ class TritonBackend(Backend):
                            device=q.device)
         dqt = torch.empty(B, H, A, _pad(Lq), dtype=torch.float32, device=q.device)
         dwt = torch.empty_like(dqt)
-        # per-program scratch: dQ BLOCK x XB; dK/dV 2 (3 with rel_bias) x BLOCK x XB
-        scratch = torch.empty(max(B * Hk * n_k * (3 if mods["REL_BIAS"] else 2), B * H * n_q) * blk * xb,
+        # per-program scratch: dQ BLOCK x XB; dK/dV 2 (4 with rel_bias) x BLOCK x XB
+        scratch = torch.empty(max(B * Hk * n_k * (4 if mods["REL_BIAS"] else 2), B * H * n_q) * blk * xb,
                               dtype=torch.float32, device=q.device)
-        # d rel_bias: one partial row per (dK/dV program, query head), summed by _drel_result
-        drel = (torch.zeros(B, H, n_k, 2 * rel_m - 1, dtype=torch.float32, device=q.device)
+        # d rel_bias: one partial row per (dK/dV program, query head): 2M - 1 bins + 2 XB lanes of the
+        # clamped ends (kernels.common._drel_skewed)
+        drel = (torch.zeros(B, H, n_k, 2 * rel_m - 1 + 2 * xb, dtype=torch.float32, device=q.device)
                 if mods["REL_BIAS"] else _dummy(q.device))
         common = dict(FAST_RCP=not interpreting(), DOT_PRECISION=dot_precision(q.dtype), **cfg, **LAUNCH_OPTS)
         tables = (*w.stride(), *eq.stride()[:2], *ek.stride()[:2], *dout.stride()[:3], *v.stride()[:3])
@@ -266,6 +277,7 @@ class TritonBackend(Backend):
         dk.copy_(dkt[:, :, :A_user, :Lk].transpose(-1, -2))
         dv = dv32[:, :, :Lk, :Dv_user].to(v.dtype).contiguous()
         dw = dwt[:, :, :A_user, :Lq].sum(dim=(0, 3))  # per-row partials, fixed order
+        drel = _drel_fold(drel, xb) if mods["REL_BIAS"] else None
         return dq, dk, dv, dw.to(w_dtype), _drel_result(spec, drel)
 
     def _dot_backward(self, spec, dout, q, k, v, out, lse):

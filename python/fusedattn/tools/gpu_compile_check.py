@@ -599,7 +599,7 @@ def iter_rows(archs=(80, 90), quick: bool = False, jobs: int = 2, only=None, sas
 def _fmt_cfg(cfg):
     short = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_D": "D", "BLOCK_DV": "DV", "BLOCK_DC": "DC",
              "BLOCK_L": "L", "BLOCK_A": "A", "ROWS": "R", "COLS": "C", "CHUNK": "K", "num_warps": "w",
-             "num_stages": "s", "maxnreg": "r"}
+             "num_stages": "s", "maxnreg": "r", "S": "S", "BLOCK": "B", "XB": "X"}
     return ",".join(f"{short[k]}{v}" for k, v in cfg.items() if k in short)
 
 
