@@ -182,14 +182,14 @@ def _dq_steps(dq_acc, u_acc, ds_sum, p_sum, eo, e_ptrs, xo, x_ptrs, w2, wsum, ls
 
 @triton.jit
 def _dk_steps(acc, eo, e_ptrs, xo, x_ptrs, w2, wsum, LSE_row, RN_row, Delta_row, own, key_in,
-              dp_ptrs, p_ptrs, ds_ptrs, ds_step, x0, n_x, CAUSAL_SHIFT, WINDOW_SHIFT, DIST_SHIFT, slope, rel,
+              dp_ptrs, p_ptrs, ds_base, ds_off, ds_step, x0, n_x, CAUSAL_SHIFT, WINDOW_SHIFT, DIST_SHIFT, slope, rel,
               REL_M, DIRECT: tl.constexpr, FAST_RCP: tl.constexpr, WINDOW: tl.constexpr, ALIBI: tl.constexpr,
               REL_BIAS: tl.constexpr):
     """Queries x0 .. x0 + n_x of one head in the dK/dV kernel, one at a time (acc += dS r (1 - r));
     P^T goes to scratch. P = exp(s - lse) / p_sum with the dQ kernel's row sums (RN = 1 / p_sum).
     WINDOW, ALIBI and REL_BIAS as in ``_dq_steps`` (own: the keys, x: the query); REL_BIAS also
     stores dS to scratch for the rel_bias gradient, skewed (``common._drel_skewed``: step xi at
-    ds_ptrs + xi * ds_step)."""
+    ds_base + ds_off + xi * ds_step)."""
     for xi in range(0, n_x):
         x = x0 + xi
         r = _pair_r(eo, e_ptrs, xo, x_ptrs, xi, DIRECT, FAST_RCP)
@@ -207,7 +207,7 @@ def _dk_steps(acc, eo, e_ptrs, xo, x_ptrs, w2, wsum, LSE_row, RN_row, Delta_row,
         tl.store(p_ptrs + xi, p)
         ds = p * (tl.load(dp_ptrs + xi) - tl.load(Delta_row + x))
         if REL_BIAS:
-            tl.store(ds_ptrs + xi * ds_step, ds)
+            tl.store(ds_base + (ds_off + xi * ds_step), ds)
         acc += ds[None, :, None] * (r - r * r)
     return acc
 
@@ -383,7 +383,7 @@ def _attn_bwd_dkdv_additive(W, EQ, EK, QMAX, KMAX, KLEN, DO, V, LSE, Delta, DKT,
     Delta and RN (from the dQ kernel): contiguous (B, H, Lq). WINDOW / ALIBI / REL_BIAS as in the
     dQ kernel: queries above j - WINDOW_SHIFT do not see key j (the loop stops after the last
     query that sees the block). REL_BIAS also writes d rel_bias without atomics: DREL float32
-    (B, H, programs, 2 REL_M - 1 + 2 XB), zero-initialized, one partial row per (program, query
+    (B, H, programs, 2 REL_M - 1 + 4 XB), zero-initialized, one partial row per (program, query
     head; the layout of ``common._drel_skewed``), which the launcher sums in a fixed order: the
     steps store each block's dS tile (XB queries x BLOCK keys) skewed, and ``_drel_skewed`` sums
     its diagonals (a fixed order)."""
@@ -422,7 +422,7 @@ def _attn_bwd_dkdv_additive(W, EQ, EK, QMAX, KMAX, KLEN, DO, V, LSE, Delta, DKT,
     dps = DPS + (off_bhk.to(tl.int64) * tl.num_programs(0) + pid_n) * (NSCR * BLOCK * XB)
     pps = dps + BLOCK * XB
     # REL_BIAS: a block's dS, queries as rows, skewed (``common._drel_skewed``): XB x (XB + BLOCK) floats
-    dss = pps + BLOCK * XB + o_loc + (XB - 1)
+    ds_off = 2 * BLOCK * XB + (XB - 1) + o_loc  # from dps: int32 offsets, no 64-bit pointer per thread
 
     dk_acc = tl.zeros([AS, BLOCK, S], dtype=tl.float32)
     for g in range(0, GROUP):
@@ -436,7 +436,7 @@ def _attn_bwd_dkdv_additive(W, EQ, EK, QMAX, KMAX, KLEN, DO, V, LSE, Delta, DKT,
         drel_p = DREL
         if REL_BIAS:
             rel = REL + off_h64 * (2 * REL_M - 1)
-            drel_p = DREL + ((off_b64 * H + off_h64) * tl.num_programs(0) + pid_n) * (2 * REL_M - 1 + 2 * XB)
+            drel_p = DREL + ((off_b64 * H + off_h64) * tl.num_programs(0) + pid_n) * (2 * REL_M - 1 + 4 * XB)
         wsum = -0.5 * tl.sum(tl.sum(tl.sum(w2, axis=0), axis=1), axis=0)
         do_base = DO + off_b64 * stride_dob + off_h64 * stride_doh
         row_base = (off_b64 * H + off_h64) * Lq
@@ -453,12 +453,12 @@ def _attn_bwd_dkdv_additive(W, EQ, EK, QMAX, KMAX, KLEN, DO, V, LSE, Delta, DKT,
             if k_ok & (tl.max(qmax, axis=0) <= EXP_SAFE):
                 acc = _dk_steps(acc, eo, blk, xo, blk + A_PAD * XB, w2, wsum, LSE + row_base, RN + row_base,
                                 Delta + row_base, own, key_in, dps + o_loc * XB, pps + o_loc * XB,
-                                dss, XB + BLOCK - 1, x0, n_x, CAUSAL_SHIFT, WINDOW_SHIFT, Lk - Lq, slope, rel,
+                                dps, ds_off, XB + BLOCK - 1, x0, n_x, CAUSAL_SHIFT, WINDOW_SHIFT, Lk - Lq, slope, rel,
                                 REL_M, False, FAST_RCP, WINDOW, ALIBI, REL_BIAS)
             else:
                 acc = _dk_steps(acc, eo, blk, xo, blk + A_PAD * XB, w2, wsum, LSE + row_base, RN + row_base,
                                 Delta + row_base, own, key_in, dps + o_loc * XB, pps + o_loc * XB,
-                                dss, XB + BLOCK - 1, x0, n_x, CAUSAL_SHIFT, WINDOW_SHIFT, Lk - Lq, slope, rel,
+                                dps, ds_off, XB + BLOCK - 1, x0, n_x, CAUSAL_SHIFT, WINDOW_SHIFT, Lk - Lq, slope, rel,
                                 REL_M, True, FAST_RCP, WINDOW, ALIBI, REL_BIAS)
             tl.debug_barrier()  # P^T of the block is in scratch
             pT = tl.load(pps + o_loc[:, None] * XB + offs_xb[None, :], mask=offs_xb[None, :] < m_hi - x0,
@@ -471,8 +471,16 @@ def _attn_bwd_dkdv_additive(W, EQ, EK, QMAX, KMAX, KLEN, DO, V, LSE, Delta, DKT,
                 tl.store(dv_tile + c, _mma_acc(pT.to(do.dtype), do, tl.load(dv_tile + c), DOT_PRECISION))
             tl.debug_barrier()  # the next block overwrites the scratch
             if REL_BIAS:  # d rel_bias: the block's dS (queries x keys) summed along its diagonals
-                _drel_skewed(pps + BLOCK * XB, n_x, start_n - x0 - (Lk - Lq), drel_p, REL_M, XB, BLOCK, XB)
-        dk_acc += acc * (w2 * -2.0)  # 4 w of this head
+                # 2 XB-column chunks (of the XB + BLOCK - 1 diagonals): no spill at BLOCK = 64 on sm_80
+                _drel_skewed(pps + BLOCK * XB, n_x, start_n - x0 - (Lk - Lq), drel_p, REL_M, XB, BLOCK, 2 * XB)
+        if REL_BIAS:  # dK summed over the group's heads in DKT (each element: one thread), freeing
+            #           the registers of dk_acc for the rel_bias code
+            dk_ptrs = DKT + off_b64 * stride_dkb + off_hk64 * stride_dkh + fa * stride_dka + own[None, :, None]
+            prev = tl.load(dk_ptrs, mask=(fa < A) & (g > 0), other=0.0)
+            tl.store(dk_ptrs, prev + acc * (w2 * -2.0), mask=fa < A)
+        else:
+            dk_acc += acc * (w2 * -2.0)  # 4 w of this head
 
-    dk_base = DKT + off_b64 * stride_dkb + off_hk64 * stride_dkh
-    tl.store(dk_base + fa * stride_dka + own[None, :, None], dk_acc, mask=fa < A)
+    if not REL_BIAS:
+        dk_base = DKT + off_b64 * stride_dkb + off_hk64 * stride_dkh
+        tl.store(dk_base + fa * stride_dka + own[None, :, None], dk_acc, mask=fa < A)

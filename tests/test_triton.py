@@ -52,8 +52,8 @@ if _REASON is None:
     def _drel_kernel(DS, D0, NR, DRELP, SKEW, REL_M, NT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                      SKEWED: tl.constexpr):
         """NT dS tiles (BM x BN) through ``_drel_tile``, or (SKEWED) stored skewed and read by
-        ``_drel_skewed`` with NR[t] valid rows (DRELP then has 2 BM lanes after the bins), as the
-        additive dK/dV kernel does."""
+        ``_drel_skewed`` with NR[t] valid rows in chunks of 2 BM columns (DRELP then has 4 BM lanes
+        after the bins), as the additive dK/dV kernel does."""
         ii = tl.arange(0, BM)
         jj = tl.arange(0, BN)
         below = tl.zeros([], dtype=tl.float32)
@@ -63,7 +63,7 @@ if _REASON is None:
             if SKEWED:
                 tl.store(SKEW + (ii[:, None] * (BM + BN) + jj[None, :] - ii[:, None] + BM - 1), ds)
                 tl.debug_barrier()
-                _drel_skewed(SKEW, tl.load(NR + t), tl.load(D0 + t), DRELP, REL_M, BM, BN, BM)
+                _drel_skewed(SKEW, tl.load(NR + t), tl.load(D0 + t), DRELP, REL_M, BM, BN, 2 * BM)
                 tl.debug_barrier()
             else:
                 below, above = _drel_tile(ds, tl.load(D0 + t), SKEW, DRELP, REL_M, below, above, BM, BN)
@@ -696,11 +696,11 @@ def test_drel_diagonal_sums(bm, bn, skewed):
     ds = torch.randint(-8, 9, (len(d0), bm, bn), generator=g).float()
     i, j = torch.arange(bm)[:, None], torch.arange(bn)[None, :]
     for m in (1, 2, 9, 40, 200):
-        got = torch.zeros(2 * m - 1 + (2 * bm if skewed else 0))
+        got = torch.zeros(2 * m - 1 + (4 * bm if skewed else 0))
         _drel_kernel[(1,)](ds, d0, nr.int(), got, torch.empty(2 * bm * bn), m, NT=len(d0), BM=bm, BN=bn,
                            SKEWED=skewed)
         if skewed:  # the launcher's fold of the clamped lanes
-            got = tb._drel_fold(got, bm)
+            got = tb._drel_fold(got, 2 * bm)
         want = torch.zeros(2 * m - 1, dtype=torch.float64)
         for t in range(len(d0)):
             idx = (int(d0[t]) + j - i).clamp(1 - m, m - 1) + m - 1

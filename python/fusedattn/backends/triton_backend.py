@@ -256,9 +256,9 @@ class TritonBackend(Backend):
         # per-program scratch: dQ BLOCK x XB; dK/dV 2 (4 with rel_bias) x BLOCK x XB
         scratch = torch.empty(max(B * Hk * n_k * (4 if mods["REL_BIAS"] else 2), B * H * n_q) * blk * xb,
                               dtype=torch.float32, device=q.device)
-        # d rel_bias: one partial row per (dK/dV program, query head): 2M - 1 bins + 2 XB lanes of the
-        # clamped ends (kernels.common._drel_skewed)
-        drel = (torch.zeros(B, H, n_k, 2 * rel_m - 1 + 2 * xb, dtype=torch.float32, device=q.device)
+        # d rel_bias: one partial row per (dK/dV program, query head): 2M - 1 bins + 2 x 2 XB lanes of
+        # the clamped ends (kernels.common._drel_skewed, chunks of 2 XB)
+        drel = (torch.zeros(B, H, n_k, 2 * rel_m - 1 + 4 * xb, dtype=torch.float32, device=q.device)
                 if mods["REL_BIAS"] else _dummy(q.device))
         common = dict(FAST_RCP=not interpreting(), DOT_PRECISION=dot_precision(q.dtype), **cfg, **LAUNCH_OPTS)
         tables = (*w.stride(), *eq.stride()[:2], *ek.stride()[:2], *dout.stride()[:3], *v.stride()[:3])
@@ -277,7 +277,7 @@ class TritonBackend(Backend):
         dk.copy_(dkt[:, :, :A_user, :Lk].transpose(-1, -2))
         dv = dv32[:, :, :Lk, :Dv_user].to(v.dtype).contiguous()
         dw = dwt[:, :, :A_user, :Lq].sum(dim=(0, 3))  # per-row partials, fixed order
-        drel = _drel_fold(drel, xb) if mods["REL_BIAS"] else None
+        drel = _drel_fold(drel, 2 * xb) if mods["REL_BIAS"] else None
         return dq, dk, dv, dw.to(w_dtype), _drel_result(spec, drel)
 
     def _dot_backward(self, spec, dout, q, k, v, out, lse):
