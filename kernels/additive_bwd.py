@@ -56,15 +56,20 @@ def bwd_layout(A_pad: int):
     return AS, S, 32 * num_warps // S, num_warps
 
 
-def bwd_config(A_pad: int, fp32: bool, interpret: bool = False) -> dict:
+def bwd_config(A_pad: int, fp32: bool, interpret: bool = False, rel_bias: bool = False) -> dict:
     """The kernels' constexprs for a padded A and float32 inputs?; BLOCK_DV: the value columns per
     tensor-core product (64; half that for float32, whose 3xTF32 products split their operands,
-    and half again for the 64-row tiles of A <= 16). Under the interpreter XB = BLOCK: the dP products are
-    then BLOCK x BLOCK like the delta kernel's tile there (numpy's matmul may round an element
-    differently in another shape; an MMA's element does not depend on the tile)."""
+    and half again for the 64-row tiles of A <= 16; with rel_bias, 16-bit inputs and 64-row tiles
+    (A <= 32) half again: the dK/dV kernel's (BLOCK, BLOCK_DV) dV tile then leaves the registers
+    the rel_bias gradient needs, without spills on sm_80). Under the interpreter XB = BLOCK: the
+    dP products are then BLOCK x BLOCK like the delta kernel's tile there (numpy's matmul may
+    round an element differently in another shape; an MMA's element does not depend on the tile)."""
     AS, S, block, num_warps = bwd_layout(A_pad)
+    block_dv = (16 if S == 1 else 32) if fp32 else (32 if S == 1 else 64)
+    if rel_bias and not fp32 and block == 64:
+        block_dv //= 2
     return dict(AS=AS, S=S, BLOCK=block, XB=max(XB, block) if interpret else XB,
-                BLOCK_DV=(16 if S == 1 else 32) if fp32 else (32 if S == 1 else 64), num_warps=num_warps, num_stages=1, maxnreg=255)
+                BLOCK_DV=block_dv, num_warps=num_warps, num_stages=1, maxnreg=255)
 
 
 @triton.jit

@@ -529,17 +529,26 @@ def test_compile_check_covers_every_modifier_variant():
             n += 1
         assert n == len(every) > 0, arch
         # the additive backward of kernels/additive_bwd.py: each config also with all of its flags
-        # (WINDOW, ALIBI, REL_BIAS), and (fp16, A 64 and 128) with each flag alone
+        # (WINDOW, ALIBI, REL_BIAS; the launcher's config with rel_bias), and (fp16, A 64 and 128)
+        # with each flag alone
+        from fusedattn.kernels import additive_bwd
         names = ("_attn_bwd_dkdv_additive", "_attn_bwd_dq_additive")
         bwd = [v for v in g.variants(arch=arch) if v["kernel"] in names]
-        on = dict(WINDOW=True, ALIBI=True, REL_BIAS=True)
+        plain = {(v["kernel"], v["dtype"], v["head_dim"]) for v in bwd if v["variant"] == ""}
+        mods = {(v["kernel"], v["dtype"], v["head_dim"]) for v in bwd if v["variant"] == "+mods"}
+        assert plain == mods and len(mods) > 0, arch
+        for v in bwd:
+            rel = v["variant"] in ("+mods", "+rel")
+            cfg = additive_bwd.bwd_config(v["head_dim"], v["dtype"] == "fp32", rel_bias=rel)
+            on = dict(WINDOW=False, ALIBI=False, REL_BIAS=rel)
+            if v["variant"] == "+mods":
+                on = dict(WINDOW=True, ALIBI=True, REL_BIAS=True)
+            elif v["variant"] in ("+window", "+alibi"):
+                on[v["variant"][1:].upper()] = True
+            prec = "tf32x3" if v["dtype"] == "fp32" else "tf32"
+            assert v["config"] == dict(cfg, FAST_RCP=True, DOT_PRECISION=prec, **on), v
         singles = {(v["kernel"], v["variant"]) for v in bwd if v["dtype"] == "fp16" and v["head_dim"] == 128}
         assert {(n, f"+{m}") for n in names for m in ("window", "alibi", "rel")} <= singles, arch
-        plain = {(v["kernel"], v["dtype"], tuple(sorted(dict(v["config"], **on).items())))
-                 for v in bwd if v["variant"] == ""}
-        mods = {(v["kernel"], v["dtype"], tuple(sorted(v["config"].items())))
-                for v in bwd if v["variant"] == "+mods"}
-        assert plain == mods and len(mods) > 0, arch
 
 
 def test_compile_check_json_fields():
@@ -711,15 +720,17 @@ def test_drel_diagonal_sums(bm, bn, skewed):
 
 def test_rel_bias_gpu_block_shape(monkeypatch):
     """The additive backward with rel_bias in the GPU layout (XB = 16 other indices per block,
-    BLOCK = 64, 32 or 16 own rows; the interpreter's own config has XB = BLOCK): the dS^T scratch
-    and the (16 x BLOCK) diagonal-sum tiles of the dK/dV kernel, GQA, key lengths incl. 0, causal,
-    a window and ALiBi alongside."""
+    BLOCK = 64 or 32 own rows; the interpreter's own config has XB = BLOCK, and A = 100 has
+    BLOCK = XB = 16 either way): the skewed dS scratch and the (16 x BLOCK) diagonal sums of the
+    dK/dV kernel, the halved Dv chunk of 16-bit inputs at BLOCK = 64, GQA, key lengths incl. 0,
+    causal, a window and ALiBi alongside."""
     gpu = tb._addb.bwd_config
-    monkeypatch.setattr(tb._addb, "bwd_config", lambda a_pad, fp32, interpret=False: gpu(a_pad, fp32))
+    monkeypatch.setattr(tb._addb, "bwd_config",
+                        lambda a_pad, fp32, interpret=False, rel=False: gpu(a_pad, fp32, False, rel))
     for case in (Case(B=2, H=2, Hk=1, Lq=70, Lk=33, D=16, Dv=16, rel_bias=6, causal=True, lengths=(33, 0)),
                  Case(B=1, H=2, Hk=2, Lq=33, Lk=70, D=40, Dv=8, window=(20, 5), rel_bias=50, alibi="H",
                       dtype=F16),
-                 Case(B=1, H=1, Hk=1, Lq=17, Lk=40, D=100, Dv=8, rel_bias=3, dtype=BF16)):
+                 Case(B=1, H=1, Hk=1, Lq=17, Lk=40, D=24, Dv=40, rel_bias=3, dtype=BF16)):  # BLOCK_DV 32
         assert tb._addb.bwd_config(tb.block_dim(case.D), False, True)["XB"] == 16
         testing.check_backend(case, "triton")
 

@@ -235,12 +235,12 @@ class TritonBackend(Backend):
         q, k, v, w, dout, out = _aligned(q, k, v, w.float(), dout, out)
         B, H, Lq, A = q.shape
         _, Hk, Lk, Dv = v.shape
-        cfg = _addb.bwd_config(block_dim(A), q.dtype == torch.float32, interpreting())
-        BLOCK_DV = cfg["BLOCK_DV"]  # Dv is walked in chunks of this many columns
-        blk, xb = cfg["BLOCK"], cfg["XB"]
         klen = _klen(key_lengths, B, Lk, q.device)
         shift, (window_shift, rel, slopes, rel_m), flags = _mods(spec, B, H, Lq, Lk, q.device)
         mods = dict(WINDOW=flags["WINDOW"], ALIBI=bool(flags["BIAS"] & 2), REL_BIAS=bool(flags["BIAS"] & 1))
+        cfg = _addb.bwd_config(block_dim(A), q.dtype == torch.float32, interpreting(), mods["REL_BIAS"])
+        BLOCK_DV = cfg["BLOCK_DV"]  # Dv is walked in chunks of this many columns
+        blk, xb = cfg["BLOCK"], cfg["XB"]
         lse = _flat(lse)
         delta = _delta(out, dout, delta_shape(dict(BLOCK_M=blk, BLOCK_N=xb), BLOCK_DV, BLOCK_DV,
                                               q.dtype == torch.float32))

@@ -197,15 +197,14 @@ def variants(quick: bool = False, arch: int = 90) -> list[dict]:
         # window edge, ALiBi and rel_bias: every flag of these kernels) and, for fp16 at A = 64
         # and 128, each flag alone
         for ba in widths:
-            cfg = additive_bwd.bwd_config(ba, dt == "fp32")
-            cfg.update(FAST_RCP=True, DOT_PRECISION=prec)
             flag_sets = {"": {}, "+mods": dict(WINDOW=True, ALIBI=True, REL_BIAS=True)}
             if dt in SINGLE_MODS_DTYPES and ba in SINGLE_MODS_WIDTHS:
                 flag_sets.update({f"+{n}": {f: True} for n, f in ADDITIVE_BWD_SINGLES.items()})
-            for kern in ("_attn_bwd_dkdv_additive", "_attn_bwd_dq_additive"):
-                for sfx, on in flag_sets.items():
-                    add(kern, dt, sfx, dict(cfg, **{**ADDITIVE_BWD_NO_MODS, **on}), (cfg["AS"], cfg["XB"]),
-                        "additive-bwd", None, ba)
+            for sfx, on in flag_sets.items():
+                cfg = additive_bwd.bwd_config(ba, dt == "fp32", rel_bias=on.get("REL_BIAS", False))
+                cfg.update(FAST_RCP=True, DOT_PRECISION=prec, **{**ADDITIVE_BWD_NO_MODS, **on})
+                for kern in ("_attn_bwd_dkdv_additive", "_attn_bwd_dq_additive"):
+                    add(kern, dt, sfx, cfg, (cfg["AS"], cfg["XB"]), "additive-bwd", None, ba)
         # -- dot (the launcher pads D and Dv to one width: BLOCK_D == BLOCK_DV) --
         for bd in widths:
             for even in (True, False):
