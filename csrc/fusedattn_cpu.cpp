@@ -62,9 +62,24 @@ inline int64_t work_rows(const int64_t* los, const int64_t* lims, int nr, int R,
   return w;
 }
 
+// O[rn x Dv] += P[rn x nc] V[j0, j0 + nc) of kv head bhk = b * Hk + hk (VMats: sgemm, brgemm or bf16).
+inline void pv_product(const Problem& p, const VMats& vm, int64_t bhk, int rn, int64_t j0, int nc, const float* P,
+                       int ldP, uint16_t* P16, float* O) {
+  const int Dv = (int)p.Dv;
+  if (vm.vv != nullptr) {
+    const int nc2 = (nc + 1) / 2 * 2;  // j0 is even: whole VNNI pairs
+    for (int i = 0; i < rn; ++i) avx512::to_bf16(P + (int64_t)i * ldP, P16 + (int64_t)i * nc2, nc, nc2);
+    brgemm_bf16(rn, Dv, nc2, P16, nc2, vm.vv + (bhk * vm.LkP + j0) * Dv, Dv, true, O, Dv);
+  } else if (vm.brg) {
+    brgemm_f32(rn, Dv, nc, P, ldP, vm.v + (bhk * p.Lk + j0) * Dv, Dv, true, O, Dv);
+  } else {
+    gemm(false, false, rn, Dv, nc, 1.f, P, ldP, vm.v + (bhk * p.Lk + j0) * Dv, Dv, 1.f, O, Dv);
+  }
+}
+
 // out_f (B, H, Lq, Dv) float32 and lse (B, H, Lq) float32, both preallocated and contiguous.
 template <class Scores>
-void forward(const Problem& p, const Scores& sc, const float* v, float* out, float* lse, Isa isa) {
+void forward(const Problem& p, const Scores& sc, const VMats& vm, float* out, float* lse, Isa isa) {
   constexpr int BQ = Scores::BQ, BK = Scores::BK, BR = Scores::BR;
   const int64_t nqt = (p.Lq + BQ - 1) / BQ, nkt = (p.Lk + BK - 1) / BK;
   const int64_t base_items = p.B * p.H * nqt;
@@ -84,6 +99,7 @@ void forward(const Problem& p, const Scores& sc, const float* v, float* out, flo
 
   parallel_items(base_items * nsplit, [&](auto pull) {
     Buf S(BQ * BK), O(BQ * std::max<int64_t>(p.Dv, 1));
+    std::vector<uint16_t> P16(vm.vv != nullptr ? BQ * BK + BQ : 0);
     float m[BQ], l[BQ];
     int64_t lims[BQ], los[BQ];
     for (int64_t it; (it = pull()) >= 0;) {
@@ -134,8 +150,7 @@ void forward(const Problem& p, const Scores& sc, const float* v, float* out, flo
               for (int d = 0; d < Dv; ++d) o[d] *= alpha;
             }
           }
-          gemm(false, false, rn, Dv, nc, 1.f, S.data(), W, v + ((b * p.Hk + hk) * p.Lk + j0) * p.Dv, Dv, 1.f,
-               O.data() + (int64_t)r0 * Dv, Dv);
+          pv_product(p, vm, b * p.Hk + hk, rn, j0, nc, S.data(), W, P16.data(), O.data() + (int64_t)r0 * Dv);
         }
       }
       const int64_t row0 = (b * p.H + h) * p.Lq + i0;
@@ -159,6 +174,7 @@ void forward(const Problem& p, const Scores& sc, const float* v, float* out, flo
         }
       }
     }
+    if (vm.brg || vm.vv != nullptr) brgemm_done();
   });
 
   if (nsplit > 1) {  // merge the key splits by log-sum-exp, in split order
@@ -447,6 +463,7 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
         std::memcpy(dv + ((b * p.Hk + hk) * p.Lk + j0) * p.Dv, dvacc.data(), sizeof(float) * nc * Dv);
       }
     }
+    if (sc.uses_brgemm()) brgemm_done();
   });
 
   if (nchunk > 1) {  // dq = sum of the chunk buffers, in chunk order
@@ -487,7 +504,8 @@ std::tuple<Tensor, Tensor> additive_fwd(const Tensor& q, const Tensor& k, const 
   Tensor vf = f32(v);
   Tensor out = at::empty({p.B, p.H, p.Lq, p.Dv}, q.options().dtype(at::kFloat));
   Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
-  forward(p, d.sc, vf.data_ptr<float>(), out.data_ptr<float>(), lse.data_ptr<float>(), isa);
+  VMats vm{vf.data_ptr<float>(), use_brgemm(isa, at::kFloat)};
+  forward(p, d.sc, vm, out.data_ptr<float>(), lse.data_ptr<float>(), isa);
   return {out.to(q.scalar_type()), lse};
 }
 
@@ -542,13 +560,21 @@ std::tuple<Tensor, Tensor> dot_fwd(const Tensor& q, const Tensor& k, const Tenso
   std::vector<Tensor> keep;
   set_modifiers(op, p, window_left, window_right, softcap, rel_bias, alibi_slopes, keep);
   if (empty_problem(p)) return empty_fwd(q, v);
+  Tensor out = at::empty({p.B, p.H, p.Lq, p.Dv}, q.options().dtype(at::kFloat));
+  Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
+  if (use_brgemm(isa, q.scalar_type())) {  // oneDNN micro-kernels (gemm.h)
+    DotMats mats;
+    DotScores sc{nullptr, nullptr, (float)scale, &p};
+    VMats vm;
+    prepare_dot_brgemm(mats, sc, &vm, p, q, k, v);
+    forward(p, sc, vm, out.data_ptr<float>(), lse.data_ptr<float>(), isa);
+    return {out.to(q.scalar_type()), lse};
+  }
   const Low16 qk16 = low16(isa, q, k);  // 16-bit scores: no float32 copies of q and k
   Tensor qf = qk16.on() ? Tensor() : f32(q), kf = qk16.on() ? Tensor() : f32(k), vf = f32(v);
   DotScores sc{qk16.on() ? nullptr : qf.data_ptr<float>(), qk16.on() ? nullptr : kf.data_ptr<float>(),
                (float)scale, &p, qk16.pa(), qk16.pb(), qk16.t};
-  Tensor out = at::empty({p.B, p.H, p.Lq, p.Dv}, q.options().dtype(at::kFloat));
-  Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
-  forward(p, sc, vf.data_ptr<float>(), out.data_ptr<float>(), lse.data_ptr<float>(), isa);
+  forward(p, sc, VMats{vf.data_ptr<float>()}, out.data_ptr<float>(), lse.data_ptr<float>(), isa);
   return {out.to(q.scalar_type()), lse};
 }
 
@@ -567,8 +593,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dot_bwd(
   set_modifiers(op, p, window_left, window_right, softcap, rel_bias, alibi_slopes, keep);
   if (empty_problem(p)) return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v), rel_grad_zeros(rel_bias)};
   Tensor qf = f32(q), kf = f32(k), vf = f32(v), dof = f32(dout), of = f32(out), lsef = lse.contiguous();
-  const Low16 qk16 = low16(isa, q, k), dv16 = low16(isa, dout, v);
+  // the scores as the forward formed them (the same products, bit for bit: P = exp(s - lse))
+  const bool brg = use_brgemm(isa, q.scalar_type());
+  const Low16 qk16 = brg ? Low16() : low16(isa, q, k), dv16 = low16(isa, dout, v);
   DotScores sc{qf.data_ptr<float>(), kf.data_ptr<float>(), (float)scale, &p, qk16.pa(), qk16.pb(), qk16.t};
+  DotMats mats;
+  if (brg) {
+    prepare_dot_brgemm(mats, sc, nullptr, p, q, k, v);
+    sc.q = qf.data_ptr<float>();  // the gradient products read float32 rows
+    sc.k = kf.data_ptr<float>();
+  }
   std::vector<float> delta = row_delta(p, dof.data_ptr<float>(), of.data_ptr<float>());
   auto fo = q.options().dtype(at::kFloat);
   Tensor dq = at::empty({p.B, p.H, p.Lq, p.D}, fo), dk = at::empty({p.B, p.Hk, p.Lk, p.D}, fo);

@@ -193,5 +193,29 @@ AVX512_FN void exp2x(const float* x, float* y, int n) {
   }
 }
 
+AVX512_FN void to_bf16(const float* x, uint16_t* y, int n, int n_pad) {
+  const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1), qnan = _mm512_set1_epi32(0x7FC0);
+  for (int j = 0; j < n_pad; j += 16) {
+    const int m = n - j < 0 ? 0 : n - j;
+    const __mmask16 live = m >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << m) - 1);
+    const __mmask16 out = n_pad - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n_pad - j)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(live, x + j);  // 0 past n
+    const __m512i b = _mm512_castps_si512(v);
+    // round to nearest even: add 0x7FFF + the lowest kept bit, keep the high half
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(bias, _mm512_and_si512(
+                                      _mm512_srli_epi32(b, 16), one))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), qnan);
+    _mm256_mask_storeu_epi16(y + j, out, _mm512_cvtepi32_epi16(r));
+  }
+}
+
+AVX512_FN void scale(float* x, int n, float s) {
+  const __m512 sv = _mm512_set1_ps(s);
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 live = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+    _mm512_mask_storeu_ps(x + j, live, _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(live, x + j)));
+  }
+}
+
 }  // namespace avx512
 }  // namespace fusedattn_cpu

@@ -17,6 +17,54 @@ Low16 low16(Isa isa, const Tensor& a, const Tensor& b) {
   return r;
 }
 
+bool use_brgemm(Isa isa, at::ScalarType t) {
+  // float16 keeps MKL's gemm_f16f16f32 where the CPU multiplies it in hardware (gemm.h: use_gemm16)
+  return isa.level == Level::avx512 && brgemm_works(at::kFloat) && !(t == at::kHalf && use_gemm16(t));
+}
+
+namespace {
+const uint16_t* u16(const Tensor& t) { return static_cast<const uint16_t*>(t.data_ptr()); }
+}  // namespace
+
+void prepare_dot_brgemm(DotMats& m, DotScores& sc, VMats* vm, const Problem& p, const Tensor& q,
+                        const Tensor& k, const Tensor& v) {
+  const int64_t LkP = round_up(std::max<int64_t>(p.Lk, 1), 16);
+  sc.LkP = LkP;
+  if (q.scalar_type() == at::kBFloat16 && brgemm_works(at::kBFloat16)) {
+    const int64_t D2 = round_up(p.D, 2);  // VNNI pairs along D: one zero column for an odd D
+    sc.D2 = (int)D2;
+    m.qb = at::constant_pad_nd(q, {0, D2 - p.D}).contiguous();
+    m.kTv = at::constant_pad_nd(k, {0, D2 - p.D, 0, LkP - p.Lk})
+                .view({p.B, p.Hk, LkP, D2 / 2, 2})
+                .permute({0, 1, 3, 2, 4})
+                .contiguous();
+    sc.qb = u16(m.qb);
+    sc.kTv = u16(m.kTv);
+    if (vm != nullptr) {
+      // keys at or past key_lengths become 0: a tile with an odd number of keys reads one more row of
+      // its VNNI pair (times a zero weight), and padding may hold anything
+      Tensor klen = at::tensor(std::vector<int64_t>(p.klen.begin(), p.klen.end()), at::kLong).view({p.B, 1, 1, 1});
+      Tensor keep = at::arange(LkP, at::kLong).view({1, 1, LkP, 1}) < klen;
+      Tensor vp = at::constant_pad_nd(v, {0, 0, 0, LkP - p.Lk}).masked_fill(keep.logical_not(), 0);
+      m.vv = vp.view({p.B, p.Hk, LkP / 2, 2, p.Dv}).permute({0, 1, 2, 4, 3}).contiguous();
+      vm->vv = u16(m.vv);
+      vm->LkP = LkP;
+    }
+    return;
+  }
+  m.qf = f32(q);
+  m.kf = f32(k);
+  m.kT = at::constant_pad_nd(m.kf.transpose(2, 3), {0, LkP - p.Lk}).contiguous();  // (B, Hk, D, LkP)
+  sc.q = m.qf.data_ptr<float>();
+  sc.k = m.kf.data_ptr<float>();
+  sc.kT = m.kT.data_ptr<float>();
+  if (vm != nullptr) {
+    m.vf = f32(v);
+    vm->v = m.vf.data_ptr<float>();
+    vm->brg = true;
+  }
+}
+
 std::vector<uint8_t> nonfinite_rows(const float* x, int64_t rows, int64_t n) {
   std::vector<uint8_t> bad(std::max<int64_t>(rows, 1), 0);
   at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {

@@ -65,6 +65,15 @@ struct DotScores {
   const uint16_t* q16 = nullptr;  // the same in bfloat16/float16 when the scores use gemm16
   const uint16_t* k16 = nullptr;
   at::ScalarType t16 = at::kFloat;
+  // brgemm operands (gemm.h), set when the call takes that path (prep.cpp: dot_brgemm): K^T in float32
+  // (B, Hk, D, LkP); or, for bfloat16 inputs, q with rows of D2 = round_up(D, 2) and K^T in VNNI pairs
+  // (B, Hk, D2 / 2, LkP, 2). LkP: Lk rounded up to 16, the padding zero.
+  const float* kT = nullptr;
+  const uint16_t* qb = nullptr;
+  const uint16_t* kTv = nullptr;
+  int64_t LkP = 0;
+  int D2 = 0;
+  bool uses_brgemm() const { return kT != nullptr || kTv != nullptr; }
   // query and key tile; BR: the rows of a sub-tile when a tile straddles a window edge (see the drivers)
   static constexpr int BQ = 128, BK = 256, BR = 32;
   int64_t qoff(int64_t b, int64_t h, int64_t i) const { return ((b * p->H + h) * p->Lq + i) * p->D; }
@@ -73,6 +82,16 @@ struct DotScores {
   const float* krow(int64_t b, int64_t hk, int64_t j) const { return k + koff(b, hk, j); }
   void tile(Isa, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* S, int ldS) const {
     const int D = (int)p->D;
+    if (kT != nullptr || kTv != nullptr) {  // the raw products, then the scale (as sgemm's alpha does)
+      const int64_t bhk = b * p->Hk + h / p->G;
+      if (kT != nullptr)
+        brgemm_f32(nr, nc, D, qrow(b, h, i0), D, kT + bhk * D * LkP + j0, (int)LkP, false, S, ldS);
+      else
+        brgemm_bf16(nr, nc, D2, qb + ((b * p->H + h) * p->Lq + i0) * D2, D2, kTv + bhk * D2 * LkP + 2 * j0,
+                    (int)LkP, false, S, ldS);
+      for (int i = 0; i < nr; ++i) avx512::scale(S + (int64_t)i * ldS, nc, scale);
+      return;
+    }
     if (q16 != nullptr)
       gemm16(t16, false, true, nr, nc, D, scale, q16 + qoff(b, h, i0), D, k16 + koff(b, h / p->G, j0), D, 0.f,
              S, ldS);
@@ -80,6 +99,26 @@ struct DotScores {
       gemm(false, true, nr, nc, D, scale, qrow(b, h, i0), D, krow(b, h / p->G, j0), D, 0.f, S, ldS);
   }
 };
+
+// V as the forward's P.V operand: float32 rows (v) through sgemm, or through brgemm (brg); or bfloat16
+// VNNI pairs (vv: (B, Hk, LkP / 2, Dv, 2), rows past key_lengths zero) with P rounded to bfloat16, as
+// FlashAttention does on GPUs (the sums stay float32).
+struct VMats {
+  const float* v = nullptr;
+  bool brg = false;
+  const uint16_t* vv = nullptr;
+  int64_t LkP = 0;
+};
+
+// brgemm operands of a dot-product call (prep.cpp), or none when the call uses sgemm / gemm16.
+struct DotMats {
+  Tensor qf, kf, vf, kT, qb, kTv, vv;
+};
+// Whether a call in dtype t at this level takes the brgemm path (gemm.h: brgemm_works).
+bool use_brgemm(Isa isa, at::ScalarType t);
+// Fills m and points sc (and vm, when not null: the forward) at its tensors; q, k, v as given to the op.
+void prepare_dot_brgemm(DotMats& m, DotScores& sc, VMats* vm, const Problem& p, const Tensor& q,
+                        const Tensor& k, const Tensor& v);
 
 // 16-bit copies (contiguous, input dtype) for gemm16, or undefined tensors when the call uses sgemm.
 struct Low16 {
@@ -107,6 +146,7 @@ struct AddScores {
   int64_t LkP;
   const Problem* p;
   static constexpr int BQ = 32, BK = 128, BR = 16;  // BK 128 vs 64: backward ~6% faster (Zen 4)
+  bool uses_brgemm() const { return false; }
 
   const float* eq(int64_t b, int64_t h, int64_t i) const { return Eq + ((b * p->H + h) * p->Lq + i) * p->D; }
   const float* ekt(int64_t b, int64_t hk, int64_t j) const { return EkT + (b * p->Hk + hk) * p->D * LkP + j; }
