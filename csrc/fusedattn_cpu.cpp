@@ -238,8 +238,10 @@ struct DotGrad {
   // rows of q (B, H, Lq) and k (B, Hk, Lk) holding a non-finite value (nonfinite_rows)
   const uint8_t* qbad;
   const uint8_t* kbad;
-  static int dk_size(const Problem& p, int BK) { return BK * (int)p.D; }
-  static int64_t dk_offset(const Problem& p, int ca) { return (int64_t)ca * p.D; }
+  const BwdMats* bm = nullptr;  // brgemm operands: dK accumulates transposed (D x BK)
+  bool tr() const { return bm != nullptr && bm->on; }
+  int dk_size(const Problem& p, int BK) const { return BK * (int)p.D; }
+  int64_t dk_offset(const Problem& p, int ca) const { return tr() ? ca : (int64_t)ca * p.D; }
   static int dw_size(const Problem&) { return 0; }
   // rng: the allowed columns [first, valid) of each row (empty for rows with dS = 0). dS is 0 outside
   // them, but 0 * NaN is NaN: when the block's keys (queries) hold a non-finite value, dq (dk) takes
@@ -249,20 +251,35 @@ struct DotGrad {
     const Problem& p = *sc->p;
     const int D = (int)p.D, BK = DotScores::BK;
     const int64_t hk = h / p.G;
-    if (!any_set(qbad + (b * p.H + h) * p.Lq + i0, nr)) {
-      gemm(true, false, nc, D, nr, sc->scale, dS, BK, sc->qrow(b, h, i0), D, 1.f, dkacc, D);
+    const bool qok = !any_set(qbad + (b * p.H + h) * p.Lq + i0, nr);
+    // (a bfloat16 block with an odd nc reads one more key row of its VNNI pair, times a zero weight)
+    const int ncr = bm != nullptr && bm->bf16 ? (int)std::min<int64_t>((nc + 1) / 2 * 2, p.Lk - j0) : nc;
+    const bool kok = !any_set(kbad + (b * p.Hk + hk) * p.Lk + j0, ncr);
+    if (tr() && qok && kok) {
+      brgemm_products(b, h, i0, nr, j0, nc, dS, dqr, dkacc);
+      return;
+    }
+    if (qok) {
+      if (tr())  // dK^T += scale q^T dS
+        gemm(true, false, D, nc, nr, sc->scale, sc->qrow(b, h, i0), D, dS, BK, 1.f, dkacc, BK);
+      else
+        gemm(true, false, nc, D, nr, sc->scale, dS, BK, sc->qrow(b, h, i0), D, 1.f, dkacc, D);
     } else {
       for (int j = 0; j < nc; ++j) {  // rows seeing column j: an interval (lo, lim non-decreasing)
         int ia = 0;
         while (ia < nr && !(rng[2 * ia] <= j && j < rng[2 * ia + 1])) ++ia;
         int ie = ia;
         while (ie < nr && rng[2 * ie] <= j && j < rng[2 * ie + 1]) ++ie;
-        if (ie > ia)
+        if (ie == ia) continue;
+        if (tr())
+          gemm(true, false, D, 1, ie - ia, sc->scale, sc->qrow(b, h, i0 + ia), D, dS + (int64_t)ia * BK + j, BK,
+               1.f, dkacc + j, BK);
+        else
           gemm(true, false, 1, D, ie - ia, sc->scale, dS + (int64_t)ia * BK + j, BK, sc->qrow(b, h, i0 + ia), D,
                1.f, dkacc + (int64_t)j * D, D);
       }
     }
-    if (!any_set(kbad + (b * p.Hk + hk) * p.Lk + j0, nc)) {
+    if (kok) {
       gemm(false, false, nr, D, nc, sc->scale, dS, BK, sc->krow(b, hk, j0), D, 1.f, dqr, D);
     } else {
       for (int i = 0; i < nr; ++i) {
@@ -273,6 +290,43 @@ struct DotGrad {
       }
     }
   }
+  // dQ += scale dS K and dK^T += q^T (scale dS) through brgemm (BwdMats).
+  void brgemm_products(int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, const float* dS, float* dqr,
+                       float* dkT) const {
+    const Problem& p = *sc->p;
+    const int D = (int)p.D, BK = DotScores::BK;
+    const int64_t bh = b * p.H + h, bhk = b * p.Hk + h / p.G;
+    thread_local std::vector<float> Ts;
+    thread_local std::vector<uint16_t> R16, V16, A16;
+    if (!bm->bf16) {
+      Ts.resize((size_t)DotScores::BQ * BK);
+      for (int i = 0; i < nr; ++i) {
+        std::memcpy(Ts.data() + (int64_t)i * BK, dS + (int64_t)i * BK, sizeof(float) * nc);
+        avx512::scale(Ts.data() + (int64_t)i * BK, nc, sc->scale);
+      }
+      brgemm_f32(nr, D, nc, Ts.data(), BK, sc->krow(b, h / p.G, j0), D, true, dqr, D);
+      brgemm_f32(D, nc, nr, bm->qT + bh * D * p.Lq + i0, (int)p.Lq, Ts.data(), BK, true, dkT, BK);
+      return;
+    }
+    const int nc2 = (nc + 1) / 2 * 2, nr2 = (nr + 1) / 2 * 2;
+    Ts.resize((size_t)BK);
+    R16.resize((size_t)DotScores::BQ * BK);
+    V16.resize((size_t)DotScores::BQ * BK);
+    A16.resize((size_t)DotScores::BQ * std::max(D, 1));
+    // scale * dS rounded to bfloat16 once: rows of nc2 (A of dQ) and VNNI pairs of rows (B of dK^T)
+    for (int i = 0; i < nr; ++i) {
+      std::memcpy(Ts.data(), dS + (int64_t)i * BK, sizeof(float) * nc);
+      avx512::scale(Ts.data(), nc, sc->scale);
+      avx512::to_bf16(Ts.data(), R16.data() + (int64_t)i * nc2, nc, nc2);
+    }
+    avx512::vnni_rows(dS, BK, nr, nc, sc->scale, V16.data(), nc);
+    brgemm_bf16(nr, D, nc2, R16.data(), nc2, bm->kv + (bhk * bm->LkP + j0) * D, D, true, dqr, D);
+    for (int d = 0; d < D; ++d) {
+      std::memcpy(A16.data() + (int64_t)d * nr2, bm->qT16 + (bh * D + d) * p.Lq + i0, 2 * nr);
+      if (nr2 > nr) A16[(int64_t)d * nr2 + nr] = 0;
+    }
+    brgemm_bf16(D, nc, nr2, A16.data(), nr2, V16.data(), nc, true, dkT, BK);
+  }
   static bool any_set(const uint8_t* f, int n) {
     int a = 0;
     for (int i = 0; i < n; ++i) a |= f[i];
@@ -280,7 +334,12 @@ struct DotGrad {
   }
   // dk rows j (tile-local) from the accumulator.
   void write_dk(const Problem& p, const float* dkacc, int nc, float* dk) const {
-    std::memcpy(dk, dkacc, sizeof(float) * nc * p.D);
+    if (!tr()) {
+      std::memcpy(dk, dkacc, sizeof(float) * nc * p.D);
+      return;
+    }
+    for (int j = 0; j < nc; ++j)
+      for (int64_t d = 0; d < p.D; ++d) dk[j * p.D + d] = dkacc[d * DotScores::BK + j];
   }
 };
 
@@ -351,7 +410,8 @@ template <class Scores, class Grad>
 std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, const float* v,
                             const float* dout, const float* out, const float* lse, const float* delta,
                             float* dq, float* dk, float* dv, int64_t* n_items_out, Isa isa,
-                            std::vector<double>* drel_part = nullptr, const Low16& dv16 = Low16()) {
+                            std::vector<double>* drel_part = nullptr, const Low16& dv16 = Low16(),
+                            const BwdMats& bm = BwdMats()) {
   constexpr int BQ = Scores::BQ, BK = Scores::BK, BR = Scores::BR;
   const int64_t nkt = (p.Lk + BK - 1) / BK;
   const int64_t bhk = p.B * p.Hk;
@@ -372,7 +432,9 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
   const bool softcap = p.mods.softcap > 0.f;
 
   parallel_items(n_items, [&](auto pull) {
-    Buf S(BQ * BK), dP(BQ * BK), dkacc(Grad::dk_size(p, BK)), dvacc(BK * std::max(Dv, 1));
+    Buf S(BQ * BK), dP(BQ * BK), dkacc(gr.dk_size(p, BK)), dvacc(BK * std::max(Dv, 1));
+    // bfloat16 brgemm operands of a block: P in VNNI pairs of rows, dO^T with its rows padded to even
+    std::vector<uint16_t> P16(bm.bf16 ? (BQ + 1) * BK : 0), A16(bm.bf16 ? (BQ + 2) * std::max(Dv, 1) : 0);
     Buf T(softcap ? BQ * BK : 1);
     int rng[2 * BQ];  // allowed columns [first, valid) of each row of a block
     for (int64_t it; (it = pull()) >= 0;) {
@@ -392,7 +454,7 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
         // keys at or beyond key_lengths are never read (padding may hold anything, even NaN);
         // their dk, dv rows stay zero
         const int ncv = (int)std::min<int64_t>(nc, p.klen[b] - j0);
-        std::memset(dkacc.data(), 0, sizeof(float) * Grad::dk_size(p, BK));
+        std::memset(dkacc.data(), 0, sizeof(float) * gr.dk_size(p, BK));
         std::memset(dvacc.data(), 0, sizeof(float) * BK * Dv);
         const float* vt = v + ((b * p.Hk + hk) * p.Lk + j0) * p.Dv;
         const int64_t istart = p.first_row(j0), iend = p.end_row(j0 + ncv);
@@ -415,12 +477,20 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
             sc.tile(isa, b, h, i0, nr, c0, nc, S.data(), BK);
             if (p.mods.any()) apply_mods(p, b, h, i0, nr, c0, nc, S.data(), BK, softcap ? T.data() : nullptr);
             const float* dor = dout + row0 * p.Dv;
-            if (dv16.on())
+            const int64_t bhk = b * p.Hk + hk;
+            if (bm.bf16)
+              brgemm_bf16(nr, nc, bm.Dv2, bm.dob + row0 * bm.Dv2, bm.Dv2, bm.vTv + bhk * bm.Dv2 * bm.LkP + 2 * c0,
+                          (int)bm.LkP, false, dP.data(), BK);
+            else if (bm.on)
+              brgemm_f32(nr, nc, Dv, dor, Dv, bm.vT + bhk * Dv * bm.LkP + c0, (int)bm.LkP, false, dP.data(), BK);
+            else if (dv16.on())
               gemm16(dv16.t, false, true, nr, nc, Dv, 1.f, dv16.pa() + row0 * p.Dv, Dv,
                      dv16.pb() + ((b * p.Hk + hk) * p.Lk + c0) * p.Dv, Dv, 0.f, dP.data(), BK);
             else
               gemm(false, true, nr, nc, Dv, 1.f, dor, Dv, vc, Dv, 0.f, dP.data(), BK);
             bool any = false;
+            // columns the block's products read: nc (dot), or up to a multiple of 16 (additive: add_bwd)
+            const int nz = (int)std::min<int64_t>(BK, round_up(nc, 16));
             for (int i = 0; i < nr; ++i) {
               float* srow = S.data() + i * BK;
               float* drow = dP.data() + i * BK;
@@ -429,8 +499,8 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
               const int first = (int)std::clamp<int64_t>(p.lo(b, i0 + i) - c0, 0, valid);
               rng[2 * i] = rng[2 * i + 1] = 0;
               if (L == kNegInf || valid == first) {
-                std::memset(srow, 0, sizeof(float) * BK);
-                std::memset(drow, 0, sizeof(float) * BK);
+                std::memset(srow, 0, sizeof(float) * nz);
+                std::memset(drow, 0, sizeof(float) * nz);
                 continue;
               }
               any = true;
@@ -439,28 +509,52 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
               // P only where allowed (a NaN lse must not reach the other columns)
               exp_sub_sum(isa, srow + first, valid - first, L);
               for (int j = 0; j < first; ++j) srow[j] = 0.f;
-              for (int j = valid; j < BK; ++j) srow[j] = 0.f;
+              for (int j = valid; j < nz; ++j) srow[j] = 0.f;
               const float dl = delta[row0 + i];
               for (int j = 0; j < first; ++j) drow[j] = 0.f;
-              for (int j = first; j < valid; ++j) {
-                if (srow[j] > 0.5f) {  // the row's dominant key: see dominant_ds
+              // dS = P (dP - delta); the row's dominant key (P > 1/2, see dominant_ds) another way
+              int dom = first;
+              if (isa.level == Level::avx512) {
+                const int f = avx512::ds_row(srow + first, drow + first, valid - first, dl);
+                dom = f < 0 ? valid : first + f;
+              } else {
+                for (int j = first; j < valid; ++j) drow[j] = srow[j] * (drow[j] - dl);
+              }
+              for (int j = dom; j < valid; ++j)
+                if (srow[j] > 0.5f)
                   drow[j] = srow[j] * dominant_ds(dor + (int64_t)i * Dv, out + (row0 + i) * p.Dv,
                                                   vc + (int64_t)j * Dv, Dv);
-                } else {
-                  drow[j] = srow[j] * (drow[j] - dl);
-                }
-              }
-              for (int j = valid; j < BK; ++j) drow[j] = 0.f;
+              for (int j = valid; j < nz; ++j) drow[j] = 0.f;
             }
             if (!any) continue;
             if (nrel > 0 || softcap) mods_backward(p, i0, nr, c0, nc, dP.data(), S.data(), BK, T.data(), drel);
-            gemm(true, false, nc, Dv, nr, 1.f, S.data(), BK, dor, Dv, 1.f, dvacc.data() + (int64_t)ca * Dv, Dv);
+            if (bm.bf16) {  // dV^T += dO^T P
+              const int nr2 = (nr + 1) / 2 * 2;
+              const int64_t bh = b * p.H + h;
+              for (int d = 0; d < Dv; ++d) {
+                std::memcpy(A16.data() + (int64_t)d * nr2, bm.doT16 + (bh * Dv + d) * p.Lq + i0, 2 * nr);
+                if (nr2 > nr) A16[(int64_t)d * nr2 + nr] = 0;
+              }
+              avx512::vnni_rows(S.data(), BK, nr, nc, 1.f, P16.data(), nc);
+              brgemm_bf16(Dv, nc, nr2, A16.data(), nr2, P16.data(), nc, true, dvacc.data() + ca, BK);
+            } else if (bm.on) {
+              brgemm_f32(Dv, nc, nr, bm.doT + (b * p.H + h) * Dv * p.Lq + i0, (int)p.Lq, S.data(), BK, true,
+                         dvacc.data() + ca, BK);
+            } else {
+              gemm(true, false, nc, Dv, nr, 1.f, S.data(), BK, dor, Dv, 1.f, dvacc.data() + (int64_t)ca * Dv, Dv);
+            }
             gr.consume(isa, b, h, i0, nr, c0, nc, dP.data(), rng, dqbase + row0 * p.D,
-                       dkacc.data() + Grad::dk_offset(p, ca), dwst);
+                       dkacc.data() + gr.dk_offset(p, ca), dwst);
           }
         }
         gr.write_dk(p, dkacc.data(), nc, dk + ((b * p.Hk + hk) * p.Lk + j0) * p.D);
-        std::memcpy(dv + ((b * p.Hk + hk) * p.Lk + j0) * p.Dv, dvacc.data(), sizeof(float) * nc * Dv);
+        float* dvt = dv + ((b * p.Hk + hk) * p.Lk + j0) * p.Dv;
+        if (bm.on) {  // dV^T (Dv x BK) to rows
+          for (int j = 0; j < nc; ++j)
+            for (int d = 0; d < Dv; ++d) dvt[(int64_t)j * Dv + d] = dvacc.data()[(int64_t)d * BK + j];
+        } else {
+          std::memcpy(dvt, dvacc.data(), sizeof(float) * nc * Dv);
+        }
       }
     }
     if (sc.uses_brgemm()) brgemm_done();
@@ -595,13 +689,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dot_bwd(
   Tensor qf = f32(q), kf = f32(k), vf = f32(v), dof = f32(dout), of = f32(out), lsef = lse.contiguous();
   // the scores as the forward formed them (the same products, bit for bit: P = exp(s - lse))
   const bool brg = use_brgemm(isa, q.scalar_type());
-  const Low16 qk16 = brg ? Low16() : low16(isa, q, k), dv16 = low16(isa, dout, v);
+  const Low16 qk16 = brg ? Low16() : low16(isa, q, k), dv16 = brg ? Low16() : low16(isa, dout, v);
   DotScores sc{qf.data_ptr<float>(), kf.data_ptr<float>(), (float)scale, &p, qk16.pa(), qk16.pb(), qk16.t};
   DotMats mats;
+  BwdMats bm;
   if (brg) {
     prepare_dot_brgemm(mats, sc, nullptr, p, q, k, v);
     sc.q = qf.data_ptr<float>();  // the gradient products read float32 rows
     sc.k = kf.data_ptr<float>();
+    prepare_bwd_brgemm(bm, p, q, k, v, dout, true);
   }
   std::vector<float> delta = row_delta(p, dof.data_ptr<float>(), of.data_ptr<float>());
   auto fo = q.options().dtype(at::kFloat);
@@ -609,12 +705,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dot_bwd(
   Tensor dv = at::empty({p.B, p.Hk, p.Lk, p.Dv}, fo);
   const std::vector<uint8_t> qbad = nonfinite_rows(qf.data_ptr<float>(), p.B * p.H * p.Lq, p.D),
                              kbad = nonfinite_rows(kf.data_ptr<float>(), p.B * p.Hk * p.Lk, p.D);
-  DotGrad gr{&sc, qbad.data(), kbad.data()};
+  DotGrad gr{&sc, qbad.data(), kbad.data(), brg ? &bm : nullptr};
   int64_t n_items = 0;
   std::vector<double> drelp;
   backward(p, sc, gr, vf.data_ptr<float>(), dof.data_ptr<float>(), of.data_ptr<float>(), lsef.data_ptr<float>(),
            delta.data(), dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(), &n_items, isa, &drelp,
-           dv16);
+           dv16, bm);
   const auto dt = q.scalar_type();
   return {dq.to(dt), dk.to(dt), dv.to(dt), reduce_rel(p, drelp, n_items, rel_bias)};
 }

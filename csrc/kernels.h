@@ -77,7 +77,12 @@ float exp_sub_sum(float* x, int n, float m);
 // Only at this level (the brgemm operands, gemm.h): y[j] = bfloat16(x[j]) rounded to nearest even (NaN
 // stays NaN) for j < n, and 0 for n <= j < n_pad; x[j] *= s for j < n.
 void to_bf16(const float* x, uint16_t* y, int n, int n_pad);
+// y[(i / 2) * 2 * ldy + 2 j + i % 2] = bfloat16(s * x[i * ldx + j]) for i < round_up(nr, 2), j < n (rows
+// past nr zero): rows i of x as the VNNI pairs of a brgemm B operand (gemm.h).
+void vnni_rows(const float* x, int ldx, int nr, int n, float s, uint16_t* y, int ldy);
 void scale(float* x, int n, float s);
+// dp[j] = p[j] * (dp[j] - delta) for j < n; returns the first j with p[j] > 1/2, or -1.
+int ds_row(const float* p, float* dp, int n, float delta);
 }  // namespace avx512
 
 }  // namespace fusedattn_cpu

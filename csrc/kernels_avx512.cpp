@@ -193,20 +193,54 @@ AVX512_FN void exp2x(const float* x, float* y, int n) {
   }
 }
 
+namespace {
+inline __mmask16 first(int m) { return m >= 16 ? (__mmask16)0xFFFF : m <= 0 ? 0 : (__mmask16)((1u << m) - 1); }
+
+// bfloat16 bits of each lane (round to nearest even; NaN -> quiet NaN) in the low half of its dword.
+AVX512_FN inline __m512i bf16_bits(__m512 v) {
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                           _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1)))),
+      16);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+}
+}  // namespace
+
 AVX512_FN void to_bf16(const float* x, uint16_t* y, int n, int n_pad) {
-  const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1), qnan = _mm512_set1_epi32(0x7FC0);
   for (int j = 0; j < n_pad; j += 16) {
-    const int m = n - j < 0 ? 0 : n - j;
-    const __mmask16 live = m >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << m) - 1);
-    const __mmask16 out = n_pad - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n_pad - j)) - 1);
-    const __m512 v = _mm512_maskz_loadu_ps(live, x + j);  // 0 past n
-    const __m512i b = _mm512_castps_si512(v);
-    // round to nearest even: add 0x7FFF + the lowest kept bit, keep the high half
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(bias, _mm512_and_si512(
-                                      _mm512_srli_epi32(b, 16), one))), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), qnan);
-    _mm256_mask_storeu_epi16(y + j, out, _mm512_cvtepi32_epi16(r));
+    const __m512 v = _mm512_maskz_loadu_ps(first(n - j), x + j);  // 0 past n
+    _mm256_mask_storeu_epi16(y + j, first(n_pad - j), _mm512_cvtepi32_epi16(bf16_bits(v)));
   }
+}
+
+AVX512_FN void vnni_rows(const float* x, int ldx, int nr, int n, float s, uint16_t* y, int ldy) {
+  const __m512 sv = _mm512_set1_ps(s);
+  for (int i = 0; i < nr; i += 2) {
+    const float* x0 = x + (int64_t)i * ldx;
+    const float* x1 = i + 1 < nr ? x0 + ldx : nullptr;  // the pad row of an odd nr is zero
+    uint16_t* yr = y + (int64_t)(i / 2) * 2 * ldy;
+    for (int j = 0; j < n; j += 16) {
+      const __mmask16 live = first(n - j);
+      const __m512i a = bf16_bits(_mm512_mul_ps(sv, _mm512_maskz_loadu_ps(live, x0 + j)));
+      const __m512i b = x1 != nullptr ? bf16_bits(_mm512_mul_ps(sv, _mm512_maskz_loadu_ps(live, x1 + j)))
+                                      : _mm512_setzero_si512();
+      _mm512_mask_storeu_epi32(yr + 2 * j, live, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
+    }
+  }
+}
+
+AVX512_FN int ds_row(const float* p, float* dp, int n, float delta) {
+  const __m512 dv = _mm512_set1_ps(delta), half = _mm512_set1_ps(0.5f);
+  int dom = -1;
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 live = first(n - j);
+    const __m512 pv = _mm512_maskz_loadu_ps(live, p + j);
+    _mm512_mask_storeu_ps(dp + j, live, _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_maskz_loadu_ps(live, dp + j), dv)));
+    const unsigned big = _mm512_cmp_ps_mask(pv, half, _CMP_GT_OQ);
+    if (big != 0 && dom < 0) dom = j + __builtin_ctz(big);
+  }
+  return dom;
 }
 
 AVX512_FN void scale(float* x, int n, float s) {

@@ -65,6 +65,47 @@ void prepare_dot_brgemm(DotMats& m, DotScores& sc, VMats* vm, const Problem& p, 
   }
 }
 
+namespace {
+// rows at or past key_lengths of x (B, Hk, L, n), L >= Lk, set to 0
+Tensor zero_padding_keys(const Tensor& x, const Problem& p) {
+  Tensor klen = at::tensor(std::vector<int64_t>(p.klen.begin(), p.klen.end()), at::kLong).view({p.B, 1, 1, 1});
+  Tensor keep = at::arange(x.size(2), at::kLong).view({1, 1, x.size(2), 1}) < klen;
+  return x.masked_fill(keep.logical_not(), 0);
+}
+// (B, X, L, n) -> (B, X, n, L) contiguous
+Tensor tr(const Tensor& x) { return x.transpose(2, 3).contiguous(); }
+}  // namespace
+
+void prepare_bwd_brgemm(BwdMats& m, const Problem& p, const Tensor& q, const Tensor& k, const Tensor& v,
+                        const Tensor& dout, bool dot) {
+  m.on = true;
+  m.LkP = round_up(std::max<int64_t>(p.Lk, 1), 16);
+  const int64_t padk = m.LkP - p.Lk;
+  auto keep = [&](Tensor t) { m.keep.push_back(t); return t; };
+  if (q.scalar_type() == at::kBFloat16 && brgemm_works(at::kBFloat16)) {
+    m.bf16 = true;
+    m.Dv2 = (int)round_up(p.Dv, 2);
+    const int64_t padv = m.Dv2 - p.Dv;
+    m.dob = u16(keep(at::constant_pad_nd(dout, {0, padv}).contiguous()));
+    m.vTv = u16(keep(at::constant_pad_nd(v, {0, padv, 0, padk})
+                         .view({p.B, p.Hk, m.LkP, m.Dv2 / 2, 2})
+                         .permute({0, 1, 3, 2, 4})
+                         .contiguous()));
+    m.doT16 = u16(keep(tr(dout)));
+    if (dot) {
+      m.kv = u16(keep(zero_padding_keys(at::constant_pad_nd(k, {0, 0, 0, padk}), p)
+                          .view({p.B, p.Hk, m.LkP / 2, 2, p.D})
+                          .permute({0, 1, 2, 4, 3})
+                          .contiguous()));
+      m.qT16 = u16(keep(tr(q)));
+    }
+    return;
+  }
+  m.vT = keep(at::constant_pad_nd(tr(f32(v)), {0, padk}).contiguous()).data_ptr<float>();
+  m.doT = keep(tr(f32(dout))).data_ptr<float>();
+  if (dot) m.qT = keep(tr(f32(q))).data_ptr<float>();
+}
+
 std::vector<uint8_t> nonfinite_rows(const float* x, int64_t rows, int64_t n) {
   std::vector<uint8_t> bad(std::max<int64_t>(rows, 1), 0);
   at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {

@@ -120,6 +120,24 @@ bool use_brgemm(Isa isa, at::ScalarType t);
 void prepare_dot_brgemm(DotMats& m, DotScores& sc, VMats* vm, const Problem& p, const Tensor& q,
                         const Tensor& k, const Tensor& v);
 
+// The backward's products through brgemm (prep.cpp: prepare_bwd_brgemm). dV and dK accumulate
+// transposed (dV^T += dO^T P, dK^T += q^T dS, no per-tile transposes of P or dS):
+//   float32:  V^T (B, Hk, Dv, LkP) for dP = dO V^T; q^T and dO^T (B, H, D | Dv, Lq) as the A operands.
+//   bfloat16: dO with rows of Dv2 = round_up(Dv, 2) and V^T in VNNI pairs (B, Hk, Dv2 / 2, LkP, 2) for dP;
+//             K in VNNI pairs (B, Hk, LkP / 2, D, 2) for dQ (keys past key_lengths zero); q^T and dO^T
+//             (B, H, D | Dv, Lq); P and dS rounded to bfloat16 per block, as FlashAttention does on GPUs.
+struct BwdMats {
+  bool on = false, bf16 = false;
+  int64_t LkP = 0;
+  int Dv2 = 0;
+  const float *vT = nullptr, *qT = nullptr, *doT = nullptr;
+  const uint16_t *dob = nullptr, *vTv = nullptr, *kv = nullptr, *qT16 = nullptr, *doT16 = nullptr;
+  std::vector<Tensor> keep;
+};
+// Fills m for a dot-product (score "dot") or additive call (only dP and dV then) at the brgemm path.
+void prepare_bwd_brgemm(BwdMats& m, const Problem& p, const Tensor& q, const Tensor& k, const Tensor& v,
+                        const Tensor& dout, bool dot);
+
 // 16-bit copies (contiguous, input dtype) for gemm16, or undefined tensors when the call uses sgemm.
 struct Low16 {
   Tensor a, b;
