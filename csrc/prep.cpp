@@ -23,7 +23,67 @@ bool use_brgemm(Isa isa, at::ScalarType t) {
 }
 
 namespace {
+
 const uint16_t* u16(const Tensor& t) { return static_cast<const uint16_t*>(t.data_ptr()); }
+
+// Layouts of the brgemm operands, each written by one copy (the padding zeroed apart). x is (B, X, L, n).
+// x^T: (B, X, n, LP), columns past L zero.
+Tensor transposed(const Tensor& x, int64_t LP) {
+  const int64_t L = x.size(2);
+  Tensor y = at::empty({x.size(0), x.size(1), x.size(3), LP}, x.options());
+  if (LP > L) y.narrow(3, L, LP - L).zero_();
+  y.narrow(3, 0, L).copy_(x.transpose(2, 3));
+  return y;
+}
+
+// Rows as VNNI pairs: (B, X, LP / 2, n, 2), y[.., j / 2, c, j % 2] = x[.., j, c]; rows past L, and past
+// the batch's key length when lens is given, zero.
+Tensor vnni_rows_of(const Tensor& x, int64_t LP, const std::vector<int64_t>* lens) {
+  const int64_t B = x.size(0), L = x.size(2), n = x.size(3);
+  Tensor y = at::empty({B, x.size(1), LP / 2, n, 2}, x.options());
+  Tensor yp = y.permute({0, 1, 2, 4, 3});  // (B, X, LP / 2, 2, n)
+  for (int64_t par = 0; par < 2; ++par) {
+    Tensor dst = yp.select(3, par);  // rows 2 t + par
+    const int64_t have = (L - par + 1) / 2;
+    if (have > 0) dst.narrow(2, 0, have).copy_(x.slice(2, par, L, 2));
+    if (LP / 2 > have) dst.narrow(2, have, LP / 2 - have).zero_();
+    if (lens == nullptr) continue;
+    for (int64_t b = 0; b < B; ++b) {  // keys at or past key_lengths
+      const int64_t keep = ((*lens)[b] - par + 1) / 2;
+      if (keep < have) dst.select(0, b).narrow(1, keep, have - keep).zero_();
+    }
+  }
+  return y;
+}
+
+// Columns as VNNI pairs of the transpose: (B, X, n2 / 2, LP, 2) with n2 = round_up(n, 2),
+// y[.., c / 2, j, c % 2] = x[.., j, c]; the padding zero.
+Tensor vnni_cols_of(const Tensor& xs, int64_t LP) {
+  const Tensor x = xs.contiguous();
+  const int64_t B = x.size(0), X = x.size(1), L = x.size(2), n = x.size(3), n2 = round_up(n, 2);
+  Tensor y = at::empty({B, X, n2 / 2, LP, 2}, x.options());
+  if (n2 > n || LP > L) y.zero_();
+  Tensor yp = y.permute({0, 1, 3, 2, 4});  // (B, X, LP, n2 / 2, 2)
+  if (n2 == n) {
+    yp.narrow(2, 0, L).copy_(x.view({B, X, L, n / 2, 2}));
+  } else {
+    yp.narrow(2, 0, L).narrow(3, 0, n / 2).copy_(x.narrow(3, 0, n - 1).reshape({B, X, L, n / 2, 2}));
+    yp.narrow(2, 0, L).select(3, n / 2).select(3, 0).copy_(x.select(3, n - 1));
+  }
+  return y;
+}
+
+// rows padded with zero columns to n2 (a copy only when n2 > n)
+Tensor pad_cols(const Tensor& x, int64_t n2) {
+  return n2 == x.size(3) ? x.contiguous() : at::constant_pad_nd(x, {0, n2 - x.size(3)});
+}
+
+bool any_padding_key(const Problem& p) {
+  for (int64_t l : p.klen)
+    if (l < p.Lk) return true;
+  return false;
+}
+
 }  // namespace
 
 void prepare_dot_brgemm(DotMats& m, DotScores& sc, VMats* vm, const Problem& p, const Tensor& q,
@@ -33,20 +93,14 @@ void prepare_dot_brgemm(DotMats& m, DotScores& sc, VMats* vm, const Problem& p, 
   if (q.scalar_type() == at::kBFloat16 && brgemm_works(at::kBFloat16)) {
     const int64_t D2 = round_up(p.D, 2);  // VNNI pairs along D: one zero column for an odd D
     sc.D2 = (int)D2;
-    m.qb = at::constant_pad_nd(q, {0, D2 - p.D}).contiguous();
-    m.kTv = at::constant_pad_nd(k, {0, D2 - p.D, 0, LkP - p.Lk})
-                .view({p.B, p.Hk, LkP, D2 / 2, 2})
-                .permute({0, 1, 3, 2, 4})
-                .contiguous();
+    m.qb = pad_cols(q, D2);
+    m.kTv = vnni_cols_of(k, LkP);
     sc.qb = u16(m.qb);
     sc.kTv = u16(m.kTv);
     if (vm != nullptr) {
       // keys at or past key_lengths become 0: a tile with an odd number of keys reads one more row of
       // its VNNI pair (times a zero weight), and padding may hold anything
-      Tensor klen = at::tensor(std::vector<int64_t>(p.klen.begin(), p.klen.end()), at::kLong).view({p.B, 1, 1, 1});
-      Tensor keep = at::arange(LkP, at::kLong).view({1, 1, LkP, 1}) < klen;
-      Tensor vp = at::constant_pad_nd(v, {0, 0, 0, LkP - p.Lk}).masked_fill(keep.logical_not(), 0);
-      m.vv = vp.view({p.B, p.Hk, LkP / 2, 2, p.Dv}).permute({0, 1, 2, 4, 3}).contiguous();
+      m.vv = vnni_rows_of(v, LkP, any_padding_key(p) ? &p.klen : nullptr);
       vm->vv = u16(m.vv);
       vm->LkP = LkP;
     }
@@ -54,7 +108,7 @@ void prepare_dot_brgemm(DotMats& m, DotScores& sc, VMats* vm, const Problem& p, 
   }
   m.qf = f32(q);
   m.kf = f32(k);
-  m.kT = at::constant_pad_nd(m.kf.transpose(2, 3), {0, LkP - p.Lk}).contiguous();  // (B, Hk, D, LkP)
+  m.kT = transposed(m.kf, LkP);  // (B, Hk, D, LkP)
   sc.q = m.qf.data_ptr<float>();
   sc.k = m.kf.data_ptr<float>();
   sc.kT = m.kT.data_ptr<float>();
@@ -65,45 +119,26 @@ void prepare_dot_brgemm(DotMats& m, DotScores& sc, VMats* vm, const Problem& p, 
   }
 }
 
-namespace {
-// rows at or past key_lengths of x (B, Hk, L, n), L >= Lk, set to 0
-Tensor zero_padding_keys(const Tensor& x, const Problem& p) {
-  Tensor klen = at::tensor(std::vector<int64_t>(p.klen.begin(), p.klen.end()), at::kLong).view({p.B, 1, 1, 1});
-  Tensor keep = at::arange(x.size(2), at::kLong).view({1, 1, x.size(2), 1}) < klen;
-  return x.masked_fill(keep.logical_not(), 0);
-}
-// (B, X, L, n) -> (B, X, n, L) contiguous
-Tensor tr(const Tensor& x) { return x.transpose(2, 3).contiguous(); }
-}  // namespace
-
 void prepare_bwd_brgemm(BwdMats& m, const Problem& p, const Tensor& q, const Tensor& k, const Tensor& v,
                         const Tensor& dout, bool dot) {
   m.on = true;
   m.LkP = round_up(std::max<int64_t>(p.Lk, 1), 16);
-  const int64_t padk = m.LkP - p.Lk;
   auto keep = [&](Tensor t) { m.keep.push_back(t); return t; };
   if (q.scalar_type() == at::kBFloat16 && brgemm_works(at::kBFloat16)) {
     m.bf16 = true;
     m.Dv2 = (int)round_up(p.Dv, 2);
-    const int64_t padv = m.Dv2 - p.Dv;
-    m.dob = u16(keep(at::constant_pad_nd(dout, {0, padv}).contiguous()));
-    m.vTv = u16(keep(at::constant_pad_nd(v, {0, padv, 0, padk})
-                         .view({p.B, p.Hk, m.LkP, m.Dv2 / 2, 2})
-                         .permute({0, 1, 3, 2, 4})
-                         .contiguous()));
-    m.doT16 = u16(keep(tr(dout)));
+    m.dob = u16(keep(pad_cols(dout.contiguous(), m.Dv2)));
+    m.vTv = u16(keep(vnni_cols_of(v, m.LkP)));
+    m.doT16 = u16(keep(transposed(dout, p.Lq)));
     if (dot) {
-      m.kv = u16(keep(zero_padding_keys(at::constant_pad_nd(k, {0, 0, 0, padk}), p)
-                          .view({p.B, p.Hk, m.LkP / 2, 2, p.D})
-                          .permute({0, 1, 2, 4, 3})
-                          .contiguous()));
-      m.qT16 = u16(keep(tr(q)));
+      m.kv = u16(keep(vnni_rows_of(k, m.LkP, any_padding_key(p) ? &p.klen : nullptr)));
+      m.qT16 = u16(keep(transposed(q, p.Lq)));
     }
     return;
   }
-  m.vT = keep(at::constant_pad_nd(tr(f32(v)), {0, padk}).contiguous()).data_ptr<float>();
-  m.doT = keep(tr(f32(dout))).data_ptr<float>();
-  if (dot) m.qT = keep(tr(f32(q))).data_ptr<float>();
+  m.vT = keep(transposed(f32(v), m.LkP)).data_ptr<float>();
+  m.doT = keep(transposed(f32(dout), p.Lq)).data_ptr<float>();
+  if (dot) m.qT = keep(transposed(f32(q), p.Lq)).data_ptr<float>();
 }
 
 std::vector<uint8_t> nonfinite_rows(const float* x, int64_t rows, int64_t n) {
