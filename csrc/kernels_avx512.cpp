@@ -230,6 +230,39 @@ AVX512_FN void vnni_rows(const float* x, int ldx, int nr, int n, float s, uint16
   }
 }
 
+AVX512_FN void transpose32(const void* src, int64_t lds, int rows, int cols, void* dst, int64_t ldd) {
+  const float* x = static_cast<const float*>(src);  // 32-bit elements moved as float bits
+  float* y = static_cast<float*>(dst);
+  for (int r0 = 0; r0 < rows; r0 += 16) {
+    for (int c0 = 0; c0 < cols; c0 += 16) {
+      const __mmask16 cm = first(cols - c0);
+      __m512 r[16], u[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = r0 + i < rows ? _mm512_maskz_loadu_ps(cm, x + (int64_t)(r0 + i) * lds + c0) : _mm512_setzero_ps();
+      for (int g = 0; g < 4; ++g) {  // u[4g + m], lane L: column 4L + m of rows 4g..4g+3
+        const __m512 lo01 = _mm512_unpacklo_ps(r[4 * g], r[4 * g + 1]), hi01 = _mm512_unpackhi_ps(r[4 * g], r[4 * g + 1]);
+        const __m512 lo23 = _mm512_unpacklo_ps(r[4 * g + 2], r[4 * g + 3]),
+                     hi23 = _mm512_unpackhi_ps(r[4 * g + 2], r[4 * g + 3]);
+        u[4 * g] = _mm512_shuffle_ps(lo01, lo23, 0x44);
+        u[4 * g + 1] = _mm512_shuffle_ps(lo01, lo23, 0xEE);
+        u[4 * g + 2] = _mm512_shuffle_ps(hi01, hi23, 0x44);
+        u[4 * g + 3] = _mm512_shuffle_ps(hi01, hi23, 0xEE);
+      }
+      for (int m = 0; m < 4; ++m) {  // output rows m, m + 4, m + 8, m + 12 (lanes 0..3)
+        const __m512 x0 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x88), x1 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xDD);
+        const __m512 y0 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x88),
+                     y1 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xDD);
+        const __m512 o[4] = {_mm512_shuffle_f32x4(x0, y0, 0x88), _mm512_shuffle_f32x4(x1, y1, 0x88),
+                             _mm512_shuffle_f32x4(x0, y0, 0xDD), _mm512_shuffle_f32x4(x1, y1, 0xDD)};
+        for (int L = 0; L < 4; ++L) {
+          const int c = c0 + 4 * L + m;
+          if (c < cols) _mm512_storeu_ps(y + (int64_t)c * ldd + r0, o[L]);
+        }
+      }
+    }
+  }
+}
+
 AVX512_FN int ds_row(const float* p, float* dp, int n, float delta) {
   const __m512 dv = _mm512_set1_ps(delta), half = _mm512_set1_ps(0.5f);
   int dom = -1;

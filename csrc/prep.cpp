@@ -87,16 +87,22 @@ bool any_padding_key(const Problem& p) {
 }  // namespace
 
 void prepare_dot_brgemm(DotMats& m, DotScores& sc, VMats* vm, const Problem& p, const Tensor& q,
-                        const Tensor& k, const Tensor& v) {
+                        const Tensor& k, const Tensor& v, bool panels) {
   const int64_t LkP = round_up(std::max<int64_t>(p.Lk, 1), 16);
   sc.LkP = LkP;
   if (q.scalar_type() == at::kBFloat16 && brgemm_works(at::kBFloat16)) {
     const int64_t D2 = round_up(p.D, 2);  // VNNI pairs along D: one zero column for an odd D
     sc.D2 = (int)D2;
     m.qb = pad_cols(q, D2);
-    m.kTv = vnni_cols_of(k, LkP);
     sc.qb = u16(m.qb);
-    sc.kTv = u16(m.kTv);
+    if (panels && D2 == p.D) {
+      m.kb = k.contiguous();
+      sc.kb = u16(m.kb);
+      sc.panels = true;
+    } else {
+      m.kTv = vnni_cols_of(k, LkP);
+      sc.kTv = u16(m.kTv);
+    }
     if (vm != nullptr) {
       // keys at or past key_lengths become 0: a tile with an odd number of keys reads one more row of
       // its VNNI pair (times a zero weight), and padding may hold anything
@@ -108,10 +114,14 @@ void prepare_dot_brgemm(DotMats& m, DotScores& sc, VMats* vm, const Problem& p, 
   }
   m.qf = f32(q);
   m.kf = f32(k);
-  m.kT = transposed(m.kf, LkP);  // (B, Hk, D, LkP)
   sc.q = m.qf.data_ptr<float>();
   sc.k = m.kf.data_ptr<float>();
-  sc.kT = m.kT.data_ptr<float>();
+  if (panels) {
+    sc.panels = true;
+  } else {
+    m.kT = transposed(m.kf, LkP);  // (B, Hk, D, LkP)
+    sc.kT = m.kT.data_ptr<float>();
+  }
   if (vm != nullptr) {
     m.vf = f32(v);
     vm->v = m.vf.data_ptr<float>();

@@ -73,7 +73,34 @@ struct DotScores {
   const uint16_t* kTv = nullptr;
   int64_t LkP = 0;
   int D2 = 0;
-  bool uses_brgemm() const { return kT != nullptr || kTv != nullptr; }
+  // Banded forward calls (a left window edge: each query tile reads a short key range) build no K^T:
+  // each work item transposes only its keys into a thread-local panel (item_view), from the rows of K
+  // (float32 k, or kb: bfloat16 rows of even D). pan: the panel (D or D / 2 rows of pan_ld 32-bit
+  // elements) for keys from pan_j0 of one kv head.
+  bool panels = false;
+  const uint16_t* kb = nullptr;
+  const float* pan = nullptr;
+  int64_t pan_j0 = 0;
+  int pan_ld = 0;
+  bool uses_brgemm() const { return kT != nullptr || kTv != nullptr || panels; }
+  // This provider for one work item reading keys [klo, khi) of head h (a copy with its panel filled), or
+  // itself when the call has no panels.
+  DotScores item_view(int64_t b, int64_t h, int64_t klo, int64_t khi, std::vector<float>& buf) const {
+    if (!panels) return *this;
+    DotScores r = *this;
+    const int n = (int)std::max<int64_t>(khi - klo, 0), ld = (int)round_up(std::max(n, 1), 16);
+    const int64_t row = (b * p->Hk + h / p->G) * p->Lk + klo;
+    const int cols = kb != nullptr ? (int)p->D / 2 : (int)p->D;  // bfloat16 pairs move as 32-bit words
+    buf.resize((size_t)cols * ld);
+    if (kb != nullptr)
+      avx512::transpose32(kb + row * p->D, cols, n, cols, buf.data(), ld);
+    else
+      avx512::transpose32(k + row * p->D, cols, n, cols, buf.data(), ld);
+    r.pan = buf.data();
+    r.pan_j0 = klo;
+    r.pan_ld = ld;
+    return r;
+  }
   // query and key tile; BR: the rows of a sub-tile when a tile straddles a window edge (see the drivers)
   static constexpr int BQ = 128, BK = 256, BR = 32;
   int64_t qoff(int64_t b, int64_t h, int64_t i) const { return ((b * p->H + h) * p->Lq + i) * p->D; }
@@ -82,9 +109,14 @@ struct DotScores {
   const float* krow(int64_t b, int64_t hk, int64_t j) const { return k + koff(b, hk, j); }
   void tile(Isa, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* S, int ldS) const {
     const int D = (int)p->D;
-    if (kT != nullptr || kTv != nullptr) {  // the raw products, then the scale (as sgemm's alpha does)
+    if (uses_brgemm()) {  // the raw products, then the scale (as sgemm's alpha does)
       const int64_t bhk = b * p->Hk + h / p->G;
-      if (kT != nullptr)
+      if (pan != nullptr && kb != nullptr)
+        brgemm_bf16(nr, nc, D2, qb + ((b * p->H + h) * p->Lq + i0) * D2, D2,
+                    reinterpret_cast<const uint16_t*>(pan) + 2 * (j0 - pan_j0), pan_ld, false, S, ldS);
+      else if (pan != nullptr)
+        brgemm_f32(nr, nc, D, qrow(b, h, i0), D, pan + (j0 - pan_j0), pan_ld, false, S, ldS);
+      else if (kT != nullptr)
         brgemm_f32(nr, nc, D, qrow(b, h, i0), D, kT + bhk * D * LkP + j0, (int)LkP, false, S, ldS);
       else
         brgemm_bf16(nr, nc, D2, qb + ((b * p->H + h) * p->Lq + i0) * D2, D2, kTv + bhk * D2 * LkP + 2 * j0,
@@ -112,13 +144,14 @@ struct VMats {
 
 // brgemm operands of a dot-product call (prep.cpp), or none when the call uses sgemm / gemm16.
 struct DotMats {
-  Tensor qf, kf, vf, kT, qb, kTv, vv;
+  Tensor qf, kf, vf, kT, qb, kTv, vv, kb;
 };
 // Whether a call in dtype t at this level takes the brgemm path (gemm.h: brgemm_works).
 bool use_brgemm(Isa isa, at::ScalarType t);
 // Fills m and points sc (and vm, when not null: the forward) at its tensors; q, k, v as given to the op.
+// panels: per-item K^T panels instead of a K^T copy (banded forward calls; DotScores::item_view).
 void prepare_dot_brgemm(DotMats& m, DotScores& sc, VMats* vm, const Problem& p, const Tensor& q,
-                        const Tensor& k, const Tensor& v);
+                        const Tensor& k, const Tensor& v, bool panels);
 
 // The backward's products through brgemm (prep.cpp: prepare_bwd_brgemm). dV and dK accumulate
 // transposed (dV^T += dO^T P, dK^T += q^T dS, no per-tile transposes of P or dS):
@@ -165,6 +198,7 @@ struct AddScores {
   const Problem* p;
   static constexpr int BQ = 32, BK = 128, BR = 16;  // BK 128 vs 64: backward ~6% faster (Zen 4)
   bool uses_brgemm() const { return false; }
+  const AddScores& item_view(int64_t, int64_t, int64_t, int64_t, std::vector<float>&) const { return *this; }
 
   const float* eq(int64_t b, int64_t h, int64_t i) const { return Eq + ((b * p->H + h) * p->Lq + i) * p->D; }
   const float* ekt(int64_t b, int64_t hk, int64_t j) const { return EkT + (b * p->Hk + hk) * p->D * LkP + j; }
