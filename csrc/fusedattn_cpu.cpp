@@ -43,6 +43,7 @@
 #include <string>
 #include <vector>
 
+#include "grads.h"
 #include "tiles.h"
 
 namespace fusedattn_cpu {
@@ -62,9 +63,24 @@ inline int64_t work_rows(const int64_t* los, const int64_t* lims, int nr, int R,
   return w;
 }
 
+// O[rn x Dv] += P[rn x nc] V[j0, j0 + nc) of kv head bhk = b * Hk + hk (VMats: sgemm, brgemm or bf16).
+inline void pv_product(const Problem& p, const VMats& vm, int64_t bhk, int rn, int64_t j0, int nc, const float* P,
+                       int ldP, uint16_t* P16, float* O) {
+  const int Dv = (int)p.Dv;
+  if (vm.vv != nullptr) {
+    const int nc2 = (nc + 1) / 2 * 2;  // j0 is even: whole VNNI pairs
+    for (int i = 0; i < rn; ++i) avx512::to_bf16(P + (int64_t)i * ldP, P16 + (int64_t)i * nc2, nc, nc2);
+    brgemm_bf16(rn, Dv, nc2, P16, nc2, vm.vv + (bhk * vm.LkP + j0) * Dv, Dv, true, O, Dv);
+  } else if (vm.brg) {
+    brgemm_f32(rn, Dv, nc, P, ldP, vm.v + (bhk * p.Lk + j0) * Dv, Dv, true, O, Dv);
+  } else {
+    gemm(false, false, rn, Dv, nc, 1.f, P, ldP, vm.v + (bhk * p.Lk + j0) * Dv, Dv, 1.f, O, Dv);
+  }
+}
+
 // out_f (B, H, Lq, Dv) float32 and lse (B, H, Lq) float32, both preallocated and contiguous.
 template <class Scores>
-void forward(const Problem& p, const Scores& sc, const float* v, float* out, float* lse, Isa isa) {
+void forward(const Problem& p, const Scores& sc, const VMats& vm, float* out, float* lse, Isa isa) {
   constexpr int BQ = Scores::BQ, BK = Scores::BK, BR = Scores::BR;
   const int64_t nqt = (p.Lq + BQ - 1) / BQ, nkt = (p.Lk + BK - 1) / BK;
   const int64_t base_items = p.B * p.H * nqt;
@@ -84,6 +100,8 @@ void forward(const Problem& p, const Scores& sc, const float* v, float* out, flo
 
   parallel_items(base_items * nsplit, [&](auto pull) {
     Buf S(BQ * BK), O(BQ * std::max<int64_t>(p.Dv, 1));
+    std::vector<uint16_t> P16(vm.vv != nullptr ? BQ * BK + BQ : 0);
+    std::vector<float> panel;  // the item's K^T (DotScores::item_view)
     float m[BQ], l[BQ];
     int64_t lims[BQ], los[BQ];
     for (int64_t it; (it = pull()) >= 0;) {
@@ -100,6 +118,7 @@ void forward(const Problem& p, const Scores& sc, const float* v, float* out, flo
         l[i] = 0.f;
       }
       std::memset(O.data(), 0, sizeof(float) * nr * Dv);
+      const auto& isc = sc.item_view(b, h, std::max(kb, los[0]) / 16 * 16, std::min(ke, lims[nr - 1]), panel);
       // A tile that straddles a window edge (or the start of a causal mask) runs in sub-tiles of BR
       // rows, each over its own key range (see work_rows), with key blocks as wide as the scratch allows.
       const bool sub =
@@ -111,7 +130,7 @@ void forward(const Problem& p, const Scores& sc, const float* v, float* out, flo
         // key blocks start on a multiple of 16 (the additive tables are read in 16s)
         for (int64_t j0 = std::max(kb, los[r0]) / 16 * 16; j0 < kend; j0 += W) {
           const int nc = (int)std::min<int64_t>(W, kend - j0);
-          sc.tile(isa, b, h, i0 + r0, rn, j0, nc, S.data(), W);
+          isc.tile(isa, b, h, i0 + r0, rn, j0, nc, S.data(), W);
           if (p.mods.any()) apply_mods(p, b, h, i0 + r0, rn, j0, nc, S.data(), W, nullptr);
           for (int i = r0; i < r0 + rn; ++i) {
             float* srow = S.data() + (int64_t)(i - r0) * W;
@@ -134,8 +153,7 @@ void forward(const Problem& p, const Scores& sc, const float* v, float* out, flo
               for (int d = 0; d < Dv; ++d) o[d] *= alpha;
             }
           }
-          gemm(false, false, rn, Dv, nc, 1.f, S.data(), W, v + ((b * p.Hk + hk) * p.Lk + j0) * p.Dv, Dv, 1.f,
-               O.data() + (int64_t)r0 * Dv, Dv);
+          pv_product(p, vm, b * p.Hk + hk, rn, j0, nc, S.data(), W, P16.data(), O.data() + (int64_t)r0 * Dv);
         }
       }
       const int64_t row0 = (b * p.H + h) * p.Lq + i0;
@@ -159,6 +177,7 @@ void forward(const Problem& p, const Scores& sc, const float* v, float* out, flo
         }
       }
     }
+    if (vm.brg || vm.vv != nullptr) brgemm_done();
   });
 
   if (nsplit > 1) {  // merge the key splits by log-sum-exp, in split order
@@ -215,106 +234,6 @@ inline int64_t bwd_work(const Problem& p, int64_t b, int64_t j0, int ncv, int64_
   return w;
 }
 
-// Gradient consumers: given dS for a (query tile x key tile), accumulate into
-// dq rows (dqr, leading dim D), the key-tile accumulator dkacc, and per-item state.
-struct DotGrad {
-  const DotScores* sc;
-  // rows of q (B, H, Lq) and k (B, Hk, Lk) holding a non-finite value (nonfinite_rows)
-  const uint8_t* qbad;
-  const uint8_t* kbad;
-  static int dk_size(const Problem& p, int BK) { return BK * (int)p.D; }
-  static int64_t dk_offset(const Problem& p, int ca) { return (int64_t)ca * p.D; }
-  static int dw_size(const Problem&) { return 0; }
-  // rng: the allowed columns [first, valid) of each row (empty for rows with dS = 0). dS is 0 outside
-  // them, but 0 * NaN is NaN: when the block's keys (queries) hold a non-finite value, dq (dk) takes
-  // each row (column) over its allowed range only, so rows that never see a NaN key stay finite.
-  void consume(Isa, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, const float* dS,
-               const int* rng, float* dqr, float* dkacc, float*) const {
-    const Problem& p = *sc->p;
-    const int D = (int)p.D, BK = DotScores::BK;
-    const int64_t hk = h / p.G;
-    if (!any_set(qbad + (b * p.H + h) * p.Lq + i0, nr)) {
-      gemm(true, false, nc, D, nr, sc->scale, dS, BK, sc->qrow(b, h, i0), D, 1.f, dkacc, D);
-    } else {
-      for (int j = 0; j < nc; ++j) {  // rows seeing column j: an interval (lo, lim non-decreasing)
-        int ia = 0;
-        while (ia < nr && !(rng[2 * ia] <= j && j < rng[2 * ia + 1])) ++ia;
-        int ie = ia;
-        while (ie < nr && rng[2 * ie] <= j && j < rng[2 * ie + 1]) ++ie;
-        if (ie > ia)
-          gemm(true, false, 1, D, ie - ia, sc->scale, dS + (int64_t)ia * BK + j, BK, sc->qrow(b, h, i0 + ia), D,
-               1.f, dkacc + (int64_t)j * D, D);
-      }
-    }
-    if (!any_set(kbad + (b * p.Hk + hk) * p.Lk + j0, nc)) {
-      gemm(false, false, nr, D, nc, sc->scale, dS, BK, sc->krow(b, hk, j0), D, 1.f, dqr, D);
-    } else {
-      for (int i = 0; i < nr; ++i) {
-        const int f = rng[2 * i], n = rng[2 * i + 1] - f;
-        if (n > 0)
-          gemm(false, false, 1, D, n, sc->scale, dS + (int64_t)i * BK + f, BK, sc->krow(b, hk, j0 + f), D, 1.f,
-               dqr + (int64_t)i * D, D);
-      }
-    }
-  }
-  static bool any_set(const uint8_t* f, int n) {
-    int a = 0;
-    for (int i = 0; i < n; ++i) a |= f[i];
-    return a != 0;
-  }
-  // dk rows j (tile-local) from the accumulator.
-  void write_dk(const Problem& p, const float* dkacc, int nc, float* dk) const {
-    std::memcpy(dk, dkacc, sizeof(float) * nc * p.D);
-  }
-};
-
-// dw state per (item, group member): [0..A) = sum dS (r - 1/2) over fast pairs, [A..2A) = sum dS t
-// over direct pairs; dw = -2 [0..A) + [A..2A). dk accumulator: A x BK, then an A x BK buffer.
-struct AddGrad {
-  const AddScores* sc;
-  static int dk_size(const Problem& p, int BK) { return 2 * BK * (int)p.D; }
-  static int64_t dk_offset(const Problem&, int ca) { return ca; }  // a column of dkT
-  static int dw_size(const Problem& p) { return 2 * (int)p.D; }
-  void consume(Isa isa, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* dS, const int*,
-               float* dqr, float* dkT, float* dwst) const {
-    const Problem& p = *sc->p;
-    const int A = (int)p.D, BK = AddScores::BK;
-    const int64_t hk = h / p.G;
-    const float* wh = sc->w + h * A;
-    const int nc16 = (int)round_up(nc, 16);
-    // pairs that need the direct tanh: handle them here and drop them from the fast kernel
-    for (int i = 0; i < (sc->any_flagged(b, h, i0, nr, j0, nc) ? nr : 0); ++i) {
-      for (int j = 0; j < nc; ++j) {
-        float& ds = dS[i * BK + j];
-        if (ds == 0.f || !sc->flagged(b, h, i0 + i, j0 + j)) continue;
-        const float* x = sc->qrow(b, h, i0 + i);
-        const float* y = sc->krow(b, hk, j0 + j);
-        float* dq = dqr + (int64_t)i * A;
-        for (int a = 0; a < A; ++a) {
-          const float t = std::tanh(x[a] + y[a]);
-          const float g = ds * wh[a] * (1.f - t * t);
-          dq[a] += g;
-          dkT[a * BK + j] += g;
-          dwst[A + a] += ds * t;
-        }
-        ds = 0.f;
-      }
-    }
-    // the fast kernel sums this block's dk terms into a zeroed buffer (blocked summation); dkT and
-    // tmp start at the block's first column (ld BK)
-    float* tmp = dkT + (int64_t)A * BK;
-    for (int a = 0; a < A; ++a) std::memset(tmp + (int64_t)a * BK, 0, sizeof(float) * nc16);
-    add_bwd(isa, nr, nc16, A, sc->eq(b, h, i0), sc->ekt(b, hk, j0), sc->LkP, wh, dS, BK, dqr, tmp, BK, dwst);
-    for (int a = 0; a < A; ++a)
-      for (int j = 0; j < nc16; ++j) dkT[(int64_t)a * BK + j] += tmp[(int64_t)a * BK + j];
-  }
-  void write_dk(const Problem& p, const float* dkT, int nc, float* dk) const {
-    const int A = (int)p.D, BK = AddScores::BK;
-    for (int j = 0; j < nc; ++j)
-      for (int a = 0; a < A; ++a) dk[(int64_t)j * A + a] = dkT[a * BK + j];
-  }
-};
-
 // dP_ij - delta_i for the key j that holds more than half of row i's softmax (at most one per row),
 // in the form dout_i . (v_j - out_i). dP_ij = dout_i . v_j and delta_i = dout_i . out_i are each
 // rounded on the scale of |dout||v|; when the softmax saturates, out_i -> v_j and their difference is
@@ -335,7 +254,8 @@ template <class Scores, class Grad>
 std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, const float* v,
                             const float* dout, const float* out, const float* lse, const float* delta,
                             float* dq, float* dk, float* dv, int64_t* n_items_out, Isa isa,
-                            std::vector<double>* drel_part = nullptr, const Low16& dv16 = Low16()) {
+                            std::vector<double>* drel_part = nullptr, const Low16& dv16 = Low16(),
+                            const BwdMats& bm = BwdMats()) {
   constexpr int BQ = Scores::BQ, BK = Scores::BK, BR = Scores::BR;
   const int64_t nkt = (p.Lk + BK - 1) / BK;
   const int64_t bhk = p.B * p.Hk;
@@ -356,7 +276,9 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
   const bool softcap = p.mods.softcap > 0.f;
 
   parallel_items(n_items, [&](auto pull) {
-    Buf S(BQ * BK), dP(BQ * BK), dkacc(Grad::dk_size(p, BK)), dvacc(BK * std::max(Dv, 1));
+    Buf S(BQ * BK), dP(BQ * BK), dkacc(gr.dk_size(p, BK)), dvacc(BK * std::max(Dv, 1));
+    // bfloat16 brgemm operands of a block: P in VNNI pairs of rows, dO^T with its rows padded to even
+    std::vector<uint16_t> P16(bm.bf16 ? (BQ + 1) * BK : 0), A16(bm.bf16 ? (BQ + 2) * std::max(Dv, 1) : 0);
     Buf T(softcap ? BQ * BK : 1);
     int rng[2 * BQ];  // allowed columns [first, valid) of each row of a block
     for (int64_t it; (it = pull()) >= 0;) {
@@ -376,7 +298,7 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
         // keys at or beyond key_lengths are never read (padding may hold anything, even NaN);
         // their dk, dv rows stay zero
         const int ncv = (int)std::min<int64_t>(nc, p.klen[b] - j0);
-        std::memset(dkacc.data(), 0, sizeof(float) * Grad::dk_size(p, BK));
+        std::memset(dkacc.data(), 0, sizeof(float) * gr.dk_size(p, BK));
         std::memset(dvacc.data(), 0, sizeof(float) * BK * Dv);
         const float* vt = v + ((b * p.Hk + hk) * p.Lk + j0) * p.Dv;
         const int64_t istart = p.first_row(j0), iend = p.end_row(j0 + ncv);
@@ -399,12 +321,20 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
             sc.tile(isa, b, h, i0, nr, c0, nc, S.data(), BK);
             if (p.mods.any()) apply_mods(p, b, h, i0, nr, c0, nc, S.data(), BK, softcap ? T.data() : nullptr);
             const float* dor = dout + row0 * p.Dv;
-            if (dv16.on())
+            const int64_t bhk = b * p.Hk + hk;
+            if (bm.bf16)
+              brgemm_bf16(nr, nc, bm.Dv2, bm.dob + row0 * bm.Dv2, bm.Dv2, bm.vTv + bhk * bm.Dv2 * bm.LkP + 2 * c0,
+                          (int)bm.LkP, false, dP.data(), BK);
+            else if (bm.on)
+              brgemm_f32(nr, nc, Dv, dor, Dv, bm.vT + bhk * Dv * bm.LkP + c0, (int)bm.LkP, false, dP.data(), BK);
+            else if (dv16.on())
               gemm16(dv16.t, false, true, nr, nc, Dv, 1.f, dv16.pa() + row0 * p.Dv, Dv,
                      dv16.pb() + ((b * p.Hk + hk) * p.Lk + c0) * p.Dv, Dv, 0.f, dP.data(), BK);
             else
               gemm(false, true, nr, nc, Dv, 1.f, dor, Dv, vc, Dv, 0.f, dP.data(), BK);
             bool any = false;
+            // columns the block's products read: nc (dot), or up to a multiple of 16 (additive: add_bwd)
+            const int nz = (int)std::min<int64_t>(BK, round_up(nc, 16));
             for (int i = 0; i < nr; ++i) {
               float* srow = S.data() + i * BK;
               float* drow = dP.data() + i * BK;
@@ -413,8 +343,8 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
               const int first = (int)std::clamp<int64_t>(p.lo(b, i0 + i) - c0, 0, valid);
               rng[2 * i] = rng[2 * i + 1] = 0;
               if (L == kNegInf || valid == first) {
-                std::memset(srow, 0, sizeof(float) * BK);
-                std::memset(drow, 0, sizeof(float) * BK);
+                std::memset(srow, 0, sizeof(float) * nz);
+                std::memset(drow, 0, sizeof(float) * nz);
                 continue;
               }
               any = true;
@@ -423,30 +353,55 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
               // P only where allowed (a NaN lse must not reach the other columns)
               exp_sub_sum(isa, srow + first, valid - first, L);
               for (int j = 0; j < first; ++j) srow[j] = 0.f;
-              for (int j = valid; j < BK; ++j) srow[j] = 0.f;
+              for (int j = valid; j < nz; ++j) srow[j] = 0.f;
               const float dl = delta[row0 + i];
               for (int j = 0; j < first; ++j) drow[j] = 0.f;
-              for (int j = first; j < valid; ++j) {
-                if (srow[j] > 0.5f) {  // the row's dominant key: see dominant_ds
+              // dS = P (dP - delta); the row's dominant key (P > 1/2, see dominant_ds) another way
+              int dom = first;
+              if (isa.level == Level::avx512) {
+                const int f = avx512::ds_row(srow + first, drow + first, valid - first, dl);
+                dom = f < 0 ? valid : first + f;
+              } else {
+                for (int j = first; j < valid; ++j) drow[j] = srow[j] * (drow[j] - dl);
+              }
+              for (int j = dom; j < valid; ++j)
+                if (srow[j] > 0.5f)
                   drow[j] = srow[j] * dominant_ds(dor + (int64_t)i * Dv, out + (row0 + i) * p.Dv,
                                                   vc + (int64_t)j * Dv, Dv);
-                } else {
-                  drow[j] = srow[j] * (drow[j] - dl);
-                }
-              }
-              for (int j = valid; j < BK; ++j) drow[j] = 0.f;
+              for (int j = valid; j < nz; ++j) drow[j] = 0.f;
             }
             if (!any) continue;
             if (nrel > 0 || softcap) mods_backward(p, i0, nr, c0, nc, dP.data(), S.data(), BK, T.data(), drel);
-            gemm(true, false, nc, Dv, nr, 1.f, S.data(), BK, dor, Dv, 1.f, dvacc.data() + (int64_t)ca * Dv, Dv);
+            if (bm.bf16) {  // dV^T += dO^T P
+              const int nr2 = (nr + 1) / 2 * 2;
+              const int64_t bh = b * p.H + h;
+              for (int d = 0; d < Dv; ++d) {
+                std::memcpy(A16.data() + (int64_t)d * nr2, bm.doT16 + (bh * Dv + d) * p.Lq + i0, 2 * nr);
+                if (nr2 > nr) A16[(int64_t)d * nr2 + nr] = 0;
+              }
+              avx512::vnni_rows(S.data(), BK, nr, nc, 1.f, P16.data(), nc);
+              brgemm_bf16(Dv, nc, nr2, A16.data(), nr2, P16.data(), nc, true, dvacc.data() + ca, BK);
+            } else if (bm.on) {
+              brgemm_f32(Dv, nc, nr, bm.doT + (b * p.H + h) * Dv * p.Lq + i0, (int)p.Lq, S.data(), BK, true,
+                         dvacc.data() + ca, BK);
+            } else {
+              gemm(true, false, nc, Dv, nr, 1.f, S.data(), BK, dor, Dv, 1.f, dvacc.data() + (int64_t)ca * Dv, Dv);
+            }
             gr.consume(isa, b, h, i0, nr, c0, nc, dP.data(), rng, dqbase + row0 * p.D,
-                       dkacc.data() + Grad::dk_offset(p, ca), dwst);
+                       dkacc.data() + gr.dk_offset(p, ca), dwst);
           }
         }
         gr.write_dk(p, dkacc.data(), nc, dk + ((b * p.Hk + hk) * p.Lk + j0) * p.D);
-        std::memcpy(dv + ((b * p.Hk + hk) * p.Lk + j0) * p.Dv, dvacc.data(), sizeof(float) * nc * Dv);
+        float* dvt = dv + ((b * p.Hk + hk) * p.Lk + j0) * p.Dv;
+        if (bm.on) {  // dV^T (Dv x BK) to rows
+          for (int j = 0; j < nc; ++j)
+            for (int d = 0; d < Dv; ++d) dvt[(int64_t)j * Dv + d] = dvacc.data()[(int64_t)d * BK + j];
+        } else {
+          std::memcpy(dvt, dvacc.data(), sizeof(float) * nc * Dv);
+        }
       }
     }
+    if (sc.uses_brgemm()) brgemm_done();
   });
 
   if (nchunk > 1) {  // dq = sum of the chunk buffers, in chunk order
@@ -487,7 +442,8 @@ std::tuple<Tensor, Tensor> additive_fwd(const Tensor& q, const Tensor& k, const 
   Tensor vf = f32(v);
   Tensor out = at::empty({p.B, p.H, p.Lq, p.Dv}, q.options().dtype(at::kFloat));
   Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
-  forward(p, d.sc, vf.data_ptr<float>(), out.data_ptr<float>(), lse.data_ptr<float>(), isa);
+  VMats vm{vf.data_ptr<float>(), use_brgemm(isa, at::kFloat)};
+  forward(p, d.sc, vm, out.data_ptr<float>(), lse.data_ptr<float>(), isa);
   return {out.to(q.scalar_type()), lse};
 }
 
@@ -542,13 +498,21 @@ std::tuple<Tensor, Tensor> dot_fwd(const Tensor& q, const Tensor& k, const Tenso
   std::vector<Tensor> keep;
   set_modifiers(op, p, window_left, window_right, softcap, rel_bias, alibi_slopes, keep);
   if (empty_problem(p)) return empty_fwd(q, v);
+  Tensor out = at::empty({p.B, p.H, p.Lq, p.Dv}, q.options().dtype(at::kFloat));
+  Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
+  if (use_brgemm(isa, q.scalar_type())) {  // oneDNN micro-kernels (gemm.h)
+    DotMats mats;
+    DotScores sc{nullptr, nullptr, (float)scale, &p};
+    VMats vm;
+    prepare_dot_brgemm(mats, sc, &vm, p, q, k, v, p.wl >= 0);
+    forward(p, sc, vm, out.data_ptr<float>(), lse.data_ptr<float>(), isa);
+    return {out.to(q.scalar_type()), lse};
+  }
   const Low16 qk16 = low16(isa, q, k);  // 16-bit scores: no float32 copies of q and k
   Tensor qf = qk16.on() ? Tensor() : f32(q), kf = qk16.on() ? Tensor() : f32(k), vf = f32(v);
   DotScores sc{qk16.on() ? nullptr : qf.data_ptr<float>(), qk16.on() ? nullptr : kf.data_ptr<float>(),
                (float)scale, &p, qk16.pa(), qk16.pb(), qk16.t};
-  Tensor out = at::empty({p.B, p.H, p.Lq, p.Dv}, q.options().dtype(at::kFloat));
-  Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
-  forward(p, sc, vf.data_ptr<float>(), out.data_ptr<float>(), lse.data_ptr<float>(), isa);
+  forward(p, sc, VMats{vf.data_ptr<float>()}, out.data_ptr<float>(), lse.data_ptr<float>(), isa);
   return {out.to(q.scalar_type()), lse};
 }
 
@@ -567,20 +531,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dot_bwd(
   set_modifiers(op, p, window_left, window_right, softcap, rel_bias, alibi_slopes, keep);
   if (empty_problem(p)) return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v), rel_grad_zeros(rel_bias)};
   Tensor qf = f32(q), kf = f32(k), vf = f32(v), dof = f32(dout), of = f32(out), lsef = lse.contiguous();
-  const Low16 qk16 = low16(isa, q, k), dv16 = low16(isa, dout, v);
+  // the scores as the forward formed them (the same products, bit for bit: P = exp(s - lse))
+  const bool brg = use_brgemm(isa, q.scalar_type());
+  const Low16 qk16 = brg ? Low16() : low16(isa, q, k), dv16 = brg ? Low16() : low16(isa, dout, v);
   DotScores sc{qf.data_ptr<float>(), kf.data_ptr<float>(), (float)scale, &p, qk16.pa(), qk16.pb(), qk16.t};
+  DotMats mats;
+  BwdMats bm;
+  if (brg) {
+    prepare_dot_brgemm(mats, sc, nullptr, p, q, k, v, false);
+    sc.q = qf.data_ptr<float>();  // the gradient products read float32 rows
+    sc.k = kf.data_ptr<float>();
+    prepare_bwd_brgemm(bm, p, q, k, v, dout, true);
+  }
   std::vector<float> delta = row_delta(p, dof.data_ptr<float>(), of.data_ptr<float>());
   auto fo = q.options().dtype(at::kFloat);
   Tensor dq = at::empty({p.B, p.H, p.Lq, p.D}, fo), dk = at::empty({p.B, p.Hk, p.Lk, p.D}, fo);
   Tensor dv = at::empty({p.B, p.Hk, p.Lk, p.Dv}, fo);
   const std::vector<uint8_t> qbad = nonfinite_rows(qf.data_ptr<float>(), p.B * p.H * p.Lq, p.D),
                              kbad = nonfinite_rows(kf.data_ptr<float>(), p.B * p.Hk * p.Lk, p.D);
-  DotGrad gr{&sc, qbad.data(), kbad.data()};
+  DotGrad gr{&sc, qbad.data(), kbad.data(), brg ? &bm : nullptr};
   int64_t n_items = 0;
   std::vector<double> drelp;
   backward(p, sc, gr, vf.data_ptr<float>(), dof.data_ptr<float>(), of.data_ptr<float>(), lsef.data_ptr<float>(),
            delta.data(), dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(), &n_items, isa, &drelp,
-           dv16);
+           dv16, bm);
   const auto dt = q.scalar_type();
   return {dq.to(dt), dk.to(dt), dv.to(dt), reduce_rel(p, drelp, n_items, rel_bias)};
 }
@@ -591,7 +565,12 @@ void set_isa(c10::string_view name) { set_level(std::string(name)); }
 std::vector<std::string> supported_isas() { return supported_levels(); }
 bool uses_gemm16(c10::string_view dtype) {
   const at::ScalarType t = dtype == "bfloat16" ? at::kBFloat16 : dtype == "float16" ? at::kHalf : at::kFloat;
-  return current_isa().level == Level::avx512 && use_gemm16(t);
+  return current_isa().level == Level::avx512 && !use_brgemm(current_isa(), t) && use_gemm16(t);
+}
+std::string gemm_path(c10::string_view dtype) {
+  const at::ScalarType t = dtype == "bfloat16" ? at::kBFloat16 : dtype == "float16" ? at::kHalf : at::kFloat;
+  if (use_brgemm(current_isa(), t)) return t == at::kBFloat16 && brgemm_works(t) ? "brgemm-bf16" : "brgemm";
+  return uses_gemm16(dtype) ? "gemm16" : "sgemm";
 }
 
 
@@ -626,6 +605,10 @@ TORCH_LIBRARY(fusedattn_cpu, m) {
   // Whether dot attention in dtype ("bfloat16" / "float16") takes Q.K^T and dO.V^T from 16-bit
   // GEMMs at the level in use (gemm.h: use_gemm16); otherwise its inputs are converted to float32.
   m.def("uses_gemm16(str dtype) -> bool", &fusedattn_cpu::uses_gemm16);
+  // The products of dot-product attention in dtype at the level in use: "brgemm-bf16" (oneDNN's brgemm
+  // on bfloat16 VNNI operands, AVX512-BF16 or AMX), "brgemm" (its float32 kernels), "gemm16" (MKL's
+  // 16-bit gemm) or "sgemm" (MKL float32).
+  m.def("gemm_path(str dtype) -> str", &fusedattn_cpu::gemm_path);
 }
 
 TORCH_LIBRARY_IMPL(fusedattn_cpu, CPU, m) {

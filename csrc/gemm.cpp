@@ -1,8 +1,11 @@
 // Matrix products (gemm.h): sgemm and the mixed-precision gemms of the MKL that libtorch_cpu bundles.
 #include "gemm.h"
 
+#include <ATen/native/CPUBlas.h>
 #include <cpuid.h>
 #include <dlfcn.h>
+
+#include <vector>
 
 namespace fusedattn_cpu {
 
@@ -72,6 +75,74 @@ void gemm16(at::ScalarType t, bool ta, bool tb, int M, int N, int K, float alpha
   }
   fn_for(t)(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, M, N, K, alpha, A, lda, B, ldb, beta, C,
             ldc);
+}
+
+void brgemm_f32(int M, int N, int K, const float* A, int lda, const float* B, int ldb, bool add, float* C,
+                int ldc) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    if (!add)
+      for (int i = 0; i < M; ++i) std::fill(C + (int64_t)i * ldc, C + (int64_t)i * ldc + N, 0.f);
+    return;
+  }
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, false);
+}
+
+void brgemm_bf16(int M, int N, int K, const uint16_t* A, int lda, const uint16_t* Bv, int ldb, bool add,
+                 float* C, int ldc) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    if (!add)
+      for (int i = 0; i < M; ++i) std::fill(C + (int64_t)i * ldc, C + (int64_t)i * ldc + N, 0.f);
+    return;
+  }
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, reinterpret_cast<const at::BFloat16*>(A),
+                              reinterpret_cast<const at::BFloat16*>(Bv), C, true);
+}
+
+void brgemm_done() { at::native::cpublas::brgemm_release(true); }
+
+namespace {
+
+// A 3 x 5 x 6 product with small integers (exact in bfloat16 and float32), B's rows strided by 7:
+// any error (no micro-kernel for this CPU, another VNNI layout) shows as an exception or a wrong sum.
+bool probe(at::ScalarType t) {
+  constexpr int M = 3, N = 5, K = 6, LDB = 7;
+  float a[M * K], b[K * LDB], c[M * N], want[M * N];
+  for (int i = 0; i < M * K; ++i) a[i] = (float)(i % 5 - 2);
+  for (int i = 0; i < K * LDB; ++i) b[i] = (float)(i % 7 - 3);
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) {
+      float s = 0.f;
+      for (int k = 0; k < K; ++k) s += a[i * K + k] * b[k * LDB + j];
+      want[i * N + j] = s + 1.f;
+    }
+  try {
+    for (float& x : c) x = 1.f;
+    if (t == at::kFloat) {
+      brgemm_f32(M, N, K, a, K, b, LDB, true, c, N);
+    } else {
+      uint16_t a16[M * K], bv[K * LDB];
+      for (int i = 0; i < M * K; ++i) a16[i] = c10::BFloat16(a[i]).x;
+      for (int k = 0; k < K; ++k)
+        for (int j = 0; j < LDB; ++j) bv[(k / 2) * 2 * LDB + 2 * j + k % 2] = c10::BFloat16(b[k * LDB + j]).x;
+      brgemm_bf16(M, N, K, a16, K, bv, LDB, true, c, N);
+    }
+    brgemm_done();
+  } catch (const std::exception&) {
+    return false;
+  }
+  for (int i = 0; i < M * N; ++i)
+    if (c[i] != want[i]) return false;
+  return true;
+}
+
+}  // namespace
+
+bool brgemm_works(at::ScalarType t) {
+  static const bool f = probe(at::kFloat);
+  static const bool bf = hw_multiplies(at::kBFloat16) && probe(at::kBFloat16);
+  return t == at::kFloat ? f : t == at::kBFloat16 ? bf : false;
 }
 
 }  // namespace fusedattn_cpu

@@ -1,4 +1,5 @@
-// Matrix products of the CPU kernels, all through the BLAS bundled with libtorch_cpu (gemm.cpp).
+// Matrix products of the CPU kernels, all through libraries libtorch_cpu bundles (gemm.cpp): MKL's
+// sgemm, its mixed-precision gemms, and oneDNN's brgemm micro-kernels (at::native::cpublas::brgemm).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -21,5 +22,21 @@ void gemm16(at::ScalarType t, bool ta, bool tb, int M, int N, int K, float alpha
 // (AVX512-BF16 or AMX-BF16 for bfloat16; AVX512-FP16 or AMX-FP16 for float16). Elsewhere the inputs
 // are converted to float32 and go through sgemm, which is then the faster of the two.
 bool use_gemm16(at::ScalarType t);
+
+// oneDNN's batch-reduce GEMM micro-kernel through libtorch (at::native::cpublas::brgemm; JIT-compiled
+// per shape on first use and cached per thread): row-major C[M x N] = A[M x K] B[K x N] (+ C when add).
+// No packing of A or B per call, so small tiles run near the FMA peak (Zen 4, one thread, M=32 N=304
+// K=64: 113 GFLOP/s against MKL sgemm's 90). float32; or bfloat16 A (lda >= K, K even) with B in VNNI
+// pairs, B[k][n] at Bv[(k / 2) * 2 * ldb + 2 * n + k % 2] (AVX512-BF16 dot products, float32 sums).
+void brgemm_f32(int M, int N, int K, const float* A, int lda, const float* B, int ldb, bool add, float* C,
+                int ldc);
+void brgemm_bf16(int M, int N, int K, const uint16_t* A, int lda, const uint16_t* Bv, int ldb, bool add,
+                 float* C, int ldc);
+// Whether the brgemm path serves dtype t (float32; bfloat16 only where the CPU has AVX512-BF16 or AMX):
+// libtorch has the micro-kernels for this CPU and a probe product (run once per process) is exact.
+bool brgemm_works(at::ScalarType t);
+// Releases the AMX tile state brgemm may hold on this thread (a no-op elsewhere); call after a run of
+// brgemm calls, before the thread leaves the parallel region.
+void brgemm_done();
 
 }  // namespace fusedattn_cpu

@@ -74,6 +74,18 @@ void add_bwd(int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t
 void exp2x(const float* x, float* y, int n);
 float row_max(const float* x, int n);
 float exp_sub_sum(float* x, int n, float m);
+// Only at this level (the brgemm operands, gemm.h): y[j] = bfloat16(x[j]) rounded to nearest even (NaN
+// stays NaN) for j < n, and 0 for n <= j < n_pad; x[j] *= s for j < n.
+void to_bf16(const float* x, uint16_t* y, int n, int n_pad);
+// y[(i / 2) * 2 * ldy + 2 j + i % 2] = bfloat16(s * x[i * ldx + j]) for i < round_up(nr, 2), j < n (rows
+// past nr zero): rows i of x as the VNNI pairs of a brgemm B operand (gemm.h).
+void vnni_rows(const float* x, int ldx, int nr, int n, float s, uint16_t* y, int ldy);
+void scale(float* x, int n, float s);
+// dst[c * ldd + r] = src[r * lds + c] for 32-bit elements, r < rows, c < cols; dst rows are written in
+// whole 16-element blocks (zeros past rows: ldd must leave room for round_up(rows, 16)).
+void transpose32(const void* src, int64_t lds, int rows, int cols, void* dst, int64_t ldd);
+// dp[j] = p[j] * (dp[j] - delta) for j < n; returns the first j with p[j] > 1/2, or -1.
+int ds_row(const float* p, float* dp, int n, float delta);
 }  // namespace avx512
 
 }  // namespace fusedattn_cpu

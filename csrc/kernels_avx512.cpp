@@ -193,5 +193,96 @@ AVX512_FN void exp2x(const float* x, float* y, int n) {
   }
 }
 
+namespace {
+inline __mmask16 first(int m) { return m >= 16 ? (__mmask16)0xFFFF : m <= 0 ? 0 : (__mmask16)((1u << m) - 1); }
+
+// bfloat16 bits of each lane (round to nearest even; NaN -> quiet NaN) in the low half of its dword.
+AVX512_FN inline __m512i bf16_bits(__m512 v) {
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                           _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1)))),
+      16);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+}
+}  // namespace
+
+AVX512_FN void to_bf16(const float* x, uint16_t* y, int n, int n_pad) {
+  for (int j = 0; j < n_pad; j += 16) {
+    const __m512 v = _mm512_maskz_loadu_ps(first(n - j), x + j);  // 0 past n
+    _mm256_mask_storeu_epi16(y + j, first(n_pad - j), _mm512_cvtepi32_epi16(bf16_bits(v)));
+  }
+}
+
+AVX512_FN void vnni_rows(const float* x, int ldx, int nr, int n, float s, uint16_t* y, int ldy) {
+  const __m512 sv = _mm512_set1_ps(s);
+  for (int i = 0; i < nr; i += 2) {
+    const float* x0 = x + (int64_t)i * ldx;
+    const float* x1 = i + 1 < nr ? x0 + ldx : nullptr;  // the pad row of an odd nr is zero
+    uint16_t* yr = y + (int64_t)(i / 2) * 2 * ldy;
+    for (int j = 0; j < n; j += 16) {
+      const __mmask16 live = first(n - j);
+      const __m512i a = bf16_bits(_mm512_mul_ps(sv, _mm512_maskz_loadu_ps(live, x0 + j)));
+      const __m512i b = x1 != nullptr ? bf16_bits(_mm512_mul_ps(sv, _mm512_maskz_loadu_ps(live, x1 + j)))
+                                      : _mm512_setzero_si512();
+      _mm512_mask_storeu_epi32(yr + 2 * j, live, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
+    }
+  }
+}
+
+AVX512_FN void transpose32(const void* src, int64_t lds, int rows, int cols, void* dst, int64_t ldd) {
+  const float* x = static_cast<const float*>(src);  // 32-bit elements moved as float bits
+  float* y = static_cast<float*>(dst);
+  for (int r0 = 0; r0 < rows; r0 += 16) {
+    for (int c0 = 0; c0 < cols; c0 += 16) {
+      const __mmask16 cm = first(cols - c0);
+      __m512 r[16], u[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = r0 + i < rows ? _mm512_maskz_loadu_ps(cm, x + (int64_t)(r0 + i) * lds + c0) : _mm512_setzero_ps();
+      for (int g = 0; g < 4; ++g) {  // u[4g + m], lane L: column 4L + m of rows 4g..4g+3
+        const __m512 lo01 = _mm512_unpacklo_ps(r[4 * g], r[4 * g + 1]), hi01 = _mm512_unpackhi_ps(r[4 * g], r[4 * g + 1]);
+        const __m512 lo23 = _mm512_unpacklo_ps(r[4 * g + 2], r[4 * g + 3]),
+                     hi23 = _mm512_unpackhi_ps(r[4 * g + 2], r[4 * g + 3]);
+        u[4 * g] = _mm512_shuffle_ps(lo01, lo23, 0x44);
+        u[4 * g + 1] = _mm512_shuffle_ps(lo01, lo23, 0xEE);
+        u[4 * g + 2] = _mm512_shuffle_ps(hi01, hi23, 0x44);
+        u[4 * g + 3] = _mm512_shuffle_ps(hi01, hi23, 0xEE);
+      }
+      for (int m = 0; m < 4; ++m) {  // output rows m, m + 4, m + 8, m + 12 (lanes 0..3)
+        const __m512 x0 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x88), x1 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xDD);
+        const __m512 y0 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x88),
+                     y1 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xDD);
+        const __m512 o[4] = {_mm512_shuffle_f32x4(x0, y0, 0x88), _mm512_shuffle_f32x4(x1, y1, 0x88),
+                             _mm512_shuffle_f32x4(x0, y0, 0xDD), _mm512_shuffle_f32x4(x1, y1, 0xDD)};
+        for (int L = 0; L < 4; ++L) {
+          const int c = c0 + 4 * L + m;
+          if (c < cols) _mm512_storeu_ps(y + (int64_t)c * ldd + r0, o[L]);
+        }
+      }
+    }
+  }
+}
+
+AVX512_FN int ds_row(const float* p, float* dp, int n, float delta) {
+  const __m512 dv = _mm512_set1_ps(delta), half = _mm512_set1_ps(0.5f);
+  int dom = -1;
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 live = first(n - j);
+    const __m512 pv = _mm512_maskz_loadu_ps(live, p + j);
+    _mm512_mask_storeu_ps(dp + j, live, _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_maskz_loadu_ps(live, dp + j), dv)));
+    const unsigned big = _mm512_cmp_ps_mask(pv, half, _CMP_GT_OQ);
+    if (big != 0 && dom < 0) dom = j + __builtin_ctz(big);
+  }
+  return dom;
+}
+
+AVX512_FN void scale(float* x, int n, float s) {
+  const __m512 sv = _mm512_set1_ps(s);
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 live = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+    _mm512_mask_storeu_ps(x + j, live, _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(live, x + j)));
+  }
+}
+
 }  // namespace avx512
 }  // namespace fusedattn_cpu

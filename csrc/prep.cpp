@@ -17,6 +17,140 @@ Low16 low16(Isa isa, const Tensor& a, const Tensor& b) {
   return r;
 }
 
+bool use_brgemm(Isa isa, at::ScalarType t) {
+  // float16 keeps MKL's gemm_f16f16f32 where the CPU multiplies it in hardware (gemm.h: use_gemm16)
+  return isa.level == Level::avx512 && brgemm_works(at::kFloat) && !(t == at::kHalf && use_gemm16(t));
+}
+
+namespace {
+
+const uint16_t* u16(const Tensor& t) { return static_cast<const uint16_t*>(t.data_ptr()); }
+
+// Layouts of the brgemm operands, each written by one copy (the padding zeroed apart). x is (B, X, L, n).
+// x^T: (B, X, n, LP), columns past L zero.
+Tensor transposed(const Tensor& x, int64_t LP) {
+  const int64_t L = x.size(2);
+  Tensor y = at::empty({x.size(0), x.size(1), x.size(3), LP}, x.options());
+  if (LP > L) y.narrow(3, L, LP - L).zero_();
+  y.narrow(3, 0, L).copy_(x.transpose(2, 3));
+  return y;
+}
+
+// Rows as VNNI pairs: (B, X, LP / 2, n, 2), y[.., j / 2, c, j % 2] = x[.., j, c]; rows past L, and past
+// the batch's key length when lens is given, zero.
+Tensor vnni_rows_of(const Tensor& x, int64_t LP, const std::vector<int64_t>* lens) {
+  const int64_t B = x.size(0), L = x.size(2), n = x.size(3);
+  Tensor y = at::empty({B, x.size(1), LP / 2, n, 2}, x.options());
+  Tensor yp = y.permute({0, 1, 2, 4, 3});  // (B, X, LP / 2, 2, n)
+  for (int64_t par = 0; par < 2; ++par) {
+    Tensor dst = yp.select(3, par);  // rows 2 t + par
+    const int64_t have = (L - par + 1) / 2;
+    if (have > 0) dst.narrow(2, 0, have).copy_(x.slice(2, par, L, 2));
+    if (LP / 2 > have) dst.narrow(2, have, LP / 2 - have).zero_();
+    if (lens == nullptr) continue;
+    for (int64_t b = 0; b < B; ++b) {  // keys at or past key_lengths
+      const int64_t keep = ((*lens)[b] - par + 1) / 2;
+      if (keep < have) dst.select(0, b).narrow(1, keep, have - keep).zero_();
+    }
+  }
+  return y;
+}
+
+// Columns as VNNI pairs of the transpose: (B, X, n2 / 2, LP, 2) with n2 = round_up(n, 2),
+// y[.., c / 2, j, c % 2] = x[.., j, c]; the padding zero.
+Tensor vnni_cols_of(const Tensor& xs, int64_t LP) {
+  const Tensor x = xs.contiguous();
+  const int64_t B = x.size(0), X = x.size(1), L = x.size(2), n = x.size(3), n2 = round_up(n, 2);
+  Tensor y = at::empty({B, X, n2 / 2, LP, 2}, x.options());
+  if (n2 > n || LP > L) y.zero_();
+  Tensor yp = y.permute({0, 1, 3, 2, 4});  // (B, X, LP, n2 / 2, 2)
+  if (n2 == n) {
+    yp.narrow(2, 0, L).copy_(x.view({B, X, L, n / 2, 2}));
+  } else {
+    yp.narrow(2, 0, L).narrow(3, 0, n / 2).copy_(x.narrow(3, 0, n - 1).reshape({B, X, L, n / 2, 2}));
+    yp.narrow(2, 0, L).select(3, n / 2).select(3, 0).copy_(x.select(3, n - 1));
+  }
+  return y;
+}
+
+// rows padded with zero columns to n2 (a copy only when n2 > n)
+Tensor pad_cols(const Tensor& x, int64_t n2) {
+  return n2 == x.size(3) ? x.contiguous() : at::constant_pad_nd(x, {0, n2 - x.size(3)});
+}
+
+bool any_padding_key(const Problem& p) {
+  for (int64_t l : p.klen)
+    if (l < p.Lk) return true;
+  return false;
+}
+
+}  // namespace
+
+void prepare_dot_brgemm(DotMats& m, DotScores& sc, VMats* vm, const Problem& p, const Tensor& q,
+                        const Tensor& k, const Tensor& v, bool panels) {
+  const int64_t LkP = round_up(std::max<int64_t>(p.Lk, 1), 16);
+  sc.LkP = LkP;
+  if (q.scalar_type() == at::kBFloat16 && brgemm_works(at::kBFloat16)) {
+    const int64_t D2 = round_up(p.D, 2);  // VNNI pairs along D: one zero column for an odd D
+    sc.D2 = (int)D2;
+    m.qb = pad_cols(q, D2);
+    sc.qb = u16(m.qb);
+    if (panels && D2 == p.D) {
+      m.kb = k.contiguous();
+      sc.kb = u16(m.kb);
+      sc.panels = true;
+    } else {
+      m.kTv = vnni_cols_of(k, LkP);
+      sc.kTv = u16(m.kTv);
+    }
+    if (vm != nullptr) {
+      // keys at or past key_lengths become 0: a tile with an odd number of keys reads one more row of
+      // its VNNI pair (times a zero weight), and padding may hold anything
+      m.vv = vnni_rows_of(v, LkP, any_padding_key(p) ? &p.klen : nullptr);
+      vm->vv = u16(m.vv);
+      vm->LkP = LkP;
+    }
+    return;
+  }
+  m.qf = f32(q);
+  m.kf = f32(k);
+  sc.q = m.qf.data_ptr<float>();
+  sc.k = m.kf.data_ptr<float>();
+  if (panels) {
+    sc.panels = true;
+  } else {
+    m.kT = transposed(m.kf, LkP);  // (B, Hk, D, LkP)
+    sc.kT = m.kT.data_ptr<float>();
+  }
+  if (vm != nullptr) {
+    m.vf = f32(v);
+    vm->v = m.vf.data_ptr<float>();
+    vm->brg = true;
+  }
+}
+
+void prepare_bwd_brgemm(BwdMats& m, const Problem& p, const Tensor& q, const Tensor& k, const Tensor& v,
+                        const Tensor& dout, bool dot) {
+  m.on = true;
+  m.LkP = round_up(std::max<int64_t>(p.Lk, 1), 16);
+  auto keep = [&](Tensor t) { m.keep.push_back(t); return t; };
+  if (q.scalar_type() == at::kBFloat16 && brgemm_works(at::kBFloat16)) {
+    m.bf16 = true;
+    m.Dv2 = (int)round_up(p.Dv, 2);
+    m.dob = u16(keep(pad_cols(dout.contiguous(), m.Dv2)));
+    m.vTv = u16(keep(vnni_cols_of(v, m.LkP)));
+    m.doT16 = u16(keep(transposed(dout, p.Lq)));
+    if (dot) {
+      m.kv = u16(keep(vnni_rows_of(k, m.LkP, any_padding_key(p) ? &p.klen : nullptr)));
+      m.qT16 = u16(keep(transposed(q, p.Lq)));
+    }
+    return;
+  }
+  m.vT = keep(transposed(f32(v), m.LkP)).data_ptr<float>();
+  m.doT = keep(transposed(f32(dout), p.Lq)).data_ptr<float>();
+  if (dot) m.qT = keep(transposed(f32(q), p.Lq)).data_ptr<float>();
+}
+
 std::vector<uint8_t> nonfinite_rows(const float* x, int64_t rows, int64_t n) {
   std::vector<uint8_t> bad(std::max<int64_t>(rows, 1), 0);
   at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {

@@ -65,6 +65,42 @@ struct DotScores {
   const uint16_t* q16 = nullptr;  // the same in bfloat16/float16 when the scores use gemm16
   const uint16_t* k16 = nullptr;
   at::ScalarType t16 = at::kFloat;
+  // brgemm operands (gemm.h), set when the call takes that path (prep.cpp: dot_brgemm): K^T in float32
+  // (B, Hk, D, LkP); or, for bfloat16 inputs, q with rows of D2 = round_up(D, 2) and K^T in VNNI pairs
+  // (B, Hk, D2 / 2, LkP, 2). LkP: Lk rounded up to 16, the padding zero.
+  const float* kT = nullptr;
+  const uint16_t* qb = nullptr;
+  const uint16_t* kTv = nullptr;
+  int64_t LkP = 0;
+  int D2 = 0;
+  // Banded forward calls (a left window edge: each query tile reads a short key range) build no K^T:
+  // each work item transposes only its keys into a thread-local panel (item_view), from the rows of K
+  // (float32 k, or kb: bfloat16 rows of even D). pan: the panel (D or D / 2 rows of pan_ld 32-bit
+  // elements) for keys from pan_j0 of one kv head.
+  bool panels = false;
+  const uint16_t* kb = nullptr;
+  const float* pan = nullptr;
+  int64_t pan_j0 = 0;
+  int pan_ld = 0;
+  bool uses_brgemm() const { return kT != nullptr || kTv != nullptr || panels; }
+  // This provider for one work item reading keys [klo, khi) of head h (a copy with its panel filled), or
+  // itself when the call has no panels.
+  DotScores item_view(int64_t b, int64_t h, int64_t klo, int64_t khi, std::vector<float>& buf) const {
+    if (!panels) return *this;
+    DotScores r = *this;
+    const int n = (int)std::max<int64_t>(khi - klo, 0), ld = (int)round_up(std::max(n, 1), 16);
+    const int64_t row = (b * p->Hk + h / p->G) * p->Lk + klo;
+    const int cols = kb != nullptr ? (int)p->D / 2 : (int)p->D;  // bfloat16 pairs move as 32-bit words
+    buf.resize((size_t)cols * ld);
+    if (kb != nullptr)
+      avx512::transpose32(kb + row * p->D, cols, n, cols, buf.data(), ld);
+    else
+      avx512::transpose32(k + row * p->D, cols, n, cols, buf.data(), ld);
+    r.pan = buf.data();
+    r.pan_j0 = klo;
+    r.pan_ld = ld;
+    return r;
+  }
   // query and key tile; BR: the rows of a sub-tile when a tile straddles a window edge (see the drivers)
   static constexpr int BQ = 128, BK = 256, BR = 32;
   int64_t qoff(int64_t b, int64_t h, int64_t i) const { return ((b * p->H + h) * p->Lq + i) * p->D; }
@@ -73,6 +109,21 @@ struct DotScores {
   const float* krow(int64_t b, int64_t hk, int64_t j) const { return k + koff(b, hk, j); }
   void tile(Isa, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* S, int ldS) const {
     const int D = (int)p->D;
+    if (uses_brgemm()) {  // the raw products, then the scale (as sgemm's alpha does)
+      const int64_t bhk = b * p->Hk + h / p->G;
+      if (pan != nullptr && kb != nullptr)
+        brgemm_bf16(nr, nc, D2, qb + ((b * p->H + h) * p->Lq + i0) * D2, D2,
+                    reinterpret_cast<const uint16_t*>(pan) + 2 * (j0 - pan_j0), pan_ld, false, S, ldS);
+      else if (pan != nullptr)
+        brgemm_f32(nr, nc, D, qrow(b, h, i0), D, pan + (j0 - pan_j0), pan_ld, false, S, ldS);
+      else if (kT != nullptr)
+        brgemm_f32(nr, nc, D, qrow(b, h, i0), D, kT + bhk * D * LkP + j0, (int)LkP, false, S, ldS);
+      else
+        brgemm_bf16(nr, nc, D2, qb + ((b * p->H + h) * p->Lq + i0) * D2, D2, kTv + bhk * D2 * LkP + 2 * j0,
+                    (int)LkP, false, S, ldS);
+      for (int i = 0; i < nr; ++i) avx512::scale(S + (int64_t)i * ldS, nc, scale);
+      return;
+    }
     if (q16 != nullptr)
       gemm16(t16, false, true, nr, nc, D, scale, q16 + qoff(b, h, i0), D, k16 + koff(b, h / p->G, j0), D, 0.f,
              S, ldS);
@@ -80,6 +131,45 @@ struct DotScores {
       gemm(false, true, nr, nc, D, scale, qrow(b, h, i0), D, krow(b, h / p->G, j0), D, 0.f, S, ldS);
   }
 };
+
+// V as the forward's P.V operand: float32 rows (v) through sgemm, or through brgemm (brg); or bfloat16
+// VNNI pairs (vv: (B, Hk, LkP / 2, Dv, 2), rows past key_lengths zero) with P rounded to bfloat16, as
+// FlashAttention does on GPUs (the sums stay float32).
+struct VMats {
+  const float* v = nullptr;
+  bool brg = false;
+  const uint16_t* vv = nullptr;
+  int64_t LkP = 0;
+};
+
+// brgemm operands of a dot-product call (prep.cpp), or none when the call uses sgemm / gemm16.
+struct DotMats {
+  Tensor qf, kf, vf, kT, qb, kTv, vv, kb;
+};
+// Whether a call in dtype t at this level takes the brgemm path (gemm.h: brgemm_works).
+bool use_brgemm(Isa isa, at::ScalarType t);
+// Fills m and points sc (and vm, when not null: the forward) at its tensors; q, k, v as given to the op.
+// panels: per-item K^T panels instead of a K^T copy (banded forward calls; DotScores::item_view).
+void prepare_dot_brgemm(DotMats& m, DotScores& sc, VMats* vm, const Problem& p, const Tensor& q,
+                        const Tensor& k, const Tensor& v, bool panels);
+
+// The backward's products through brgemm (prep.cpp: prepare_bwd_brgemm). dV and dK accumulate
+// transposed (dV^T += dO^T P, dK^T += q^T dS, no per-tile transposes of P or dS):
+//   float32:  V^T (B, Hk, Dv, LkP) for dP = dO V^T; q^T and dO^T (B, H, D | Dv, Lq) as the A operands.
+//   bfloat16: dO with rows of Dv2 = round_up(Dv, 2) and V^T in VNNI pairs (B, Hk, Dv2 / 2, LkP, 2) for dP;
+//             K in VNNI pairs (B, Hk, LkP / 2, D, 2) for dQ (keys past key_lengths zero); q^T and dO^T
+//             (B, H, D | Dv, Lq); P and dS rounded to bfloat16 per block, as FlashAttention does on GPUs.
+struct BwdMats {
+  bool on = false, bf16 = false;
+  int64_t LkP = 0;
+  int Dv2 = 0;
+  const float *vT = nullptr, *qT = nullptr, *doT = nullptr;
+  const uint16_t *dob = nullptr, *vTv = nullptr, *kv = nullptr, *qT16 = nullptr, *doT16 = nullptr;
+  std::vector<Tensor> keep;
+};
+// Fills m for a dot-product (score "dot") or additive call (only dP and dV then) at the brgemm path.
+void prepare_bwd_brgemm(BwdMats& m, const Problem& p, const Tensor& q, const Tensor& k, const Tensor& v,
+                        const Tensor& dout, bool dot);
 
 // 16-bit copies (contiguous, input dtype) for gemm16, or undefined tensors when the call uses sgemm.
 struct Low16 {
@@ -107,6 +197,8 @@ struct AddScores {
   int64_t LkP;
   const Problem* p;
   static constexpr int BQ = 32, BK = 128, BR = 16;  // BK 128 vs 64: backward ~6% faster (Zen 4)
+  bool uses_brgemm() const { return false; }
+  const AddScores& item_view(int64_t, int64_t, int64_t, int64_t, std::vector<float>&) const { return *this; }
 
   const float* eq(int64_t b, int64_t h, int64_t i) const { return Eq + ((b * p->H + h) * p->Lq + i) * p->D; }
   const float* ekt(int64_t b, int64_t hk, int64_t j) const { return EkT + (b * p->Hk + hk) * p->D * LkP + j; }

@@ -219,14 +219,15 @@ def test_dot_large_scores(pre, Dv):
     """Large scores (|s| up to ~1e3 at pre=30, ~1e8 at pre=1e4).
 
     At 1e4 the softmax is one-hot: delta = dout . out must cancel dP exactly, as it does in
-    the reference, or dq/dk pick up rounding noise times |k|. At 30 it is partly saturated and
-    both float32 computations are dominated by the rounding of the scores themselves (their
-    error ratio varies from 0.1 to 4 between seeds), so the floor there adds that rounding:
-    2 float32 ulps of the largest score, propagated with the output's magnitude.
+    the reference, or dq/dk pick up rounding noise times |k|. At 3 and 30 both float32
+    computations are dominated by the rounding of the scores themselves (their error ratio
+    varies from 0.1 to 5 between seeds and GEMM kernels: the reference's matmul and the cpu
+    backend's brgemm sum in different orders), so the floor there adds that rounding: 2 float32
+    ulps of the largest score, propagated with the output's magnitude.
     """
     q, k, v, w, do = _inputs("dot", 1, 2, 1, 33, 300, 40, Dv, pre=pre)
     floor = 0.0
-    if pre == 30.0:
+    if pre < 1e4:
         smax = (q.double() @ k.double().transpose(-1, -2)).abs().max().item() / math.sqrt(40)
         floor = 2 * torch.finfo(torch.float32).eps * smax
     _compare("dot", q, k, v, w, do, None, True, score_floor=floor)

@@ -230,3 +230,41 @@ def test_level_softcap_keeps_nan_in_its_row(level, isa_level):
     assert bad[0, 1, 3] and int(bad.sum()) == 1
     ok = ~torch.isnan(ref)
     torch.testing.assert_close(out[ok], ref[ok], rtol=1e-5, atol=1e-5)
+
+
+# (B, H, Hk, Lq, Lk, D, Dv, modifiers): the brgemm operand layouts at their edges: odd D and Dv (a zero
+# VNNI column), odd key counts (the partner row of a VNNI pair), key lengths, GQA, causal, and left
+# window edges (the forward's per-item K^T panels)
+_BRGEMM = [
+    (2, 4, 2, 33, 97, 17, 5, {"lengths": (50, 97)}),
+    (1, 2, 1, 97, 257, 64, 23, {"causal": True}),
+    (2, 2, 2, 131, 131, 40, 64, {"window": (37, 0)}),
+    (1, 2, 2, 300, 301, 33, 16, {"window": (100, 5), "lengths": (250,)}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", _BRGEMM, ids=lambda c: "B{}H{}Hk{}Lq{}Lk{}D{}Dv{}".format(*c[:7]))
+def test_brgemm_products_match_reference(case, dtype, isa_level):
+    from fusedattn.backends.cpu_backend import cpu_gemm_path
+    from fusedattn.testing import Case, check_backend
+
+    _need("avx512")
+    isa_level("avx512")
+    path = cpu_gemm_path(dtype)
+    if not path.startswith("brgemm"):
+        pytest.skip(f"dot products in {dtype} run through {path} on this CPU")
+    B, H, Hk, Lq, Lk, D, Dv, mods = case
+    check_backend(Case(score="dot", B=B, H=H, Hk=Hk, Lq=Lq, Lk=Lk, D=D, Dv=Dv, dtype=dtype, seed=Lk, **mods),
+                  "cpu")
+
+
+def test_gemm_path_per_level(isa_level):
+    from fusedattn.backends.cpu_backend import cpu_gemm_path
+
+    for level in SUPPORTED:
+        isa_level(level)
+        paths = {d: cpu_gemm_path(d) for d in (torch.float32, torch.bfloat16, torch.float16)}
+        if level != "avx512":  # brgemm only at the avx512 level
+            assert paths[torch.float32] == paths[torch.bfloat16] == "sgemm", paths
+        assert set(paths.values()) <= {"brgemm-bf16", "brgemm", "gemm16", "sgemm"}, paths

@@ -98,14 +98,18 @@ def test_scale_beyond_float32_is_refused(dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("score", ["additive", "dot"])
-def test_zero_query_heads_give_an_empty_result(score, backend):
-    q, k, v, w, _ = make_inputs(Case(score=score, B=2, H=2, Hk=1, Lq=5, Lk=7, D=6, Dv=3))
+@pytest.mark.parametrize("Lq, Lk", [(5, 7), (0, 0)])  # H = Lq = Lk = 0: the reference's reshape of w failed
+def test_zero_query_heads_give_an_empty_result(score, backend, Lq, Lk):
+    q, k, v, w, _ = make_inputs(Case(score=score, B=2, H=2, Hk=1, Lq=Lq, Lk=Lk, D=6, Dv=3))
     q, w = q[:, :0], (w[:0] if w is not None else None)
     leaves = [t.requires_grad_() for t in ((q, k, v, w) if score == "additive" else (q, k, v))]
     out, lse = _call(score, *leaves, return_lse=True, backend=backend)
-    assert out.shape == (2, 0, 5, 3) and lse.shape == (2, 0, 5)
+    assert out.shape == (2, 0, Lq, 3) and lse.shape == (2, 0, Lq)
     out.sum().backward()
     assert (k.grad == 0).all() and (v.grad == 0).all()
+    # the oracle module called directly (the tests' reference path) as well
+    ref = fusedattn.reference.attention(q, k, v, w, return_lse=True)
+    assert ref[0].shape == out.shape and ref[1].shape == lse.shape
 
 
 def test_sparse_and_nested_inputs_are_refused_by_name():

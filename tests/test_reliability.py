@@ -26,14 +26,19 @@ def _dtypes(name):
 @st.composite
 def cases(draw, name):
     Hk = draw(st.integers(1, 2))
-    H = Hk * draw(st.integers(1, 2))
+    H = Hk * draw(st.sampled_from([0, 1, 1, 1, 2, 2, 2]))  # H = 0: an empty result, zero key gradients
     B = draw(st.integers(1, 2))
     Lq, Lk = draw(st.integers(0, 40)), draw(st.integers(0, 40))
     lengths = draw(st.one_of(st.none(), st.tuples(*[st.integers(0, Lk)] * B)))
-    return Case(score=draw(st.sampled_from(["additive", "dot"])), B=B, H=H, Hk=Hk, Lq=Lq, Lk=Lk,
+    score = draw(st.sampled_from(["additive", "dot"]))
+    # one huge element (the saturated softmax of the reliability issue): in q, k, v or w
+    where = ["q", "k", "v"] + ["w"] * (score == "additive")
+    spike = draw(st.one_of(st.none(), st.tuples(st.sampled_from(where), st.sampled_from([1e4, -1e4]))))
+    return Case(score=score, B=B, H=H, Hk=Hk, Lq=Lq, Lk=Lk,
                 D=draw(st.integers(1, 40)), Dv=draw(st.integers(1, 24)), causal=draw(st.booleans()),
                 lengths=lengths, dtype=draw(st.sampled_from(_dtypes(name))), strided=draw(st.booleans()),
-                magnitude=draw(st.sampled_from([0.1, 1.0, 5.0, 60.0])), seed=draw(st.integers(0, 2**16)))
+                magnitude=draw(st.sampled_from([0.1, 1.0, 5.0, 60.0])), seed=draw(st.integers(0, 2**16)),
+                spike=spike)
 
 
 @pytest.mark.parametrize("name", USABLE)
@@ -63,6 +68,42 @@ def test_property_bad_input_raises(name, bad):
         exc = TypeError
     with pytest.raises(exc):
         fusedattn.additive_attention(q, k, v, w, **kw)
+
+
+@pytest.mark.parametrize("name", USABLE)
+def test_property_non_finite_w_is_refused(name):
+    @settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(cases(name), st.sampled_from([math.inf, -math.inf, math.nan]))
+    def prop(case, bad):
+        case = case.with_(score="additive", spike=("w", bad), H=max(case.H, case.Hk))
+        q, k, v, w, lengths = make_inputs(case)
+        with pytest.raises(ValueError, match="w must be finite"):
+            fusedattn.additive_attention(q, k, v, w, key_lengths=lengths, causal=case.causal, backend=name)
+
+    prop()
+
+
+def _non_dense(t, layout):
+    if layout == "nested":
+        return torch.nested.nested_tensor(list(t.unbind(0)))
+    return t.to_sparse() if layout == "sparse_coo" else t.to_sparse_csr() if t.dim() == 2 else t.to_sparse()
+
+
+@pytest.mark.parametrize("name", USABLE)
+def test_property_non_dense_layouts_are_refused_by_name(name):
+    @settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(cases(name), st.sampled_from(["q", "k", "v", "w"]),
+           st.sampled_from(["sparse_coo", "sparse_csr", "nested"]))
+    def prop(case, arg, layout):
+        case = case.with_(score="additive" if arg == "w" else case.score, spike=None)
+        q, k, v, w, lengths = make_inputs(case)
+        args = dict(q=q, k=k, v=v) if case.score == "dot" else dict(q=q, k=k, v=v, w=w)
+        args[arg] = _non_dense(args[arg], layout)
+        fn = fusedattn.dot_product_attention if case.score == "dot" else fusedattn.additive_attention
+        with pytest.raises(TypeError, match=f"{arg} must be a dense .* got a .*(sparse|nested).* tensor"):
+            fn(*args.values(), key_lengths=lengths, backend=name)
+
+    prop()
 
 
 @pytest.mark.parametrize("name", USABLE)

@@ -96,7 +96,7 @@ def additive_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor,
     """
     H = q.shape[1]
     k = _expand_heads(k, H)
-    wv = w.view(1, H, 1, 1, -1)
+    wv = w.reshape(1, H, 1, 1, w.shape[-1])
     if chunk is None or chunk >= q.shape[2]:
         return (torch.tanh(q.unsqueeze(3) + k.unsqueeze(2)) * wv).sum(-1)
     parts = [(torch.tanh(q[:, :, s:s + chunk].unsqueeze(3) + k.unsqueeze(2)) * wv).sum(-1)

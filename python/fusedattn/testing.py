@@ -48,6 +48,7 @@ class Case:
     rel_bias: Optional[int] = None   # M: a random (H, 2M - 1) float32 bias, differentiated
     alibi: Optional[str] = None      # "H" (slopes (H,)) or "BH" (slopes (B, H))
     seqlens: Optional[tuple] = None  # varlen: ((lq, lk), ...) per packed sequence; B, Lq, Lk unused
+    spike: Optional[tuple] = None    # (name, value): one element of "q", "k", "v" or "w" set to value
 
     def modifiers(self) -> frozenset:
         """The ``fusedattn.spec`` modifiers this case uses."""
@@ -74,7 +75,7 @@ class Case:
             parts.append(f"x{self.magnitude:g}")
         if self.strided:
             parts.append("strided")
-        for name in ("window", "rel_bias", "alibi", "seqlens"):
+        for name in ("window", "rel_bias", "alibi", "seqlens", "spike"):
             val = getattr(self, name)
             if val is not None:
                 parts.append(f"{name}{val}".replace(" ", ""))
@@ -111,6 +112,12 @@ def make_inputs(case: Case, device="cpu"):
     w = torch.randn(case.H, case.D, generator=g, dtype=torch.float64) / math.sqrt(case.D) \
         if case.score == "additive" else None
     lengths = None if case.lengths is None else torch.tensor(case.lengths, dtype=torch.int32, device=device)
+    if case.spike is not None:  # one element, at a position drawn from the seed, becomes the value
+        name, value = case.spike
+        t = {"q": q, "k": k, "v": v, "w": w}[name]
+        if t is not None and t.numel():
+            idx = torch.unravel_index(torch.randint(t.numel(), (1,), generator=g), t.shape)
+            t[tuple(i[0] for i in idx)] = value  # in place: strided views write into their buffer
 
     def cast(t):
         return None if t is None else t.to(device=device, dtype=case.dtype)

@@ -61,6 +61,14 @@ def cpu_isa() -> str:
     return _ops().isa()
 
 
+def cpu_gemm_path(dtype: torch.dtype) -> str:
+    """How dot-product attention in ``dtype`` multiplies at the level in use: ``"brgemm-bf16"``
+    (oneDNN's brgemm micro-kernels on bfloat16 operands: AVX512-BF16 or AMX), ``"brgemm"`` (their
+    float32 kernels; float16 and, without bfloat16 hardware, bfloat16 inputs converted),
+    ``"gemm16"`` (MKL's 16-bit GEMM) or ``"sgemm"`` (MKL float32: the avx2 and scalar levels)."""
+    return _ops().gemm_path(str(dtype).replace("torch.", ""))
+
+
 def cpu_isa_levels() -> list[str]:
     """The levels this CPU and OS can run, lowest first (e.g. ``["scalar", "avx2"]``)."""
     return list(_ops().supported_isas())

@@ -380,15 +380,15 @@ def run_case(spec: dict, repeats: int = 5, budget_s: float = 3.0, threads: int =
 
 
 def cpu_isa_fields(case: Case) -> dict:
-    """For the cpu backend: the instruction-set level the call ran at (``isa``) and, for 16-bit dot
-    attention, whether its products went through 16-bit GEMMs (``gemm16``)."""
+    """For the cpu backend: the instruction-set level the call ran at (``isa``) and, for dot
+    attention, how its products multiply (``gemm``: ``cpu_backend.cpu_gemm_path``)."""
     if case.backend != "cpu":
         return {}
     from ..backends import cpu_backend
 
     out = {"isa": cpu_backend.cpu_isa()}
-    if case.score == "dot" and case.dtype in ("bfloat16", "float16"):
-        out["gemm16"] = bool(torch.ops.fusedattn_cpu.uses_gemm16(case.dtype))
+    if case.score == "dot":
+        out["gemm"] = cpu_backend.cpu_gemm_path(getattr(torch, case.dtype))
     return out
 
 

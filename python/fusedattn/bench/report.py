@@ -176,10 +176,10 @@ def _fmt(x, spec: str, none: str = "-") -> str:
 
 
 def _isa_note(r: dict) -> str:
-    """"; isa avx512" (and "; gemm16" for 16-bit GEMMs) for cpu-backend records."""
+    """"; isa avx512" (and "; brgemm-bf16" etc.: how dot products multiply) for cpu-backend records."""
     if not r.get("isa"):
         return ""
-    return f"; isa {r['isa']}" + ("; gemm16" if r.get("gemm16") else "")
+    return f"; isa {r['isa']}" + (f"; {r['gemm']}" if r.get("gemm") else "")
 
 
 def table(records: list[dict]) -> str:
