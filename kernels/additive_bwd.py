@@ -424,6 +424,8 @@ def _attn_bwd_dkdv_additive(W, EQ, EK, QMAX, KMAX, KLEN, DO, V, LSE, Delta, DKT,
     dv_tile = (DV + off_b64 * stride_dvb + off_hk64 * stride_dvh + tl.cast(start_n, tl.int64) * stride_dvn
                + o_loc[:, None] * stride_dvn + offs_dv[None, :])
     NSCR: tl.constexpr = 4 if REL_BIAS else 2
+    if REL_BIAS:
+        tl.static_assert(XB <= BLOCK)  # the skewed dS tile, XB x (XB + BLOCK), fits 2 BLOCK x XB floats
     dps = DPS + (off_bhk.to(tl.int64) * tl.num_programs(0) + pid_n) * (NSCR * BLOCK * XB)
     pps = dps + BLOCK * XB
     # REL_BIAS: a block's dS, queries as rows, skewed (``common._drel_skewed``): XB x (XB + BLOCK) floats
