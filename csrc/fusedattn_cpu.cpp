@@ -54,11 +54,12 @@ namespace {
 // Score entries computed for query rows [0, nr) with allowed keys [los[i], lims[i]) (both
 // non-decreasing in i), keys limited to [kb, ke), when the rows run in groups of R, each group over
 // the keys its rows see (from a multiple of 16).
-inline int64_t work_rows(const int64_t* los, const int64_t* lims, int nr, int R, int64_t kb, int64_t ke) {
+inline int64_t work_rows(const int64_t* los, const int64_t* lims, int nr, int R, int64_t kb, int64_t ke,
+                         int64_t align) {
   int64_t w = 0;
   for (int r0 = 0; r0 < nr; r0 += R) {
     const int rn = std::min(R, nr - r0);
-    w += rn * std::max<int64_t>(0, std::min(ke, lims[r0 + rn - 1]) - std::max(kb, los[r0]) / 16 * 16);
+    w += rn * std::max<int64_t>(0, std::min(ke, lims[r0 + rn - 1]) - std::max(kb, los[r0]) / align * align);
   }
   return w;
 }
@@ -81,7 +82,7 @@ inline void pv_product(const Problem& p, const VMats& vm, int64_t bhk, int rn, i
 // out_f (B, H, Lq, Dv) float32 and lse (B, H, Lq) float32, both preallocated and contiguous.
 template <class Scores>
 void forward(const Problem& p, const Scores& sc, const VMats& vm, float* out, float* lse, Isa isa) {
-  constexpr int BQ = Scores::BQ, BK = Scores::BK, BR = Scores::BR;
+  constexpr int BQ = Scores::BQ, BK = Scores::BK, BR = Scores::BR, KA = Scores::KA;
   const int64_t nqt = (p.Lq + BQ - 1) / BQ, nkt = (p.Lk + BK - 1) / BK;
   const int64_t base_items = p.B * p.H * nqt;
   // Few items (e.g. one decoder step): split the keys so every core has work.
@@ -118,17 +119,16 @@ void forward(const Problem& p, const Scores& sc, const VMats& vm, float* out, fl
         l[i] = 0.f;
       }
       std::memset(O.data(), 0, sizeof(float) * nr * Dv);
-      const auto& isc = sc.item_view(b, h, std::max(kb, los[0]) / 16 * 16, std::min(ke, lims[nr - 1]), panel);
+      const auto& isc = sc.item_view(b, h, std::max(kb, los[0]) / KA * KA, std::min(ke, lims[nr - 1]), panel);
       // A tile that straddles a window edge (or the start of a causal mask) runs in sub-tiles of BR
       // rows, each over its own key range (see work_rows), with key blocks as wide as the scratch allows.
-      const bool sub =
-          nr > BR && work_rows(los, lims, nr, BR, kb, ke) * 8 < work_rows(los, lims, nr, nr, kb, ke) * 7;
+      const bool sub = nr > BR && work_rows(los, lims, nr, BR, kb, ke, KA) * 8 < work_rows(los, lims, nr, nr, kb, ke, KA) * 7;
       const int R = sub ? BR : nr, W = sub ? BQ * BK / BR : BK;
       for (int r0 = 0; r0 < nr; r0 += R) {
         const int rn = std::min(R, nr - r0);
         const int64_t kend = std::min(ke, lims[r0 + rn - 1]);
-        // key blocks start on a multiple of 16 (the additive tables are read in 16s)
-        for (int64_t j0 = std::max(kb, los[r0]) / 16 * 16; j0 < kend; j0 += W) {
+        // key blocks start on a multiple of KA (16: the additive tables are read in 16s; see DotScores)
+        for (int64_t j0 = std::max(kb, los[r0]) / KA * KA; j0 < kend; j0 += W) {
           const int nc = (int)std::min<int64_t>(W, kend - j0);
           isc.tile(isa, b, h, i0 + r0, rn, j0, nc, S.data(), W);
           if (p.mods.any()) apply_mods(p, b, h, i0 + r0, rn, j0, nc, S.data(), W, nullptr);

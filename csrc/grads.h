@@ -25,7 +25,7 @@ struct DotGrad {
   // rng: the allowed columns [first, valid) of each row (empty for rows with dS = 0). dS is 0 outside
   // them, but 0 * NaN is NaN: when the block's keys (queries) hold a non-finite value, dq (dk) takes
   // each row (column) over its allowed range only, so rows that never see a NaN key stay finite.
-  void consume(Isa, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, const float* dS,
+  void consume(Isa, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* dS,
                const int* rng, float* dqr, float* dkacc, float*) const {
     const Problem& p = *sc->p;
     const int D = (int)p.D, BK = DotScores::BK;
@@ -69,36 +69,26 @@ struct DotGrad {
       }
     }
   }
-  // dQ += scale dS K and dK^T += q^T (scale dS) through brgemm (BwdMats).
-  void brgemm_products(int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, const float* dS, float* dqr,
+  // dQ += scale dS K and dK^T += q^T (scale dS) through brgemm (BwdMats); dS is scaled in place.
+  void brgemm_products(int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* dS, float* dqr,
                        float* dkT) const {
     const Problem& p = *sc->p;
     const int D = (int)p.D, BK = DotScores::BK;
     const int64_t bh = b * p.H + h, bhk = b * p.Hk + h / p.G;
-    thread_local std::vector<float> Ts;
-    thread_local std::vector<uint16_t> R16, V16, A16;
+    for (int i = 0; i < nr; ++i) avx512::scale(dS + (int64_t)i * BK, nc, sc->scale);
     if (!bm->bf16) {
-      Ts.resize((size_t)DotScores::BQ * BK);
-      for (int i = 0; i < nr; ++i) {
-        std::memcpy(Ts.data() + (int64_t)i * BK, dS + (int64_t)i * BK, sizeof(float) * nc);
-        avx512::scale(Ts.data() + (int64_t)i * BK, nc, sc->scale);
-      }
-      brgemm_f32(nr, D, nc, Ts.data(), BK, sc->krow(b, h / p.G, j0), D, true, dqr, D);
-      brgemm_f32(D, nc, nr, bm->qT + bh * D * p.Lq + i0, (int)p.Lq, Ts.data(), BK, true, dkT, BK);
+      brgemm_f32(nr, D, nc, dS, BK, sc->krow(b, h / p.G, j0), D, true, dqr, D);
+      brgemm_f32(D, nc, nr, bm->qT + bh * D * p.Lq + i0, (int)p.Lq, dS, BK, true, dkT, BK);
       return;
     }
+    thread_local std::vector<uint16_t> R16, V16, A16;
     const int nc2 = (nc + 1) / 2 * 2, nr2 = (nr + 1) / 2 * 2;
-    Ts.resize((size_t)BK);
     R16.resize((size_t)DotScores::BQ * BK);
     V16.resize((size_t)DotScores::BQ * BK);
     A16.resize((size_t)DotScores::BQ * std::max(D, 1));
     // scale * dS rounded to bfloat16 once: rows of nc2 (A of dQ) and VNNI pairs of rows (B of dK^T)
-    for (int i = 0; i < nr; ++i) {
-      std::memcpy(Ts.data(), dS + (int64_t)i * BK, sizeof(float) * nc);
-      avx512::scale(Ts.data(), nc, sc->scale);
-      avx512::to_bf16(Ts.data(), R16.data() + (int64_t)i * nc2, nc, nc2);
-    }
-    avx512::vnni_rows(dS, BK, nr, nc, sc->scale, V16.data(), nc);
+    for (int i = 0; i < nr; ++i) avx512::to_bf16(dS + (int64_t)i * BK, R16.data() + (int64_t)i * nc2, nc, nc2);
+    avx512::vnni_rows(dS, BK, nr, nc, 1.f, V16.data(), nc);
     brgemm_bf16(nr, D, nc2, R16.data(), nc2, bm->kv + (bhk * bm->LkP + j0) * D, D, true, dqr, D);
     for (int d = 0; d < D; ++d) {
       std::memcpy(A16.data() + (int64_t)d * nr2, bm->qT16 + (bh * D + d) * p.Lq + i0, 2 * nr);
