@@ -26,6 +26,7 @@ import triton
 
 from fusedattn.kernels import additive as _add
 from fusedattn.kernels import additive_bwd as _addb
+from fusedattn.kernels import additive_decode as _adec
 from fusedattn.kernels import dot as _dot
 from fusedattn.kernels.common import _attn_bwd_preprocess, _attn_fwd_merge
 
@@ -487,6 +488,8 @@ def _forward(spec, q, k, v, w, num_splits):
     B, H, Lq, D = q.shape
     _, Hk, Lk, Dv = v.shape
     BLOCK_D, BLOCK_DV = block_dim(D), block_dim(Dv)
+    if score == "additive" and decode_route(spec, H, Hk, Lq):
+        return _forward_additive_decode(spec, q, k, v, w, num_splits, Dv_user)
     if score == "dot":
         BLOCK_D = BLOCK_DV = max(BLOCK_D, BLOCK_DV)  # one width: fewer kernel variants
     decode = Lq <= DECODE_MAX_LQ
@@ -546,4 +549,55 @@ def _forward(spec, q, k, v, w, num_splits):
         _attn_fwd_merge[(Lq, B * H)](
             o_buf, l_buf, out, lse, *o_buf.stride(), *l_buf.stride(), *out.stride(), *lse.stride(),
             H, Lq, Dv, num_splits, BLOCK_DV=BLOCK_DV, num_warps=1, **LAUNCH_OPTS)
+    return out[..., :Dv_user].contiguous(), lse.contiguous()
+
+
+LAST_ADDITIVE_KERNEL: list = []  # name of the additive forward kernel of the latest call (tests read it)
+
+
+def decode_route(spec: AttnSpec, H: int, Hk: int, Lq: int) -> bool:
+    """The additive forward takes ``kernels.additive_decode`` for decode steps (Lq <= DECODE_MAX_LQ)
+    whose kv group fits one program ((H / Hk) * Lq <= 16 rows) and that use no window left edge,
+    rel_bias or ALiBi; every other call runs ``kernels.additive._attn_fwd_additive``."""
+    plain = spec.window_left < 0 and spec.rel_bias is None and spec.alibi_slopes is None
+    route = plain and Lq <= DECODE_MAX_LQ and H // Hk * Lq <= _adec.ROWS
+    LAST_ADDITIVE_KERNEL[:] = ["_attn_fwd_additive_decode" if route else "_attn_fwd_additive"]
+    return route
+
+
+def _forward_additive_decode(spec, q, k, v, w, num_splits, Dv_user):
+    """``_forward`` for ``decode_route`` calls (q, k, v, w already aligned): one program per
+    (batch, kv head, key split) over the group's (H / Hk) * Lq rows, then the LSE merge."""
+    B, H, Lq, A = q.shape
+    _, Hk, Lk, Dv = v.shape
+    width = max(block_dim(A), block_dim(Dv))
+    cfg = _adec.dec_config(width, interpreting())
+    rows = H // Hk * Lq
+    if num_splits is None:
+        num_splits = num_splits_for(B, Hk, rows, Lk, cfg["ROWS"], cfg["BLOCK_N"], q.device, True)
+    n_tiles = triton.cdiv(Lk, cfg["BLOCK_N"])
+    num_splits = max(1, min(int(num_splits), n_tiles))
+    split_n = triton.cdiv(n_tiles, num_splits) * cfg["BLOCK_N"]
+    num_splits = triton.cdiv(Lk, split_n)
+    klen = _klen(spec.key_lengths, B, Lk, q.device)
+    shift = _causal_shift(spec.window_right, Lq, Lk)
+    out = _empty_aligned(B, H, Lq, Dv, dtype=q.dtype, device=q.device)
+    lse = _empty_aligned(B, H, Lq, dtype=torch.float32, device=q.device)
+    if num_splits == 1:
+        o_buf, l_buf, stride_os, stride_ls = out, lse, 0, 0
+    else:
+        o_buf = _empty_aligned(num_splits, B, H, Lq, Dv, dtype=torch.float32, device=q.device)
+        l_buf = _empty_aligned(num_splits, B, H, Lq, dtype=torch.float32, device=q.device)
+        stride_os, stride_ls = o_buf.stride(0), l_buf.stride(0)
+    eq, qmax = _exp_table(q, torch.full((B,), Lq, dtype=torch.int32, device=q.device))
+    ek, kmax = _key_table(k, klen, spec.key_lengths)
+    _adec._attn_fwd_additive_decode[(1, B * Hk, num_splits)](
+        v, w, eq, ek, qmax, kmax, klen, o_buf, l_buf,
+        *v.stride(), *w.stride(), *eq.stride()[:3], *ek.stride()[:3],
+        stride_os, *o_buf.stride()[-4:], stride_ls, *l_buf.stride()[-3:],
+        H, Hk, Lq, Lk, A, Dv, shift, split_n, FAST_RCP=not interpreting(), **cfg, **LAUNCH_OPTS)
+    if num_splits > 1:
+        _attn_fwd_merge[(Lq, B * H)](
+            o_buf, l_buf, out, lse, *o_buf.stride(), *l_buf.stride(), *out.stride(), *lse.stride(),
+            H, Lq, Dv, num_splits, BLOCK_DV=block_dim(Dv), num_warps=1, **LAUNCH_OPTS)
     return out[..., :Dv_user].contiguous(), lse.contiguous()
