@@ -29,16 +29,16 @@ import triton
 import triton.language as tl
 
 from .additive import EXP_SAFE
-from .common import SIZE_ARGS, _attn_fwd_epilogue, _dims, _ld
+from .common import SIZE_ARGS, _attn_fwd_epilogue, _dims, _ld, _mma, _online_softmax
 
 ROWS = 16  # upper bound on (H / Hk) * Lq rows of one program (the launcher routes larger groups away)
 
 # ----------------------------------------------------------------------------------------
 # configurations: one padded width BLOCK_W = max(BLOCK_A, BLOCK_DV) serves both (fewer
-# variants); BLOCK_N * BLOCK_W = 4096 keeps the key-table tile and the float32 V tile at 32
-# elements per thread each with 4 warps.
+# variants); BLOCK_N * BLOCK_W <= 4096 keeps the key-table tile at <= 32 elements per thread
+# with 4 warps (BLOCK_N = 128 at widths 16 and 32 spills on sm_90).
 # ----------------------------------------------------------------------------------------
-DEC_CONFIGS = {16: 128, 32: 128, 64: 64, 128: 32, 256: 16}  # BLOCK_W -> BLOCK_N
+DEC_CONFIGS = {16: 64, 32: 64, 64: 64, 128: 32, 256: 16}  # BLOCK_W -> BLOCK_N
 INTERPRET_BLOCK_N = 32
 
 
@@ -50,20 +50,19 @@ def dec_config(block_w: int, interpret: bool = False) -> dict:
 
 
 @triton.jit
-def _decode_rows(eq_base, W, kt, v, m_i, l_i, acc, offs_n, offs_a, mask_a, rid,
-                 off_hk, G, Lq, klen, CAUSAL_SHIFT, A,
-                 stride_eqh, stride_eqa, stride_wh, stride_wa,
-                 DIRECT: tl.constexpr, FAST_RCP: tl.constexpr):
-    """One key tile for every row of the group: scores, online softmax, P.V. kt is the
-    (BLOCK_N, BLOCK_A) key table tile (e^{2k}; DIRECT: k itself), v the float32 (BLOCK_N, BLOCK_DV)
-    V tile."""
+def _decode_scores(eq_base, W, kt, offs_n, offs_a, mask_a, rid, off_hk, G, Lq, klen, CAUSAL_SHIFT, A,
+                   stride_eqh, stride_eqa, stride_wh, stride_wa,
+                   ROWS: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, FAST_RCP: tl.constexpr):
+    """The (ROWS, BLOCK_N) masked score tile of one key tile: row r < G * Lq from the
+    (BLOCK_N, BLOCK_A) key table tile kt (e^{2k}; DIRECT: k itself), padding rows -inf."""
+    s_tile = tl.full([ROWS, BLOCK_N], -float("inf"), dtype=tl.float32)
     for r in range(0, G * Lq):
         # -- row r: query head and decode step --
         h = (off_hk * G + r // Lq).to(tl.int64)
         i = r % Lq
         w2 = tl.load(W + h * stride_wh + offs_a * stride_wa, mask=mask_a, other=0.0) * -2.0
         eq_row = eq_base + h * stride_eqh + offs_a * stride_eqa + i
-        # -- scores s_j = sum_a w_a + sum_a (-2 w_a) r_ja over the (BLOCK_N, BLOCK_A) tile --
+        # -- s_j = sum_a w_a + sum_a (-2 w_a) r_ja over the (BLOCK_N, BLOCK_A) tile --
         if DIRECT:
             xq = tl.load(eq_row + A * stride_eqa, mask=mask_a, other=0.0)
             z = tl.exp((xq[None, :] + kt) * 2.0) + 1.0
@@ -76,22 +75,9 @@ def _decode_rows(eq_base, W, kt, v, m_i, l_i, acc, offs_n, offs_a, mask_a, rid,
         else:
             rc = 1.0 / z
         s = tl.sum(w2[None, :] * rc, axis=1) - 0.5 * tl.sum(w2, axis=0)
-        allowed = (offs_n < klen) & (offs_n <= i + CAUSAL_SHIFT)
-        s = tl.where(allowed, s, -float("inf"))
-        # -- online softmax of row r (its state picked out of the (ROWS,) tensors) --
-        sel = rid == r
-        m_old = tl.max(tl.where(sel, m_i, -float("inf")), axis=0)
-        l_old = tl.sum(tl.where(sel, l_i, 0.0), axis=0)
-        m_new = tl.maximum(m_old, tl.max(s, axis=0))
-        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe)
-        alpha = tl.exp(m_old - m_safe)
-        # -- P.V: (BLOCK_N,) x (BLOCK_N, BLOCK_DV) --
-        pv = tl.sum(p[:, None] * v, axis=0)
-        acc = tl.where(sel[:, None], acc * alpha + pv[None, :], acc)
-        m_i = tl.where(sel, m_new, m_i)
-        l_i = tl.where(sel, l_old * alpha + tl.sum(p, axis=0), l_i)
-    return m_i, l_i, acc
+        s = tl.where((offs_n < klen) & (offs_n <= i + CAUSAL_SHIFT), s, -float("inf"))
+        s_tile = tl.where(rid[:, None] == r, s[None, :], s_tile)
+    return s_tile
 
 
 @triton.jit(do_not_specialize=SIZE_ARGS)
@@ -104,7 +90,7 @@ def _attn_fwd_additive_decode(V, W, EQ, EK, QMAX, KMAX, KLEN, Out, LSE,
                               stride_ls, stride_lb, stride_lh, stride_lm,
                               H, Hk, Lq, Lk, A, Dv, CAUSAL_SHIFT, SPLIT_N,
                               ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr,
-                              BLOCK_DV: tl.constexpr, FAST_RCP: tl.constexpr):
+                              BLOCK_DV: tl.constexpr, FAST_RCP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid (1, B * Hk, splits). Program (b, hk, split) computes the rows r < (H / Hk) * Lq
     (<= ROWS) of kv group hk against keys [split * SPLIT_N, + SPLIT_N); key j is allowed for
     row r (decode step i = r % Lq) iff j < KLEN[b] and j <= i + CAUSAL_SHIFT. EQ/EK, QMAX/KMAX:
@@ -154,22 +140,26 @@ def _attn_fwd_additive_decode(V, W, EQ, EK, QMAX, KMAX, KLEN, Out, LSE,
     m_i = tl.full([ROWS], -float("inf"), dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, BLOCK_DV], dtype=tl.float32)
-    for start_n in range(n_lo, n_hi, BLOCK_N):
+    # tile index loop: start_n = t * BLOCK_N is then a multiple of BLOCK_N the compiler can see
+    # (SPLIT_N is one too), so the key table and V loads stay vector loads
+    for t in range(n_lo // BLOCK_N, tl.cdiv(n_hi, BLOCK_N)):
+        start_n = t * BLOCK_N
         offs_n = start_n + offs_n0
         # -- the tile's keys and values: loaded once, used by every row --
         kmax = tl.load(kmax_base + offs_n, mask=offs_n < Lk, other=0.0)
-        v = _ld(v_base + tl.cast(start_n, tl.int64) * stride_vn + v_offs, offs_n0, klen - start_n, offs_dv, Dv,
-                True, True).to(tl.float32)
         if q_ok & (tl.max(kmax, axis=0) <= EXP_SAFE):
             ek = tl.load(ek_base + start_n + ek_offs, mask=mask_a[None, :], other=1.0)
-            m_i, l_i, acc = _decode_rows(eq_base, W, ek, v, m_i, l_i, acc, offs_n, offs_a, mask_a,
-                                         rid, off_hk, G, Lq, klen, CAUSAL_SHIFT, A,
-                                         stride_eqh, stride_eqa, stride_wh, stride_wa, False, FAST_RCP)
+            s = _decode_scores(eq_base, W, ek, offs_n, offs_a, mask_a, rid, off_hk, G, Lq, klen, CAUSAL_SHIFT,
+                               A, stride_eqh, stride_eqa, stride_wh, stride_wa, ROWS, BLOCK_N, False, FAST_RCP)
         else:
             xk = tl.load(ek_base + A * stride_eka + start_n + ek_offs, mask=mask_a[None, :], other=0.0)
-            m_i, l_i, acc = _decode_rows(eq_base, W, xk, v, m_i, l_i, acc, offs_n, offs_a, mask_a,
-                                         rid, off_hk, G, Lq, klen, CAUSAL_SHIFT, A,
-                                         stride_eqh, stride_eqa, stride_wh, stride_wa, True, FAST_RCP)
+            s = _decode_scores(eq_base, W, xk, offs_n, offs_a, mask_a, rid, off_hk, G, Lq, klen, CAUSAL_SHIFT,
+                               A, stride_eqh, stride_eqa, stride_wh, stride_wa, ROWS, BLOCK_N, True, FAST_RCP)
+        # -- online softmax and P @ V for all rows at once (one MMA tile of ROWS rows) --
+        p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
+        v = _ld(v_base + tl.cast(start_n, tl.int64) * stride_vn + v_offs, offs_n0, klen - start_n, offs_dv, Dv,
+                True, True)
+        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION)
 
     # -- epilogue: per row (head, step); empty rows give out = 0, lse = -inf --
     _attn_fwd_epilogue(acc, m_i, l_i, Out, LSE, pid_s, off_b64, heads.to(tl.int64), steps, offs_dv, mask_r,

@@ -595,7 +595,8 @@ def _forward_additive_decode(spec, q, k, v, w, num_splits, Dv_user):
         v, w, eq, ek, qmax, kmax, klen, o_buf, l_buf,
         *v.stride(), *w.stride(), *eq.stride()[:3], *ek.stride()[:3],
         stride_os, *o_buf.stride()[-4:], stride_ls, *l_buf.stride()[-3:],
-        H, Hk, Lq, Lk, A, Dv, shift, split_n, FAST_RCP=not interpreting(), **cfg, **LAUNCH_OPTS)
+        H, Hk, Lq, Lk, A, Dv, shift, split_n, FAST_RCP=not interpreting(),
+        DOT_PRECISION=dot_precision(q.dtype), **cfg, **LAUNCH_OPTS)
     if num_splits > 1:
         _attn_fwd_merge[(Lq, B * H)](
             o_buf, l_buf, out, lse, *o_buf.stride(), *l_buf.stride(), *out.stride(), *lse.stride(),

@@ -97,8 +97,8 @@ _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod
 
 
 def _kernels():
-    from fusedattn.kernels import additive, additive_bwd, common, dot
-    return additive, dot, common, additive_bwd
+    from fusedattn.kernels import additive, additive_bwd, additive_decode, common, dot
+    return additive, dot, common, additive_bwd, additive_decode
 
 
 def _FWD_VARIANTS(dt):
@@ -136,7 +136,7 @@ def variants(quick: bool = False, arch: int = 90) -> list[dict]:
     where their per-element figures are reported against the base rows."""
     from fusedattn.backends.triton_backend import delta_shape
 
-    additive, dot, _, additive_bwd = _kernels()
+    additive, dot, _, additive_bwd, additive_decode = _kernels()
     dtypes = QUICK_DTYPES if quick else DTYPES
     widths = QUICK_WIDTHS if quick else WIDTHS
     out = []
@@ -192,6 +192,12 @@ def variants(quick: bool = False, arch: int = 90) -> list[dict]:
                 cfg.update(BLOCK_DV=bdv, FAST_RCP=True, DOT_PRECISION=prec)
                 add_mods("_attn_fwd_additive", dt, variant, cfg, (cfg["BLOCK_M"], cfg["BLOCK_N"]), "additive",
                          odt, ADDITIVE_A, bdv)
+        # additive decode (kernels/additive_decode.py): one padded width for A and Dv; tile = the
+        # (BLOCK_N, BLOCK_A) score tile of one row, so an element is a (row, key, feature) triple
+        for bw in widths:
+            for variant, _, odt in _FWD_VARIANTS(dt)[1:] if dt != "fp32" else _FWD_VARIANTS(dt)[1:2]:
+                cfg = dict(additive_decode.dec_config(bw), FAST_RCP=True, DOT_PRECISION=prec)
+                add("_attn_fwd_additive_decode", dt, variant, cfg, (cfg["BLOCK_N"], bw), "additive-decode", odt, bw)
         # additive backward: one layout per padded A (features per thread, threads per row); Dv is
         # walked in chunks of the config's BLOCK_DV columns. Without modifiers, "+mods" (a left
         # window edge, ALiBi and rel_bias: every flag of these kernels) and, for fp16 at A = 64
@@ -378,8 +384,8 @@ def amortized(v: dict, loops: list, ins) -> dict:
     non-direct loop all A columns. The per-tile overhead is every instruction of the enclosing
     tile loop outside its MUFU loops (softmax, P @ V, dP, masks, the other path's glue). The
     direct-tanh loops (fallback for |x| > 40) are left out."""
-    if v["score"] == "additive-bwd":
-        return _amortized_steps(v, loops, ins)
+    if v["score"] in ("additive-bwd", "additive-decode"):
+        return _amortized_steps(v, loops, ins, v["score"] == "additive-decode")
     per_thread = v["tile"][0] * v["tile"][1] / (32 * v["config"]["num_warps"])
     used = [lp for lp in loops if "instr_per_elem" in lp]
     if not used:
@@ -427,12 +433,15 @@ def amortized(v: dict, loops: list, ins) -> dict:
                 mufu_per_elem=round((mufu + over_mufu) / elems, 3))
 
 
-def _amortized_steps(v: dict, loops: list, ins) -> dict:
+def _amortized_steps(v: dict, loops: list, ins, decode: bool = False) -> dict:
     """The additive backward (``kernels.additive_bwd``): each thread walks the other index one
     step at a time, AS triples per step (tile = (AS, XB)); the loop figure is the fast step
     loop per triple, the per-tile overhead every instruction of the enclosing block loop (XB
-    steps: the dP product, scratch, barriers, dV) outside its step loops."""
+    steps: the dP product, scratch, barriers, dV) outside its step loops. ``decode``: a step is
+    one row's (BLOCK_N, BLOCK_A) triples, softmax and P.V, amortized over a one-row tile (Lq = 1)."""
     AS, XB = v["tile"]
+    if decode:  # per thread: one step per key tile
+        AS, XB = AS * XB / (32 * v["config"]["num_warps"]), 1
     fast = [lp for lp in loops if lp.get("kind") == "fast"]
     if not fast:
         return dict(instr_per_elem_loop=None, overhead_instr_per_tile=None, instr_per_elem_amortized=None,
@@ -517,6 +526,9 @@ def compile_one(v: dict, arch: int, sass_dir: str | None = None) -> dict:
                 # issues AS EX2 per step
                 unroll = max(1, round(lp["mufu"]["RCP"] / v["config"]["AS"])) * v["config"]["AS"] / per_thread
                 kind = "direct" if lp["mufu"].get("EX2", 0) >= lp["mufu"]["RCP"] else "fast"
+            elif v["score"] == "additive-decode" and lp["mufu"].get("RCP"):  # one row per trip
+                unroll = max(1, round(lp["mufu"]["RCP"] / per_thread))
+                kind = "direct" if lp["mufu"].get("EX2", 0) >= unroll * per_thread else "fast"
             elif v["score"] == "additive" and lp["mufu"].get("RCP"):
                 n = max(1, round(lp["mufu"]["RCP"] / per_thread))
                 k = v["config"].get("SOFT_RCP", 0)
