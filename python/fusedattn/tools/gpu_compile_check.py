@@ -527,8 +527,9 @@ def compile_one(v: dict, arch: int, sass_dir: str | None = None) -> dict:
                 unroll = max(1, round(lp["mufu"]["RCP"] / v["config"]["AS"])) * v["config"]["AS"] / per_thread
                 kind = "direct" if lp["mufu"].get("EX2", 0) >= lp["mufu"]["RCP"] else "fast"
             elif v["score"] == "additive-decode" and lp["mufu"].get("RCP"):  # one row per trip
-                unroll = max(1, round(lp["mufu"]["RCP"] / per_thread))
-                kind = "direct" if lp["mufu"].get("EX2", 0) >= unroll * per_thread else "fast"
+                unroll = max(1, round(lp["mufu"]["RCP"] / per_thread))  # fewer RCPs: not a row loop
+                kind = ("other" if lp["mufu"]["RCP"] < 0.9 * per_thread else
+                        "direct" if lp["mufu"].get("EX2", 0) >= unroll * per_thread else "fast")
             elif v["score"] == "additive" and lp["mufu"].get("RCP"):
                 n = max(1, round(lp["mufu"]["RCP"] / per_thread))
                 k = v["config"].get("SOFT_RCP", 0)
