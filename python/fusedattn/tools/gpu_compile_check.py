@@ -10,11 +10,10 @@ Command line::
     python -m fusedattn.tools.gpu_compile_check --arch 80 90 [--quick] [--jobs N] [--only NAME ...]
         [--json PATH] [--sass-dir DIR]
 
-prints one row per compile and exits non-zero on a compile error, any spill (STACK or LOCAL
-> 0), more than 255 registers, or shared memory above the arch limit (sm_80: 163 KB,
-sm_90: 227 KB per block). ``--quick`` compiles a reduced set (fp16 and fp32; head widths
-64 and 256). ``--sass-dir`` writes one ``.sass`` file per compile; ``--json`` writes the rows
-with exactly the fields of ``JSON_FIELDS``:
+prints one row per compile and exits non-zero on a compile error, any spill (STACK or LOCAL > 0), more than
+255 registers, or shared memory above the arch limit (sm_80: 163 KB, sm_90: 227 KB per block). ``--quick``:
+fp16 and fp32, head widths 64 and 256. ``--sass-dir`` writes one ``.sass`` file per compile; ``--json``
+writes the rows with exactly the fields of ``JSON_FIELDS``:
 
 - ``kernel``, ``arch``, ``dtype`` ("fp16" | "bf16" | "fp32"), ``variant`` ("", "decode",
   "decode-split"; "+hdmask" for the dot kernels' head-dim-masked form; "+mods", "+window",
@@ -23,39 +22,36 @@ with exactly the fields of ``JSON_FIELDS``:
   kernels; for additive kernels the A over which the per-tile work is amortized: 128),
 - ``regs``, ``spill_bytes`` (stack + local), ``shared`` (bytes of dynamic shared memory),
   ``ctas_per_sm`` (resident CTAs by registers, threads and shared memory),
-- ``instr_per_elem_loop``, ``overhead_instr_per_tile``, ``instr_per_elem_amortized``,
-  ``mufu_per_elem``: per score element (an (i, j) pair for dot kernels, an (i, j, a) triple
-  for additive ones) per thread; see ``amortized`` for the rule,
+- ``instr_per_elem_loop``, ``overhead_instr_per_tile``, ``instr_per_elem_amortized``, ``mufu_per_elem``:
+  per score element (a pair for dot kernels, a triple for additive ones) per thread; see ``amortized``,
 - ``global_loads``: global load instructions by width in the whole SASS (``2B``, ``4B``,
   ``8B``, ``16B``; ``cp.async`` = LDGSTS; ``tma`` = UTMALDG/UBLKCP),
 - ``sass`` (the file name under ``--sass-dir``) and ``error`` (None or the compile error).
 
-Each kernel is compiled with the one specialization the launchers produce (the launch
-contract in ``fusedattn.kernels.common``): pointers 16-byte aligned and strides divisible by 16
-(the launcher copies other inputs into padded buffers), unit last strides as constants, size
-arguments unspecialized (``do_not_specialize``; a kernel that lacks it is reported as a
-problem, because Triton would then compile variants this check never saw). The process must not have
-``TRITON_INTERPRET=1`` when the kernels are imported; ``compile_rows`` re-runs itself in a
-clean subprocess if it has.
+Each kernel is compiled with the one specialization the launchers produce (the launch contract in
+``fusedattn.kernels.common``): pointers 16-byte aligned and strides divisible by 16 (the launcher copies
+other inputs into padded buffers), unit last strides as constants, size arguments unspecialized
+(``do_not_specialize``; a kernel that lacks it is reported as a problem, because Triton would then compile
+variants this check never saw). The process must not have ``TRITON_INTERPRET=1`` when the kernels are
+imported; ``compile_rows`` re-runs itself in a clean subprocess if it has.
 
 Python API (for benchmarks / GPU models)::
 
     from fusedattn.tools.gpu_compile_check import compile_rows
     rows = compile_rows(archs=(80, 90), quick=False, jobs=2)
 
-returns the full rows: the JSON fields plus ``stack``, ``local``, ``shared_static``, ``mufu``
-({kind: count} over the whole SASS), ``loops`` (one dict per innermost SASS loop that issues
-MUFU instructions: ``instr``, ``mufu``, ``span`` and ``parent`` (addresses of the loop and of
-its enclosing loop), ``kind``, ``elems``, ``instr_per_elem``, ``mufu_per_elem``) and
-``problems``.
+returns the full rows: the JSON fields plus ``stack``, ``local``, ``shared_static``, ``mufu`` ({kind: count}
+over the whole SASS), ``loops`` (one dict per innermost SASS loop that issues MUFU instructions: ``instr``,
+``mufu``, ``span`` and ``parent`` (addresses of the loop and of its enclosing loop), ``kind``, ``elems``,
+``instr_per_elem``, ``mufu_per_elem``) and ``problems``.
 
-Loop kinds: for additive kernels the score loop over ``a`` issues exactly one reciprocal per
-triple by construction, so a loop's unroll is inferred as round(RCP in body / (tile elements
-per thread)), except in the main loop of a config with ``SOFT_RCP = k``, where one column in
-k takes its reciprocal on the FMA pipes: there a body with (k - 1) n MUFU reciprocals per
-thread element covers k n columns. "direct" (it issues EX2: the direct-tanh path), "mixed"
-(fewer than one RCP per triple), "fast" (one RCP per triple); dot kernels' loops are
-"softmax", one pass per key (or query) tile.
+Loop kinds: for additive kernels the score loop over ``a`` issues exactly one reciprocal per triple by
+construction, so a loop's unroll is inferred as round(RCP in body / (tile elements per thread)), except in
+the main loop of a config with ``SOFT_RCP = k``, where one column in k takes its reciprocal on the FMA
+pipes: there a body with (k - 1) n MUFU reciprocals per thread element covers k n columns. "direct" (it
+issues EX2: the direct-tanh path), "mixed" (fewer than one RCP per triple), "fast" (one RCP per triple); the
+additive decode kernel's row loops: one row's (BLOCK_N, BLOCK_A) triples per trip, "fast" or "direct"; dot
+kernels' loops are "softmax", one pass per key (or query) tile.
 """
 from __future__ import annotations
 
@@ -192,12 +188,10 @@ def variants(quick: bool = False, arch: int = 90) -> list[dict]:
                 cfg.update(BLOCK_DV=bdv, FAST_RCP=True, DOT_PRECISION=prec)
                 add_mods("_attn_fwd_additive", dt, variant, cfg, (cfg["BLOCK_M"], cfg["BLOCK_N"]), "additive",
                          odt, ADDITIVE_A, bdv)
-        # additive decode (kernels/additive_decode.py): one padded width for A and Dv; tile = the
-        # (BLOCK_N, BLOCK_A) score tile of one row, so an element is a (row, key, feature) triple
-        for bw in widths:
-            for variant, _, odt in _FWD_VARIANTS(dt)[1:] if dt != "fp32" else _FWD_VARIANTS(dt)[1:2]:
-                cfg = dict(additive_decode.dec_config(bw), FAST_RCP=True, DOT_PRECISION=prec)
-                add("_attn_fwd_additive_decode", dt, variant, cfg, (cfg["BLOCK_N"], bw), "additive-decode", odt, bw)
+        for bw in widths:  # additive decode: one width for A and Dv; elements: (row, key, feature)
+            for var, _, odt in _FWD_VARIANTS(dt)[1:2 if dt == "fp32" else 3]:
+                c = dict(additive_decode.dec_config(bw), FAST_RCP=True, DOT_PRECISION=prec)
+                add("_attn_fwd_additive_decode", dt, var, c, (c["BLOCK_N"], bw), "additive-decode", odt, bw)
         # additive backward: one layout per padded A (features per thread, threads per row); Dv is
         # walked in chunks of the config's BLOCK_DV columns. Without modifiers, "+mods" (a left
         # window edge, ALiBi and rel_bias: every flag of these kernels) and, for fp16 at A = 64
@@ -437,11 +431,9 @@ def _amortized_steps(v: dict, loops: list, ins, decode: bool = False) -> dict:
     """The additive backward (``kernels.additive_bwd``): each thread walks the other index one
     step at a time, AS triples per step (tile = (AS, XB)); the loop figure is the fast step
     loop per triple, the per-tile overhead every instruction of the enclosing block loop (XB
-    steps: the dP product, scratch, barriers, dV) outside its step loops. ``decode``: a step is
-    one row's (BLOCK_N, BLOCK_A) triples, softmax and P.V, amortized over a one-row tile (Lq = 1)."""
+    steps: the dP product, scratch, barriers, dV) outside its step loops. ``decode``: a step is one row."""
     AS, XB = v["tile"]
-    if decode:  # per thread: one step per key tile
-        AS, XB = AS * XB / (32 * v["config"]["num_warps"]), 1
+    AS, XB = (AS * XB / (32 * v["config"]["num_warps"]), 1) if decode else (AS, XB)  # decode: per thread
     fast = [lp for lp in loops if lp.get("kind") == "fast"]
     if not fast:
         return dict(instr_per_elem_loop=None, overhead_instr_per_tile=None, instr_per_elem_amortized=None,
@@ -528,8 +520,8 @@ def compile_one(v: dict, arch: int, sass_dir: str | None = None) -> dict:
                 kind = "direct" if lp["mufu"].get("EX2", 0) >= lp["mufu"]["RCP"] else "fast"
             elif v["score"] == "additive-decode" and lp["mufu"].get("RCP"):  # one row per trip
                 unroll = max(1, round(lp["mufu"]["RCP"] / per_thread))  # fewer RCPs: not a row loop
-                kind = ("other" if lp["mufu"]["RCP"] < 0.9 * per_thread else
-                        "direct" if lp["mufu"].get("EX2", 0) >= unroll * per_thread else "fast")
+                kind = "other" if lp["mufu"]["RCP"] < 0.9 * per_thread else "direct" if lp["mufu"].get(
+                    "EX2", 0) >= unroll * per_thread else "fast"
             elif v["score"] == "additive" and lp["mufu"].get("RCP"):
                 n = max(1, round(lp["mufu"]["RCP"] / per_thread))
                 k = v["config"].get("SOFT_RCP", 0)
