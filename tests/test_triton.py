@@ -270,13 +270,14 @@ def test_launch_contract(case, monkeypatch):
     """Every launch meets the contract the compile check compiles for (kernels.common): pointers
     16-byte aligned, unit last strides, every other stride a multiple of 16, even for a D = 40,
     Dv = 17 or Lq = 17 problem whose inputs sit at a misaligned address; results still match."""
-    from fusedattn.kernels import additive, additive_bwd, common, dot
+    from fusedattn.kernels import additive, additive_bwd, additive_decode, common, dot
     from fusedattn.tools.gpu_compile_check import _UNIT_STRIDES
 
     calls = []
     monkeypatch.setattr(tb, "interpreting", lambda: True)  # it looks at the kernel objects' type
     for mod, names in ((additive, ("_attn_fwd_additive", "_attn_exp_table")),
                        (additive_bwd, ("_attn_bwd_dkdv_additive", "_attn_bwd_dq_additive")),
+                       (additive_decode, ("_attn_fwd_additive_decode",)),
                        (dot, ("_attn_fwd_dot", "_attn_bwd_dkdv_dot", "_attn_bwd_dq_dot"))):
         for name in names:
             monkeypatch.setattr(mod, name, _Spy(getattr(mod, name), calls))
@@ -292,6 +293,8 @@ def test_launch_contract(case, monkeypatch):
     fused = _launch(case, q, k, v, w, lengths, dout)
     launched = {fn.__name__ for fn, _ in calls}
     expected = {"_attn_bwd_preprocess"} | ({"_attn_exp_table"} if case.score == "additive" else set())
+    if case.score == "additive" and case.Lq <= tb.DECODE_MAX_LQ:
+        expected.add("_attn_fwd_additive_decode")
     assert expected <= launched and (case.Lq > tb.DECODE_MAX_LQ or "_attn_fwd_merge" in launched)
     for fn, args in calls:
         for name, val in args.items():
