@@ -145,13 +145,18 @@ void forward(const Problem& p, const Scores& sc, const VMats& vm, float* out, fl
               std::memset(srow, 0, sizeof(float) * nc);
               continue;
             }
-            const float alpha = m[i] == kNegInf ? 0.f : std::exp(m[i] - mn);
+            // a row's first block with an allowed key: its O row is still the memset zeros
+            const bool first_block = m[i] == kNegInf;
+            const float alpha = first_block ? 0.f : std::exp(m[i] - mn);
             const float sum = exp_sub_sum(isa, srow, nc, mn);
             l[i] = l[i] * alpha + sum;
             m[i] = mn;
-            if (alpha != 1.f) {
+            if (alpha != 1.f && !first_block) {
               float* o = O.data() + (int64_t)i * Dv;
-              for (int d = 0; d < Dv; ++d) o[d] *= alpha;
+              if (isa.level == Level::avx512)
+                avx512::scale(o, Dv, alpha);
+              else
+                for (int d = 0; d < Dv; ++d) o[d] *= alpha;
             }
           }
           pv_product(p, vm, b * p.Hk + hk, rn, j0, nc, S.data(), W, P16.data(), O.data() + (int64_t)r0 * Dv);
