@@ -82,7 +82,8 @@ inline void pv_product(const Problem& p, const VMats& vm, int64_t bhk, int rn, i
 // out_f (B, H, Lq, Dv) float32 and lse (B, H, Lq) float32, both preallocated and contiguous.
 template <class Scores>
 void forward(const Problem& p, const Scores& sc, const VMats& vm, float* out, float* lse, Isa isa) {
-  constexpr int BQ = Scores::BQ, BK = Scores::BK, BR = Scores::BR, KA = Scores::KA;
+  constexpr int BQ = Scores::BQ, BK = Scores::BK, KA = Scores::KA;
+  const int BR = sc.br();
   const int64_t nqt = (p.Lq + BQ - 1) / BQ, nkt = (p.Lk + BK - 1) / BK;
   const int64_t base_items = p.B * p.H * nqt;
   // Few items (e.g. one decoder step): split the keys so every core has work.
@@ -144,13 +145,18 @@ void forward(const Problem& p, const Scores& sc, const VMats& vm, float* out, fl
               std::memset(srow, 0, sizeof(float) * nc);
               continue;
             }
-            const float alpha = m[i] == kNegInf ? 0.f : std::exp(m[i] - mn);
+            // a row's first block with an allowed key: its O row is still the memset zeros
+            const bool first_block = m[i] == kNegInf;
+            const float alpha = first_block ? 0.f : std::exp(m[i] - mn);
             const float sum = exp_sub_sum(isa, srow, nc, mn);
             l[i] = l[i] * alpha + sum;
             m[i] = mn;
-            if (alpha != 1.f) {
+            if (alpha != 1.f && !first_block) {
               float* o = O.data() + (int64_t)i * Dv;
-              for (int d = 0; d < Dv; ++d) o[d] *= alpha;
+              if (isa.level == Level::avx512)
+                avx512::scale(o, Dv, alpha);
+              else
+                for (int d = 0; d < Dv; ++d) o[d] *= alpha;
             }
           }
           pv_product(p, vm, b * p.Hk + hk, rn, j0, nc, S.data(), W, P16.data(), O.data() + (int64_t)r0 * Dv);
@@ -256,7 +262,8 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
                             float* dq, float* dk, float* dv, int64_t* n_items_out, Isa isa,
                             std::vector<double>* drel_part = nullptr, const Low16& dv16 = Low16(),
                             const BwdMats& bm = BwdMats()) {
-  constexpr int BQ = Scores::BQ, BK = Scores::BK, BR = Scores::BR;
+  constexpr int BQ = Scores::BQ, BK = Scores::BK;
+  const int BR = sc.br();
   const int64_t nkt = (p.Lk + BK - 1) / BK;
   const int64_t bhk = p.B * p.Hk;
   int64_t nchunk = std::min<int64_t>(nkt, (8 + bhk - 1) / bhk);

@@ -97,10 +97,11 @@ def test_levels_agree(score, isa_level):
 
 @pytest.mark.parametrize("level", ISA_LEVELS)
 @pytest.mark.parametrize("score", ["additive", "dot"])
-def test_level_one_vs_two_threads_bitwise(level, score, isa_level):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_level_one_vs_two_threads_bitwise(level, score, dtype, isa_level):
     _need(level)
     isa_level(level)
-    q, k, v, w, do = _inputs(score, 2, 4, 2, 70, 300, 64, 48)
+    q, k, v, w, do = _inputs(score, 2, 4, 2, 70, 300, 64, 48, dtype=dtype)
     kl = _lengths([295, 300])
     old = torch.get_num_threads()
     try:
