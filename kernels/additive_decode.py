@@ -35,16 +35,20 @@ ROWS = 16  # upper bound on (H / Hk) * Lq rows of one program (the launcher rout
 
 # ----------------------------------------------------------------------------------------
 # configurations: one padded width BLOCK_W = max(BLOCK_A, BLOCK_DV) serves both (fewer
-# variants); BLOCK_N * BLOCK_W <= 4096 keeps the key-table tile at <= 32 elements per thread
-# with 4 warps (BLOCK_N = 128 at widths 16 and 32 spills on sm_90).
+# variants). From the compile check (no spills on sm_80 and sm_90): 16-bit inputs take 8192 key
+# table elements per tile at widths 128 and 256 (64 per thread: sm_90 fp16 A = 128 with
+# BLOCK_N = 64 has 5.9 instructions per triple in the row loop against 7.9 with 32), float32
+# inputs (their float32 V tile and MMA operands) half that, which does not spill; BLOCK_N = 128
+# at widths 16 and 32 spills.
 # ----------------------------------------------------------------------------------------
-DEC_CONFIGS = {16: 64, 32: 64, 64: 64, 128: 32, 256: 16}  # BLOCK_W -> BLOCK_N
+DEC_CONFIGS = {16: 64, 32: 64, 64: 64, 128: 64, 256: 32}  # BLOCK_W -> BLOCK_N (16-bit inputs)
+DEC_CONFIGS_FP32 = {16: 64, 32: 64, 64: 64, 128: 32, 256: 16}
 INTERPRET_BLOCK_N = 32
 
 
-def dec_config(block_w: int, interpret: bool = False) -> dict:
-    """The decode config for a padded width (the larger of the padded A and Dv)."""
-    n = INTERPRET_BLOCK_N if interpret else DEC_CONFIGS[block_w]
+def dec_config(block_w: int, fp32: bool, interpret: bool = False) -> dict:
+    """The decode config for a padded width (the larger of the padded A and Dv), float32 inputs?"""
+    n = INTERPRET_BLOCK_N if interpret else (DEC_CONFIGS_FP32 if fp32 else DEC_CONFIGS)[block_w]
     cfg = dict(ROWS=ROWS, BLOCK_N=n, BLOCK_A=block_w, BLOCK_DV=block_w, num_warps=4, num_stages=1)
     return cfg if interpret else dict(cfg, maxnreg=255)
 

@@ -571,7 +571,7 @@ def _forward_additive_decode(spec, q, k, v, w, num_splits, Dv_user):
     B, H, Lq, A = q.shape
     _, Hk, Lk, Dv = v.shape
     width = max(block_dim(A), block_dim(Dv))
-    cfg = _adec.dec_config(width, interpreting())
+    cfg = _adec.dec_config(width, q.dtype == torch.float32, interpreting())
     rows = H // Hk * Lq
     if num_splits is None:
         num_splits = num_splits_for(B, Hk, rows, Lk, cfg["ROWS"], cfg["BLOCK_N"], q.device, True)

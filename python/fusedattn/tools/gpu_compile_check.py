@@ -190,7 +190,7 @@ def variants(quick: bool = False, arch: int = 90) -> list[dict]:
                          odt, ADDITIVE_A, bdv)
         for bw in widths:  # additive decode: one width for A and Dv; elements: (row, key, feature)
             for var, _, odt in _FWD_VARIANTS(dt)[1:2 if dt == "fp32" else 3]:
-                c = dict(additive_decode.dec_config(bw), FAST_RCP=True, DOT_PRECISION=prec)
+                c = dict(additive_decode.dec_config(bw, dt == "fp32"), FAST_RCP=True, DOT_PRECISION=prec)
                 add("_attn_fwd_additive_decode", dt, var, c, (c["BLOCK_N"], bw), "additive-decode", odt, bw)
         # additive backward: one layout per padded A (features per thread, threads per row); Dv is
         # walked in chunks of the config's BLOCK_DV columns. Without modifiers, "+mods" (a left
