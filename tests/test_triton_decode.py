@@ -33,6 +33,7 @@ CASES = [
     Case(B=1, H=2, Hk=2, Lq=16, Lk=17, D=16, Dv=24, causal=True, dtype=F16),         # Lq = 16
     Case(B=1, H=2, Hk=1, Lq=3, Lk=40, D=24, Dv=16, dtype=BF16),                      # GQA x steps
     Case(B=1, H=1, Hk=1, Lq=1, Lk=17, D=16, Dv=16, magnitude=60.0),                  # direct tanh path
+    Case(B=1, H=2, Hk=1, Lq=3, Lk=1, D=16, Dv=16, causal=True),                      # rows with no key
 ]
 
 
