@@ -475,6 +475,33 @@ def _delta(out: torch.Tensor, dout: torch.Tensor, shape: dict) -> torch.Tensor:
     return delta
 
 
+def _split_outputs(q, Lk, Dv, num_splits, block_n):
+    """Flash-decoding: ``num_splits`` key ranges of whole ``block_n`` tiles (fewer when the keys run
+    out) and the output buffers: ``(num_splits, split_n, out, lse, o_buf, l_buf)``; with several splits
+    the kernels write float32 partials into ``o_buf``/``l_buf`` for ``_attn_fwd_merge``, else into
+    ``out``/``lse`` themselves."""
+    B, H, Lq = q.shape[:3]
+    n_tiles = triton.cdiv(Lk, block_n)
+    num_splits = max(1, min(int(num_splits), n_tiles))
+    split_n = triton.cdiv(n_tiles, num_splits) * block_n
+    num_splits = triton.cdiv(Lk, split_n)
+    out = _empty_aligned(B, H, Lq, Dv, dtype=q.dtype, device=q.device)
+    lse = _empty_aligned(B, H, Lq, dtype=torch.float32, device=q.device)
+    if num_splits == 1:
+        return num_splits, split_n, out, lse, out, lse
+    o_buf = _empty_aligned(num_splits, B, H, Lq, Dv, dtype=torch.float32, device=q.device)
+    l_buf = _empty_aligned(num_splits, B, H, Lq, dtype=torch.float32, device=q.device)
+    return num_splits, split_n, out, lse, o_buf, l_buf
+
+
+def _split_strides(o_buf, l_buf):
+    """The kernels' output stride arguments: split stride (0 for the final buffers), then (b, h, m, d)
+    of the output and (b, h, m) of the LSE."""
+    split = o_buf.dim() == 5
+    return (o_buf.stride(0) if split else 0, *o_buf.stride()[-4:], l_buf.stride(0) if split else 0,
+            *l_buf.stride()[-3:])
+
+
 def _forward(spec, q, k, v, w, num_splits):
     """Shared forward launcher: single pass, or flash-decoding splits + LSE merge."""
     if spec.score == "dot" and spec.scale < 0:  # the kernels track the row max of q . k:
@@ -508,23 +535,9 @@ def _forward(spec, q, k, v, w, num_splits):
     heads, rows = (Hk, H // Hk * Lq) if score == "dot" else (H, Lq)
     if num_splits is None:
         num_splits = num_splits_for(B, heads, rows, Lk, cfg["BLOCK_M"], cfg["BLOCK_N"], q.device, decode)
-    n_tiles = triton.cdiv(Lk, cfg["BLOCK_N"])
-    num_splits = max(1, min(int(num_splits), n_tiles))
-    split_n = triton.cdiv(n_tiles, num_splits) * cfg["BLOCK_N"]
-    num_splits = triton.cdiv(Lk, split_n)
-
+    num_splits, split_n, out, lse, o_buf, l_buf = _split_outputs(q, Lk, Dv, num_splits, cfg["BLOCK_N"])
     klen = _klen(key_lengths, B, Lk, q.device)
     shift, margs, flags = _mods(spec, B, H, Lq, Lk, q.device)
-    out = _empty_aligned(B, H, Lq, Dv, dtype=q.dtype, device=q.device)
-    lse = _empty_aligned(B, H, Lq, dtype=torch.float32, device=q.device)
-    if num_splits == 1:
-        o_buf, l_buf, stride_os, stride_ls = out, lse, 0, 0
-    else:
-        o_buf = _empty_aligned(num_splits, B, H, Lq, Dv, dtype=torch.float32, device=q.device)
-        l_buf = _empty_aligned(num_splits, B, H, Lq, dtype=torch.float32, device=q.device)
-        stride_os, stride_ls = o_buf.stride(0), l_buf.stride(0)
-    o_strides = o_buf.stride()[-4:]
-    l_strides = l_buf.stride()[-3:]
     grid = (triton.cdiv(rows, cfg["BLOCK_M"]), B * heads, num_splits)
     if score == "additive":
         eq, qmax = _exp_table(q, torch.full((B,), Lq, dtype=torch.int32, device=q.device))
@@ -532,16 +545,14 @@ def _forward(spec, q, k, v, w, num_splits):
         _add._attn_fwd_additive[grid](
             q, k, v, w, eq, ek, qmax, kmax, klen, o_buf, l_buf,
             *q.stride(), *k.stride(), *v.stride(), *w.stride(),
-            *eq.stride()[:3], *ek.stride()[:3],
-            stride_os, *o_strides, stride_ls, *l_strides,
+            *eq.stride()[:3], *ek.stride()[:3], *_split_strides(o_buf, l_buf),
             H, Hk, Lq, Lk, D, Dv, shift, split_n, *margs,
             BLOCK_DV=BLOCK_DV, FAST_RCP=not interpreting(), DOT_PRECISION=dot_precision(q.dtype),
             **cfg, **flags, **LAUNCH_OPTS)
     else:
         _dot._attn_fwd_dot[grid](
             q, k, v, klen, o_buf, l_buf,
-            *q.stride(), *k.stride(), *v.stride(),
-            stride_os, *o_strides, stride_ls, *l_strides,
+            *q.stride(), *k.stride(), *v.stride(), *_split_strides(o_buf, l_buf),
             float(scale), H, Hk, Lq, Lk, D, Dv, shift, split_n, *margs,
             BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, EVEN=D == BLOCK_D and Dv == BLOCK_DV,
             DOT_PRECISION=dot_precision(q.dtype), **cfg, **flags, **LAUNCH_OPTS)
@@ -575,26 +586,14 @@ def _forward_additive_decode(spec, q, k, v, w, num_splits, Dv_user):
     rows = H // Hk * Lq
     if num_splits is None:
         num_splits = num_splits_for(B, Hk, rows, Lk, cfg["ROWS"], cfg["BLOCK_N"], q.device, True)
-    n_tiles = triton.cdiv(Lk, cfg["BLOCK_N"])
-    num_splits = max(1, min(int(num_splits), n_tiles))
-    split_n = triton.cdiv(n_tiles, num_splits) * cfg["BLOCK_N"]
-    num_splits = triton.cdiv(Lk, split_n)
+    num_splits, split_n, out, lse, o_buf, l_buf = _split_outputs(q, Lk, Dv, num_splits, cfg["BLOCK_N"])
     klen = _klen(spec.key_lengths, B, Lk, q.device)
     shift = _causal_shift(spec.window_right, Lq, Lk)
-    out = _empty_aligned(B, H, Lq, Dv, dtype=q.dtype, device=q.device)
-    lse = _empty_aligned(B, H, Lq, dtype=torch.float32, device=q.device)
-    if num_splits == 1:
-        o_buf, l_buf, stride_os, stride_ls = out, lse, 0, 0
-    else:
-        o_buf = _empty_aligned(num_splits, B, H, Lq, Dv, dtype=torch.float32, device=q.device)
-        l_buf = _empty_aligned(num_splits, B, H, Lq, dtype=torch.float32, device=q.device)
-        stride_os, stride_ls = o_buf.stride(0), l_buf.stride(0)
     eq, qmax = _exp_table(q, torch.full((B,), Lq, dtype=torch.int32, device=q.device))
     ek, kmax = _key_table(k, klen, spec.key_lengths)
     _adec._attn_fwd_additive_decode[(1, B * Hk, num_splits)](
         v, w, eq, ek, qmax, kmax, klen, o_buf, l_buf,
-        *v.stride(), *w.stride(), *eq.stride()[:3], *ek.stride()[:3],
-        stride_os, *o_buf.stride()[-4:], stride_ls, *l_buf.stride()[-3:],
+        *v.stride(), *w.stride(), *eq.stride()[:3], *ek.stride()[:3], *_split_strides(o_buf, l_buf),
         H, Hk, Lq, Lk, A, Dv, shift, split_n, FAST_RCP=not interpreting(),
         DOT_PRECISION=dot_precision(q.dtype), **cfg, **LAUNCH_OPTS)
     if num_splits > 1:
