@@ -545,10 +545,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dot_bwd(
   DotMats mats;
   BwdMats bm;
   if (brg) {
-    prepare_dot_brgemm(mats, sc, nullptr, p, q, k, v, false);
+    // float16 (and float32) inputs go in as the float32 copies above: no second conversion
+    const bool b16 = q.scalar_type() == at::kBFloat16 && brgemm_works(at::kBFloat16);
+    prepare_dot_brgemm(mats, sc, nullptr, p, b16 ? q : qf, b16 ? k : kf, b16 ? v : vf, false);
     sc.q = qf.data_ptr<float>();  // the gradient products read float32 rows
     sc.k = kf.data_ptr<float>();
-    prepare_bwd_brgemm(bm, p, q, k, v, dout, true);
+    prepare_bwd_brgemm(bm, p, b16 ? q : qf, b16 ? k : kf, b16 ? v : vf, b16 ? dout : dof, true);
   }
   std::vector<float> delta = row_delta(p, dof.data_ptr<float>(), of.data_ptr<float>());
   auto fo = q.options().dtype(at::kFloat);
