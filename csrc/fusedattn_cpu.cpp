@@ -123,7 +123,8 @@ void forward(const Problem& p, const Scores& sc, const VMats& vm, float* out, fl
       const auto& isc = sc.item_view(b, h, std::max(kb, los[0]) / KA * KA, std::min(ke, lims[nr - 1]), panel);
       // A tile that straddles a window edge (or the start of a causal mask) runs in sub-tiles of BR
       // rows, each over its own key range (see work_rows), with key blocks as wide as the scratch allows.
-      const bool sub = nr > BR && work_rows(los, lims, nr, BR, kb, ke, KA) * 8 < work_rows(los, lims, nr, nr, kb, ke, KA) * 7;
+      const bool sub = nr > BR && work_rows(los, lims, nr, BR, kb, ke, KA) * Scores::SUB <
+                                      work_rows(los, lims, nr, nr, kb, ke, KA) * (Scores::SUB - 1);
       const int R = sub ? BR : nr, W = sub ? BQ * BK / BR : BK;
       for (int r0 = 0; r0 < nr; r0 += R) {
         const int rn = std::min(R, nr - r0);

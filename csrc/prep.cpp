@@ -88,7 +88,7 @@ bool any_padding_key(const Problem& p) {
 
 void prepare_dot_brgemm(DotMats& m, DotScores& sc, VMats* vm, const Problem& p, const Tensor& q,
                         const Tensor& k, const Tensor& v, bool panels) {
-  const int64_t LkP = round_up(std::max<int64_t>(p.Lk, 1), 16);
+  const int64_t LkP = spread_ld(p.Lk);
   sc.LkP = LkP;
   if (q.scalar_type() == at::kBFloat16 && brgemm_works(at::kBFloat16)) {
     const int64_t D2 = round_up(p.D, 2);  // VNNI pairs along D: one zero column for an odd D
@@ -132,7 +132,7 @@ void prepare_dot_brgemm(DotMats& m, DotScores& sc, VMats* vm, const Problem& p, 
 void prepare_bwd_brgemm(BwdMats& m, const Problem& p, const Tensor& q, const Tensor& k, const Tensor& v,
                         const Tensor& dout, bool dot) {
   m.on = true;
-  m.LkP = round_up(std::max<int64_t>(p.Lk, 1), 16);
+  m.LkP = spread_ld(p.Lk);
   auto keep = [&](Tensor t) { m.keep.push_back(t); return t; };
   if (q.scalar_type() == at::kBFloat16 && brgemm_works(at::kBFloat16)) {
     m.bf16 = true;
@@ -184,7 +184,8 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
   d.q = f32(q);
   d.k = f32(k);
   d.w = f32(w);
-  const int64_t LkP = round_up(std::max<int64_t>(p.Lk, 1), AddScores::BK);
+  constexpr int64_t KB = 64;  // key blocks of the table's set-up
+  const int64_t LkB = round_up(std::max<int64_t>(p.Lk, 1), KB), LkP = spread_ld(LkB);
   d.Eq = at::empty({p.B, p.H, p.Lq, A}, at::kFloat);
   d.EkT = at::empty({p.B, p.Hk, A, LkP}, at::kFloat);
   d.qflag = at::empty({p.B, p.H, p.Lq}, at::kByte);
@@ -203,8 +204,8 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
   };
   // one parallel region: items [0, nqb) are blocks of 64 query rows, the rest key blocks of 64
   // (per kv head), transposed into EkT (A, LkP); padding and flagged keys hold 1.
-  constexpr int64_t KB = 64;
-  const int64_t nq = p.B * p.H * p.Lq, nqb = (nq + KB - 1) / KB, nkb = LkP / KB;
+  const int64_t nq = p.B * p.H * p.Lq, nqb = (nq + KB - 1) / KB, nkb = LkB / KB;
+  if (LkP > LkB) d.EkT.narrow(3, LkB, LkP - LkB).fill_(1.f);  // never read (tiles stop at round_up(Lk, 16))
   parallel_items(nqb + p.B * p.Hk * nkb, [&](auto pull) {
     Buf tmp(KB * A);
     for (int64_t t; (t = pull()) >= 0;) {
@@ -237,6 +238,10 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
           for (int64_t a = 0; a < A; ++a) tb[j * A + a] = 1.f;
       }
       float* e = ekt + bh * A * LkP + jb;
+      if (isa.level == Level::avx512) {  // 16 x 16 register transposes (the scalar loop: ~1/3 of a window call's set-up)
+        avx512::transpose32(tb, A, (int)KB, (int)A, e, LkP);
+        continue;
+      }
       for (int64_t a = 0; a < A; ++a)
         for (int64_t j = 0; j < KB; ++j) e[a * LkP + j] = tb[j * A + a];
     }

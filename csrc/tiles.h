@@ -67,7 +67,7 @@ struct DotScores {
   at::ScalarType t16 = at::kFloat;
   // brgemm operands (gemm.h), set when the call takes that path (prep.cpp: dot_brgemm): K^T in float32
   // (B, Hk, D, LkP); or, for bfloat16 inputs, q with rows of D2 = round_up(D, 2) and K^T in VNNI pairs
-  // (B, Hk, D2 / 2, LkP, 2). LkP: Lk rounded up to 16, the padding zero.
+  // (B, Hk, D2 / 2, LkP, 2). LkP: spread_ld(Lk) (checks.h), the padding zero.
   const float* kT = nullptr;
   const uint16_t* qb = nullptr;
   const uint16_t* kTv = nullptr;
@@ -88,7 +88,7 @@ struct DotScores {
   DotScores item_view(int64_t b, int64_t h, int64_t klo, int64_t khi, std::vector<float>& buf) const {
     if (!panels) return *this;
     DotScores r = *this;
-    const int n = (int)std::max<int64_t>(khi - klo, 0), ld = (int)round_up(std::max(n, 1), 16);
+    const int n = (int)std::max<int64_t>(khi - klo, 0), ld = (int)spread_ld(n);
     const int64_t row = (b * p->Hk + h / p->G) * p->Lk + klo;
     const int cols = kb != nullptr ? (int)p->D / 2 : (int)p->D;  // bfloat16 pairs move as 32-bit words
     buf.resize((size_t)cols * ld);
@@ -105,6 +105,9 @@ struct DotScores {
   // KA: forward key blocks start on a multiple of KA (2 would do for V's bfloat16 VNNI pairs; 16 keeps
   // the micro-kernels' B rows aligned: 1.5 % faster at window (256, 0) than 2, Zen 4)
   static constexpr int BQ = 128, BK = 256, KA = 16;
+  // SUB: the forward takes sub-tiles when they compute 1/SUB fewer score entries (each brgemm call has a
+  // fixed cost, so only a clear saving pays)
+  static constexpr int SUB = 8;
   // BR: brgemm packs nothing per call, so 16-row sub-tiles pay (window (256, 0): 28.8 ms against 30.8
   // with 32); MKL's sgemm packs both operands per call, where 32 rows were faster than 16 and 64
   int br() const { return uses_brgemm() ? 16 : 32; }
@@ -202,6 +205,9 @@ struct AddScores {
   int64_t LkP;
   const Problem* p;
   static constexpr int BQ = 32, BK = 128, KA = 16;  // BK 128 vs 64: backward ~6% faster (Zen 4)
+  // sub-tiles whenever they save 1/32 of the entries: the cost is per entry (window (256, 0): 32 x 288
+  // entries per tile against 2 x 16 x 272)
+  static constexpr int SUB = 32;
   int br() const { return 16; }
   bool uses_brgemm() const { return false; }
   const AddScores& item_view(int64_t, int64_t, int64_t, int64_t, std::vector<float>&) const { return *this; }
