@@ -100,89 +100,104 @@ void forward(const Problem& p, const Scores& sc, const VMats& vm, float* out, fl
   }
   const int Dv = (int)p.Dv;
 
-  parallel_items(base_items * nsplit, [&](auto pull) {
-    Buf S(BQ * BK), O(BQ * std::max<int64_t>(p.Dv, 1));
-    std::vector<uint16_t> P16(vm.vv != nullptr ? BQ * BK + BQ : 0);
+  // sub-tiles' key blocks: as wide as the scratch allows, and at least 512 keys (a window of 256 keys
+  // is then one block per sub-tile: the additive tiles' 16 x 128 would be 256 + a 16-key remainder)
+  const int WS = std::max(BQ * BK / BR, 512);
+  // Banded calls with per-item K^T panels (DotScores::item_view) take TPI consecutive query tiles per
+  // item under one panel: a key is transposed about once instead of (window + BQ) / BQ times. TPI
+  // depends on the sizes only (results do not depend on the thread count).
+  const int64_t TPI = sc.panels && nsplit == 1 ? std::clamp<int64_t>(base_items / 32, 1, 8) : 1;
+  const int64_t ngr = (nqt + TPI - 1) / TPI;
+  parallel_items(p.B * p.H * ngr * nsplit, [&](auto pull) {
+    Buf S(std::max(BQ * BK, BR * WS)), O(BQ * std::max<int64_t>(p.Dv, 1));
+    std::vector<uint16_t> P16(vm.vv != nullptr ? std::max(BQ * BK, BR * WS) + BQ : 0);
     std::vector<float> panel;  // the item's K^T (DotScores::item_view)
     float m[BQ], l[BQ];
     int64_t lims[BQ], los[BQ];
     for (int64_t it; (it = pull()) >= 0;) {
       const int64_t s = it % nsplit, rest = it / nsplit;
       // last query tiles first: under a causal mask they have the most keys
-      const int64_t qt = nqt - 1 - rest % nqt, bh = rest / nqt, b = bh / p.H, h = bh % p.H, hk = h / p.G;
-      const int64_t i0 = qt * BQ;
-      const int nr = (int)std::min<int64_t>(BQ, p.Lq - i0);
+      const int64_t g = ngr - 1 - rest % ngr, bh = rest / ngr, b = bh / p.H, h = bh % p.H, hk = h / p.G;
+      const int64_t qt0 = g * TPI, qt1 = std::min(nqt, qt0 + TPI);
       const int64_t kb = s * chunk, ke = std::min<int64_t>(p.Lk, kb + chunk);
-      for (int i = 0; i < nr; ++i) {  // both non-decreasing in i
-        lims[i] = p.lim(b, i0 + i);
-        los[i] = p.lo(b, i0 + i);
-        m[i] = kNegInf;
-        l[i] = 0.f;
-      }
-      std::memset(O.data(), 0, sizeof(float) * nr * Dv);
-      const auto& isc = sc.item_view(b, h, std::max(kb, los[0]) / KA * KA, std::min(ke, lims[nr - 1]), panel);
-      // A tile that straddles a window edge (or the start of a causal mask) runs in sub-tiles of BR
-      // rows, each over its own key range (see work_rows), with key blocks as wide as the scratch allows.
-      const bool sub = nr > BR && work_rows(los, lims, nr, BR, kb, ke, KA) * Scores::SUB <
-                                      work_rows(los, lims, nr, nr, kb, ke, KA) * (Scores::SUB - 1);
-      const int R = sub ? BR : nr, W = sub ? BQ * BK / BR : BK;
-      for (int r0 = 0; r0 < nr; r0 += R) {
-        const int rn = std::min(R, nr - r0);
-        const int64_t kend = std::min(ke, lims[r0 + rn - 1]);
-        // key blocks start on a multiple of KA (16: the additive tables are read in 16s; see DotScores)
-        for (int64_t j0 = std::max(kb, los[r0]) / KA * KA; j0 < kend; j0 += W) {
-          const int nc = (int)std::min<int64_t>(W, kend - j0);
-          isc.tile(isa, b, h, i0 + r0, rn, j0, nc, S.data(), W);
-          if (p.mods.any()) apply_mods(p, b, h, i0 + r0, rn, j0, nc, S.data(), W, nullptr);
-          for (int i = r0; i < r0 + rn; ++i) {
-            float* srow = S.data() + (int64_t)(i - r0) * W;
-            const int valid = (int)std::clamp<int64_t>(lims[i] - j0, 0, nc);
-            const int first = (int)std::clamp<int64_t>(los[i] - j0, 0, valid);
-            for (int j = 0; j < first; ++j) srow[j] = kNegInf;
-            for (int j = valid; j < nc; ++j) srow[j] = kNegInf;
-            const float rm = valid > first ? row_max(isa, srow + first, valid - first) : kNegInf;
-            const float mn = (rm > m[i] || std::isnan(rm)) ? rm : m[i];  // a NaN score stays NaN
-            if (mn == kNegInf) {  // nothing allowed yet in this row
-              std::memset(srow, 0, sizeof(float) * nc);
-              continue;
+      // the keys the group's rows may see (lo and lim are non-decreasing in the row)
+      const auto& isc = sc.item_view(b, h, std::max(kb, p.lo(b, qt0 * BQ)) / KA * KA,
+                                     std::min(ke, p.lim(b, std::min(p.Lq, qt1 * BQ) - 1)), panel);
+      const float fs = isc.fold();  // 1, or the scale the raw scores still lack
+      for (int64_t qt = qt0; qt < qt1; ++qt) {
+        const int64_t i0 = qt * BQ;
+        const int nr = (int)std::min<int64_t>(BQ, p.Lq - i0);
+        for (int i = 0; i < nr; ++i) {  // both non-decreasing in i
+          lims[i] = p.lim(b, i0 + i);
+          los[i] = p.lo(b, i0 + i);
+          m[i] = kNegInf;
+          l[i] = 0.f;
+        }
+        std::memset(O.data(), 0, sizeof(float) * nr * Dv);
+        // A tile that straddles a window edge (or the start of a causal mask) runs in sub-tiles of BR
+        // rows, each over its own key range (see work_rows), with key blocks as wide as the scratch allows.
+        const bool sub = nr > BR && work_rows(los, lims, nr, BR, kb, ke, KA) * Scores::SUB <
+                                        work_rows(los, lims, nr, nr, kb, ke, KA) * (Scores::SUB - 1);
+        const int R = sub ? BR : nr, W = sub ? WS : BK;
+        for (int r0 = 0; r0 < nr; r0 += R) {
+          const int rn = std::min(R, nr - r0);
+          const int64_t kend = std::min(ke, lims[r0 + rn - 1]);
+          // key blocks start on a multiple of KA (16: the additive tables are read in 16s; see DotScores)
+          for (int64_t j0 = std::max(kb, los[r0]) / KA * KA; j0 < kend; j0 += W) {
+            const int nc = (int)std::min<int64_t>(W, kend - j0);
+            isc.tile(isa, b, h, i0 + r0, rn, j0, nc, S.data(), W);
+            if (p.mods.any()) apply_mods(p, b, h, i0 + r0, rn, j0, nc, S.data(), W, nullptr);
+            for (int i = r0; i < r0 + rn; ++i) {
+              float* srow = S.data() + (int64_t)(i - r0) * W;
+              const int valid = (int)std::clamp<int64_t>(lims[i] - j0, 0, nc);
+              const int first = (int)std::clamp<int64_t>(los[i] - j0, 0, valid);
+              for (int j = 0; j < first; ++j) srow[j] = kNegInf;
+              for (int j = valid; j < nc; ++j) srow[j] = kNegInf;
+              // the row's maximum in scaled units (fs > 0 keeps the order: the same element)
+              const float rm = valid > first ? row_max(isa, srow + first, valid - first) * fs : kNegInf;
+              const float mn = (rm > m[i] || std::isnan(rm)) ? rm : m[i];  // a NaN score stays NaN
+              if (mn == kNegInf) {  // nothing allowed yet in this row
+                std::memset(srow, 0, sizeof(float) * nc);
+                continue;
+              }
+              // a row's first block with an allowed key: its O row is still the memset zeros
+              const bool first_block = m[i] == kNegInf;
+              const float alpha = first_block ? 0.f : std::exp(m[i] - mn);
+              const float sum = fs == 1.f ? exp_sub_sum(isa, srow, nc, mn) : avx512::exp_scale_sub_sum(srow, nc, fs, mn);
+              l[i] = l[i] * alpha + sum;
+              m[i] = mn;
+              if (alpha != 1.f && !first_block) {
+                float* o = O.data() + (int64_t)i * Dv;
+                if (isa.level == Level::avx512)
+                  avx512::scale(o, Dv, alpha);
+                else
+                  for (int d = 0; d < Dv; ++d) o[d] *= alpha;
+              }
             }
-            // a row's first block with an allowed key: its O row is still the memset zeros
-            const bool first_block = m[i] == kNegInf;
-            const float alpha = first_block ? 0.f : std::exp(m[i] - mn);
-            const float sum = exp_sub_sum(isa, srow, nc, mn);
-            l[i] = l[i] * alpha + sum;
-            m[i] = mn;
-            if (alpha != 1.f && !first_block) {
-              float* o = O.data() + (int64_t)i * Dv;
-              if (isa.level == Level::avx512)
-                avx512::scale(o, Dv, alpha);
-              else
-                for (int d = 0; d < Dv; ++d) o[d] *= alpha;
-            }
+            pv_product(p, vm, b * p.Hk + hk, rn, j0, nc, S.data(), W, P16.data(), O.data() + (int64_t)r0 * Dv);
           }
-          pv_product(p, vm, b * p.Hk + hk, rn, j0, nc, S.data(), W, P16.data(), O.data() + (int64_t)r0 * Dv);
         }
-      }
-      const int64_t row0 = (b * p.H + h) * p.Lq + i0;
-      for (int i = 0; i < nr; ++i) {
-        const float* o = O.data() + (int64_t)i * Dv;
-        if (nsplit > 1) {
-          const int64_t r = s * rows + row0 + i;
-          std::memcpy(part_o.data() + r * Dv, o, sizeof(float) * Dv);
-          part_m[r] = m[i];
-          part_l[r] = l[i];
-          continue;
+        const int64_t row0 = (b * p.H + h) * p.Lq + i0;
+        for (int i = 0; i < nr; ++i) {
+          const float* o = O.data() + (int64_t)i * Dv;
+          if (nsplit > 1) {
+            const int64_t r = s * rows + row0 + i;
+            std::memcpy(part_o.data() + r * Dv, o, sizeof(float) * Dv);
+            part_m[r] = m[i];
+            part_l[r] = l[i];
+            continue;
+          }
+          float* dst = out + (row0 + i) * Dv;
+          if (l[i] > 0.f || std::isnan(l[i])) {  // NaN inputs give a NaN row
+            const float inv = 1.f / l[i];
+            for (int d = 0; d < Dv; ++d) dst[d] = o[d] * inv;
+            lse[row0 + i] = m[i] + std::log(l[i]);
+          } else {
+            for (int d = 0; d < Dv; ++d) dst[d] = 0.f;
+            lse[row0 + i] = kNegInf;
+          }
         }
-        float* dst = out + (row0 + i) * Dv;
-        if (l[i] > 0.f || std::isnan(l[i])) {  // NaN inputs give a NaN row
-          const float inv = 1.f / l[i];
-          for (int d = 0; d < Dv; ++d) dst[d] = o[d] * inv;
-          lse[row0 + i] = m[i] + std::log(l[i]);
-        } else {
-          for (int d = 0; d < Dv; ++d) dst[d] = 0.f;
-          lse[row0 + i] = kNegInf;
-        }
-      }
+      }  // the item's query tiles
     }
     if (vm.brg || vm.vv != nullptr) brgemm_done();
   });
@@ -513,6 +528,7 @@ std::tuple<Tensor, Tensor> dot_fwd(const Tensor& q, const Tensor& k, const Tenso
     DotScores sc{nullptr, nullptr, (float)scale, &p};
     VMats vm;
     prepare_dot_brgemm(mats, sc, &vm, p, q, k, v, p.wl >= 0);
+    sc.raw = scale > 0 && !p.mods.any();  // the softmax applies the scale (no pass over the scores)
     forward(p, sc, vm, out.data_ptr<float>(), lse.data_ptr<float>(), isa);
     return {out.to(q.scalar_type()), lse};
   }

@@ -74,6 +74,9 @@ void add_bwd(int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t
 void exp2x(const float* x, float* y, int n);
 float row_max(const float* x, int n);
 float exp_sub_sum(float* x, int n, float m);
+// x[j] = exp(s * x[j] - m) (s * x[j] rounded, as scale() would), returns their sum; s > 0. The
+// forward's softmax on raw brgemm products (DotScores::fold), which then need no scaling pass.
+float exp_scale_sub_sum(float* x, int n, float s, float m);
 // Only at this level (the brgemm operands, gemm.h): y[j] = bfloat16(x[j]) rounded to nearest even (NaN
 // stays NaN) for j < n, and 0 for n <= j < n_pad; x[j] *= s for j < n.
 void to_bf16(const float* x, uint16_t* y, int n, int n_pad);

@@ -87,7 +87,13 @@ template <int NI>
 AVX512_FN inline void add_scores_rows(int nc16, int A, const float* Eq, const float* EkT, int64_t ldk,
                                       const float* w, float* S, int ldS) {
   int j = 0;
-  for (; j + 64 <= nc16; j += 64) add_scores_block<NI, 4>(A, Eq, EkT + j, ldk, w, S + j, ldS);
+  // a last single vector would run 2 accumulator chains alone: end on 3 + 2 vectors instead of 4 + 1
+  const int full = nc16 % 64 == 16 && nc16 > 64 ? nc16 - 80 : nc16;
+  for (; j + 64 <= full; j += 64) add_scores_block<NI, 4>(A, Eq, EkT + j, ldk, w, S + j, ldS);
+  if (full != nc16) {
+    add_scores_block<NI, 3>(A, Eq, EkT + j, ldk, w, S + j, ldS);
+    j += 48;
+  }
   switch ((nc16 - j) / 16) {
     case 3: add_scores_block<NI, 3>(A, Eq, EkT + j, ldk, w, S + j, ldS); break;
     case 2: add_scores_block<NI, 2>(A, Eq, EkT + j, ldk, w, S + j, ldS); break;
@@ -179,6 +185,23 @@ AVX512_FN float exp_sub_sum(float* x, int n, float m) {
   for (int j = 0; j < n; j += 16) {  // the tail through a masked vector: every element, one formula
     const __mmask16 live = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
     const __m512 e = exp16(_mm512_sub_ps(_mm512_mask_loadu_ps(ninf, live, x + j), mv));
+    _mm512_mask_storeu_ps(x + j, live, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+AVX512_FN float exp_scale_sub_sum(float* x, int n, float s, float m) {
+  const __m512 sv = _mm512_set1_ps(s), mv = _mm512_set1_ps(m), ninf = _mm512_set1_ps(-INFINITY);
+  __m512 acc = _mm512_setzero_ps();
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 live = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+    // s * x rounded first (the explicit-rounding form keeps the compiler from fusing it into the
+    // subtraction), as the backward's scaled scores are: bitwise the scale() + exp_sub_sum result
+    // (a fused s * x - m would leave the product's rounding in, ~4 at |s x| ~ 1e8)
+    const __m512 sx = _mm512_mul_round_ps(_mm512_mask_loadu_ps(ninf, live, x + j), sv,
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 e = exp16(_mm512_sub_ps(sx, mv));
     _mm512_mask_storeu_ps(x + j, live, e);
     acc = _mm512_add_ps(acc, e);
   }

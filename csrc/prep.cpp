@@ -2,6 +2,7 @@
 // delta = rowsum(dout * out), and the reduction of the rel_bias gradient.
 #include <cstring>
 
+#include "scratch.h"
 #include "tiles.h"
 
 namespace fusedattn_cpu {
@@ -30,9 +31,29 @@ const uint16_t* u16(const Tensor& t) { return static_cast<const uint16_t*>(t.dat
 // x^T: (B, X, n, LP), columns past L zero.
 Tensor transposed(const Tensor& x, int64_t LP) {
   const int64_t L = x.size(2);
-  Tensor y = at::empty({x.size(0), x.size(1), x.size(3), LP}, x.options());
+  Tensor y = scratch_empty({x.size(0), x.size(1), x.size(3), LP}, x.scalar_type());
   if (LP > L) y.narrow(3, L, LP - L).zero_();
   y.narrow(3, 0, L).copy_(x.transpose(2, 3));
+  return y;
+}
+
+// The same for float32 x at the avx512 level: 16 x 16 register transposes, in parallel.
+Tensor transposed_f32(const Tensor& x, int64_t LP) {
+  const int64_t BX = x.size(0) * x.size(1), L = x.size(2), n = x.size(3), L16 = round_up(L, 16);
+  Tensor y = scratch_empty({x.size(0), x.size(1), n, LP}, at::kFloat);
+  const float* xs = x.data_ptr<float>();
+  float* yd = y.data_ptr<float>();
+  constexpr int64_t KB = 256;
+  const int64_t nkb = (L + KB - 1) / KB;
+  parallel_items(BX * nkb, [&](auto pull) {
+    for (int64_t t; (t = pull()) >= 0;) {
+      const int64_t bx = t / nkb, j0 = (t % nkb) * KB, rows = std::min(KB, L - j0);
+      float* dst = yd + bx * n * LP;
+      avx512::transpose32(xs + (bx * L + j0) * n, n, (int)rows, (int)n, dst + j0, LP);
+      if (j0 + KB >= L && LP > L16)  // columns past round_up(L, 16) (the transpose zeroes those before)
+        for (int64_t c = 0; c < n; ++c) std::memset(dst + c * LP + L16, 0, sizeof(float) * (LP - L16));
+    }
+  });
   return y;
 }
 
@@ -40,7 +61,7 @@ Tensor transposed(const Tensor& x, int64_t LP) {
 // the batch's key length when lens is given, zero.
 Tensor vnni_rows_of(const Tensor& x, int64_t LP, const std::vector<int64_t>* lens) {
   const int64_t B = x.size(0), L = x.size(2), n = x.size(3);
-  Tensor y = at::empty({B, x.size(1), LP / 2, n, 2}, x.options());
+  Tensor y = scratch_empty({B, x.size(1), LP / 2, n, 2}, x.scalar_type());
   Tensor yp = y.permute({0, 1, 2, 4, 3});  // (B, X, LP / 2, 2, n)
   for (int64_t par = 0; par < 2; ++par) {
     Tensor dst = yp.select(3, par);  // rows 2 t + par
@@ -61,7 +82,7 @@ Tensor vnni_rows_of(const Tensor& x, int64_t LP, const std::vector<int64_t>* len
 Tensor vnni_cols_of(const Tensor& xs, int64_t LP) {
   const Tensor x = xs.contiguous();
   const int64_t B = x.size(0), X = x.size(1), L = x.size(2), n = x.size(3), n2 = round_up(n, 2);
-  Tensor y = at::empty({B, X, n2 / 2, LP, 2}, x.options());
+  Tensor y = scratch_empty({B, X, n2 / 2, LP, 2}, x.scalar_type());
   if (n2 > n || LP > L) y.zero_();
   Tensor yp = y.permute({0, 1, 3, 2, 4});  // (B, X, LP, n2 / 2, 2)
   if (n2 == n) {
@@ -119,7 +140,7 @@ void prepare_dot_brgemm(DotMats& m, DotScores& sc, VMats* vm, const Problem& p, 
   if (panels) {
     sc.panels = true;
   } else {
-    m.kT = transposed(m.kf, LkP);  // (B, Hk, D, LkP)
+    m.kT = transposed_f32(m.kf, LkP);  // (B, Hk, D, LkP)
     sc.kT = m.kT.data_ptr<float>();
   }
   if (vm != nullptr) {
@@ -146,7 +167,7 @@ void prepare_bwd_brgemm(BwdMats& m, const Problem& p, const Tensor& q, const Ten
     }
     return;
   }
-  m.vT = keep(transposed(f32(v), m.LkP)).data_ptr<float>();
+  m.vT = keep(transposed_f32(f32(v), m.LkP)).data_ptr<float>();
   m.doT = keep(transposed(f32(dout), p.Lq)).data_ptr<float>();
   if (dot) m.qT = keep(transposed(f32(q), p.Lq)).data_ptr<float>();
 }
@@ -186,10 +207,10 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
   d.w = f32(w);
   constexpr int64_t KB = 64;  // key blocks of the table's set-up
   const int64_t LkB = round_up(std::max<int64_t>(p.Lk, 1), KB), LkP = spread_ld(LkB);
-  d.Eq = at::empty({p.B, p.H, p.Lq, A}, at::kFloat);
-  d.EkT = at::empty({p.B, p.Hk, A, LkP}, at::kFloat);
-  d.qflag = at::empty({p.B, p.H, p.Lq}, at::kByte);
-  d.kflag = at::empty({p.B, p.Hk, p.Lk}, at::kByte);
+  d.Eq = scratch_empty({p.B, p.H, p.Lq, A}, at::kFloat);
+  d.EkT = scratch_empty({p.B, p.Hk, A, LkP}, at::kFloat);
+  d.qflag = scratch_empty({p.B, p.H, p.Lq}, at::kByte);
+  d.kflag = scratch_empty({p.B, p.Hk, p.Lk}, at::kByte);
   const float* qp = d.q.data_ptr<float>();
   const float* kp = d.k.data_ptr<float>();
   float* eq = d.Eq.data_ptr<float>();

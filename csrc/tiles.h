@@ -83,6 +83,10 @@ struct DotScores {
   int64_t pan_j0 = 0;
   int pan_ld = 0;
   bool uses_brgemm() const { return kT != nullptr || kTv != nullptr || panels; }
+  // raw: tile() leaves the brgemm products unscaled and the forward's softmax applies the scale
+  // (exp_scale_sub_sum); set by the forward when the scale is > 0 and no modifier reads the scores.
+  bool raw = false;
+  float fold() const { return raw ? scale : 1.f; }
   // This provider for one work item reading keys [klo, khi) of head h (a copy with its panel filled), or
   // itself when the call has no panels.
   DotScores item_view(int64_t b, int64_t h, int64_t klo, int64_t khi, std::vector<float>& buf) const {
@@ -129,7 +133,8 @@ struct DotScores {
       else
         brgemm_bf16(nr, nc, D2, qb + ((b * p->H + h) * p->Lq + i0) * D2, D2, kTv + bhk * D2 * LkP + 2 * j0,
                     (int)LkP, false, S, ldS);
-      for (int i = 0; i < nr; ++i) avx512::scale(S + (int64_t)i * ldS, nc, scale);
+      if (!raw)
+        for (int i = 0; i < nr; ++i) avx512::scale(S + (int64_t)i * ldS, nc, scale);
       return;
     }
     if (q16 != nullptr)
@@ -210,6 +215,8 @@ struct AddScores {
   static constexpr int SUB = 32;
   int br() const { return 16; }
   bool uses_brgemm() const { return false; }
+  float fold() const { return 1.f; }
+  static constexpr bool panels = false;
   const AddScores& item_view(int64_t, int64_t, int64_t, int64_t, std::vector<float>&) const { return *this; }
 
   const float* eq(int64_t b, int64_t h, int64_t i) const { return Eq + ((b * p->H + h) * p->Lq + i) * p->D; }

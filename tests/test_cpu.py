@@ -8,6 +8,9 @@ FlashAttention's tests): for out, lse, dq, dk, dv and dw,
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -466,3 +469,45 @@ def test_public_api_autograd():
     assert torch.equal(out.detach(), fused[0]) and torch.equal(lse, fused[1])
     for leaf, g in zip(leaves, fused[2:]):
         assert torch.equal(leaf.grad, g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("score", ["additive", "dot"])
+def test_reused_scratch_gives_the_same_bits(score, dtype):
+    """The cpu ops keep freed scratch (csrc/scratch.h) and hand it to later calls: a call after one of
+    other sizes and data (its blocks reused, holding that call's values) gives the bits it gave first."""
+    def run(L, Lk, seed, window, fill=1.0):
+        g = torch.Generator().manual_seed(seed)
+        q = (torch.randn(1, 2, L, 40, generator=g) * fill).to(dtype).requires_grad_()
+        k, v = ((torch.randn(1, 2, Lk, 40, generator=g) * fill).to(dtype).requires_grad_() for _ in range(2))
+        if score == "additive":
+            w = (torch.randn(2, 40, generator=g) / 6).to(dtype).requires_grad_()
+            out = fusedattn.additive_attention(q, k, v, w, window=window, backend="cpu")
+            leaves = (q, k, v, w)
+        else:
+            out = fusedattn.dot_product_attention(q, k, v, window=window, backend="cpu")
+            leaves = (q, k, v)
+        out.backward(torch.ones_like(out))
+        return [out.detach()] + [t.grad for t in leaves]
+
+    first = run(290, 283, 1, (60, 0))
+    # larger blocks of other values (NaN: a padding entry read with weight 0 that the call did not
+    # clear would poison the result), freed into the cache
+    run(300, 300, 2, None, fill=math.nan)
+    run(300, 300, 3, (60, 0), fill=math.nan)
+    again = run(290, 283, 1, (60, 0))
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+
+
+def test_scratch_budget_variable_is_checked():
+    code = ("import torch, fusedattn\nq = torch.randn(1, 1, 8, 4)\n"
+            "try:\n    fusedattn.dot_product_attention(q, q, q, backend='cpu')\n    print('ok')\n"
+            "except ValueError as e:\n    print('ValueError', e)\n")
+    for value, want in (("lots", "ValueError"), ("-1", "ValueError"), ("0", "ok"), ("64", "ok")):
+        env = dict(os.environ, FUSEDATTN_CPU_SCRATCH_MIB=value)
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith(want), (value, r.stdout)
+        if want == "ValueError":
+            assert "FUSEDATTN_CPU_SCRATCH_MIB" in r.stdout and value in r.stdout

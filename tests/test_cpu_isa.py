@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+import fusedattn
 from fusedattn.backends import unavailable_reason
 
 _REASON = unavailable_reason("cpu")
@@ -241,6 +242,8 @@ _BRGEMM = [
     (1, 2, 1, 97, 257, 64, 23, {"causal": True}),
     (2, 2, 2, 131, 131, 40, 64, {"window": (37, 0)}),
     (1, 2, 2, 300, 301, 33, 16, {"window": (100, 5), "lengths": (250,)}),
+    # 8 x 9 query tiles of 128: banded items take 2 tiles under one panel, the last group a single tile
+    (1, 8, 4, 1025, 1025, 24, 24, {"window": (200, 0)}),
 ]
 
 
@@ -258,6 +261,27 @@ def test_brgemm_products_match_reference(case, dtype, isa_level):
     B, H, Hk, Lq, Lk, D, Dv, mods = case
     check_backend(Case(score="dot", B=B, H=H, Hk=Hk, Lq=Lq, Lk=Lk, D=D, Dv=Dv, dtype=dtype, seed=Lk, **mods),
                   "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_banded_tile_groups_one_vs_two_threads_bitwise(dtype, isa_level):
+    """Banded forward items group query tiles (more than 64 tiles here): the grouping depends on the
+    sizes only, so 1 and 2 threads give the same bits."""
+    _need("avx512")
+    isa_level("avx512")
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 8, 1100, 40, generator=g).to(dtype) for _ in range(3))
+    old = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(fusedattn.dot_product_attention(q, k, v, window=(300, 0), return_lse=True,
+                                                        backend="cpu"))
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
 
 
 def test_gemm_path_per_level(isa_level):
