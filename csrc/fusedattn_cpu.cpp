@@ -297,6 +297,7 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
   const int64_t nrel = p.mods.rel != nullptr ? 2 * (2 * p.mods.M - 1) : 0;  // dS and P sums
   if (drel_part != nullptr) drel_part->assign(std::max<int64_t>(n_items * p.G * nrel, 1), 0.0);
   const bool softcap = p.mods.softcap > 0.f;
+  const float fs = sc.fold();  // 1, or the scale the raw scores still lack
 
   parallel_items(n_items, [&](auto pull) {
     Buf S(BQ * BK), dP(BQ * BK), dkacc(gr.dk_size(p, BK)), dvacc(BK * std::max(Dv, 1));
@@ -374,7 +375,10 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
               rng[2 * i] = first;
               rng[2 * i + 1] = valid;
               // P only where allowed (a NaN lse must not reach the other columns)
-              exp_sub_sum(isa, srow + first, valid - first, L);
+              if (fs == 1.f)
+                exp_sub_sum(isa, srow + first, valid - first, L);
+              else  // raw scores (DotScores::raw): bitwise the scaled ones' exp
+                avx512::exp_scale_sub_sum(srow + first, valid - first, fs, L);
               for (int j = 0; j < first; ++j) srow[j] = 0.f;
               for (int j = valid; j < nz; ++j) srow[j] = 0.f;
               const float dl = delta[row0 + i];
@@ -568,6 +572,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dot_bwd(
     sc.q = qf.data_ptr<float>();  // the gradient products read float32 rows
     sc.k = kf.data_ptr<float>();
     prepare_bwd_brgemm(bm, p, b16 ? q : qf, b16 ? k : kf, b16 ? v : vf, b16 ? dout : dof, true);
+    sc.raw = scale > 0 && !p.mods.any();  // P = exp(scale * s - lse) in one pass, as the forward
   }
   std::vector<float> delta = row_delta(p, dof.data_ptr<float>(), of.data_ptr<float>());
   auto fo = q.options().dtype(at::kFloat);

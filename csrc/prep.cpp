@@ -37,7 +37,7 @@ Tensor transposed(const Tensor& x, int64_t LP) {
   return y;
 }
 
-// The same for float32 x at the avx512 level: 16 x 16 register transposes, in parallel.
+// The same for float32 x at the avx512 level (LP >= L): 16 x 16 register transposes, in parallel.
 Tensor transposed_f32(const Tensor& x, int64_t LP) {
   const int64_t BX = x.size(0) * x.size(1), L = x.size(2), n = x.size(3), L16 = round_up(L, 16);
   Tensor y = scratch_empty({x.size(0), x.size(1), n, LP}, at::kFloat);
@@ -49,6 +49,13 @@ Tensor transposed_f32(const Tensor& x, int64_t LP) {
     for (int64_t t; (t = pull()) >= 0;) {
       const int64_t bx = t / nkb, j0 = (t % nkb) * KB, rows = std::min(KB, L - j0);
       float* dst = yd + bx * n * LP;
+      if (j0 + round_up(rows, 16) > LP) {  // the transpose writes whole 16-column blocks: via a buffer
+        std::vector<float> tmp(n * round_up(rows, 16));
+        avx512::transpose32(xs + (bx * L + j0) * n, n, (int)rows, (int)n, tmp.data(), round_up(rows, 16));
+        for (int64_t c = 0; c < n; ++c)
+          std::memcpy(dst + c * LP + j0, tmp.data() + c * round_up(rows, 16), sizeof(float) * rows);
+        continue;
+      }
       avx512::transpose32(xs + (bx * L + j0) * n, n, (int)rows, (int)n, dst + j0, LP);
       if (j0 + KB >= L && LP > L16)  // columns past round_up(L, 16) (the transpose zeroes those before)
         for (int64_t c = 0; c < n; ++c) std::memset(dst + c * LP + L16, 0, sizeof(float) * (LP - L16));
@@ -168,8 +175,8 @@ void prepare_bwd_brgemm(BwdMats& m, const Problem& p, const Tensor& q, const Ten
     return;
   }
   m.vT = keep(transposed_f32(f32(v), m.LkP)).data_ptr<float>();
-  m.doT = keep(transposed(f32(dout), p.Lq)).data_ptr<float>();
-  if (dot) m.qT = keep(transposed(f32(q), p.Lq)).data_ptr<float>();
+  m.doT = keep(transposed_f32(f32(dout), p.Lq)).data_ptr<float>();
+  if (dot) m.qT = keep(transposed_f32(f32(q), p.Lq)).data_ptr<float>();
 }
 
 std::vector<uint8_t> nonfinite_rows(const float* x, int64_t rows, int64_t n) {
