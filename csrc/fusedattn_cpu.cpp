@@ -386,15 +386,15 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
               // dS = P (dP - delta); the row's dominant key (P > 1/2, see dominant_ds) another way
               int dom = first;
               if (isa.level == Level::avx512) {
-                const int f = avx512::ds_row(srow + first, drow + first, valid - first, dl);
+                const int f = avx512::ds_row(srow + first, drow + first, valid - first, dl, fs);
                 dom = f < 0 ? valid : first + f;
-              } else {
+              } else {  // fs is 1 here (raw scores only at the avx512 level)
                 for (int j = first; j < valid; ++j) drow[j] = srow[j] * (drow[j] - dl);
               }
               for (int j = dom; j < valid; ++j)
                 if (srow[j] > 0.5f)
                   drow[j] = srow[j] * dominant_ds(dor + (int64_t)i * Dv, out + (row0 + i) * p.Dv,
-                                                  vc + (int64_t)j * Dv, Dv);
+                                                  vc + (int64_t)j * Dv, Dv) * fs;
               for (int j = valid; j < nz; ++j) drow[j] = 0.f;
             }
             if (!any) continue;

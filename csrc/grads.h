@@ -38,11 +38,12 @@ struct DotGrad {
       brgemm_products(b, h, i0, nr, j0, nc, dS, dqr, dkacc);
       return;
     }
+    const float alpha = sc->raw ? 1.f : sc->scale;  // raw scores: dS arrives scaled (ds_row)
     if (qok) {
       if (tr())  // dK^T += scale q^T dS
-        gemm(true, false, D, nc, nr, sc->scale, sc->qrow(b, h, i0), D, dS, BK, 1.f, dkacc, BK);
+        gemm(true, false, D, nc, nr, alpha, sc->qrow(b, h, i0), D, dS, BK, 1.f, dkacc, BK);
       else
-        gemm(true, false, nc, D, nr, sc->scale, dS, BK, sc->qrow(b, h, i0), D, 1.f, dkacc, D);
+        gemm(true, false, nc, D, nr, alpha, dS, BK, sc->qrow(b, h, i0), D, 1.f, dkacc, D);
     } else {
       for (int j = 0; j < nc; ++j) {  // rows seeing column j: an interval (lo, lim non-decreasing)
         int ia = 0;
@@ -51,31 +52,33 @@ struct DotGrad {
         while (ie < nr && rng[2 * ie] <= j && j < rng[2 * ie + 1]) ++ie;
         if (ie == ia) continue;
         if (tr())
-          gemm(true, false, D, 1, ie - ia, sc->scale, sc->qrow(b, h, i0 + ia), D, dS + (int64_t)ia * BK + j, BK,
+          gemm(true, false, D, 1, ie - ia, alpha, sc->qrow(b, h, i0 + ia), D, dS + (int64_t)ia * BK + j, BK,
                1.f, dkacc + j, BK);
         else
-          gemm(true, false, 1, D, ie - ia, sc->scale, dS + (int64_t)ia * BK + j, BK, sc->qrow(b, h, i0 + ia), D,
+          gemm(true, false, 1, D, ie - ia, alpha, dS + (int64_t)ia * BK + j, BK, sc->qrow(b, h, i0 + ia), D,
                1.f, dkacc + (int64_t)j * D, D);
       }
     }
     if (kok) {
-      gemm(false, false, nr, D, nc, sc->scale, dS, BK, sc->krow(b, hk, j0), D, 1.f, dqr, D);
+      gemm(false, false, nr, D, nc, alpha, dS, BK, sc->krow(b, hk, j0), D, 1.f, dqr, D);
     } else {
       for (int i = 0; i < nr; ++i) {
         const int f = rng[2 * i], n = rng[2 * i + 1] - f;
         if (n > 0)
-          gemm(false, false, 1, D, n, sc->scale, dS + (int64_t)i * BK + f, BK, sc->krow(b, hk, j0 + f), D, 1.f,
+          gemm(false, false, 1, D, n, alpha, dS + (int64_t)i * BK + f, BK, sc->krow(b, hk, j0 + f), D, 1.f,
                dqr + (int64_t)i * D, D);
       }
     }
   }
-  // dQ += scale dS K and dK^T += q^T (scale dS) through brgemm (BwdMats); dS is scaled in place.
+  // dQ += scale dS K and dK^T += q^T (scale dS) through brgemm (BwdMats); dS is scaled in place, or
+  // already scaled (raw scores: the driver's ds_row applied the scale).
   void brgemm_products(int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* dS, float* dqr,
                        float* dkT) const {
     const Problem& p = *sc->p;
     const int D = (int)p.D, BK = DotScores::BK;
     const int64_t bh = b * p.H + h, bhk = b * p.Hk + h / p.G;
-    for (int i = 0; i < nr; ++i) avx512::scale(dS + (int64_t)i * BK, nc, sc->scale);
+    if (!sc->raw)
+      for (int i = 0; i < nr; ++i) avx512::scale(dS + (int64_t)i * BK, nc, sc->scale);
     if (!bm->bf16) {
       brgemm_f32(nr, D, nc, dS, BK, sc->krow(b, h / p.G, j0), D, true, dqr, D);
       brgemm_f32(D, nc, nr, bm->qT + bh * D * p.Lq + i0, (int)p.Lq, dS, BK, true, dkT, BK);

@@ -87,8 +87,9 @@ void scale(float* x, int n, float s);
 // dst[c * ldd + r] = src[r * lds + c] for 32-bit elements, r < rows, c < cols; dst rows are written in
 // whole 16-element blocks (zeros past rows: ldd must leave room for round_up(rows, 16)).
 void transpose32(const void* src, int64_t lds, int rows, int cols, void* dst, int64_t ldd);
-// dp[j] = p[j] * (dp[j] - delta) for j < n; returns the first j with p[j] > 1/2, or -1.
-int ds_row(const float* p, float* dp, int n, float delta);
+// dp[j] = p[j] * (dp[j] - delta) (times s, rounded again, when s != 1) for j < n; returns the first j
+// with p[j] > 1/2, or -1.
+int ds_row(const float* p, float* dp, int n, float delta, float s);
 }  // namespace avx512
 
 }  // namespace fusedattn_cpu

@@ -41,9 +41,9 @@ AVX512_FN inline __m512 exp16(__m512 x) {
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459E-1f));
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  __m512i n = _mm512_cvtps_epi32(fx);
-  n = _mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23);
-  y = _mm512_mul_ps(y, _mm512_castsi512_ps(n));
+  // y * 2^fx in one instruction (fx is integral and within [-126, 128]: the same value as building
+  // 2^fx from its exponent bits and multiplying, as exp8 does)
+  y = _mm512_scalef_ps(y, fx);
   return _mm512_maskz_mov_ps(keep, y);
 }
 
@@ -286,13 +286,15 @@ AVX512_FN void transpose32(const void* src, int64_t lds, int rows, int cols, voi
   }
 }
 
-AVX512_FN int ds_row(const float* p, float* dp, int n, float delta) {
-  const __m512 dv = _mm512_set1_ps(delta), half = _mm512_set1_ps(0.5f);
+AVX512_FN int ds_row(const float* p, float* dp, int n, float delta, float s) {
+  const __m512 dv = _mm512_set1_ps(delta), half = _mm512_set1_ps(0.5f), sv = _mm512_set1_ps(s);
   int dom = -1;
   for (int j = 0; j < n; j += 16) {
     const __mmask16 live = first(n - j);
     const __m512 pv = _mm512_maskz_loadu_ps(live, p + j);
-    _mm512_mask_storeu_ps(dp + j, live, _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_maskz_loadu_ps(live, dp + j), dv)));
+    __m512 d = _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_maskz_loadu_ps(live, dp + j), dv));
+    if (s != 1.f) d = _mm512_mul_ps(d, sv);  // rounded after the product, as a separate scale() pass
+    _mm512_mask_storeu_ps(dp + j, live, d);
     const unsigned big = _mm512_cmp_ps_mask(pv, half, _CMP_GT_OQ);
     if (big != 0 && dom < 0) dom = j + __builtin_ctz(big);
   }
