@@ -1,5 +1,6 @@
 // Argument checks and problem sizes of the CPU ops (declared in checks.h).
 #include "checks.h"
+#include "scratch.h"
 
 namespace fusedattn_cpu {
 
@@ -73,6 +74,7 @@ Tensor f32(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 Problem make_problem(const Tensor& q, const Tensor& k, const Tensor& v,
                      std::vector<int64_t> klen, bool causal) {
+  scratch_budget_bytes();  // FUSEDATTN_CPU_SCRATCH_MIB checked on every op's first call
   Problem p;
   p.B = q.size(0); p.H = q.size(1); p.Lq = q.size(2); p.D = q.size(3);
   p.Hk = k.size(1); p.Lk = k.size(2); p.Dv = v.size(3);

@@ -58,12 +58,13 @@ at::Tensor scratch_empty(at::IntArrayRef sizes, at::ScalarType t) {
     }
   }
   if (p == nullptr) {
-    cap_bytes();  // a malformed FUSEDATTN_CPU_SCRATCH_MIB fails here, before anything is allocated
     p = std::aligned_alloc(64, size);
     TORCH_CHECK(p != nullptr, "fusedattn_cpu: out of memory for ", size, " bytes of scratch");
   }
   return at::from_blob(p, sizes, [size](void* q) { release(q, size); }, at::TensorOptions().dtype(t));
 }
+
+int64_t scratch_budget_bytes() { return (int64_t)cap_bytes(); }
 
 int64_t scratch_cached_bytes() {
   std::lock_guard<std::mutex> g(mu);

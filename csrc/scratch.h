@@ -17,4 +17,8 @@ at::Tensor scratch_empty(at::IntArrayRef sizes, at::ScalarType t);
 // Bytes held by the cache now (freed blocks awaiting reuse).
 int64_t scratch_cached_bytes();
 
+// The cache's budget in bytes, FUSEDATTN_CPU_SCRATCH_MIB read once; a malformed value raises ValueError.
+// Every op calls it (make_problem), so a bad value is refused at every ISA level, used scratch or not.
+int64_t scratch_budget_bytes();
+
 }  // namespace fusedattn_cpu
