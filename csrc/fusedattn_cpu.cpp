@@ -151,19 +151,20 @@ void forward(const Problem& p, const Scores& sc, const VMats& vm, float* out, fl
               float* srow = S.data() + (int64_t)(i - r0) * W;
               const int valid = (int)std::clamp<int64_t>(lims[i] - j0, 0, nc);
               const int first = (int)std::clamp<int64_t>(los[i] - j0, 0, valid);
-              for (int j = 0; j < first; ++j) srow[j] = kNegInf;
-              for (int j = valid; j < nc; ++j) srow[j] = kNegInf;
               // the row's maximum in scaled units (fs > 0 keeps the order: the same element)
               const float rm = valid > first ? row_max(isa, srow + first, valid - first) * fs : kNegInf;
               const float mn = (rm > m[i] || std::isnan(rm)) ? rm : m[i];  // a NaN score stays NaN
-              if (mn == kNegInf) {  // nothing allowed yet in this row
-                std::memset(srow, 0, sizeof(float) * nc);
-                continue;
-              }
+              // P = 0 outside the allowed keys [first, valid), exp(s - mn) inside
+              std::memset(srow, 0, sizeof(float) * (mn == kNegInf ? nc : first));
+              if (mn == kNegInf) continue;  // nothing allowed yet in this row
+              std::memset(srow + valid, 0, sizeof(float) * (nc - valid));
               // a row's first block with an allowed key: its O row is still the memset zeros
               const bool first_block = m[i] == kNegInf;
               const float alpha = first_block ? 0.f : std::exp(m[i] - mn);
-              const float sum = fs == 1.f ? exp_sub_sum(isa, srow, nc, mn) : avx512::exp_scale_sub_sum(srow, nc, fs, mn);
+              float* sa = srow + first;
+              const float sum = valid == first ? 0.f
+                                : fs == 1.f  ? exp_sub_sum(isa, sa, valid - first, mn)
+                                             : avx512::exp_scale_sub_sum(sa, valid - first, fs, mn);
               l[i] = l[i] * alpha + sum;
               m[i] = mn;
               if (alpha != 1.f && !first_block) {

