@@ -422,8 +422,7 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
         gr.write_dk(p, dkacc.data(), nc, dk + ((b * p.Hk + hk) * p.Lk + j0) * p.D);
         float* dvt = dv + ((b * p.Hk + hk) * p.Lk + j0) * p.Dv;
         if (bm.on) {  // dV^T (Dv x BK) to rows
-          for (int j = 0; j < nc; ++j)
-            for (int d = 0; d < Dv; ++d) dvt[(int64_t)j * Dv + d] = dvacc.data()[(int64_t)d * BK + j];
+          columns_to_rows(dvacc.data(), BK, Dv, nc, dvt);
         } else {
           std::memcpy(dvt, dvacc.data(), sizeof(float) * nc * Dv);
         }

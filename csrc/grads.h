@@ -110,8 +110,7 @@ struct DotGrad {
       std::memcpy(dk, dkacc, sizeof(float) * nc * p.D);
       return;
     }
-    for (int j = 0; j < nc; ++j)
-      for (int64_t d = 0; d < p.D; ++d) dk[j * p.D + d] = dkacc[d * DotScores::BK + j];
+    columns_to_rows(dkacc, DotScores::BK, (int)p.D, nc, dk);
   }
 };
 

@@ -57,6 +57,18 @@ void parallel_items(int64_t n, const Body& body) {
 // ----------------------------------------------------------------------------- score providers
 
 // s_ij = scale * q_i . k_j through sgemm, or through gemm16 on the 16-bit inputs (q16, k16 set).
+// y (nc x n, rows of n) = the first nc columns of x (n x ldx): the brgemm path's transposed dK / dV
+// accumulators to rows. AVX-512 16 x 16 transposes when n is a multiple of 16 (transpose32 writes
+// whole 16-row blocks), a scalar loop otherwise (the brgemm path runs at the avx512 level only).
+inline void columns_to_rows(const float* x, int ldx, int n, int nc, float* y) {
+  if (n % 16 == 0) {
+    avx512::transpose32(x, ldx, n, nc, y, n);
+    return;
+  }
+  for (int j = 0; j < nc; ++j)
+    for (int d = 0; d < n; ++d) y[(int64_t)j * n + d] = x[(int64_t)d * ldx + j];
+}
+
 struct DotScores {
   const float* q;  // (B, H, Lq, D) float32 (the backward's dk product; may be null in the forward)
   const float* k;  // (B, Hk, Lk, D)
