@@ -236,6 +236,31 @@ def test_dot_large_scores(pre, Dv):
     _compare("dot", q, k, v, w, do, None, True, score_floor=floor)
 
 
+@pytest.mark.parametrize("score", ["additive", "dot"])
+def test_softmax_exponential_tails(score):
+    """Scores -inf (a rel_bias of -inf at every third distance) and 90-100 below the row's maximum
+    (exponentials in float32's subnormal range): weights there are exactly 0 and tiny, outputs and
+    gradients (rel_bias's too, 0 on the -inf buckets) follow the tolerance rule."""
+    q, k, v, w, do = _inputs(score, 1, 2, 2, 17, 97, 16, 16, seed=3)
+    rb = torch.randn(2, 2 * 97 - 1, generator=torch.Generator().manual_seed(4))
+    rb[:, ::3] = -math.inf
+    rb[:, 1::3] -= 95.0
+    res = {}
+    for name, backend, dt in [("cpu", "cpu", torch.float32), ("truth", "reference", torch.float64),
+                              ("ref32", "reference", torch.float32)]:
+        xs = (q, k, v, w) if score == "additive" else (q, k, v)
+        leaves = [t.detach().to(dt).requires_grad_() for t in xs]
+        r = rb.detach().to(dt).clone().requires_grad_()
+        fn = fusedattn.additive_attention if score == "additive" else fusedattn.dot_product_attention
+        out, lse = fn(*leaves, rel_bias=r, return_lse=True, backend=backend)
+        out.backward(do.to(dt))
+        res[name] = [out, lse, *[t.grad for t in leaves], r.grad]
+    assert torch.equal(res["cpu"][-1][:, ::3], torch.zeros_like(res["cpu"][-1][:, ::3]))
+    for f, o, r in zip(res["cpu"], res["truth"], res["ref32"]):
+        mag = o.abs().max().item()
+        assert _max_err(f, o) <= 2 * _max_err(r, o) + 2e-6 * max(1.0, mag)
+
+
 def _saturated(kind, seed):
     """Issue 16 item 1: inputs whose softmax saturates (one-hot rows)."""
     if kind == "one key":  # a single allowed key: the softmax is constant, dk must be exactly 0
