@@ -42,6 +42,9 @@
 #include <cstring>
 #include <string>
 #include <vector>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
 
 #include "grads.h"
 #include "tiles.h"
@@ -81,7 +84,11 @@ inline void pv_product(const Problem& p, const VMats& vm, int64_t bhk, int rn, i
 
 // out_f (B, H, Lq, Dv) float32 and lse (B, H, Lq) float32, both preallocated and contiguous.
 template <class Scores>
-void forward(const Problem& p, const Scores& sc, const VMats& vm, float* out, float* lse, Isa isa) {
+void forward(const Problem& p, const Scores& sc, const VMats& vm, float* out, float* lse, Isa isa,
+             bool final_out = false) {
+  // final_out: out is the call's result (float32 inputs), not converted afterwards: written with
+  // non-temporal stores at the avx512 level
+  const bool stream_out = final_out && isa.level == Level::avx512;
   constexpr int BQ = Scores::BQ, BK = Scores::BK, KA = Scores::KA;
   const int BR = sc.br();
   const int64_t nqt = (p.Lq + BQ - 1) / BQ, nkt = (p.Lk + BK - 1) / BK;
@@ -151,20 +158,28 @@ void forward(const Problem& p, const Scores& sc, const VMats& vm, float* out, fl
               float* srow = S.data() + (int64_t)(i - r0) * W;
               const int valid = (int)std::clamp<int64_t>(lims[i] - j0, 0, nc);
               const int first = (int)std::clamp<int64_t>(los[i] - j0, 0, valid);
+              const bool v512 = isa.level == Level::avx512;
               // the row's maximum in scaled units (fs > 0 keeps the order: the same element)
-              const float rm = valid > first ? row_max(isa, srow + first, valid - first) * fs : kNegInf;
+              const float rm = valid == first ? kNegInf
+                               : v512         ? avx512::row_max_in(srow, first, valid) * fs
+                                              : row_max(isa, srow + first, valid - first) * fs;
               const float mn = (rm > m[i] || std::isnan(rm)) ? rm : m[i];  // a NaN score stays NaN
-              // P = 0 outside the allowed keys [first, valid), exp(s - mn) inside
-              std::memset(srow, 0, sizeof(float) * (mn == kNegInf ? nc : first));
-              if (mn == kNegInf) continue;  // nothing allowed yet in this row
-              std::memset(srow + valid, 0, sizeof(float) * (nc - valid));
+              if (mn == kNegInf) {  // nothing allowed yet in this row
+                std::memset(srow, 0, sizeof(float) * nc);
+                continue;
+              }
               // a row's first block with an allowed key: its O row is still the memset zeros
               const bool first_block = m[i] == kNegInf;
               const float alpha = first_block ? 0.f : std::exp(m[i] - mn);
-              float* sa = srow + first;
-              const float sum = valid == first ? 0.f
-                                : fs == 1.f  ? exp_sub_sum(isa, sa, valid - first, mn)
-                                             : avx512::exp_scale_sub_sum(sa, valid - first, fs, mn);
+              // P = exp(s - mn) on the allowed keys [first, valid), 0 elsewhere
+              float sum;
+              if (v512) {
+                sum = avx512::exp_sub_sum_in(srow, nc, first, valid, fs, mn);
+              } else {  // fs is 1 here (raw scores only at the avx512 level)
+                std::memset(srow, 0, sizeof(float) * first);
+                std::memset(srow + valid, 0, sizeof(float) * (nc - valid));
+                sum = valid == first ? 0.f : exp_sub_sum(isa, srow + first, valid - first, mn);
+              }
               l[i] = l[i] * alpha + sum;
               m[i] = mn;
               if (alpha != 1.f && !first_block) {
@@ -191,7 +206,10 @@ void forward(const Problem& p, const Scores& sc, const VMats& vm, float* out, fl
           float* dst = out + (row0 + i) * Dv;
           if (l[i] > 0.f || std::isnan(l[i])) {  // NaN inputs give a NaN row
             const float inv = 1.f / l[i];
-            for (int d = 0; d < Dv; ++d) dst[d] = o[d] * inv;
+            if (isa.level == Level::avx512)
+              avx512::scale_to(o, dst, Dv, inv, stream_out);
+            else
+              for (int d = 0; d < Dv; ++d) dst[d] = o[d] * inv;
             lse[row0 + i] = m[i] + std::log(l[i]);
           } else {
             for (int d = 0; d < Dv; ++d) dst[d] = 0.f;
@@ -201,6 +219,9 @@ void forward(const Problem& p, const Scores& sc, const VMats& vm, float* out, fl
       }  // the item's query tiles
     }
     if (vm.brg || vm.vv != nullptr) brgemm_done();
+#if defined(__x86_64__) || defined(_M_X64)
+    if (stream_out) _mm_sfence();  // the non-temporal output stores (scale_to) before the join
+#endif
   });
 
   if (nsplit > 1) {  // merge the key splits by log-sum-exp, in split order
@@ -470,7 +491,7 @@ std::tuple<Tensor, Tensor> additive_fwd(const Tensor& q, const Tensor& k, const 
   Tensor out = at::empty({p.B, p.H, p.Lq, p.Dv}, q.options().dtype(at::kFloat));
   Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
   VMats vm{vf.data_ptr<float>(), use_brgemm(isa, at::kFloat)};
-  forward(p, d.sc, vm, out.data_ptr<float>(), lse.data_ptr<float>(), isa);
+  forward(p, d.sc, vm, out.data_ptr<float>(), lse.data_ptr<float>(), isa, q.scalar_type() == at::kFloat);
   return {out.to(q.scalar_type()), lse};
 }
 
@@ -533,14 +554,15 @@ std::tuple<Tensor, Tensor> dot_fwd(const Tensor& q, const Tensor& k, const Tenso
     VMats vm;
     prepare_dot_brgemm(mats, sc, &vm, p, q, k, v, p.wl >= 0);
     sc.raw = scale > 0 && !p.mods.any();  // the softmax applies the scale (no pass over the scores)
-    forward(p, sc, vm, out.data_ptr<float>(), lse.data_ptr<float>(), isa);
+    forward(p, sc, vm, out.data_ptr<float>(), lse.data_ptr<float>(), isa, q.scalar_type() == at::kFloat);
     return {out.to(q.scalar_type()), lse};
   }
   const Low16 qk16 = low16(isa, q, k);  // 16-bit scores: no float32 copies of q and k
   Tensor qf = qk16.on() ? Tensor() : f32(q), kf = qk16.on() ? Tensor() : f32(k), vf = f32(v);
   DotScores sc{qk16.on() ? nullptr : qf.data_ptr<float>(), qk16.on() ? nullptr : kf.data_ptr<float>(),
                (float)scale, &p, qk16.pa(), qk16.pb(), qk16.t};
-  forward(p, sc, VMats{vf.data_ptr<float>()}, out.data_ptr<float>(), lse.data_ptr<float>(), isa);
+  forward(p, sc, VMats{vf.data_ptr<float>()}, out.data_ptr<float>(), lse.data_ptr<float>(), isa,
+          q.scalar_type() == at::kFloat);
   return {out.to(q.scalar_type()), lse};
 }
 

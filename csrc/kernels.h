@@ -77,6 +77,12 @@ float exp_sub_sum(float* x, int n, float m);
 // x[j] = exp(s * x[j] - m) (s * x[j] rounded, as scale() would), returns their sum; s > 0. The
 // forward's softmax on raw brgemm products (DotScores::fold), which then need no scaling pass.
 float exp_scale_sub_sum(float* x, int n, float s, float m);
+// The forward's softmax over a row of n columns whose allowed keys are [lo, hi), in vectors aligned
+// to x: row_max_in returns their maximum (NaN if one is NaN); exp_sub_sum_in writes exp(s * x[j] - m)
+// there (s * x[j] rounded; s = 1: x[j] - m) and 0 in the other columns (no separate zeroing), and
+// returns the sum.
+float row_max_in(const float* x, int lo, int hi);
+float exp_sub_sum_in(float* x, int n, int lo, int hi, float s, float m);
 // Only at this level (the brgemm operands, gemm.h): y[j] = bfloat16(x[j]) rounded to nearest even (NaN
 // stays NaN) for j < n, and 0 for n <= j < n_pad; x[j] *= s for j < n.
 void to_bf16(const float* x, uint16_t* y, int n, int n_pad);
@@ -84,6 +90,9 @@ void to_bf16(const float* x, uint16_t* y, int n, int n_pad);
 // past nr zero): rows i of x as the VNNI pairs of a brgemm B operand (gemm.h).
 void vnni_rows(const float* x, int ldx, int nr, int n, float s, uint16_t* y, int ldy);
 void scale(float* x, int n, float s);
+// y[j] = s * x[j] for j < n; with non-temporal stores when nt and y is 64-byte aligned with n % 16 == 0
+// (a result that is not read again soon: no read-for-ownership of y's lines; the caller fences).
+void scale_to(const float* x, float* y, int n, float s, bool nt);
 // dst[c * ldd + r] = src[r * lds + c] for 32-bit elements, r < rows, c < cols; dst rows are written in
 // whole 16-element blocks (zeros past rows: ldd must leave room for round_up(rows, 16)).
 void transpose32(const void* src, int64_t lds, int rows, int cols, void* dst, int64_t ldd);

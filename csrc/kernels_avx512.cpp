@@ -230,6 +230,46 @@ AVX512_FN float exp_scale_sub_sum(float* x, int n, float s, float m) {
   return _mm512_reduce_add_ps(acc);
 }
 
+namespace {
+// lanes of the vector at x + j that lie in [lo, hi)
+inline __mmask16 lanes_in(int j, int lo, int hi) {
+  const unsigned a = lo <= j ? 0xFFFFu : lo >= j + 16 ? 0u : 0xFFFFu << (lo - j);
+  const unsigned b = hi >= j + 16 ? 0xFFFFu : hi <= j ? 0u : 0xFFFFu >> (j + 16 - hi);
+  return (__mmask16)(a & b);
+}
+}  // namespace
+
+AVX512_FN float row_max_in(const float* x, int lo, int hi) {
+  const __m512 ninf = _mm512_set1_ps(-INFINITY);
+  __m512 m = ninf;
+  __mmask16 nan = 0;
+  for (int j = lo / 16 * 16; j < hi; j += 16) {
+    const __m512 v = _mm512_mask_loadu_ps(ninf, lanes_in(j, lo, hi), x + j);
+    m = _mm512_max_ps(m, v);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
+  return nan ? NAN : _mm512_reduce_max_ps(m);
+}
+
+AVX512_FN float exp_sub_sum_in(float* x, int n, int lo, int hi, float s, float m) {
+  const __m512 sv = _mm512_set1_ps(s), mv = _mm512_set1_ps(m), ninf = _mm512_set1_ps(-INFINITY);
+  __m512 acc = _mm512_setzero_ps();
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 live = lanes_in(j, 0, n), in = lanes_in(j, lo, hi) & live;
+    if (in == 0) {
+      _mm512_mask_storeu_ps(x + j, live, _mm512_setzero_ps());
+      continue;
+    }
+    __m512 v = _mm512_mask_loadu_ps(ninf, in, x + j);
+    if (s != 1.f)  // s * x rounded first, as in exp_scale_sub_sum
+      v = _mm512_mul_round_ps(v, sv, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 e = _mm512_maskz_mov_ps(in, exp16_softmax(_mm512_sub_ps(v, mv)));
+    _mm512_mask_storeu_ps(x + j, live, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
 AVX512_FN void exp2x(const float* x, float* y, int n) {
   const __m512 two = _mm512_set1_ps(2.f);
   for (int j = 0; j < n; j += 16) {
@@ -321,6 +361,18 @@ AVX512_FN int ds_row(const float* p, float* dp, int n, float delta, float s) {
     if (big != 0 && dom < 0) dom = j + __builtin_ctz(big);
   }
   return dom;
+}
+
+AVX512_FN void scale_to(const float* x, float* y, int n, float s, bool nt) {
+  const __m512 sv = _mm512_set1_ps(s);
+  if (nt && n % 16 == 0 && reinterpret_cast<uintptr_t>(y) % 64 == 0) {
+    for (int j = 0; j < n; j += 16) _mm512_stream_ps(y + j, _mm512_mul_ps(sv, _mm512_loadu_ps(x + j)));
+    return;
+  }
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 live = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+    _mm512_mask_storeu_ps(y + j, live, _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(live, x + j)));
+  }
 }
 
 AVX512_FN void scale(float* x, int n, float s) {
