@@ -72,10 +72,12 @@ bool empty_problem(const Problem& p);
 void set_modifiers(const char* op, Problem& p, int64_t window_left, int64_t window_right, double softcap,
                    const c10::optional<at::Tensor>& rel_bias, const c10::optional<at::Tensor>& alibi_slopes,
                    std::vector<at::Tensor>& keep);
-// Applies p.mods to the score tile S (nr x nc, leading dim ldS) of query rows i0.. and keys j0..;
-// with softcap and T != nullptr, stores tanh(raw / softcap) in T (same layout) for the backward.
+// Applies p.mods to the score tile S (nr x nc, leading dim ldS) of query rows i0.. and keys j0..,
+// after scaling it by pre (the brgemm path's unscaled products: DotScores::mods_scale, folded into the
+// softcap's 1 / softcap or the bias addition's FMA); with softcap and T != nullptr, stores
+// tanh(pre * s / softcap) in T (same layout) for the backward.
 void apply_mods(const Problem& p, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* S,
-                int ldS, float* T);
+                int ldS, float* T, float pre = 1.f);
 // Backward of the biases: drel[idx(d)] += dS and drel[2M - 1 + idx(d)] += P (the softmax, same
 // layout as dS) over the tile, in double; then dS *= 1 - T^2 (softcap). reduce_rel uses the
 // softmax mass per distance to remove the rows' rounding residual (see prep.cpp).

@@ -153,7 +153,7 @@ void forward(const Problem& p, const Scores& sc, const VMats& vm, float* out, fl
           for (int64_t j0 = std::max(kb, los[r0]) / KA * KA; j0 < kend; j0 += W) {
             const int nc = (int)std::min<int64_t>(W, kend - j0);
             isc.tile(isa, b, h, i0 + r0, rn, j0, nc, S.data(), W);
-            if (p.mods.any()) apply_mods(p, b, h, i0 + r0, rn, j0, nc, S.data(), W, nullptr);
+            if (p.mods.any()) apply_mods(p, b, h, i0 + r0, rn, j0, nc, S.data(), W, nullptr, isc.mods_scale());
             for (int i = r0; i < r0 + rn; ++i) {
               float* srow = S.data() + (int64_t)(i - r0) * W;
               const int valid = (int)std::clamp<int64_t>(lims[i] - j0, 0, nc);
@@ -365,7 +365,8 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
             const int64_t c0 = j0 + ca, row0 = (b * p.H + h) * p.Lq + i0;
             const float* vc = vt + (int64_t)ca * Dv;
             sc.tile(isa, b, h, i0, nr, c0, nc, S.data(), BK);
-            if (p.mods.any()) apply_mods(p, b, h, i0, nr, c0, nc, S.data(), BK, softcap ? T.data() : nullptr);
+            if (p.mods.any())
+              apply_mods(p, b, h, i0, nr, c0, nc, S.data(), BK, softcap ? T.data() : nullptr, sc.mods_scale());
             const float* dor = dout + row0 * p.Dv;
             const int64_t bhk = b * p.Hk + hk;
             if (bm.bf16)
@@ -554,6 +555,7 @@ std::tuple<Tensor, Tensor> dot_fwd(const Tensor& q, const Tensor& k, const Tenso
     VMats vm;
     prepare_dot_brgemm(mats, sc, &vm, p, q, k, v, p.wl >= 0);
     sc.raw = scale > 0 && !p.mods.any();  // the softmax applies the scale (no pass over the scores)
+    sc.mods_in = p.mods.any();            // or the modifiers do
     forward(p, sc, vm, out.data_ptr<float>(), lse.data_ptr<float>(), isa, q.scalar_type() == at::kFloat);
     return {out.to(q.scalar_type()), lse};
   }
@@ -595,6 +597,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dot_bwd(
     sc.k = kf.data_ptr<float>();
     prepare_bwd_brgemm(bm, p, b16 ? q : qf, b16 ? k : kf, b16 ? v : vf, b16 ? dout : dof, true);
     sc.raw = scale > 0 && !p.mods.any();  // P = exp(scale * s - lse) in one pass, as the forward
+    sc.mods_in = p.mods.any();            // the modifiers scale, as in the forward
   }
   std::vector<float> delta = row_delta(p, dof.data_ptr<float>(), of.data_ptr<float>());
   auto fo = q.options().dtype(at::kFloat);

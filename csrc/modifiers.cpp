@@ -37,12 +37,12 @@ void softcap_scalar(float* s, float* t, int n, float c) {
 }
 
 __attribute__((target("avx512f")))
-void softcap_avx512(float* s, float* t, int n, float c) {
-  const __m512 rc = _mm512_set1_ps(1.f / c), cv = _mm512_set1_ps(c), one = _mm512_set1_ps(1.f),
+void softcap_avx512(float* s, float* t, int n, float c, float pre) {
+  const __m512 rc = _mm512_set1_ps(pre / c), cv = _mm512_set1_ps(c), one = _mm512_set1_ps(1.f),
                two = _mm512_set1_ps(2.f), lo = _mm512_set1_ps(-87.f), hi = _mm512_set1_ps(87.f);
   for (int j = 0; j < n; j += 16) {
     const __mmask16 m = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
-    const __m512 u = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + j), rc);  // x = s / c
+    const __m512 u = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + j), rc);  // x = pre * s / c
     const __m512 u2 = _mm512_mul_ps(u, u);
     __m512 q = _mm512_set1_ps(kT[0]);
     for (int i = 1; i < 5; ++i) q = _mm512_fmadd_ps(q, u2, _mm512_set1_ps(kT[i]));
@@ -108,8 +108,49 @@ void softcap_avx2(float* s, float* t, int n, float c) {
   }
 }
 
+// s[j] = pre * s[j] + rel[clamp(d0 + j, -M1, M1)] (rel != nullptr; one FMA), then s[j] -= slope |d0 + j|
+// (alibi; one FMA): apply_mods' loops in one pass of 16-lane vectors
+__attribute__((target("avx512f")))
+void biases_avx512(float* s, int nc, const float* rel, int64_t d0, int64_t M1, bool alibi, float slope,
+                   float pre) {
+  const __m512 pv = _mm512_set1_ps(pre), sl = _mm512_set1_ps(slope), fd0 = _mm512_set1_ps((float)d0),
+               iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const int lo = rel != nullptr ? (int)std::clamp<int64_t>(-M1 - d0, 0, nc) : 0;
+  const int hi = rel != nullptr ? (int)std::clamp<int64_t>(M1 - d0 + 1, lo, nc) : 0;
+  const float* r = rel != nullptr ? rel + d0 : nullptr;
+  for (int j = 0; j < nc; j += 16) {
+    const __mmask16 live = nc - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nc - j)) - 1);
+    __m512 v = _mm512_maskz_loadu_ps(live, s + j);
+    if (rel != nullptr) {
+      __m512 b;
+      if (j + 16 <= lo) {
+        b = _mm512_set1_ps(rel[-M1]);
+      } else if (j >= hi) {
+        b = _mm512_set1_ps(rel[M1]);
+      } else if (j >= lo && j + 16 <= hi) {
+        b = _mm512_loadu_ps(r + j);
+      } else {  // a segment edge in this vector: lane by lane
+        alignas(64) float t[16];
+        for (int l = 0; l < 16; ++l) {
+          const int jj = j + l;
+          t[l] = jj < lo ? rel[-M1] : jj < hi ? r[jj] : rel[M1];
+        }
+        b = _mm512_load_ps(t);
+      }
+      v = _mm512_fmadd_ps(v, pv, b);
+    } else if (pre != 1.f) {
+      v = _mm512_mul_ps(v, pv);
+    }
+    if (alibi) {
+      const __m512 d = _mm512_abs_ps(_mm512_add_ps(fd0, _mm512_add_ps(_mm512_set1_ps((float)j), iota)));
+      v = _mm512_fnmadd_ps(sl, d, v);
+    }
+    _mm512_mask_storeu_ps(s + j, live, v);
+  }
+}
+
 void softcap_row(Level level, float* s, float* t, int n, float c) {
-  if (level == Level::avx512) return softcap_avx512(s, t, n, c);
+  if (level == Level::avx512) return softcap_avx512(s, t, n, c, 1.f);
   if (level == Level::avx2) return softcap_avx2(s, t, n, c);
   softcap_scalar(s, t, n, c);
 }
@@ -145,7 +186,7 @@ void set_modifiers(const char* op, Problem& p, int64_t window_left, int64_t wind
 }
 
 void apply_mods(const Problem& p, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* S,
-                int ldS, float* T) {
+                int ldS, float* T, float pre) {
   const Mods& m = p.mods;
   const Level level = current_isa().level;  // FUSEDATTN_CPU_ISA / set_level apply here too
   const float* rel = m.rel != nullptr ? m.rel + h * (2 * m.M - 1) + (m.M - 1) : nullptr;  // rel[d]
@@ -154,7 +195,16 @@ void apply_mods(const Problem& p, int64_t b, int64_t h, int64_t i0, int nr, int6
   for (int i = 0; i < nr; ++i) {
     float* s = S + (int64_t)i * ldS;
     const int64_t d0 = j0 - (i0 + i) - shift;  // distance of key j0; key j0 + j has d0 + j
-    if (m.softcap > 0.f) softcap_row(level, s, T != nullptr ? T + (int64_t)i * ldS : nullptr, nc, m.softcap);
+    float* t = T != nullptr ? T + (int64_t)i * ldS : nullptr;
+    if (level == Level::avx512) {  // the scale folded into the first modifier
+      if (m.softcap > 0.f) softcap_avx512(s, t, nc, m.softcap, pre);
+      if (rel != nullptr || m.alibi != nullptr)
+        biases_avx512(s, nc, rel, d0, M1, m.alibi != nullptr, slope, m.softcap > 0.f ? 1.f : pre);
+      continue;
+    }
+    if (pre != 1.f)  // (only the avx512 level's brgemm path leaves unscaled products)
+      for (int j = 0; j < nc; ++j) s[j] *= pre;
+    if (m.softcap > 0.f) softcap_row(level, s, t, nc, m.softcap);
     if (rel != nullptr) {  // clamped below -(M-1), a contiguous slice inside, clamped above M-1
       const int lo = (int)std::clamp<int64_t>(-M1 - d0, 0, nc), hi = (int)std::clamp<int64_t>(M1 - d0 + 1, lo, nc);
       for (int j = 0; j < lo; ++j) s[j] += rel[-M1];

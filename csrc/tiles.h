@@ -99,6 +99,10 @@ struct DotScores {
   // (exp_scale_sub_sum); set by the forward when the scale is > 0 and no modifier reads the scores.
   bool raw = false;
   float fold() const { return raw ? scale : 1.f; }
+  // mods_in: tile() leaves the brgemm products unscaled and apply_mods scales them (folded into the
+  // first modifier's arithmetic: mods_scale); set with modifiers on the brgemm path, forward and backward.
+  bool mods_in = false;
+  float mods_scale() const { return mods_in ? scale : 1.f; }
   // This provider for one work item reading keys [klo, khi) of head h (a copy with its panel filled), or
   // itself when the call has no panels.
   DotScores item_view(int64_t b, int64_t h, int64_t klo, int64_t khi, std::vector<float>& buf) const {
@@ -145,7 +149,7 @@ struct DotScores {
       else
         brgemm_bf16(nr, nc, D2, qb + ((b * p->H + h) * p->Lq + i0) * D2, D2, kTv + bhk * D2 * LkP + 2 * j0,
                     (int)LkP, false, S, ldS);
-      if (!raw)
+      if (!raw && !mods_in)
         for (int i = 0; i < nr; ++i) avx512::scale(S + (int64_t)i * ldS, nc, scale);
       return;
     }
@@ -228,6 +232,7 @@ struct AddScores {
   int br() const { return 16; }
   bool uses_brgemm() const { return false; }
   float fold() const { return 1.f; }
+  float mods_scale() const { return 1.f; }
   static constexpr bool panels = false;
   const AddScores& item_view(int64_t, int64_t, int64_t, int64_t, std::vector<float>&) const { return *this; }
 
