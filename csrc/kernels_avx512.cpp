@@ -24,22 +24,32 @@ AVX512_FN inline __m512 recip_nr(__m512 d) {
   return _mm512_fmadd_ps(x, _mm512_fnmadd_ps(d, x, one), x);
 }
 
+// x = fx ln2 + r with fx = round(x log2(e)) and |r| <= ln2 / 2 (Cody-Waite: ln2 in two parts)
+AVX512_FN inline __m512 ln2_reduce(__m512 x, __m512* fx) {
+  *fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmadd_ps(*fx, _mm512_set1_ps(0.693359375f), x);
+  return _mm512_fnmadd_ps(*fx, _mm512_set1_ps(-2.12194440e-4f), r);
+}
+
+// c[0] r^(n-1) + ... + c[n-1] in Horner form (one FMA per step)
+AVX512_FN inline __m512 horner(__m512 r, const float* c, int n) {
+  __m512 y = _mm512_set1_ps(c[0]);
+  for (int i = 1; i < n; ++i) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(c[i]));
+  return y;
+}
+
 // exp(x) as exp8 in kernels_avx2.cpp (same constants and steps), 16 lanes.
 AVX512_FN inline __m512 exp16(__m512 x) {
   const __m512 lo = _mm512_set1_ps(-87.f);
   const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ);  // x >= -87 or NaN
   x = _mm512_max_ps(lo, x);
   x = _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), x);
-  __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507E-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073E-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894E-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459E-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
+  __m512 fx;
+  const __m512 r = ln2_reduce(x, &fx);
+  static constexpr float kP[] = {1.9875691500E-4f, 1.3981999507E-3f, 8.3334519073E-3f, 4.1665795894E-2f,
+                                 1.6666665459E-1f, 5.0000001201E-1f};
+  __m512 y = horner(r, kP, 6);
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
   // y * 2^fx in one instruction (fx is integral and within [-126, 128]: the same value as building
   // 2^fx from its exponent bits and multiplying, as exp8 does)
@@ -187,18 +197,11 @@ AVX512_FN float row_max(const float* x, int n) {  // NaN if any x is NaN
 // (exp16: 1.26); a row of 257 scaled scores: 3.9 ns per 16 against 4.8 (Zen 4, one thread).
 AVX512_FN inline __m512 exp16_softmax(__m512 x) {
   x = _mm512_max_ps(_mm512_set1_ps(-110.f), x);  // NaN stays NaN (max returns its second operand)
-  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.3843623456e-03f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3741797134e-03f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1668005288e-02f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666431725e-01f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.9999994040e-01f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(y, fx);
+  __m512 fx;
+  const __m512 r = ln2_reduce(x, &fx);
+  static constexpr float kE[] = {1.3843623456e-03f, 8.3741797134e-03f, 4.1668005288e-02f, 1.6666431725e-01f,
+                                 4.9999994040e-01f, 1.f, 1.f};
+  return _mm512_scalef_ps(horner(r, kE, 7), fx);
 }
 
 AVX512_FN float exp_sub_sum(float* x, int n, float m) {
