@@ -85,10 +85,10 @@ void exp2x(Isa isa, const float* x, float* y, int n) {
   DISPATCH(exp2x_scalar(x, y, n), exp2x, x, y, n)
 }
 
-void add_scores(Isa isa, int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk,
-                const float* w, float* S, int ldS) {
-  DISPATCH(add_scores_scalar(nr, nc16, A, Eq, EkT, ldk, w, S, ldS), add_scores, nr, nc16, A, Eq, EkT, ldk,
-           w, S, ldS)
+void add_scores(Isa isa, int nr, int nc16, int A, const float* Eq, const float* Eqw, const float* EkT,
+                int64_t ldk, const float* w, const float* iw, float* S, int ldS) {
+  DISPATCH(add_scores_scalar(nr, nc16, A, Eq, EkT, ldk, w, S, ldS), add_scores, nr, nc16, A, Eq, Eqw, EkT,
+           ldk, w, iw, S, ldS)
 }
 
 void add_bwd(Isa isa, int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk,

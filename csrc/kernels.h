@@ -8,6 +8,7 @@
 // an op reads it once per call, so one call never mixes levels.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -37,8 +38,18 @@ std::vector<std::string> supported_levels();
 //   S[i*ldS + j] = -2 * sum_a (w[a] / (1 + Eq[i*A + a] * EkT[a*ldk + j]) - w[a] / 2)
 //   (= sum_a w[a] tanh(x + y) when Eq = e^{2x}, EkT = e^{2y})
 // for i < nr and j < nc16 (a multiple of 16; EkT must be readable and S writable there).
-void add_scores(Isa isa, int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk,
-                const float* w, float* S, int ldS);
+// Eqw = Eq / w (row by row, correctly rounded) and iw = 1 / w: the weight-scaled factors the avx2
+// and avx512 loops read instead of Eq (kernels_avx2.cpp says why), given (both non-null) only when
+// every weight of the head passes weight_scaled_dim; with null ones those loops read Eq and w. The
+// scalar level always reads Eq and w.
+void add_scores(Isa isa, int nr, int nc16, int A, const float* Eq, const float* Eqw, const float* EkT,
+                int64_t ldk, const float* w, const float* iw, float* S, int ldS);
+// Whether a dimension with reciprocal weight iw = 1 / w takes the weight-scaled form:
+// 2^-12 <= |w| <= 2^12 (false for w = 0 and NaN). Plain scalar code, safe to share across levels.
+inline bool weight_scaled_dim(float iw) {
+  const float m = std::fabs(iw);
+  return m >= 0x1p-12f && m <= 0x1p12f;
+}
 
 // Additive backward tile (r = 1 / (1 + Eq*EkT), 1 - t^2 = 4 r (1 - r), t = 1 - 2r):
 //   dq[i*A + a]   += 4 w[a] sum_j dS_ij r (1 - r)
@@ -58,8 +69,8 @@ float exp_sub_sum(Isa isa, float* x, int n, float m);
 
 // Per-level implementations (same contracts as above).
 namespace avx2 {
-void add_scores(int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk, const float* w,
-                float* S, int ldS);
+void add_scores(int nr, int nc16, int A, const float* Eq, const float* Eqw, const float* EkT, int64_t ldk,
+                const float* w, const float* iw, float* S, int ldS);
 void add_bwd(int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk, const float* w,
              const float* dS, int ldS, float* dq, float* dkT, int ldd, float* dwr);
 void exp2x(const float* x, float* y, int n);
@@ -67,8 +78,8 @@ float row_max(const float* x, int n);
 float exp_sub_sum(float* x, int n, float m);
 }  // namespace avx2
 namespace avx512 {
-void add_scores(int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk, const float* w,
-                float* S, int ldS);
+void add_scores(int nr, int nc16, int A, const float* Eq, const float* Eqw, const float* EkT, int64_t ldk,
+                const float* w, const float* iw, float* S, int ldS);
 void add_bwd(int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk, const float* w,
              const float* dS, int ldS, float* dq, float* dkT, int ldd, float* dwr);
 void exp2x(const float* x, float* y, int n);

@@ -2,10 +2,11 @@
 // attribute and nothing inline is shared with code compiled for the baseline, so the binary still
 // loads and runs on a CPU without AVX2 (the dispatchers then never call these).
 //
-// Reciprocals: the score loop splits its 1/d between the divider (vdivps) and the reciprocal unit
-// plus FMAs (vrcpps, then two Newton steps): the two run on different execution resources, so the
-// split beats either alone (bench/limits.py, variant avx2_split22). vrcpps is only ~12 bits, so its
-// lanes take two Newton steps to reach the division's float32 accuracy.
+// Reciprocals: the score loop splits its reciprocals between the divider (vdivps) and the reciprocal
+// unit plus FMAs (vrcpps, then a Newton step): the two run on different execution resources, so the
+// split beats either alone (bench/limits.py, variants avx2_split22 and avx2_ws_split22). vrcpps is
+// only ~12 bits (relative error < 1.5 * 2^-12); one Newton step brings it to ~2.3 * 2^-24, about one
+// float32 ulp, in the forward; the backward's products of r take two.
 #include <immintrin.h>
 
 #include <cmath>
@@ -61,15 +62,23 @@ AVX2_FN inline __m256 exp8(__m256 x) {
   return _mm256_andnot_ps(under, y);
 }
 
-constexpr int kFwdSteps = 1;
-
 // NI query rows x NJ vectors of 8 keys. Terms are centred (w/d - w/2 = -w t / 2) and summed in
 // blocks of 16 dims, which keeps the rounding error of the sum near that of a direct tanh sum.
-// Accumulators with (i + j) even divide, the others use recip_nr.
-template <int NI, int NJ>
-AVX2_FN inline void add_scores_block(int A, const float* Eq, const float* EkT, int64_t ldk,
-                                     const float* w, float* S, int ldS) {
-  const __m256 one = _mm256_set1_ps(1.f), half = _mm256_set1_ps(0.5f), m2 = _mm256_set1_ps(-2.f);
+//
+// Weight-scaled form: w / (1 + e k) = 1 / (e/w k + 1/w), with Eqw = e/w and iw = 1/w precomputed,
+// so d' = fma(Eqw, k, iw) is the reciprocal of the term itself. The divider's lanes take 1/d' - w/2;
+// the reciprocal unit's lanes end the term with its Newton step, fmadd(x, 1 - d'x, x - w/2): no
+// product by w, one FMA-pipe op fewer per term than w * recip(d) (the subtraction goes to the adders).
+// Accumulators with (i + j) even divide, the others use the reciprocal unit. A head whose weights
+// all pass weight_scaled_dim (2^-12 <= |w| <= 2^12) takes the form (SCALED): there d' is finite
+// and has no cancellation (e k > 0, so e/w k and 1/w share a sign; |d'| >= 2^-12; e, k <= e^40 on
+// unflagged rows keep |d'| <= 2^115.4 * 2^12 < 2^128). Other heads (a zero, subnormal, tiny, huge
+// or NaN weight) take d = fma(e, k, 1) and w / d, or w * recip(d), in the same split. One choice
+// per head, not per dimension: a per-dimension test costs ~10 % of the AVX2 loop (measured, Zen 3).
+template <int NI, int NJ, bool SCALED>
+AVX2_FN inline void add_scores_block(int A, const float* Eq, const float* Eqw, const float* EkT, int64_t ldk,
+                                     const float* w, const float* iw, float* S, int ldS) {
+  const __m256 one = _mm256_set1_ps(1.f), m2 = _mm256_set1_ps(-2.f);
   __m256 tot[NI][NJ], acc[NI][NJ];
   for (int i = 0; i < NI; ++i)
     for (int j = 0; j < NJ; ++j) tot[i][j] = _mm256_setzero_ps();
@@ -79,16 +88,23 @@ AVX2_FN inline void add_scores_block(int A, const float* Eq, const float* EkT, i
       for (int j = 0; j < NJ; ++j) acc[i][j] = _mm256_setzero_ps();
     const float* kp = EkT + a0 * ldk;
     for (int a = a0; a < a1; ++a, kp += ldk) {
-      const __m256 wa = _mm256_broadcast_ss(w + a);
-      const __m256 hw = _mm256_mul_ps(wa, half);
+      const __m256 hw = _mm256_set1_ps(0.5f * w[a]);
       __m256 kv[NJ];
       for (int j = 0; j < NJ; ++j) kv[j] = _mm256_loadu_ps(kp + 8 * j);
+      const __m256 ia = SCALED ? _mm256_broadcast_ss(iw + a) : one;
+      const float* ea = (SCALED ? Eqw : Eq) + a;
       for (int i = 0; i < NI; ++i) {
-        const __m256 e = _mm256_broadcast_ss(Eq + (int64_t)i * A + a);
+        const __m256 e = _mm256_broadcast_ss(ea + (int64_t)i * A);
         for (int j = 0; j < NJ; ++j) {
-          const __m256 d = _mm256_fmadd_ps(e, kv[j], one);
-          const __m256 t = ((i + j) & 1) ? _mm256_fmsub_ps(wa, recip_nr<kFwdSteps>(d), hw)
-                                         : _mm256_sub_ps(_mm256_div_ps(wa, d), hw);
+          const __m256 d = _mm256_fmadd_ps(e, kv[j], ia);
+          __m256 t;
+          if ((i + j) & 1) {
+            const __m256 x = _mm256_rcp_ps(d), res = _mm256_fnmadd_ps(d, x, one);
+            t = SCALED ? _mm256_fmadd_ps(x, res, _mm256_sub_ps(x, hw))
+                       : _mm256_fmsub_ps(_mm256_broadcast_ss(w + a), _mm256_fmadd_ps(x, res, x), hw);
+          } else {
+            t = _mm256_sub_ps(_mm256_div_ps(SCALED ? one : _mm256_broadcast_ss(w + a), d), hw);
+          }
           acc[i][j] = _mm256_add_ps(acc[i][j], t);
         }
       }
@@ -140,20 +156,30 @@ AVX2_FN inline __m256 add_bwd_rows(int nc, int A, int a, const float* Eq, const 
   return dw;
 }
 
-}  // namespace
-
-AVX2_FN void add_scores(int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk,
-                        const float* w, float* S, int ldS) {
+template <bool SCALED>
+AVX2_FN inline void add_scores_rows(int nr, int nc16, int A, const float* Eq, const float* Eqw, const float* EkT,
+                                    int64_t ldk, const float* w, const float* iw, float* S, int ldS) {
   int i = 0;
   for (; i + 2 <= nr; i += 2) {
-    const float* eq = Eq + (int64_t)i * A;
-    float* s = S + (int64_t)i * ldS;
-    for (int j = 0; j < nc16; j += 16) add_scores_block<2, 2>(A, eq, EkT + j, ldk, w, s + j, ldS);
+    const int64_t o = (int64_t)i * A;
+    const float* eqw = SCALED ? Eqw + o : nullptr;
+    for (int j = 0; j < nc16; j += 16)
+      add_scores_block<2, 2, SCALED>(A, Eq + o, eqw, EkT + j, ldk, w, iw, S + (int64_t)i * ldS + j, ldS);
   }
   for (; i < nr; ++i) {
+    const int64_t o = (int64_t)i * A;
+    const float* eqw = SCALED ? Eqw + o : nullptr;
     for (int j = 0; j < nc16; j += 16)
-      add_scores_block<1, 2>(A, Eq + (int64_t)i * A, EkT + j, ldk, w, S + (int64_t)i * ldS + j, ldS);
+      add_scores_block<1, 2, SCALED>(A, Eq + o, eqw, EkT + j, ldk, w, iw, S + (int64_t)i * ldS + j, ldS);
   }
+}
+
+}  // namespace
+
+AVX2_FN void add_scores(int nr, int nc16, int A, const float* Eq, const float* Eqw, const float* EkT,
+                        int64_t ldk, const float* w, const float* iw, float* S, int ldS) {
+  if (Eqw && iw) return add_scores_rows<true>(nr, nc16, A, Eq, Eqw, EkT, ldk, w, iw, S, ldS);
+  add_scores_rows<false>(nr, nc16, A, Eq, nullptr, EkT, ldk, w, nullptr, S, ldS);
 }
 
 AVX2_FN void add_bwd(int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk,

@@ -4,7 +4,8 @@
 //
 // Reciprocals: vrcp14ps has a relative error below 2^-14, so one Newton step in the residual form
 // x + x (1 - d x) reaches float32 accuracy (the error before rounding is ~2^-28). The score loop
-// splits 1/d between the divider and vrcp14ps + Newton (bench/limits.py, variant avx512_split22);
+// splits its reciprocals between the divider and vrcp14ps + Newton (bench/limits.py, variants
+// avx512_split22 and avx512_ws_split22);
 // the backward loop gives a quarter of its rows to vrcp14ps (its other FMAs keep those pipes busy).
 #include <immintrin.h>
 
@@ -57,12 +58,15 @@ AVX512_FN inline __m512 exp16(__m512 x) {
   return _mm512_maskz_mov_ps(keep, y);
 }
 
-// NI query rows x NJ vectors of 16 keys; centred terms summed in blocks of 16 dims (as in
-// kernels_avx2.cpp). Accumulators with (i + j) even divide, the others use recip_nr.
-template <int NI, int NJ>
-AVX512_FN inline void add_scores_block(int A, const float* Eq, const float* EkT, int64_t ldk,
-                                       const float* w, float* S, int ldS) {
-  const __m512 one = _mm512_set1_ps(1.f), half = _mm512_set1_ps(0.5f), m2 = _mm512_set1_ps(-2.f);
+// NI query rows x NJ vectors of 16 keys; centred terms summed in blocks of 16 dims, in the
+// weight-scaled form of kernels_avx2.cpp (d' = fma(Eq/w, k, 1/w); the divider's lanes take
+// 1/d' - w/2, vrcp14ps + Newton ends the term as fmadd(x, 1 - d'x, x - w/2)) for heads whose
+// weights all pass weight_scaled_dim (SCALED), else w / fma(e, k, 1) or w * recip(d). Accumulators
+// with (i + j) even divide, the others use vrcp14ps.
+template <int NI, int NJ, bool SCALED>
+AVX512_FN inline void add_scores_block(int A, const float* Eq, const float* Eqw, const float* EkT, int64_t ldk,
+                                       const float* w, const float* iw, float* S, int ldS) {
+  const __m512 one = _mm512_set1_ps(1.f), m2 = _mm512_set1_ps(-2.f);
   __m512 tot[NI][NJ], acc[NI][NJ];
   for (int i = 0; i < NI; ++i)
     for (int j = 0; j < NJ; ++j) tot[i][j] = _mm512_setzero_ps();
@@ -72,16 +76,23 @@ AVX512_FN inline void add_scores_block(int A, const float* Eq, const float* EkT,
       for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_setzero_ps();
     const float* kp = EkT + a0 * ldk;
     for (int a = a0; a < a1; ++a, kp += ldk) {
-      const __m512 wa = _mm512_set1_ps(w[a]);
-      const __m512 hw = _mm512_mul_ps(wa, half);
+      const __m512 hw = _mm512_set1_ps(0.5f * w[a]);
       __m512 kv[NJ];
       for (int j = 0; j < NJ; ++j) kv[j] = _mm512_loadu_ps(kp + 16 * j);
+      const __m512 ia = SCALED ? _mm512_set1_ps(iw[a]) : one;
+      const float* ea = (SCALED ? Eqw : Eq) + a;
       for (int i = 0; i < NI; ++i) {
-        const __m512 e = _mm512_set1_ps(Eq[(int64_t)i * A + a]);
+        const __m512 e = _mm512_set1_ps(ea[(int64_t)i * A]);
         for (int j = 0; j < NJ; ++j) {
-          const __m512 d = _mm512_fmadd_ps(e, kv[j], one);
-          const __m512 t = ((i + j) & 1) ? _mm512_fmsub_ps(wa, recip_nr(d), hw)
-                                         : _mm512_sub_ps(_mm512_div_ps(wa, d), hw);
+          const __m512 d = _mm512_fmadd_ps(e, kv[j], ia);
+          __m512 t;
+          if ((i + j) & 1) {
+            const __m512 x = _mm512_rcp14_ps(d), res = _mm512_fnmadd_ps(d, x, one);
+            t = SCALED ? _mm512_fmadd_ps(x, res, _mm512_sub_ps(x, hw))
+                       : _mm512_fmsub_ps(_mm512_set1_ps(w[a]), _mm512_fmadd_ps(x, res, x), hw);
+          } else {
+            t = _mm512_sub_ps(_mm512_div_ps(SCALED ? one : _mm512_set1_ps(w[a]), d), hw);
+          }
           acc[i][j] = _mm512_add_ps(acc[i][j], t);
         }
       }
@@ -93,23 +104,35 @@ AVX512_FN inline void add_scores_block(int A, const float* Eq, const float* EkT,
     for (int j = 0; j < NJ; ++j) _mm512_storeu_ps(S + (int64_t)i * ldS + 16 * j, _mm512_mul_ps(m2, tot[i][j]));
 }
 
-template <int NI>
-AVX512_FN inline void add_scores_rows(int nc16, int A, const float* Eq, const float* EkT, int64_t ldk,
-                                      const float* w, float* S, int ldS) {
+template <int NI, bool SCALED>
+AVX512_FN inline void add_scores_rows(int nc16, int A, const float* Eq, const float* Eqw, const float* EkT,
+                                      int64_t ldk, const float* w, const float* iw, float* S, int ldS) {
   int j = 0;
   // a last single vector would run 2 accumulator chains alone: end on 3 + 2 vectors instead of 4 + 1
   const int full = nc16 % 64 == 16 && nc16 > 64 ? nc16 - 80 : nc16;
-  for (; j + 64 <= full; j += 64) add_scores_block<NI, 4>(A, Eq, EkT + j, ldk, w, S + j, ldS);
+  for (; j + 64 <= full; j += 64) add_scores_block<NI, 4, SCALED>(A, Eq, Eqw, EkT + j, ldk, w, iw, S + j, ldS);
   if (full != nc16) {
-    add_scores_block<NI, 3>(A, Eq, EkT + j, ldk, w, S + j, ldS);
+    add_scores_block<NI, 3, SCALED>(A, Eq, Eqw, EkT + j, ldk, w, iw, S + j, ldS);
     j += 48;
   }
   switch ((nc16 - j) / 16) {
-    case 3: add_scores_block<NI, 3>(A, Eq, EkT + j, ldk, w, S + j, ldS); break;
-    case 2: add_scores_block<NI, 2>(A, Eq, EkT + j, ldk, w, S + j, ldS); break;
-    case 1: add_scores_block<NI, 1>(A, Eq, EkT + j, ldk, w, S + j, ldS); break;
+    case 3: add_scores_block<NI, 3, SCALED>(A, Eq, Eqw, EkT + j, ldk, w, iw, S + j, ldS); break;
+    case 2: add_scores_block<NI, 2, SCALED>(A, Eq, Eqw, EkT + j, ldk, w, iw, S + j, ldS); break;
+    case 1: add_scores_block<NI, 1, SCALED>(A, Eq, Eqw, EkT + j, ldk, w, iw, S + j, ldS); break;
     default: break;
   }
+}
+
+template <bool SCALED>
+AVX512_FN inline void add_scores_all(int nr, int nc16, int A, const float* Eq, const float* Eqw, const float* EkT,
+                                     int64_t ldk, const float* w, const float* iw, float* S, int ldS) {
+  int i = 0;
+  for (; i + 2 <= nr; i += 2)
+    add_scores_rows<2, SCALED>(nc16, A, Eq + (int64_t)i * A, SCALED ? Eqw + (int64_t)i * A : nullptr, EkT, ldk,
+                               w, iw, S + (int64_t)i * ldS, ldS);
+  for (; i < nr; ++i)
+    add_scores_rows<1, SCALED>(nc16, A, Eq + (int64_t)i * A, SCALED ? Eqw + (int64_t)i * A : nullptr, EkT, ldk,
+                               w, iw, S + (int64_t)i * ldS, ldS);
 }
 
 template <bool NR>
@@ -150,12 +173,10 @@ AVX512_FN inline __m512 add_bwd_rows(int nc, int A, int a, const float* Eq, cons
 
 }  // namespace
 
-AVX512_FN void add_scores(int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk,
-                          const float* w, float* S, int ldS) {
-  int i = 0;
-  for (; i + 2 <= nr; i += 2)
-    add_scores_rows<2>(nc16, A, Eq + (int64_t)i * A, EkT, ldk, w, S + (int64_t)i * ldS, ldS);
-  for (; i < nr; ++i) add_scores_rows<1>(nc16, A, Eq + (int64_t)i * A, EkT, ldk, w, S + (int64_t)i * ldS, ldS);
+AVX512_FN void add_scores(int nr, int nc16, int A, const float* Eq, const float* Eqw, const float* EkT,
+                          int64_t ldk, const float* w, const float* iw, float* S, int ldS) {
+  if (Eqw && iw) return add_scores_all<true>(nr, nc16, A, Eq, Eqw, EkT, ldk, w, iw, S, ldS);
+  add_scores_all<false>(nr, nc16, A, Eq, nullptr, EkT, ldk, w, nullptr, S, ldS);
 }
 
 AVX512_FN void add_bwd(int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk,

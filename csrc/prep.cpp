@@ -227,6 +227,28 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
   d.EkT = scratch_empty({p.B, p.Hk, A, LkP}, at::kFloat);
   d.qflag = scratch_empty({p.B, p.H, p.Lq}, at::kByte);
   d.kflag = scratch_empty({p.B, p.Hk, p.Lk}, at::kByte);
+  // the vector score loops' weight-scaled factors (kernels_avx2.cpp): Eq / w and 1 / w, each one
+  // correctly rounded division, for the heads whose weights all admit the form
+  const float* wp = d.w.data_ptr<float>();
+  bool scaled = false;
+  float* eqw = nullptr;
+  uint8_t* hs = nullptr;
+  if (isa.level != Level::scalar) {
+    d.iw = at::empty_like(d.w);
+    d.wscaled = at::empty({p.H}, at::kByte);
+    float* iwp = d.iw.data_ptr<float>();
+    hs = d.wscaled.data_ptr<uint8_t>();
+    for (int64_t h = 0; h < p.H; ++h) {
+      bool all = true;
+      for (int64_t a = 0; a < A; ++a) all &= weight_scaled_dim(iwp[h * A + a] = 1.f / wp[h * A + a]);
+      hs[h] = all;
+      scaled |= all;
+    }
+    if (scaled) {
+      d.Eqw = scratch_empty({p.B, p.H, p.Lq, A}, at::kFloat);
+      eqw = d.Eqw.data_ptr<float>();
+    }
+  }
   const float* qp = d.q.data_ptr<float>();
   const float* kp = d.k.data_ptr<float>();
   float* eq = d.Eq.data_ptr<float>();
@@ -255,6 +277,10 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
             for (int64_t a = 0; a < A; ++a) eq[r * A + a] = 1.f;
           } else {
             exp2x(isa, x, eq + r * A, (int)A);
+          }
+          if (scaled && hs[(r / p.Lq) % p.H]) {
+            const float* wh = wp + ((r / p.Lq) % p.H) * A;
+            for (int64_t a = 0; a < A; ++a) eqw[r * A + a] = eq[r * A + a] / wh[a];
           }
         }
         continue;
@@ -285,7 +311,8 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
   });
   AddScores& sc = d.sc;
   sc.q = qp; sc.k = kp; sc.w = d.w.data_ptr<float>();
-  sc.Eq = eq; sc.EkT = ekt; sc.qflag = qf; sc.kflag = kf; sc.LkP = LkP; sc.p = &p;
+  sc.Eq = eq; sc.Eqw = eqw; sc.iw = scaled ? d.iw.data_ptr<float>() : nullptr; sc.wscaled = scaled ? hs : nullptr;
+  sc.EkT = ekt; sc.qflag = qf; sc.kflag = kf; sc.LkP = LkP; sc.p = &p;
 }
 
 // The rel_bias gradient (empty when there is none): the partials of items (b, hk, chunk) x G summed per

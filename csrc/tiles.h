@@ -220,6 +220,9 @@ struct AddScores {
   const float* k;    // (B, Hk, Lk, A)
   const float* w;    // (H, A)
   const float* Eq;   // (B, H, Lq, A): e^{2q}, 1 on flagged rows
+  const float* Eqw = nullptr;  // (B, H, Lq, A): Eq / w[h] (vector levels; null at the scalar level)
+  const float* iw = nullptr;   // (H, A): 1 / w (vector levels; null at the scalar level)
+  const uint8_t* wscaled = nullptr;  // (H,): 1 when every weight of head h is weight_scaled_dim (kernels.h)
   const float* EkT;  // (B, Hk, A, LkP): e^{2k} transposed and padded with 1
   const uint8_t* qflag;  // (B, H, Lq)
   const uint8_t* kflag;  // (B, Hk, Lk)
@@ -237,6 +240,10 @@ struct AddScores {
   const AddScores& item_view(int64_t, int64_t, int64_t, int64_t, std::vector<float>&) const { return *this; }
 
   const float* eq(int64_t b, int64_t h, int64_t i) const { return Eq + ((b * p->H + h) * p->Lq + i) * p->D; }
+  bool scaled(int64_t h) const { return wscaled && wscaled[h]; }
+  const float* eqw(int64_t b, int64_t h, int64_t i) const {
+    return scaled(h) ? Eqw + ((b * p->H + h) * p->Lq + i) * p->D : nullptr;
+  }
   const float* ekt(int64_t b, int64_t hk, int64_t j) const { return EkT + (b * p->Hk + hk) * p->D * LkP + j; }
   bool qf(int64_t b, int64_t h, int64_t i) const { return qflag[(b * p->H + h) * p->Lq + i] != 0; }
   bool kf(int64_t b, int64_t hk, int64_t j) const { return kflag[(b * p->Hk + hk) * p->Lk + j] != 0; }
@@ -266,7 +273,8 @@ struct AddScores {
   void tile(Isa isa, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* S, int ldS) const {
     const int64_t hk = h / p->G;
     const int nc16 = (int)round_up(nc, 16);
-    add_scores(isa, nr, nc16, (int)p->D, eq(b, h, i0), ekt(b, hk, j0), LkP, w + h * p->D, S, ldS);
+    add_scores(isa, nr, nc16, (int)p->D, eq(b, h, i0), eqw(b, h, i0), ekt(b, hk, j0), LkP, w + h * p->D,
+               scaled(h) ? iw + h * p->D : nullptr, S, ldS);
     if (!any_flagged(b, h, i0, nr, j0, nc)) return;
     for (int i = 0; i < nr; ++i)
       for (int j = 0; j < nc; ++j)
@@ -277,7 +285,7 @@ struct AddScores {
 // ----------------------------------------------------------------------------- set-up (prep.cpp)
 
 struct AddData {
-  Tensor q, k, w, Eq, EkT, qflag, kflag;
+  Tensor q, k, w, Eq, Eqw, iw, wscaled, EkT, qflag, kflag;
   AddScores sc;
 };
 

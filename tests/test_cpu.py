@@ -216,6 +216,46 @@ def test_additive_large_preactivations(pre, causal):
     _compare("additive", q, k, v, w, do, None, causal)
 
 
+_W_SMALL = [0.0, -0.0, 3e-39, 1e-30, -1e-5, 2.0**-12, -(2.0**-12) * 0.999, 2.0**-12 * 1.001]
+_W_BIG = [2.0**12, -(2.0**12) * 1.001, 4100.0, -1e4]
+
+
+@pytest.mark.parametrize("level", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("pre", [1.0, 9.0])
+def test_additive_extreme_weights(level, pre, isa_level):
+    """Weights of every size, at each level: the vector loops divide by d' = e/w k + 1/w only for
+    2^-12 <= |w| <= 2^12; zero, subnormal, tiny and huge weights (and the edges) take the exact
+    w / (1 + e k). |q|, |k| up to ~19 (pre=9) put e k near its float32 ends.
+
+    Small weights beside ordinary ones: the rule as everywhere, forward and backward. Big weights
+    make scores of |s| ~ 1e4, whose float32 rounding dominates both computations (as in
+    test_dot_large_scores): the floor adds 2 ulps of the largest possible score, forward only (a
+    saturated softmax's gradients are rounding noise times |w| in any float32 backward); at
+    |w| = 1e30 the result stays finite."""
+    if level not in OPS.supported_isas():
+        pytest.skip(f"this CPU does not support the {level} level")
+    isa_level(level)
+    q, k, v, w, do = _inputs("additive", 1, 2, 1, 19, 45, 40, 16, pre=pre)
+    q, k = q.clamp(-19.5, 19.5), k.clamp(-19.5, 19.5)
+    small = torch.tensor(_W_SMALL)
+    w[0, : len(small)] = small  # head 0 outside the weight-scaled form, head 1 inside
+    _compare("additive", q, k, v, w, do, None, False)
+    w[1, -len(small):] = small.flip(0)
+    w[0] = 1e-20
+    _compare("additive", q, k, v, w, do, None, True)
+    w[0, -len(_W_BIG):] = torch.tensor(_W_BIG)
+    floor = 2 * torch.finfo(torch.float32).eps * w.abs().sum(1).max().item()
+    fused = BACKEND.additive_forward(q, k, v, w, None, False)
+    oracle, in_dtype = (_ref("additive", q, k, v, w, do, None, False, 1.0, dt)[:2]
+                        for dt in (torch.float64, torch.float32))
+    for name, f, o, r in zip(_NAMES, fused, oracle, in_dtype):
+        bound = 2 * _max_err(r, o) + 2e-6 * max(1.0, o.abs().max().item()) + floor
+        assert _max_err(f, o) <= bound, name
+    w[0, :2] = torch.tensor([-1e30, 1e30])  # scores ~1e30 (float32 ties decide the argmax): finite
+    out, lse = BACKEND.additive_forward(q, k, v, w, None, False)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+
+
 @pytest.mark.parametrize("pre", [3.0, 30.0, 1e4])
 @pytest.mark.parametrize("Dv", [16, 100])
 def test_dot_large_scores(pre, Dv):

@@ -12,10 +12,12 @@ Two figures:
   through ``ctypes`` from one Python thread per core (``ctypes`` releases the GIL), in variants:
   per ISA (AVX2, and AVX-512F when the CPU has it): ``div`` (exact ``vdivps``), ``rcp_nr``
   (``vrcpps``/``vrcp14ps`` + one Newton step), ``splitNM`` (N of 4 accumulators divide, M use
-  ``rcp_nr``: the divider and the FMA pipes work at once; the cpu backend's loops split this way)
-  and ``fma_nr`` (no reciprocal unit: bit-trick seed + three Newton steps, as the Triton kernel does
-  on the GPU). A variant counts only if its scores agree with the exact division to a relative
-  error <= 1e-5 (``vrcpps`` alone, ~2e-4, would not). ``per_isa`` holds the best variant of each
+  ``rcp_nr``: the divider and the FMA pipes work at once), ``fma_nr`` (no reciprocal unit: bit-trick
+  seed + three Newton steps, as the Triton kernel does on the GPU), and the weight-scaled ``ws_*``
+  forms ``w / (1 + e k) = 1 / (e/w k + 1/w)`` (``e/w`` and ``1/w`` precomputed: the reciprocal is the
+  term, no product by w; the cpu backend's loops use ``ws_split22``). A variant counts only if its
+  scores agree with the exact division to a relative error <= 1e-5 (``vrcpps`` alone, ~2e-4, would
+  not). ``per_isa`` holds the best variant of each
   ISA: the limit for a kernel running at that level. Without a C compiler the figure is None and
   the reason is recorded.
 * ``fma``: fp32 FMA throughput, from a C loop of independent vector FMAs (the hardware peak the
@@ -41,8 +43,10 @@ _C_SOURCE = r"""
 #include <immintrin.h>
 #include <stddef.h>
 
-/* out[i*nk+j] = sum_a w[a] / (1 + eq[i*A+a]*ek[j*A+a]); A % 8 == 0 (16 for avx512), nk % 4 == 0 */
-#define KERNEL_BODY(VEC, SET1, LOAD, FMADD, R0, R1, R2, R3, REDUCE, W)                       \
+/* out[i*nk+j] = sum_a w[a] / (1 + eq[i*A+a]*ek[j*A+a]); A % 8 == 0 (16 for avx512), nk % 4 == 0.
+   Weight-scaled variants (ws_*, ADD = wv) take eq/w and 1/w for eq and w: d = eq/w ek + 1/w, and
+   the term is 1/d itself. */
+#define KERNEL_BODY(VEC, SET1, LOAD, FMADD, R0, R1, R2, R3, REDUCE, W, ADD)                  \
   for (long r = 0; r < reps; r++)                                                              \
     for (int i = 0; i < nq; i++) {                                                             \
       const float* e = eq + (size_t)i * A;                                                     \
@@ -52,20 +56,20 @@ _C_SOURCE = r"""
         VEC c0 = SET1(0.0f), c1 = c0, c2 = c0, c3 = c0;                                        \
         for (int a = 0; a < A; a += W) {                                                       \
           VEC ev = LOAD(e + a), wv = LOAD(w + a);                                              \
-          VEC d0 = FMADD(ev, LOAD(k0 + a), one);                                               \
-          VEC d1 = FMADD(ev, LOAD(k0 + A + a), one);                                           \
-          VEC d2 = FMADD(ev, LOAD(k0 + 2 * A + a), one);                                       \
-          VEC d3 = FMADD(ev, LOAD(k0 + 3 * A + a), one);                                       \
+          VEC d0 = FMADD(ev, LOAD(k0 + a), ADD);                                               \
+          VEC d1 = FMADD(ev, LOAD(k0 + A + a), ADD);                                           \
+          VEC d2 = FMADD(ev, LOAD(k0 + 2 * A + a), ADD);                                       \
+          VEC d3 = FMADD(ev, LOAD(k0 + 3 * A + a), ADD);                                       \
           R0(c0, d0); R1(c1, d1); R2(c2, d2); R3(c3, d3);                                      \
         }                                                                                      \
         out[(size_t)i * nk + j] = REDUCE(c0); out[(size_t)i * nk + j + 1] = REDUCE(c1);        \
         out[(size_t)i * nk + j + 2] = REDUCE(c2); out[(size_t)i * nk + j + 3] = REDUCE(c3);    \
       }                                                                                        \
     }
-#define VARIANT(name, VEC, SET1, LOAD, FMADD, R0, R1, R2, R3, REDUCE, W)                        \
+#define VARIANT(name, VEC, SET1, LOAD, FMADD, R0, R1, R2, R3, REDUCE, W, ADD)                   \
   void name(const float* eq, const float* ek, const float* w, float* out, int nq, int nk, int A, \
             long reps) {                                                                       \
-    KERNEL_BODY(VEC, SET1, LOAD, FMADD, R0, R1, R2, R3, REDUCE, W)                             \
+    KERNEL_BODY(VEC, SET1, LOAD, FMADD, R0, R1, R2, R3, REDUCE, W, ADD)                        \
   }
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -83,14 +87,24 @@ static inline float hsum8(__m256 v) {
         _mm256_set1_epi32(0x7EF311C3), _mm256_castps_si256(d)));                               \
     x = _mm256_mul_ps(x, _mm256_fnmadd_ps(d, x, two)); x = _mm256_mul_ps(x, _mm256_fnmadd_ps(d, x, two)); \
     x = _mm256_mul_ps(x, _mm256_fnmadd_ps(d, x, two)); c = _mm256_fmadd_ps(wv, x, c); } while (0)
+/* weight-scaled: d = eq/w ek + 1/w; the divider's term is 1/d, the reciprocal unit's Newton step
+   ends it (x + x (1 - d x)): no product by w */
+#define WDIV8(c, d) c = _mm256_add_ps(c, _mm256_div_ps(one, d))
+#define WRCP8(c, d) do { __m256 x = _mm256_rcp_ps(d);                                           \
+    c = _mm256_add_ps(c, _mm256_fmadd_ps(x, _mm256_fnmadd_ps(d, x, one), x)); } while (0)
 #define V8(name, R0, R1, R2, R3) VARIANT(name, __m256, _mm256_set1_ps, _mm256_loadu_ps, _mm256_fmadd_ps, \
-                                         R0, R1, R2, R3, hsum8, 8)
+                                         R0, R1, R2, R3, hsum8, 8, one)
+#define W8(name, R0, R1, R2, R3) VARIANT(name, __m256, _mm256_set1_ps, _mm256_loadu_ps, _mm256_fmadd_ps, \
+                                         R0, R1, R2, R3, hsum8, 8, wv)
 V8(avx2_div, DIV8, DIV8, DIV8, DIV8)
 V8(avx2_rcp_nr, RCP8, RCP8, RCP8, RCP8)
 V8(avx2_split13, DIV8, RCP8, RCP8, RCP8)
 V8(avx2_split22, DIV8, RCP8, DIV8, RCP8)
 V8(avx2_split31, DIV8, DIV8, DIV8, RCP8)
 V8(avx2_fma_nr, FNR8, FNR8, FNR8, FNR8)
+W8(avx2_ws_rcp_nr, WRCP8, WRCP8, WRCP8, WRCP8)
+W8(avx2_ws_split13, WDIV8, WRCP8, WRCP8, WRCP8)
+W8(avx2_ws_split22, WDIV8, WRCP8, WDIV8, WRCP8)
 /* fp32 FMA peak: 12 independent accumulators; returns a value so the loop is kept */
 float avx2_fma(long iters, float x) {  /* distinct starts: no chain can be merged */
 #define S(i) _mm256_set1_ps(x + i)
@@ -122,14 +136,22 @@ int has_avx2 = 0;
         _mm512_set1_epi32(0x7EF311C3), _mm512_castps_si512(d)));                               \
     x = _mm512_mul_ps(x, _mm512_fnmadd_ps(d, x, two)); x = _mm512_mul_ps(x, _mm512_fnmadd_ps(d, x, two)); \
     x = _mm512_mul_ps(x, _mm512_fnmadd_ps(d, x, two)); c = _mm512_fmadd_ps(wv, x, c); } while (0)
+#define WDIV16(c, d) c = _mm512_add_ps(c, _mm512_div_ps(one, d))
+#define WRCP16(c, d) do { __m512 x = _mm512_rcp14_ps(d);                                        \
+    c = _mm512_add_ps(c, _mm512_fmadd_ps(x, _mm512_fnmadd_ps(d, x, one), x)); } while (0)
 #define V16(name, R0, R1, R2, R3) VARIANT(name, __m512, _mm512_set1_ps, _mm512_loadu_ps, _mm512_fmadd_ps, \
-                                          R0, R1, R2, R3, _mm512_reduce_add_ps, 16)
+                                          R0, R1, R2, R3, _mm512_reduce_add_ps, 16, one)
+#define W16(name, R0, R1, R2, R3) VARIANT(name, __m512, _mm512_set1_ps, _mm512_loadu_ps, _mm512_fmadd_ps, \
+                                          R0, R1, R2, R3, _mm512_reduce_add_ps, 16, wv)
 V16(avx512_div, DIV16, DIV16, DIV16, DIV16)
 V16(avx512_rcp_nr, RCP16, RCP16, RCP16, RCP16)
 V16(avx512_split13, DIV16, RCP16, RCP16, RCP16)
 V16(avx512_split22, DIV16, RCP16, DIV16, RCP16)
 V16(avx512_split31, DIV16, DIV16, DIV16, RCP16)
 V16(avx512_fma_nr, FNR16, FNR16, FNR16, FNR16)
+W16(avx512_ws_rcp_nr, WRCP16, WRCP16, WRCP16, WRCP16)
+W16(avx512_ws_split13, WDIV16, WRCP16, WRCP16, WRCP16)
+W16(avx512_ws_split22, WDIV16, WRCP16, WDIV16, WRCP16)
 float avx512_fma(long iters, float x) {  /* distinct starts: no chain can be merged */
 #define S(i) _mm512_set1_ps(x + i)
   __m512 a0 = S(0), a1 = S(1), a2 = S(2), a3 = S(3), a4 = S(4), a5 = S(5), a6 = S(6), a7 = S(7),
@@ -155,7 +177,7 @@ int has_avx512 = 0;
 
 NQ, NK, A = 32, 32, 128   # block: 32 query rows x 32 key rows x A=128 (eq 16 KiB + ek 16 KiB: L1)
 FMA_PER_ITER = 12          # independent vector FMAs per loop iteration in *_fma
-KINDS = ("div", "rcp_nr", "split13", "split22", "split31", "fma_nr")
+KINDS = ("div", "rcp_nr", "split13", "split22", "split31", "fma_nr", "ws_rcp_nr", "ws_split13", "ws_split22")
 REL_TOL = 1e-5             # a variant must match exact division to this relative error
 
 
@@ -236,9 +258,11 @@ def _additive_variant(lib, name: str, threads: int, seconds: float) -> tuple[Opt
     eq = torch.exp(2 * (torch.rand(NQ, A, generator=g) * 6 - 3))
     ek = torch.exp(2 * (torch.rand(NK, A, generator=g) * 6 - 3))
     w = torch.randn(A, generator=g)
-    bufs = [(eq.clone(), ek.clone(), w.clone(), torch.empty(NQ, NK)) for _ in range(threads)]
     exact = (w / (1 + eq[:, None, :].double() * ek[None, :, :].double())).sum(-1)
     scale = (w.abs() / (1 + eq[:, None, :].double() * ek[None, :, :].double())).sum(-1)
+    if "_ws_" in name:  # the weight-scaled operands (each a correctly rounded float32 division)
+        eq, w = eq / w, 1 / w
+    bufs = [(eq.clone(), ek.clone(), w.clone(), torch.empty(NQ, NK)) for _ in range(threads)]
     fn(eq.data_ptr(), ek.data_ptr(), w.data_ptr(), bufs[0][3].data_ptr(), NQ, NK, A, 1)
     err = float(((bufs[0][3].double() - exact).abs() / scale).max())
     counter = iter(range(1 << 30))
