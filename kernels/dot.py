@@ -17,6 +17,8 @@ Flash-decoding splits and the LSE convention are the same as in ``additive.py``.
 Backward: a dK/dV kernel per key tile (looping over the group's query heads and query tiles,
 so grouped heads are summed without atomics) and a dQ kernel per query tile.
 """
+import os
+
 import triton
 import triton.language as tl
 
@@ -49,6 +51,13 @@ from .dot_configs import (  # noqa: F401  (re-exported: the launcher and the com
     prune_fwd_config,
     score_mods_config,
 )
+
+# Under the interpreter tl.dot is numpy's matmul, whose summation order depends on the operands'
+# orientation (seen on AMD Zen 3: k.q^T and q.k^T differ in the last bit): there the dK/dV loop forms
+# q.k^T as the forward does and transposes it, so a saturated row's exp(fl(qk scale) - lse) is exactly
+# 1 in the backward as in the forward. The GPU build keeps k.q^T (a transpose there is a layout
+# conversion per tile); whether its MMAs sum both orientations alike is not verified without a GPU.
+_QK_AS_FWD = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 # ----------------------------------------------------------------------------------------
@@ -344,7 +353,10 @@ def _dkdv_loop(dk_acc, dv_acc, k, v, q_base, do_base, k_base, v_base, LSE, Delta
         m_ok = Lq - start_m
         if BLOCK_DC == BLOCK_D:
             q = _ld(qb + q_offs, offs_m0, m_ok, offs_d, D, MASKED, not EVEN)
-            qkT = _mma(k, tl.trans(q), DOT_PRECISION)
+            if _QK_AS_FWD:
+                qkT = tl.trans(_mma(q, tl.trans(k), DOT_PRECISION))
+            else:
+                qkT = _mma(k, tl.trans(q), DOT_PRECISION)
         else:
             qkT = _chunked_dot(k_base, offs_n0 * stride_kn, offs_n0, n_ok, qb, offs_m0 * stride_qm, offs_m0, m_ok,
                                D, BLOCK_N, BLOCK_M, BLOCK_D, BLOCK_DC, EVEN, DOT_PRECISION)
