@@ -1,6 +1,7 @@
 """Quick CPU timings of the fused kernels (torch.ops.fusedattn_cpu) against the reference and SDPA.
 
-Usage: python benchmarks/cpu_quick.py [additive|dot|dots|decode|memory|all] [threads]
+Usage: python benchmarks/cpu_quick.py [additive|dot|dots|decode|overhead|memory|all] [threads]
+("overhead": the public functions against the raw C++ op and SDPA on small and decode calls)
 ("dots": the dot-product targets of issue 11, three shapes x causal x float32/bfloat16/float16)
 Ratios are taken within one run; the machine is noisy, so each figure is the best of a few repeats.
 """
@@ -111,6 +112,29 @@ def decode(Lk=4000, D=128):
     print(f"additive decode Lq=1 Lk={Lk} A={D}: {t*1e6:.0f} us ({Lk*D/t/1e9:.2f} G triples/s)")
 
 
+def _overhead_case(Lq, Lk, D, n=200):
+    import fusedattn
+    q, k, v = torch.randn(1, 8, Lq, D), torch.randn(1, 8, Lk, D), torch.randn(1, 8, Lk, D)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with torch.no_grad():
+        api, raw, sdpa = (t / n for t in race([
+            lambda: [fusedattn.dot_product_attention(q, k, v) for _ in range(n)],
+            lambda: [ops.dot_fwd(q, k, v, None, D ** -0.5, False) for _ in range(n)],
+            lambda: [F.scaled_dot_product_attention(q, k, v) for _ in range(n)]], reps=7))
+    g_api, g_sdpa = (t / n for t in race([
+        lambda: [fusedattn.dot_product_attention(*leaves).sum().backward() for _ in range(n)],
+        lambda: [F.scaled_dot_product_attention(*leaves).sum().backward() for _ in range(n)]], reps=7))
+    print(f"dot B1 H8 Lq={Lq} Lk={Lk} D={D}: no-grad api {api*1e6:.0f} us, raw op {raw*1e6:.0f} us, "
+          f"sdpa {sdpa*1e6:.0f} us; fwd+bwd api {g_api*1e6:.0f} us, sdpa {g_sdpa*1e6:.0f} us")
+
+
+def overhead():
+    """Per-call cost of the public API (validation, backend resolution, op layer) over the raw op."""
+    torch.manual_seed(0)
+    for Lq, Lk, D in ((1, 1, 64), (1, 2048, 64), (16, 512, 64)):
+        _overhead_case(Lq, Lk, D)
+
+
 def memory(L=16384, A=128, Lbig=65536):
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 1, L, A) for _ in range(3))
@@ -150,5 +174,7 @@ if __name__ == "__main__":
                     dot(B, H, L, D, causal, dtype)
     if what in ("decode", "all"):
         decode()
+    if what in ("overhead", "all"):
+        overhead()
     if what == "memory":
         memory()

@@ -144,3 +144,49 @@ def test_torch_compile_fullgraph(score):
     g_comp = torch.autograd.grad(compiled(*leaves), leaves)
     for a, b in zip(g_eager, g_comp):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("score", ["additive", "dot"])
+def test_eager_calls_skip_the_dispatcher_with_the_same_bits(score, backend, monkeypatch):
+    """Plain eager calls run the op's implementations without the dispatcher (fusedattn.ops._eager);
+    results and gradients are bitwise those of the op path; fake tensors still go through the op."""
+    from fusedattn import ops
+    if backend == "cpu" and fusedattn.available_backends()["cpu"] is not None:
+        pytest.skip(fusedattn.available_backends()["cpu"])
+    q, k, v, w, lengths = _inputs(score, lengths=(7, 3), causal=True)
+    rel = torch.randn(4, 9)
+    leaves = [t.requires_grad_() for t in ((q, k, v, w) if score == "additive" else (q, k, v))] + \
+             [rel.requires_grad_()]
+    dout = torch.randn(2, 4, 5, 3)
+
+    def run():
+        out, lse = _call(score, *leaves[:-1], key_lengths=lengths, window=(3, 0), rel_bias=rel,
+                         return_lse=True, backend=backend)
+        grads = torch.autograd.grad(out, leaves, dout)
+        with torch.no_grad():  # the no-grad path too
+            out2 = _call(score, *leaves[:-1], key_lengths=lengths, window=(3, 0), rel_bias=rel,
+                         backend=backend)
+        return out, lse, out2, grads
+
+    calls = []
+    real_fwd, real_bwd = ops.attn_fwd, ops.attn_bwd
+    monkeypatch.setattr(ops, "attn_fwd", lambda *a: calls.append("fwd") or real_fwd(*a))
+    monkeypatch.setattr(ops, "attn_bwd", lambda *a: calls.append("bwd") or real_bwd(*a))
+    fast = run()
+    assert calls == []                      # eager: no op call
+    monkeypatch.setattr(ops, "_eager", lambda tensors: False)
+    slow = run()
+    assert calls == ["fwd", "bwd", "fwd"]   # the op path, for comparison
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1]) and torch.equal(fast[2], slow[2])
+    for a, b in zip(fast[3], slow[3]):
+        assert torch.equal(a, b)
+    assert not fast[2].requires_grad and fast[0].requires_grad
+
+    monkeypatch.undo()
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    plain = [None if t is None else t.detach() for t in (q, k, v, w)]
+    with FakeTensorMode() as mode:
+        fake = [None if t is None else mode.from_tensor(t) for t in plain]
+        out = _call(score, *fake, backend=backend)
+    assert out.shape == (2, 4, 5, 3)

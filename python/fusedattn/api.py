@@ -56,6 +56,17 @@ def _is_bool(x) -> bool:
     return isinstance(x, bool) or (np is not None and isinstance(x, np.bool_))
 
 
+class _Shapes:
+    """``"q (..), k (..), v (..)"`` in an error message, formatted only when one is raised."""
+
+    def __init__(self, q, k, v):
+        self.qkv = (q, k, v)
+
+    def __format__(self, spec) -> str:
+        q, k, v = self.qkv
+        return f"q {_shape(q)}, k {_shape(k)}, v {_shape(v)}"
+
+
 def _check_tensor(name: str, t, ndim: int, what: str) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {what}, got {type(t).__name__}")
@@ -119,16 +130,16 @@ def _validate(q, k, v, w, *, additive: bool, key_lengths=None, scale=None, softc
         if t.dtype not in _FLOATS:
             raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64), "
                             f"got {t.dtype}")
-    dtypes = {name: t.dtype for name, t in named}
-    if len(set(dtypes.values())) > 1:
+    if any(t.dtype != q.dtype for _, t in named):
+        dtypes = {name: t.dtype for name, t in named}
         raise TypeError(f"q, k, v{', w' if additive else ''} must share one dtype, got {dtypes}")
-    devices = {name: str(t.device) for name, t in named}
-    if len(set(devices.values())) > 1:
+    if any(t.device != q.device for _, t in named):
+        devices = {name: str(t.device) for name, t in named}
         raise ValueError(f"q, k, v{', w' if additive else ''} must be on one device, got {devices}")
     B, H, Lq, D = q.shape
     Bk, Hk, Lk, Dk = k.shape
     Bv, Hv, Lv, Dv = v.shape
-    shapes = f"q {_shape(q)}, k {_shape(k)}, v {_shape(v)}"
+    shapes = _Shapes(q, k, v)  # formatted only for a message
     if Bk != B or Bv != B:
         raise ValueError(f"q, k and v must share the batch size B: {shapes}")
     if Hv != Hk or Lv != Lk:
