@@ -155,9 +155,8 @@ def test_eager_calls_skip_the_dispatcher_with_the_same_bits(score, backend, monk
     if backend == "cpu" and fusedattn.available_backends()["cpu"] is not None:
         pytest.skip(fusedattn.available_backends()["cpu"])
     q, k, v, w, lengths = _inputs(score, lengths=(7, 3), causal=True)
-    rel = torch.randn(4, 9)
-    leaves = [t.requires_grad_() for t in ((q, k, v, w) if score == "additive" else (q, k, v))] + \
-             [rel.requires_grad_()]
+    rel = torch.nn.Parameter(torch.randn(4, 9))  # as a module holds it: still the eager path
+    leaves = [t.requires_grad_() for t in ((q, k, v, w) if score == "additive" else (q, k, v))] + [rel]
     dout = torch.randn(2, 4, 5, 3)
 
     def run():

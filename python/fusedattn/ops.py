@@ -229,7 +229,10 @@ def _eager(tensors) -> bool:
             or torch.autograd.profiler._is_profiler_enabled or torch.jit.is_tracing()
             or _get_current_dispatch_mode() is not None):
         return False
-    return all(t is None or type(t) is Tensor for t in tensors)
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)  # Parameter overrides no dispatch (modules' w and rel_bias)
 
 
 class _EagerAttn(torch.autograd.Function):
