@@ -86,9 +86,9 @@ void exp2x(Isa isa, const float* x, float* y, int n) {
 }
 
 void add_scores(Isa isa, int nr, int nc16, int A, const float* Eq, const float* Eqw, const float* EkT,
-                int64_t ldk, const float* w, const float* iw, float* S, int ldS) {
+                int64_t ldk, const float* w, const float* iw, const float* hw2, float* S, int ldS) {
   DISPATCH(add_scores_scalar(nr, nc16, A, Eq, EkT, ldk, w, S, ldS), add_scores, nr, nc16, A, Eq, Eqw, EkT,
-           ldk, w, iw, S, ldS)
+           ldk, w, iw, hw2, S, ldS)
 }
 
 void add_bwd(Isa isa, int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk,

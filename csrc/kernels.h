@@ -41,9 +41,13 @@ std::vector<std::string> supported_levels();
 // Eqw = Eq / w (row by row, correctly rounded) and iw = 1 / w: the weight-scaled factors the avx2
 // and avx512 loops read instead of Eq (kernels_avx2.cpp says why), given (both non-null) only when
 // every weight of the head passes weight_scaled_dim; with null ones those loops read Eq and w. The
-// scalar level always reads Eq and w.
+// scalar level always reads Eq and w. hw2 (A / 2 entries, (w[2m] + w[2m+1]) / 2), given only with Eqw
+// and iw, selects the paired form (kernels_avx512.cpp): the caller then guarantees
+// |Eqw[i*A + a] * EkT[a*ldk + j] + iw[a]| < 2^62 over the tile (pair_safe_bound).
 void add_scores(Isa isa, int nr, int nc16, int A, const float* Eq, const float* Eqw, const float* EkT,
-                int64_t ldk, const float* w, const float* iw, float* S, int ldS);
+                int64_t ldk, const float* w, const float* iw, const float* hw2, float* S, int ldS);
+// The bound on |d| under which the paired form's products d1 d2 stay finite and normal.
+constexpr float pair_safe_bound = 0x1p62f;
 // Whether a dimension with reciprocal weight iw = 1 / w takes the weight-scaled form:
 // 2^-12 <= |w| <= 2^12 (false for w = 0 and NaN). Plain scalar code, safe to share across levels.
 inline bool weight_scaled_dim(float iw) {
@@ -70,7 +74,7 @@ float exp_sub_sum(Isa isa, float* x, int n, float m);
 // Per-level implementations (same contracts as above).
 namespace avx2 {
 void add_scores(int nr, int nc16, int A, const float* Eq, const float* Eqw, const float* EkT, int64_t ldk,
-                const float* w, const float* iw, float* S, int ldS);
+                const float* w, const float* iw, const float* hw2, float* S, int ldS);
 void add_bwd(int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk, const float* w,
              const float* dS, int ldS, float* dq, float* dkT, int ldd, float* dwr);
 void exp2x(const float* x, float* y, int n);
@@ -79,7 +83,7 @@ float exp_sub_sum(float* x, int n, float m);
 }  // namespace avx2
 namespace avx512 {
 void add_scores(int nr, int nc16, int A, const float* Eq, const float* Eqw, const float* EkT, int64_t ldk,
-                const float* w, const float* iw, float* S, int ldS);
+                const float* w, const float* iw, const float* hw2, float* S, int ldS);
 void add_bwd(int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk, const float* w,
              const float* dS, int ldS, float* dq, float* dkT, int ldd, float* dwr);
 void exp2x(const float* x, float* y, int n);

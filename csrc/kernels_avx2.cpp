@@ -75,9 +75,12 @@ AVX2_FN inline __m256 exp8(__m256 x) {
 // unflagged rows keep |d'| <= 2^115.4 * 2^12 < 2^128). Other heads (a zero, subnormal, tiny, huge
 // or NaN weight) take d = fma(e, k, 1) and w / d, or w * recip(d), in the same split. One choice
 // per head, not per dimension: a per-dimension test costs ~10 % of the AVX2 loop (measured, Zen 3).
-template <int NI, int NJ, bool SCALED>
+// FORM 2 (paired): as kernels_avx512.cpp, two dims of the weight-scaled form share one reciprocal,
+// 1/d1 + 1/d2 = (d1 + d2) / (d1 d2); the caller guarantees |d| < 2^62 on the tile.
+template <int NI, int NJ, int FORM>
 AVX2_FN inline void add_scores_block(int A, const float* Eq, const float* Eqw, const float* EkT, int64_t ldk,
-                                     const float* w, const float* iw, float* S, int ldS) {
+                                     const float* w, const float* iw, const float* hw2, float* S, int ldS) {
+  constexpr bool SCALED = FORM >= 1;
   const __m256 one = _mm256_set1_ps(1.f), m2 = _mm256_set1_ps(-2.f);
   __m256 tot[NI][NJ], acc[NI][NJ];
   for (int i = 0; i < NI; ++i)
@@ -87,7 +90,35 @@ AVX2_FN inline void add_scores_block(int A, const float* Eq, const float* Eqw, c
     for (int i = 0; i < NI; ++i)
       for (int j = 0; j < NJ; ++j) acc[i][j] = _mm256_setzero_ps();
     const float* kp = EkT + a0 * ldk;
-    for (int a = a0; a < a1; ++a, kp += ldk) {
+    int a = a0;
+    if (FORM == 2) {
+      for (; a + 1 < a1; a += 2, kp += 2 * ldk) {
+        const __m256 hw = _mm256_broadcast_ss(hw2 + (a >> 1));
+        __m256 k1[NJ], k2[NJ];
+        for (int j = 0; j < NJ; ++j) {
+          k1[j] = _mm256_loadu_ps(kp + 8 * j);
+          k2[j] = _mm256_loadu_ps(kp + ldk + 8 * j);
+        }
+        const __m256 ia1 = _mm256_broadcast_ss(iw + a), ia2 = _mm256_broadcast_ss(iw + a + 1);
+        for (int i = 0; i < NI; ++i) {
+          const __m256 e1 = _mm256_broadcast_ss(Eqw + (int64_t)i * A + a);
+          const __m256 e2 = _mm256_broadcast_ss(Eqw + (int64_t)i * A + a + 1);
+          for (int j = 0; j < NJ; ++j) {
+            const __m256 d1 = _mm256_fmadd_ps(e1, k1[j], ia1), d2 = _mm256_fmadd_ps(e2, k2[j], ia2);
+            const __m256 s = _mm256_add_ps(d1, d2), p = _mm256_mul_ps(d1, d2);
+            __m256 t;
+            if ((i * NJ + j) % 3 == 2) {  // vrcpps + Newton on p, the numerator folded into the step
+              const __m256 x = _mm256_rcp_ps(p), res = _mm256_fnmadd_ps(p, x, one), y = _mm256_mul_ps(s, x);
+              t = _mm256_fmadd_ps(y, res, _mm256_sub_ps(y, hw));
+            } else {
+              t = _mm256_sub_ps(_mm256_div_ps(s, p), hw);
+            }
+            acc[i][j] = _mm256_add_ps(acc[i][j], t);
+          }
+        }
+      }
+    }
+    for (; a < a1; ++a, kp += ldk) {
       const __m256 hw = _mm256_set1_ps(0.5f * w[a]);
       __m256 kv[NJ];
       for (int j = 0; j < NJ; ++j) kv[j] = _mm256_loadu_ps(kp + 8 * j);
@@ -98,7 +129,7 @@ AVX2_FN inline void add_scores_block(int A, const float* Eq, const float* Eqw, c
         for (int j = 0; j < NJ; ++j) {
           const __m256 d = _mm256_fmadd_ps(e, kv[j], ia);
           __m256 t;
-          if ((i + j) & 1) {
+          if (((i + j) & 1) && FORM != 2) {
             const __m256 x = _mm256_rcp_ps(d), res = _mm256_fnmadd_ps(d, x, one);
             t = SCALED ? _mm256_fmadd_ps(x, res, _mm256_sub_ps(x, hw))
                        : _mm256_fmsub_ps(_mm256_broadcast_ss(w + a), _mm256_fmadd_ps(x, res, x), hw);
@@ -156,30 +187,32 @@ AVX2_FN inline __m256 add_bwd_rows(int nc, int A, int a, const float* Eq, const 
   return dw;
 }
 
-template <bool SCALED>
+template <int FORM>
 AVX2_FN inline void add_scores_rows(int nr, int nc16, int A, const float* Eq, const float* Eqw, const float* EkT,
-                                    int64_t ldk, const float* w, const float* iw, float* S, int ldS) {
+                                    int64_t ldk, const float* w, const float* iw, const float* hw2, float* S,
+                                    int ldS) {
   int i = 0;
   for (; i + 2 <= nr; i += 2) {
     const int64_t o = (int64_t)i * A;
-    const float* eqw = SCALED ? Eqw + o : nullptr;
+    const float* eqw = FORM ? Eqw + o : nullptr;
     for (int j = 0; j < nc16; j += 16)
-      add_scores_block<2, 2, SCALED>(A, Eq + o, eqw, EkT + j, ldk, w, iw, S + (int64_t)i * ldS + j, ldS);
+      add_scores_block<2, 2, FORM>(A, Eq + o, eqw, EkT + j, ldk, w, iw, hw2, S + (int64_t)i * ldS + j, ldS);
   }
   for (; i < nr; ++i) {
     const int64_t o = (int64_t)i * A;
-    const float* eqw = SCALED ? Eqw + o : nullptr;
+    const float* eqw = FORM ? Eqw + o : nullptr;
     for (int j = 0; j < nc16; j += 16)
-      add_scores_block<1, 2, SCALED>(A, Eq + o, eqw, EkT + j, ldk, w, iw, S + (int64_t)i * ldS + j, ldS);
+      add_scores_block<1, 2, FORM>(A, Eq + o, eqw, EkT + j, ldk, w, iw, hw2, S + (int64_t)i * ldS + j, ldS);
   }
 }
 
 }  // namespace
 
 AVX2_FN void add_scores(int nr, int nc16, int A, const float* Eq, const float* Eqw, const float* EkT,
-                        int64_t ldk, const float* w, const float* iw, float* S, int ldS) {
-  if (Eqw && iw) return add_scores_rows<true>(nr, nc16, A, Eq, Eqw, EkT, ldk, w, iw, S, ldS);
-  add_scores_rows<false>(nr, nc16, A, Eq, nullptr, EkT, ldk, w, nullptr, S, ldS);
+                        int64_t ldk, const float* w, const float* iw, const float* hw2, float* S, int ldS) {
+  if (Eqw && iw && hw2) return add_scores_rows<2>(nr, nc16, A, Eq, Eqw, EkT, ldk, w, iw, hw2, S, ldS);
+  if (Eqw && iw) return add_scores_rows<1>(nr, nc16, A, Eq, Eqw, EkT, ldk, w, iw, nullptr, S, ldS);
+  add_scores_rows<0>(nr, nc16, A, Eq, nullptr, EkT, ldk, w, nullptr, nullptr, S, ldS);
 }
 
 AVX2_FN void add_bwd(int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk,

@@ -5,7 +5,8 @@
 // Reciprocals: vrcp14ps has a relative error below 2^-14, so one Newton step in the residual form
 // x + x (1 - d x) reaches float32 accuracy (the error before rounding is ~2^-28). The score loop
 // splits its reciprocals between the divider and vrcp14ps + Newton (bench/limits.py, variants
-// avx512_split22 and avx512_ws_split22);
+// avx512_split22 and avx512_ws_split22) and, where the tile's factors allow, pairs two dims per
+// reciprocal (add_scores_block FORM 2; variant avx512_ws_pair31);
 // the backward loop gives a quarter of its rows to vrcp14ps (its other FMAs keep those pipes busy).
 #include <immintrin.h>
 
@@ -58,14 +59,22 @@ AVX512_FN inline __m512 exp16(__m512 x) {
   return _mm512_maskz_mov_ps(keep, y);
 }
 
-// NI query rows x NJ vectors of 16 keys; centred terms summed in blocks of 16 dims, in the
-// weight-scaled form of kernels_avx2.cpp (d' = fma(Eq/w, k, 1/w); the divider's lanes take
-// 1/d' - w/2, vrcp14ps + Newton ends the term as fmadd(x, 1 - d'x, x - w/2)) for heads whose
-// weights all pass weight_scaled_dim (SCALED), else w / fma(e, k, 1) or w * recip(d). Accumulators
-// with (i + j) even divide, the others use vrcp14ps.
-template <int NI, int NJ, bool SCALED>
+// NI query rows x NJ vectors of 16 keys; centred terms summed in blocks of 16 dims. FORM 0: w / fma(e, k, 1)
+// or w * recip(d); FORM 1, the weight-scaled form of kernels_avx2.cpp (d' = fma(Eq/w, k, 1/w); the
+// divider's lanes take 1/d' - w/2, vrcp14ps + Newton ends the term as fmadd(x, 1 - d'x, x - w/2)), for
+// heads whose weights all pass weight_scaled_dim; accumulators with (i + j) even divide, the others use
+// vrcp14ps. FORM 2, paired: two dims a, a + 1 of the weight-scaled form share one reciprocal,
+// 1/d1 + 1/d2 = (d1 + d2) / (d1 d2), so a term costs half a reciprocal and 1.5 FMA-pipe ops instead of
+// one reciprocal and 1 (divider) or 3 (vrcp14ps + Newton) -- the loop is bound by the FMA pipes and
+// the divider together. Two of every three accumulators divide, the third takes vrcp14ps + Newton on
+// d1 d2 (the numerator folded into the step: y = (d1 + d2) x, y + y (1 - p x)). The caller guarantees
+// |d| < 2^62 for every (row, key, dim) of the tile (AddScores::tile), so d1 d2 is finite and normal;
+// d1 + d2 may cancel (weights of opposite sign), with the absolute error of the two separate terms.
+// The pairs are centred by hw2[a / 2] = (w_a + w_{a+1}) / 2; an odd last dim divides alone.
+template <int NI, int NJ, int FORM>
 AVX512_FN inline void add_scores_block(int A, const float* Eq, const float* Eqw, const float* EkT, int64_t ldk,
-                                       const float* w, const float* iw, float* S, int ldS) {
+                                       const float* w, const float* iw, const float* hw2, float* S, int ldS) {
+  constexpr bool SCALED = FORM >= 1;
   const __m512 one = _mm512_set1_ps(1.f), m2 = _mm512_set1_ps(-2.f);
   __m512 tot[NI][NJ], acc[NI][NJ];
   for (int i = 0; i < NI; ++i)
@@ -75,7 +84,34 @@ AVX512_FN inline void add_scores_block(int A, const float* Eq, const float* Eqw,
     for (int i = 0; i < NI; ++i)
       for (int j = 0; j < NJ; ++j) acc[i][j] = _mm512_setzero_ps();
     const float* kp = EkT + a0 * ldk;
-    for (int a = a0; a < a1; ++a, kp += ldk) {
+    int a = a0;
+    if (FORM == 2) {
+      for (; a + 1 < a1; a += 2, kp += 2 * ldk) {
+        const __m512 hw = _mm512_set1_ps(hw2[a >> 1]);
+        __m512 k1[NJ], k2[NJ];
+        for (int j = 0; j < NJ; ++j) {
+          k1[j] = _mm512_loadu_ps(kp + 16 * j);
+          k2[j] = _mm512_loadu_ps(kp + ldk + 16 * j);
+        }
+        const __m512 ia1 = _mm512_set1_ps(iw[a]), ia2 = _mm512_set1_ps(iw[a + 1]);
+        for (int i = 0; i < NI; ++i) {
+          const __m512 e1 = _mm512_set1_ps(Eqw[(int64_t)i * A + a]), e2 = _mm512_set1_ps(Eqw[(int64_t)i * A + a + 1]);
+          for (int j = 0; j < NJ; ++j) {
+            const __m512 d1 = _mm512_fmadd_ps(e1, k1[j], ia1), d2 = _mm512_fmadd_ps(e2, k2[j], ia2);
+            const __m512 s = _mm512_add_ps(d1, d2), p = _mm512_mul_ps(d1, d2);
+            __m512 t;
+            if ((i * NJ + j) % 3 == 2) {
+              const __m512 x = _mm512_rcp14_ps(p), res = _mm512_fnmadd_ps(p, x, one), y = _mm512_mul_ps(s, x);
+              t = _mm512_fmadd_ps(y, res, _mm512_sub_ps(y, hw));
+            } else {
+              t = _mm512_sub_ps(_mm512_div_ps(s, p), hw);
+            }
+            acc[i][j] = _mm512_add_ps(acc[i][j], t);
+          }
+        }
+      }
+    }
+    for (; a < a1; ++a, kp += ldk) {
       const __m512 hw = _mm512_set1_ps(0.5f * w[a]);
       __m512 kv[NJ];
       for (int j = 0; j < NJ; ++j) kv[j] = _mm512_loadu_ps(kp + 16 * j);
@@ -86,7 +122,7 @@ AVX512_FN inline void add_scores_block(int A, const float* Eq, const float* Eqw,
         for (int j = 0; j < NJ; ++j) {
           const __m512 d = _mm512_fmadd_ps(e, kv[j], ia);
           __m512 t;
-          if ((i + j) & 1) {
+          if (((i + j) & 1) && FORM != 2) {
             const __m512 x = _mm512_rcp14_ps(d), res = _mm512_fnmadd_ps(d, x, one);
             t = SCALED ? _mm512_fmadd_ps(x, res, _mm512_sub_ps(x, hw))
                        : _mm512_fmsub_ps(_mm512_set1_ps(w[a]), _mm512_fmadd_ps(x, res, x), hw);
@@ -104,35 +140,37 @@ AVX512_FN inline void add_scores_block(int A, const float* Eq, const float* Eqw,
     for (int j = 0; j < NJ; ++j) _mm512_storeu_ps(S + (int64_t)i * ldS + 16 * j, _mm512_mul_ps(m2, tot[i][j]));
 }
 
-template <int NI, bool SCALED>
+template <int NI, int FORM>
 AVX512_FN inline void add_scores_rows(int nc16, int A, const float* Eq, const float* Eqw, const float* EkT,
-                                      int64_t ldk, const float* w, const float* iw, float* S, int ldS) {
+                                      int64_t ldk, const float* w, const float* iw, const float* hw2, float* S,
+                                      int ldS) {
   int j = 0;
   // a last single vector would run 2 accumulator chains alone: end on 3 + 2 vectors instead of 4 + 1
   const int full = nc16 % 64 == 16 && nc16 > 64 ? nc16 - 80 : nc16;
-  for (; j + 64 <= full; j += 64) add_scores_block<NI, 4, SCALED>(A, Eq, Eqw, EkT + j, ldk, w, iw, S + j, ldS);
+  for (; j + 64 <= full; j += 64) add_scores_block<NI, 4, FORM>(A, Eq, Eqw, EkT + j, ldk, w, iw, hw2, S + j, ldS);
   if (full != nc16) {
-    add_scores_block<NI, 3, SCALED>(A, Eq, Eqw, EkT + j, ldk, w, iw, S + j, ldS);
+    add_scores_block<NI, 3, FORM>(A, Eq, Eqw, EkT + j, ldk, w, iw, hw2, S + j, ldS);
     j += 48;
   }
   switch ((nc16 - j) / 16) {
-    case 3: add_scores_block<NI, 3, SCALED>(A, Eq, Eqw, EkT + j, ldk, w, iw, S + j, ldS); break;
-    case 2: add_scores_block<NI, 2, SCALED>(A, Eq, Eqw, EkT + j, ldk, w, iw, S + j, ldS); break;
-    case 1: add_scores_block<NI, 1, SCALED>(A, Eq, Eqw, EkT + j, ldk, w, iw, S + j, ldS); break;
+    case 3: add_scores_block<NI, 3, FORM>(A, Eq, Eqw, EkT + j, ldk, w, iw, hw2, S + j, ldS); break;
+    case 2: add_scores_block<NI, 2, FORM>(A, Eq, Eqw, EkT + j, ldk, w, iw, hw2, S + j, ldS); break;
+    case 1: add_scores_block<NI, 1, FORM>(A, Eq, Eqw, EkT + j, ldk, w, iw, hw2, S + j, ldS); break;
     default: break;
   }
 }
 
-template <bool SCALED>
+template <int FORM>
 AVX512_FN inline void add_scores_all(int nr, int nc16, int A, const float* Eq, const float* Eqw, const float* EkT,
-                                     int64_t ldk, const float* w, const float* iw, float* S, int ldS) {
+                                     int64_t ldk, const float* w, const float* iw, const float* hw2, float* S,
+                                     int ldS) {
   int i = 0;
   for (; i + 2 <= nr; i += 2)
-    add_scores_rows<2, SCALED>(nc16, A, Eq + (int64_t)i * A, SCALED ? Eqw + (int64_t)i * A : nullptr, EkT, ldk,
-                               w, iw, S + (int64_t)i * ldS, ldS);
+    add_scores_rows<2, FORM>(nc16, A, Eq + (int64_t)i * A, FORM ? Eqw + (int64_t)i * A : nullptr, EkT, ldk,
+                             w, iw, hw2, S + (int64_t)i * ldS, ldS);
   for (; i < nr; ++i)
-    add_scores_rows<1, SCALED>(nc16, A, Eq + (int64_t)i * A, SCALED ? Eqw + (int64_t)i * A : nullptr, EkT, ldk,
-                               w, iw, S + (int64_t)i * ldS, ldS);
+    add_scores_rows<1, FORM>(nc16, A, Eq + (int64_t)i * A, FORM ? Eqw + (int64_t)i * A : nullptr, EkT, ldk,
+                             w, iw, hw2, S + (int64_t)i * ldS, ldS);
 }
 
 template <bool NR>
@@ -174,9 +212,10 @@ AVX512_FN inline __m512 add_bwd_rows(int nc, int A, int a, const float* Eq, cons
 }  // namespace
 
 AVX512_FN void add_scores(int nr, int nc16, int A, const float* Eq, const float* Eqw, const float* EkT,
-                          int64_t ldk, const float* w, const float* iw, float* S, int ldS) {
-  if (Eqw && iw) return add_scores_all<true>(nr, nc16, A, Eq, Eqw, EkT, ldk, w, iw, S, ldS);
-  add_scores_all<false>(nr, nc16, A, Eq, nullptr, EkT, ldk, w, nullptr, S, ldS);
+                          int64_t ldk, const float* w, const float* iw, const float* hw2, float* S, int ldS) {
+  if (Eqw && iw && hw2) return add_scores_all<2>(nr, nc16, A, Eq, Eqw, EkT, ldk, w, iw, hw2, S, ldS);
+  if (Eqw && iw) return add_scores_all<1>(nr, nc16, A, Eq, Eqw, EkT, ldk, w, iw, nullptr, S, ldS);
+  add_scores_all<0>(nr, nc16, A, Eq, nullptr, EkT, ldk, w, nullptr, nullptr, S, ldS);
 }
 
 AVX512_FN void add_bwd(int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk,

@@ -232,6 +232,7 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
   const float* wp = d.w.data_ptr<float>();
   bool scaled = false;
   float* eqw = nullptr;
+  float *qmx = nullptr, *kmx = nullptr;
   uint8_t* hs = nullptr;
   if (isa.level != Level::scalar) {
     d.iw = at::empty_like(d.w);
@@ -247,6 +248,21 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
     if (scaled) {
       d.Eqw = scratch_empty({p.B, p.H, p.Lq, A}, at::kFloat);
       eqw = d.Eqw.data_ptr<float>();
+      // the paired form (kernels.h add_scores): pair centring, max |1/w| per head, row and key maxima
+      d.hw2 = at::empty({p.H, std::max<int64_t>(A / 2, 1)}, at::kFloat);
+      d.imax = at::empty({p.H}, at::kFloat);
+      float* h2 = d.hw2.data_ptr<float>();
+      float* im = d.imax.data_ptr<float>();
+      for (int64_t h = 0; h < p.H; ++h) {
+        float m = 0.f;
+        for (int64_t a = 0; a < A; ++a) m = std::max(m, std::fabs(iwp[h * A + a]));
+        im[h] = m;
+        for (int64_t a = 0; a + 1 < A; a += 2) h2[h * (A / 2) + a / 2] = 0.5f * (wp[h * A + a] + wp[h * A + a + 1]);
+      }
+      d.qmax = scratch_empty({p.B, p.H, p.Lq}, at::kFloat);
+      d.kmax = scratch_empty({p.B, p.Hk, std::max<int64_t>(p.Lk, 1)}, at::kFloat);
+      qmx = d.qmax.data_ptr<float>();
+      kmx = d.kmax.data_ptr<float>();
     }
   }
   const float* qp = d.q.data_ptr<float>();
@@ -280,7 +296,9 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
           }
           if (scaled && hs[(r / p.Lq) % p.H]) {
             const float* wh = wp + ((r / p.Lq) % p.H) * A;
-            for (int64_t a = 0; a < A; ++a) eqw[r * A + a] = eq[r * A + a] / wh[a];
+            float m = 0.f;
+            for (int64_t a = 0; a < A; ++a) m = std::max(m, std::fabs(eqw[r * A + a] = eq[r * A + a] / wh[a]));
+            qmx[r] = m;
           }
         }
         continue;
@@ -299,6 +317,11 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
         }
         if (f)
           for (int64_t a = 0; a < A; ++a) tb[j * A + a] = 1.f;
+        if (kmx != nullptr && jj < p.Lk) {
+          float m = 1.f;
+          for (int64_t a = 0; a < A; ++a) m = std::max(m, tb[j * A + a]);
+          kmx[bh * p.Lk + jj] = m;
+        }
       }
       float* e = ekt + bh * A * LkP + jb;
       if (isa.level == Level::avx512) {  // 16 x 16 register transposes (the scalar loop: ~1/3 of a window call's set-up)
@@ -312,6 +335,10 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
   AddScores& sc = d.sc;
   sc.q = qp; sc.k = kp; sc.w = d.w.data_ptr<float>();
   sc.Eq = eq; sc.Eqw = eqw; sc.iw = scaled ? d.iw.data_ptr<float>() : nullptr; sc.wscaled = scaled ? hs : nullptr;
+  if (scaled) {
+    sc.hw2 = d.hw2.data_ptr<float>(); sc.imax = d.imax.data_ptr<float>();
+    sc.qmax = qmx; sc.kmax = kmx;
+  }
   sc.EkT = ekt; sc.qflag = qf; sc.kflag = kf; sc.LkP = LkP; sc.p = &p;
 }
 

@@ -223,6 +223,12 @@ struct AddScores {
   const float* Eqw = nullptr;  // (B, H, Lq, A): Eq / w[h] (vector levels; null at the scalar level)
   const float* iw = nullptr;   // (H, A): 1 / w (vector levels; null at the scalar level)
   const uint8_t* wscaled = nullptr;  // (H,): 1 when every weight of head h is weight_scaled_dim (kernels.h)
+  // The paired form's data (kernels.h add_scores; null when no head is weight-scaled): per head the pairs'
+  // centring (w_2m + w_2m+1) / 2 and max |1/w|; per query row max_a |Eqw|, per key max_a e^{2k}.
+  const float* hw2 = nullptr;   // (H, A / 2)
+  const float* imax = nullptr;  // (H,)
+  const float* qmax = nullptr;  // (B, H, Lq)
+  const float* kmax = nullptr;  // (B, Hk, Lk)
   const float* EkT;  // (B, Hk, A, LkP): e^{2k} transposed and padded with 1
   const uint8_t* qflag;  // (B, H, Lq)
   const uint8_t* kflag;  // (B, Hk, Lk)
@@ -269,12 +275,24 @@ struct AddScores {
     return s;
   }
 
+  // Whether the tile's |d| = |Eqw e^{2k} + 1/w| stay below pair_safe_bound (O(nr + nc)); keys past Lk
+  // in the last 16-column group hold 1 in EkT (kmax covers only real keys, so 1 is included).
+  bool pair_safe(int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc) const {
+    const float* qm = qmax + (b * p->H + h) * p->Lq + i0;
+    const float* km = kmax + (b * p->Hk + h / p->G) * p->Lk + j0;
+    float mq = 0.f, mk = 1.f;
+    for (int i = 0; i < nr; ++i) mq = std::max(mq, qm[i]);
+    for (int j = 0; j < nc; ++j) mk = std::max(mk, km[j]);
+    return mq * mk + imax[h] < pair_safe_bound;
+  }
+
   // j0 must be a multiple of 16 (EkT is read up to round_up(nc, 16) columns on); ldS too.
   void tile(Isa isa, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* S, int ldS) const {
     const int64_t hk = h / p->G;
     const int nc16 = (int)round_up(nc, 16);
+    const bool paired = scaled(h) && hw2 && pair_safe(b, h, i0, nr, j0, nc);
     add_scores(isa, nr, nc16, (int)p->D, eq(b, h, i0), eqw(b, h, i0), ekt(b, hk, j0), LkP, w + h * p->D,
-               scaled(h) ? iw + h * p->D : nullptr, S, ldS);
+               scaled(h) ? iw + h * p->D : nullptr, paired ? hw2 + h * (p->D / 2) : nullptr, S, ldS);
     if (!any_flagged(b, h, i0, nr, j0, nc)) return;
     for (int i = 0; i < nr; ++i)
       for (int j = 0; j < nc; ++j)
@@ -285,7 +303,7 @@ struct AddScores {
 // ----------------------------------------------------------------------------- set-up (prep.cpp)
 
 struct AddData {
-  Tensor q, k, w, Eq, Eqw, iw, wscaled, EkT, qflag, kflag;
+  Tensor q, k, w, Eq, Eqw, iw, wscaled, hw2, imax, qmax, kmax, EkT, qflag, kflag;
   AddScores sc;
 };
 

@@ -5,9 +5,10 @@ Two figures:
 * ``additive``: the best per-triple rate of the additive inner loop
   ``s_ij = sum_a w_a / (1 + E_qi,a * E_kj,a)`` over an L1-resident block (32 queries x
   32 keys x A=128), where ``E = exp(2x)`` are the per-row factors of
-  ``tanh(x + y) = 1 - 2 / (1 + e^{2x} e^{2y})``. That loop (one FMA, one division or
-  reciprocal, one FMA per triple) is the least work any fp32-exact fused additive kernel does per
-  (query, key, feature) triple, so its rate is the ceiling a fused forward can approach.
+  ``tanh(x + y) = 1 - 2 / (1 + e^{2x} e^{2y})``. That loop (one FMA and one division or
+  reciprocal per triple, or half a reciprocal in the paired forms) is the least work found for
+  an fp32-exact fused additive kernel per (query, key, feature) triple, so its rate is the
+  ceiling a fused forward's score loop can approach (the forward also does P.V and the softmax).
   It is a tiny C kernel compiled at run time with the system C compiler (``cc -O3``) and called
   through ``ctypes`` from one Python thread per core (``ctypes`` releases the GIL), in variants:
   per ISA (AVX2, and AVX-512F when the CPU has it): ``div`` (exact ``vdivps``), ``rcp_nr``
@@ -15,7 +16,10 @@ Two figures:
   ``rcp_nr``: the divider and the FMA pipes work at once), ``fma_nr`` (no reciprocal unit: bit-trick
   seed + three Newton steps, as the Triton kernel does on the GPU), and the weight-scaled ``ws_*``
   forms ``w / (1 + e k) = 1 / (e/w k + 1/w)`` (``e/w`` and ``1/w`` precomputed: the reciprocal is the
-  term, no product by w; the cpu backend's loops use ``ws_split22``). A variant counts only if its
+  term, no product by w), and the paired ``ws_pair*`` forms, two dims per reciprocal,
+  ``1/d1 + 1/d2 = (d1 + d2) / (d1 d2)`` (``pair_div``: all divide; ``pair31``: 3 of 4 keys divide,
+  the 4th takes the reciprocal unit + Newton; the cpu backend's loops use the paired form where the
+  factors allow it, else ``ws_split22``). A variant counts only if its
   scores agree with the exact division to a relative error <= 1e-5 (``vrcpps`` alone, ~2e-4, would
   not). ``per_isa`` holds the best variant of each
   ISA: the limit for a kernel running at that level. Without a C compiler the figure is None and
@@ -66,6 +70,37 @@ _C_SOURCE = r"""
         out[(size_t)i * nk + j + 2] = REDUCE(c2); out[(size_t)i * nk + j + 3] = REDUCE(c3);    \
       }                                                                                        \
     }
+/* Paired weight-scaled variants (ws_pair*): the dims a..a+W-1 and a+W..a+2W-1 of one key share one
+   reciprocal, 1/d1 + 1/d2 = (d1 + d2) / (d1 d2) (the cpu backend's paired form, kernels_avx512.cpp). */
+#define PAIR_BODY(VEC, SET1, LOAD, FMADD, ADDV, MUL, R0, R1, R2, R3, REDUCE, W)                  \
+  for (long r = 0; r < reps; r++)                                                              \
+    for (int i = 0; i < nq; i++) {                                                             \
+      const float* e = eq + (size_t)i * A;                                                     \
+      for (int j = 0; j < nk; j += 4) {                                                        \
+        const float* k0 = ek + (size_t)j * A;                                                  \
+        VEC one = SET1(1.0f);                                                                  \
+        VEC c0 = SET1(0.0f), c1 = c0, c2 = c0, c3 = c0;                                        \
+        for (int a = 0; a < A; a += 2 * W) {                                                   \
+          VEC e1 = LOAD(e + a), e2 = LOAD(e + a + W), w1 = LOAD(w + a), w2 = LOAD(w + a + W);  \
+          VEC d1, d2, s, p;                                                                    \
+          d1 = FMADD(e1, LOAD(k0 + a), w1); d2 = FMADD(e2, LOAD(k0 + a + W), w2);              \
+          s = ADDV(d1, d2); p = MUL(d1, d2); R0(c0, s, p);                                     \
+          d1 = FMADD(e1, LOAD(k0 + A + a), w1); d2 = FMADD(e2, LOAD(k0 + A + a + W), w2);      \
+          s = ADDV(d1, d2); p = MUL(d1, d2); R1(c1, s, p);                                     \
+          d1 = FMADD(e1, LOAD(k0 + 2 * A + a), w1); d2 = FMADD(e2, LOAD(k0 + 2 * A + a + W), w2); \
+          s = ADDV(d1, d2); p = MUL(d1, d2); R2(c2, s, p);                                     \
+          d1 = FMADD(e1, LOAD(k0 + 3 * A + a), w1); d2 = FMADD(e2, LOAD(k0 + 3 * A + a + W), w2); \
+          s = ADDV(d1, d2); p = MUL(d1, d2); R3(c3, s, p);                                     \
+        }                                                                                      \
+        out[(size_t)i * nk + j] = REDUCE(c0); out[(size_t)i * nk + j + 1] = REDUCE(c1);        \
+        out[(size_t)i * nk + j + 2] = REDUCE(c2); out[(size_t)i * nk + j + 3] = REDUCE(c3);    \
+      }                                                                                        \
+    }
+#define PAIR_VARIANT(name, VEC, SET1, LOAD, FMADD, ADDV, MUL, R0, R1, R2, R3, REDUCE, W)         \
+  void name(const float* eq, const float* ek, const float* w, float* out, int nq, int nk, int A, \
+            long reps) {                                                                       \
+    PAIR_BODY(VEC, SET1, LOAD, FMADD, ADDV, MUL, R0, R1, R2, R3, REDUCE, W)                    \
+  }
 #define VARIANT(name, VEC, SET1, LOAD, FMADD, R0, R1, R2, R3, REDUCE, W, ADD)                   \
   void name(const float* eq, const float* ek, const float* w, float* out, int nq, int nk, int A, \
             long reps) {                                                                       \
@@ -105,6 +140,16 @@ V8(avx2_fma_nr, FNR8, FNR8, FNR8, FNR8)
 W8(avx2_ws_rcp_nr, WRCP8, WRCP8, WRCP8, WRCP8)
 W8(avx2_ws_split13, WDIV8, WRCP8, WRCP8, WRCP8)
 W8(avx2_ws_split22, WDIV8, WRCP8, WDIV8, WRCP8)
+/* paired: the divider's term is s / p; the reciprocal unit's, y + y (1 - p x) with y = s x */
+#define PDIV8(c, s, p) c = _mm256_add_ps(c, _mm256_div_ps(s, p))
+#define PRCP8(c, s, p) do { __m256 x = _mm256_rcp_ps(p), y = _mm256_mul_ps(s, x);                \
+    c = _mm256_add_ps(c, _mm256_fmadd_ps(y, _mm256_fnmadd_ps(p, x, one), y)); } while (0)
+#define P8(name, R0, R1, R2, R3)                                                              \
+  PAIR_VARIANT(name, __m256, _mm256_set1_ps, _mm256_loadu_ps, _mm256_fmadd_ps, _mm256_add_ps,   \
+               _mm256_mul_ps, R0, R1, R2, R3, hsum8, 8)
+P8(avx2_ws_pair_div, PDIV8, PDIV8, PDIV8, PDIV8)
+P8(avx2_ws_pair31, PDIV8, PDIV8, PDIV8, PRCP8)
+P8(avx2_ws_pair22, PDIV8, PRCP8, PDIV8, PRCP8)
 /* fp32 FMA peak: 12 independent accumulators; returns a value so the loop is kept */
 float avx2_fma(long iters, float x) {  /* distinct starts: no chain can be merged */
 #define S(i) _mm256_set1_ps(x + i)
@@ -152,6 +197,15 @@ V16(avx512_fma_nr, FNR16, FNR16, FNR16, FNR16)
 W16(avx512_ws_rcp_nr, WRCP16, WRCP16, WRCP16, WRCP16)
 W16(avx512_ws_split13, WDIV16, WRCP16, WRCP16, WRCP16)
 W16(avx512_ws_split22, WDIV16, WRCP16, WDIV16, WRCP16)
+#define PDIV16(c, s, p) c = _mm512_add_ps(c, _mm512_div_ps(s, p))
+#define PRCP16(c, s, p) do { __m512 x = _mm512_rcp14_ps(p), y = _mm512_mul_ps(s, x);             \
+    c = _mm512_add_ps(c, _mm512_fmadd_ps(y, _mm512_fnmadd_ps(p, x, one), y)); } while (0)
+#define P16(name, R0, R1, R2, R3)                                                             \
+  PAIR_VARIANT(name, __m512, _mm512_set1_ps, _mm512_loadu_ps, _mm512_fmadd_ps, _mm512_add_ps,   \
+               _mm512_mul_ps, R0, R1, R2, R3, _mm512_reduce_add_ps, 16)
+P16(avx512_ws_pair_div, PDIV16, PDIV16, PDIV16, PDIV16)
+P16(avx512_ws_pair31, PDIV16, PDIV16, PDIV16, PRCP16)
+P16(avx512_ws_pair22, PDIV16, PRCP16, PDIV16, PRCP16)
 float avx512_fma(long iters, float x) {  /* distinct starts: no chain can be merged */
 #define S(i) _mm512_set1_ps(x + i)
   __m512 a0 = S(0), a1 = S(1), a2 = S(2), a3 = S(3), a4 = S(4), a5 = S(5), a6 = S(6), a7 = S(7),
@@ -177,7 +231,8 @@ int has_avx512 = 0;
 
 NQ, NK, A = 32, 32, 128   # block: 32 query rows x 32 key rows x A=128 (eq 16 KiB + ek 16 KiB: L1)
 FMA_PER_ITER = 12          # independent vector FMAs per loop iteration in *_fma
-KINDS = ("div", "rcp_nr", "split13", "split22", "split31", "fma_nr", "ws_rcp_nr", "ws_split13", "ws_split22")
+KINDS = ("div", "rcp_nr", "split13", "split22", "split31", "fma_nr", "ws_rcp_nr", "ws_split13", "ws_split22",
+         "ws_pair_div", "ws_pair31", "ws_pair22")
 REL_TOL = 1e-5             # a variant must match exact division to this relative error
 
 
