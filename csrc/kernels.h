@@ -55,6 +55,15 @@ inline bool weight_scaled_dim(float iw) {
   return m >= 0x1p-12f && m <= 0x1p12f;
 }
 
+// Whether a dimension with weight w admits the paired form (kernels_avx512.cpp): w finite with
+// 2^-126 <= |w| <= 2^12 (a wider range than weight_scaled_dim: the paired form's caller bounds |d| on
+// each tile, which weight_scaled_dim's range does for the unpaired loop; above 2^12, Eq / w could lose
+// its normal range). False for w = 0, subnormal w and NaN.
+inline bool pairable_dim(float w) {
+  const float m = std::fabs(w);
+  return m >= 0x1p-126f && m <= 0x1p12f;
+}
+
 // Additive backward tile (r = 1 / (1 + Eq*EkT), 1 - t^2 = 4 r (1 - r), t = 1 - 2r):
 //   dq[i*A + a]   += 4 w[a] sum_j dS_ij r (1 - r)
 //   dkT[a*ldd + j] += 4 w[a] sum_i dS_ij r (1 - r)

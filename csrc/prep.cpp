@@ -239,11 +239,15 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
     d.wscaled = at::empty({p.H}, at::kByte);
     float* iwp = d.iw.data_ptr<float>();
     hs = d.wscaled.data_ptr<uint8_t>();
+    // 1: the weight-scaled loop and the paired one; 2: only the paired one (on safe tiles); 0: neither
     for (int64_t h = 0; h < p.H; ++h) {
-      bool all = true;
-      for (int64_t a = 0; a < A; ++a) all &= weight_scaled_dim(iwp[h * A + a] = 1.f / wp[h * A + a]);
-      hs[h] = all;
-      scaled |= all;
+      bool all = true, pairs = true;
+      for (int64_t a = 0; a < A; ++a) {
+        all &= weight_scaled_dim(iwp[h * A + a] = 1.f / wp[h * A + a]);
+        pairs &= pairable_dim(wp[h * A + a]);
+      }
+      hs[h] = all ? 1 : pairs ? 2 : 0;
+      scaled |= hs[h] != 0;
     }
     if (scaled) {
       d.Eqw = scratch_empty({p.B, p.H, p.Lq, A}, at::kFloat);
@@ -294,7 +298,7 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
           } else {
             exp2x(isa, x, eq + r * A, (int)A);
           }
-          if (scaled && hs[(r / p.Lq) % p.H]) {
+          if (scaled && hs[(r / p.Lq) % p.H] != 0) {
             const float* wh = wp + ((r / p.Lq) % p.H) * A;
             float m = 0.f;
             for (int64_t a = 0; a < A; ++a) m = std::max(m, std::fabs(eqw[r * A + a] = eq[r * A + a] / wh[a]));

@@ -222,7 +222,9 @@ struct AddScores {
   const float* Eq;   // (B, H, Lq, A): e^{2q}, 1 on flagged rows
   const float* Eqw = nullptr;  // (B, H, Lq, A): Eq / w[h] (vector levels; null at the scalar level)
   const float* iw = nullptr;   // (H, A): 1 / w (vector levels; null at the scalar level)
-  const uint8_t* wscaled = nullptr;  // (H,): 1 when every weight of head h is weight_scaled_dim (kernels.h)
+  // (H,): 1 when every weight of head h is weight_scaled_dim (kernels.h: the weight-scaled and the paired
+  // loops), 2 when they are only pairable_dim (the paired loop on safe tiles, else the plain one), 0 else
+  const uint8_t* wscaled = nullptr;
   // The paired form's data (kernels.h add_scores; null when no head is weight-scaled): per head the pairs'
   // centring (w_2m + w_2m+1) / 2 and max |1/w|; per query row max_a |Eqw|, per key max_a e^{2k}.
   const float* hw2 = nullptr;   // (H, A / 2)
@@ -246,10 +248,9 @@ struct AddScores {
   const AddScores& item_view(int64_t, int64_t, int64_t, int64_t, std::vector<float>&) const { return *this; }
 
   const float* eq(int64_t b, int64_t h, int64_t i) const { return Eq + ((b * p->H + h) * p->Lq + i) * p->D; }
-  bool scaled(int64_t h) const { return wscaled && wscaled[h]; }
-  const float* eqw(int64_t b, int64_t h, int64_t i) const {
-    return scaled(h) ? Eqw + ((b * p->H + h) * p->Lq + i) * p->D : nullptr;
-  }
+  bool scaled(int64_t h) const { return wscaled && wscaled[h] == 1; }
+  bool pairable(int64_t h) const { return wscaled && wscaled[h] != 0 && hw2; }
+  const float* eqw(int64_t b, int64_t h, int64_t i) const { return Eqw + ((b * p->H + h) * p->Lq + i) * p->D; }
   const float* ekt(int64_t b, int64_t hk, int64_t j) const { return EkT + (b * p->Hk + hk) * p->D * LkP + j; }
   bool qf(int64_t b, int64_t h, int64_t i) const { return qflag[(b * p->H + h) * p->Lq + i] != 0; }
   bool kf(int64_t b, int64_t hk, int64_t j) const { return kflag[(b * p->Hk + hk) * p->Lk + j] != 0; }
@@ -290,9 +291,9 @@ struct AddScores {
   void tile(Isa isa, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* S, int ldS) const {
     const int64_t hk = h / p->G;
     const int nc16 = (int)round_up(nc, 16);
-    const bool paired = scaled(h) && hw2 && pair_safe(b, h, i0, nr, j0, nc);
-    add_scores(isa, nr, nc16, (int)p->D, eq(b, h, i0), eqw(b, h, i0), ekt(b, hk, j0), LkP, w + h * p->D,
-               scaled(h) ? iw + h * p->D : nullptr, paired ? hw2 + h * (p->D / 2) : nullptr, S, ldS);
+    const bool paired = pairable(h) && pair_safe(b, h, i0, nr, j0, nc), ws = paired || scaled(h);
+    add_scores(isa, nr, nc16, (int)p->D, eq(b, h, i0), ws ? eqw(b, h, i0) : nullptr, ekt(b, hk, j0), LkP,
+               w + h * p->D, ws ? iw + h * p->D : nullptr, paired ? hw2 + h * (p->D / 2) : nullptr, S, ldS);
     if (!any_flagged(b, h, i0, nr, j0, nc)) return;
     for (int i = 0; i < nr; ++i)
       for (int j = 0; j < nc; ++j)

@@ -186,6 +186,26 @@ def test_level_additive_large_factor_products(level, dtype, isa_level):
 
 
 @pytest.mark.parametrize("level", ISA_LEVELS)
+@pytest.mark.parametrize("tiny", [False, True], ids=["ordinary_w", "tiny_w"])
+def test_level_additive_paired_and_unpaired_tiles(level, tiny, isa_level):
+    """The vector levels pair two dims per reciprocal, (d1 + d2) / (d1 d2), on the tiles whose
+    factors keep |d| < 2^62; a tile holding a row and a key at +19 in both dims of a pair (d1 d2 would
+    overflow to inf, and the score to NaN) takes the unpaired loop. One call with both kinds of tiles,
+    an odd A (a dim left over after the pairs), weights of both signs, key_lengths and causal.
+    tiny_w: head 1 also has weights below the weight-scaled range (2^-12) but normal, which only the
+    paired loop takes (its other tiles: w / (1 + e k))."""
+    _need(level)
+    isa_level(level)
+    q, k, v, w, do = _inputs("additive", 2, 2, 1, 40, 300, 33, 12, seed=5)
+    if tiny:
+        w[1, [3, 8, 20]] = torch.tensor([-1e-5, 2.0**-13, 1e-7])
+    q[0, 1, 37, :2] = 19.0  # query tile 1 of batch 0, head 1
+    k[0, 0, 150, :2] = 19.0  # key tile 1 (keys 128-255)
+    fused = _compare("additive", q, k, v, w, do, _lengths([300, 170]), True)
+    assert all(torch.isfinite(t).all() for t in fused)
+
+
+@pytest.mark.parametrize("level", ISA_LEVELS)
 @pytest.mark.parametrize("cap", [50.0, 2.0])
 def test_level_softcap_is_accurate_near_zero_and_saturated(level, cap, isa_level):
     """With one key the lse is the capped score itself: cap tanh(x) within a few float32 ulps of its
