@@ -215,6 +215,23 @@ std::vector<float> row_delta(const Problem& p, const float* dout, const float* o
   return delta;
 }
 
+namespace {
+// max_a |x[a]| (NaN ranks above inf) through the bit patterns of |x|, which order as unsigned integers:
+// an integer max reduction vectorizes, a float one does not without -ffast-math.
+float abs_max(const float* x, int64_t n) {
+  uint32_t m = 0;
+  for (int64_t a = 0; a < n; ++a) {
+    uint32_t b;
+    std::memcpy(&b, x + a, sizeof b);
+    b &= 0x7fffffffu;
+    m = b > m ? b : m;
+  }
+  float f;
+  std::memcpy(&f, &m, sizeof f);
+  return f;
+}
+}  // namespace
+
 void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tensor& k, const Tensor& w,
                       Isa isa) {
   const int64_t A = p.D;
@@ -300,9 +317,9 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
           }
           if (scaled && hs[(r / p.Lq) % p.H] != 0) {
             const float* wh = wp + ((r / p.Lq) % p.H) * A;
-            float m = 0.f;
-            for (int64_t a = 0; a < A; ++a) m = std::max(m, std::fabs(eqw[r * A + a] = eq[r * A + a] / wh[a]));
-            qmx[r] = m;
+            float* er = eqw + r * A;
+            for (int64_t a = 0; a < A; ++a) er[a] = eq[r * A + a] / wh[a];
+            qmx[r] = abs_max(er, A);
           }
         }
         continue;
@@ -322,9 +339,7 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
         if (f)
           for (int64_t a = 0; a < A; ++a) tb[j * A + a] = 1.f;
         if (kmx != nullptr && jj < p.Lk) {
-          float m = 1.f;
-          for (int64_t a = 0; a < A; ++a) m = std::max(m, tb[j * A + a]);
-          kmx[bh * p.Lk + jj] = m;
+          kmx[bh * p.Lk + jj] = std::max(1.f, abs_max(tb + j * A, A));
         }
       }
       float* e = ekt + bh * A * LkP + jb;
