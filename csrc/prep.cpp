@@ -215,23 +215,6 @@ std::vector<float> row_delta(const Problem& p, const float* dout, const float* o
   return delta;
 }
 
-namespace {
-// max_a |x[a]| (NaN ranks above inf) through the bit patterns of |x|, which order as unsigned integers:
-// an integer max reduction vectorizes, a float one does not without -ffast-math.
-float abs_max(const float* x, int64_t n) {
-  uint32_t m = 0;
-  for (int64_t a = 0; a < n; ++a) {
-    uint32_t b;
-    std::memcpy(&b, x + a, sizeof b);
-    b &= 0x7fffffffu;
-    m = b > m ? b : m;
-  }
-  float f;
-  std::memcpy(&f, &m, sizeof f);
-  return f;
-}
-}  // namespace
-
 void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tensor& k, const Tensor& w,
                       Isa isa) {
   const int64_t A = p.D;
@@ -256,6 +239,9 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
     d.wscaled = at::empty({p.H}, at::kByte);
     float* iwp = d.iw.data_ptr<float>();
     hs = d.wscaled.data_ptr<uint8_t>();
+    // The paired loop saves per (query row, key) what its key maxima cost per key: with fewer than 16
+    // query rows per key (decoding) the set-up would cost more than it saves, so those calls don't pair.
+    const bool pairing = p.G * p.Lq >= 16;
     // 1: the weight-scaled loop and the paired one; 2: only the paired one (on safe tiles); 0: neither
     for (int64_t h = 0; h < p.H; ++h) {
       bool all = true, pairs = true;
@@ -263,21 +249,25 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
         all &= weight_scaled_dim(iwp[h * A + a] = 1.f / wp[h * A + a]);
         pairs &= pairable_dim(wp[h * A + a]);
       }
-      hs[h] = all ? 1 : pairs ? 2 : 0;
+      hs[h] = all ? 1 : pairs && pairing ? 2 : 0;
       scaled |= hs[h] != 0;
     }
     if (scaled) {
       d.Eqw = scratch_empty({p.B, p.H, p.Lq, A}, at::kFloat);
       eqw = d.Eqw.data_ptr<float>();
-      // the paired form (kernels.h add_scores): pair centring, max |1/w| per head, row and key maxima
+    }
+    if (scaled && pairing) {
+      // the paired form (kernels.h add_scores): pair centring, the per-head limit on max q + max k
+      // (AddScores::pair_safe), the row and key maxima of q and k
       d.hw2 = at::empty({p.H, std::max<int64_t>(A / 2, 1)}, at::kFloat);
-      d.imax = at::empty({p.H}, at::kFloat);
+      d.plim = at::empty({p.H}, at::kFloat);
       float* h2 = d.hw2.data_ptr<float>();
-      float* im = d.imax.data_ptr<float>();
+      float* pl = d.plim.data_ptr<float>();
       for (int64_t h = 0; h < p.H; ++h) {
-        float m = 0.f;
-        for (int64_t a = 0; a < A; ++a) m = std::max(m, std::fabs(iwp[h * A + a]));
-        im[h] = m;
+        double m = 0.0;  // max |1/w|
+        for (int64_t a = 0; a < A; ++a) m = std::max(m, (double)std::fabs(iwp[h * A + a]));
+        // |d| <= m (e^{2(max q + max k)} + 1) < 2^62 when m < 2^60 and max q + max k < ln(2^61 / m) / 2
+        pl[h] = m < 0x1p60 ? (float)(0.5 * std::log(0x1p61 / m)) : -INFINITY;
         for (int64_t a = 0; a + 1 < A; a += 2) h2[h * (A / 2) + a / 2] = 0.5f * (wp[h * A + a] + wp[h * A + a + 1]);
       }
       d.qmax = scratch_empty({p.B, p.H, p.Lq}, at::kFloat);
@@ -317,10 +307,13 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
           }
           if (scaled && hs[(r / p.Lq) % p.H] != 0) {
             const float* wh = wp + ((r / p.Lq) % p.H) * A;
-            float* er = eqw + r * A;
-            for (int64_t a = 0; a < A; ++a) er[a] = eq[r * A + a] / wh[a];
-            qmx[r] = abs_max(er, A);
+            for (int64_t a = 0; a < A; ++a) eqw[r * A + a] = eq[r * A + a] / wh[a];
           }
+        }
+        if (qmx != nullptr) {  // max q over the block's rows (from their factors; flagged rows hold e^0), for each row
+          const int64_t r0 = t * KB, r1 = std::min(nq, (t + 1) * KB);
+          const float m = 0.5f * std::log(row_max(isa, eq + r0 * A, (int)((r1 - r0) * A)));
+          for (int64_t r = r0; r < r1; ++r) qmx[r] = m;
         }
         continue;
       }
@@ -338,9 +331,10 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
         }
         if (f)
           for (int64_t a = 0; a < A; ++a) tb[j * A + a] = 1.f;
-        if (kmx != nullptr && jj < p.Lk) {
-          kmx[bh * p.Lk + jj] = std::max(1.f, abs_max(tb + j * A, A));
-        }
+      }
+      if (kmx != nullptr) {  // max k over the block's keys (padding and flagged keys hold e^0), for each key
+        const float m = 0.5f * std::log(row_max(isa, tb, (int)(KB * A)));
+        for (int64_t jj = jb; jj < std::min(p.Lk, jb + KB); ++jj) kmx[bh * p.Lk + jj] = m;
       }
       float* e = ekt + bh * A * LkP + jb;
       if (isa.level == Level::avx512) {  // 16 x 16 register transposes (the scalar loop: ~1/3 of a window call's set-up)
@@ -354,8 +348,8 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
   AddScores& sc = d.sc;
   sc.q = qp; sc.k = kp; sc.w = d.w.data_ptr<float>();
   sc.Eq = eq; sc.Eqw = eqw; sc.iw = scaled ? d.iw.data_ptr<float>() : nullptr; sc.wscaled = scaled ? hs : nullptr;
-  if (scaled) {
-    sc.hw2 = d.hw2.data_ptr<float>(); sc.imax = d.imax.data_ptr<float>();
+  if (qmx != nullptr) {
+    sc.hw2 = d.hw2.data_ptr<float>(); sc.plim = d.plim.data_ptr<float>();
     sc.qmax = qmx; sc.kmax = kmx;
   }
   sc.EkT = ekt; sc.qflag = qf; sc.kflag = kf; sc.LkP = LkP; sc.p = &p;

@@ -226,9 +226,11 @@ struct AddScores {
   // loops), 2 when they are only pairable_dim (the paired loop on safe tiles, else the plain one), 0 else
   const uint8_t* wscaled = nullptr;
   // The paired form's data (kernels.h add_scores; null when no head is weight-scaled): per head the pairs'
-  // centring (w_2m + w_2m+1) / 2 and max |1/w|; per query row max_a |Eqw|, per key max_a e^{2k}.
+  // centring (w_2m + w_2m+1) / 2 and the limit on max q + max k (prep.cpp); per query row and per key an
+  // upper bound of max_a q and max_a k: the maximum over its block of 64 rows or keys in the set-up
+  // (flagged rows count as 0, their factors being e^0).
   const float* hw2 = nullptr;   // (H, A / 2)
-  const float* imax = nullptr;  // (H,)
+  const float* plim = nullptr;  // (H,)
   const float* qmax = nullptr;  // (B, H, Lq)
   const float* kmax = nullptr;  // (B, Hk, Lk)
   const float* EkT;  // (B, Hk, A, LkP): e^{2k} transposed and padded with 1
@@ -276,15 +278,16 @@ struct AddScores {
     return s;
   }
 
-  // Whether the tile's |d| = |Eqw e^{2k} + 1/w| stay below pair_safe_bound (O(nr + nc)); keys past Lk
-  // in the last 16-column group hold 1 in EkT (kmax covers only real keys, so 1 is included).
+  // Whether the tile's |d| = |e^{2q}/w e^{2k} + 1/w| stay below pair_safe_bound (O(nr + nc)): |d| <=
+  // max|1/w| (e^{2 (max q + max k)} + 1), checked as max q + max k < plim[h]. Keys past Lk in the last
+  // 16-column group hold e^0 in EkT (so max k starts at 0).
   bool pair_safe(int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc) const {
     const float* qm = qmax + (b * p->H + h) * p->Lq + i0;
     const float* km = kmax + (b * p->Hk + h / p->G) * p->Lk + j0;
-    float mq = 0.f, mk = 1.f;
+    float mq = -INFINITY, mk = 0.f;
     for (int i = 0; i < nr; ++i) mq = std::max(mq, qm[i]);
     for (int j = 0; j < nc; ++j) mk = std::max(mk, km[j]);
-    return mq * mk + imax[h] < pair_safe_bound;
+    return mq + mk < plim[h];
   }
 
   // j0 must be a multiple of 16 (EkT is read up to round_up(nc, 16) columns on); ldS too.
@@ -304,7 +307,7 @@ struct AddScores {
 // ----------------------------------------------------------------------------- set-up (prep.cpp)
 
 struct AddData {
-  Tensor q, k, w, Eq, Eqw, iw, wscaled, hw2, imax, qmax, kmax, EkT, qflag, kflag;
+  Tensor q, k, w, Eq, Eqw, iw, wscaled, hw2, plim, qmax, kmax, EkT, qflag, kflag;
   AddScores sc;
 };
 
