@@ -43,11 +43,10 @@ std::vector<std::string> supported_levels();
 // every weight of the head passes weight_scaled_dim; with null ones those loops read Eq and w. The
 // scalar level always reads Eq and w. hw2 (A / 2 entries, (w[2m] + w[2m+1]) / 2), given only with Eqw
 // and iw, selects the paired form (kernels_avx512.cpp): the caller then guarantees
-// |Eqw[i*A + a] * EkT[a*ldk + j] + iw[a]| < 2^62 over the tile (pair_safe_bound).
+// |Eqw[i*A + a] * EkT[a*ldk + j] + iw[a]| < 2^62 over the tile (AddScores::pair_safe), so that the
+// products of two such values are finite and normal.
 void add_scores(Isa isa, int nr, int nc16, int A, const float* Eq, const float* Eqw, const float* EkT,
                 int64_t ldk, const float* w, const float* iw, const float* hw2, float* S, int ldS);
-// The bound on |d| under which the paired form's products d1 d2 stay finite and normal.
-constexpr float pair_safe_bound = 0x1p62f;
 // Whether a dimension with reciprocal weight iw = 1 / w takes the weight-scaled form:
 // 2^-12 <= |w| <= 2^12 (false for w = 0 and NaN). Plain scalar code, safe to share across levels.
 inline bool weight_scaled_dim(float iw) {

@@ -278,9 +278,9 @@ struct AddScores {
     return s;
   }
 
-  // Whether the tile's |d| = |e^{2q}/w e^{2k} + 1/w| stay below pair_safe_bound (O(nr + nc)): |d| <=
-  // max|1/w| (e^{2 (max q + max k)} + 1), checked as max q + max k < plim[h]. Keys past Lk in the last
-  // 16-column group hold e^0 in EkT (so max k starts at 0).
+  // Whether the tile's |d| = |e^{2q}/w e^{2k} + 1/w| stay below 2^62 (kernels.h add_scores), in
+  // O(nr + nc): |d| <= max|1/w| (e^{2 (max q + max k)} + 1), checked as max q + max k < plim[h]. Keys
+  // past Lk in the last 16-column group hold e^0 in EkT (so max k starts at 0).
   bool pair_safe(int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc) const {
     const float* qm = qmax + (b * p->H + h) * p->Lq + i0;
     const float* km = kmax + (b * p->Hk + h / p->G) * p->Lk + j0;
