@@ -221,7 +221,7 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
   d.q = f32(q);
   d.k = f32(k);
   d.w = f32(w);
-  constexpr int64_t KB = 64;  // key blocks of the table's set-up
+  constexpr int64_t KB = AddScores::MB;  // row and key blocks of the tables' set-up
   const int64_t LkB = round_up(std::max<int64_t>(p.Lk, 1), KB), LkP = spread_ld(LkB);
   d.Eq = scratch_empty({p.B, p.H, p.Lq, A}, at::kFloat);
   d.EkT = scratch_empty({p.B, p.Hk, A, LkP}, at::kFloat);
@@ -270,8 +270,8 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
         pl[h] = m < 0x1p60 ? (float)(0.5 * std::log(0x1p61 / m)) : -INFINITY;
         for (int64_t a = 0; a + 1 < A; a += 2) h2[h * (A / 2) + a / 2] = 0.5f * (wp[h * A + a] + wp[h * A + a + 1]);
       }
-      d.qmax = scratch_empty({p.B, p.H, p.Lq}, at::kFloat);
-      d.kmax = scratch_empty({p.B, p.Hk, std::max<int64_t>(p.Lk, 1)}, at::kFloat);
+      d.qmax = scratch_empty({(p.B * p.H * p.Lq + KB - 1) / KB}, at::kFloat);
+      d.kmax = scratch_empty({p.B * p.Hk * (LkB / KB)}, at::kFloat);
       qmx = d.qmax.data_ptr<float>();
       kmx = d.kmax.data_ptr<float>();
     }
@@ -310,10 +310,9 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
             for (int64_t a = 0; a < A; ++a) eqw[r * A + a] = eq[r * A + a] / wh[a];
           }
         }
-        if (qmx != nullptr) {  // max q over the block's rows (from their factors; flagged rows hold e^0), for each row
+        if (qmx != nullptr) {  // max q over the block's rows (from their factors; flagged rows hold e^0)
           const int64_t r0 = t * KB, r1 = std::min(nq, (t + 1) * KB);
-          const float m = 0.5f * std::log(row_max(isa, eq + r0 * A, (int)((r1 - r0) * A)));
-          for (int64_t r = r0; r < r1; ++r) qmx[r] = m;
+          qmx[t] = 0.5f * std::log(row_max(isa, eq + r0 * A, (int)((r1 - r0) * A)));
         }
         continue;
       }
@@ -332,10 +331,8 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
         if (f)
           for (int64_t a = 0; a < A; ++a) tb[j * A + a] = 1.f;
       }
-      if (kmx != nullptr) {  // max k over the block's keys (padding and flagged keys hold e^0), for each key
-        const float m = 0.5f * std::log(row_max(isa, tb, (int)(KB * A)));
-        for (int64_t jj = jb; jj < std::min(p.Lk, jb + KB); ++jj) kmx[bh * p.Lk + jj] = m;
-      }
+      if (kmx != nullptr)  // max k over the block's keys (padding and flagged keys hold e^0)
+        kmx[t] = 0.5f * std::log(row_max(isa, tb, (int)(KB * A)));
       float* e = ekt + bh * A * LkP + jb;
       if (isa.level == Level::avx512) {  // 16 x 16 register transposes (the scalar loop: ~1/3 of a window call's set-up)
         avx512::transpose32(tb, A, (int)KB, (int)A, e, LkP);
@@ -350,7 +347,7 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
   sc.Eq = eq; sc.Eqw = eqw; sc.iw = scaled ? d.iw.data_ptr<float>() : nullptr; sc.wscaled = scaled ? hs : nullptr;
   if (qmx != nullptr) {
     sc.hw2 = d.hw2.data_ptr<float>(); sc.plim = d.plim.data_ptr<float>();
-    sc.qmax = qmx; sc.kmax = kmx;
+    sc.qmax = qmx; sc.kmax = kmx; sc.nkb = LkB / KB;
   }
   sc.EkT = ekt; sc.qflag = qf; sc.kflag = kf; sc.LkP = LkP; sc.p = &p;
 }

@@ -226,13 +226,15 @@ struct AddScores {
   // loops), 2 when they are only pairable_dim (the paired loop on safe tiles, else the plain one), 0 else
   const uint8_t* wscaled = nullptr;
   // The paired form's data (kernels.h add_scores; null when no head is weight-scaled): per head the pairs'
-  // centring (w_2m + w_2m+1) / 2 and the limit on max q + max k (prep.cpp); per query row and per key an
-  // upper bound of max_a q and max_a k: the maximum over its block of 64 rows or keys in the set-up
-  // (flagged rows count as 0, their factors being e^0).
+  // centring (w_2m + w_2m+1) / 2 and the limit on max q + max k (prep.cpp); the largest q of each block
+  // of MB query rows (of the (B, H, Lq) rows in order) and the largest k of each block of MB keys of a
+  // kv head, taken from the factor tables (flagged rows and padding count as 0: their factors are e^0).
+  static constexpr int64_t MB = 64;
   const float* hw2 = nullptr;   // (H, A / 2)
   const float* plim = nullptr;  // (H,)
-  const float* qmax = nullptr;  // (B, H, Lq)
-  const float* kmax = nullptr;  // (B, Hk, Lk)
+  const float* qmax = nullptr;  // (ceil(B H Lq / MB),)
+  const float* kmax = nullptr;  // (B, Hk, nkb)
+  int64_t nkb = 0;              // key blocks per kv head
   const float* EkT;  // (B, Hk, A, LkP): e^{2k} transposed and padded with 1
   const uint8_t* qflag;  // (B, H, Lq)
   const uint8_t* kflag;  // (B, Hk, Lk)
@@ -279,14 +281,13 @@ struct AddScores {
   }
 
   // Whether the tile's |d| = |e^{2q}/w e^{2k} + 1/w| stay below 2^62 (kernels.h add_scores), in
-  // O(nr + nc): |d| <= max|1/w| (e^{2 (max q + max k)} + 1), checked as max q + max k < plim[h]. Keys
-  // past Lk in the last 16-column group hold e^0 in EkT (so max k starts at 0).
+  // O((nr + nc) / MB): |d| <= max|1/w| (e^{2 (max q + max k)} + 1), checked as max q + max k < plim[h].
+  // Keys past Lk in the last 16-column group hold e^0 in EkT (so max k starts at 0).
   bool pair_safe(int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc) const {
-    const float* qm = qmax + (b * p->H + h) * p->Lq + i0;
-    const float* km = kmax + (b * p->Hk + h / p->G) * p->Lk + j0;
+    const int64_t r0 = (b * p->H + h) * p->Lq + i0, kb = (b * p->Hk + h / p->G) * nkb;
     float mq = -INFINITY, mk = 0.f;
-    for (int i = 0; i < nr; ++i) mq = std::max(mq, qm[i]);
-    for (int j = 0; j < nc; ++j) mk = std::max(mk, km[j]);
+    for (int64_t t = r0 / MB; t <= (r0 + nr - 1) / MB; ++t) mq = std::max(mq, qmax[t]);
+    for (int64_t t = j0 / MB; t <= (j0 + nc - 1) / MB; ++t) mk = std::max(mk, kmax[kb + t]);
     return mq + mk < plim[h];
   }
 
