@@ -487,7 +487,7 @@ std::tuple<Tensor, Tensor> additive_fwd(const Tensor& q, const Tensor& k, const 
   set_modifiers(op, p, window_left, window_right, 0.0, rel_bias, alibi_slopes, keep);
   if (empty_problem(p)) return empty_fwd(q, v);
   AddData d;
-  prepare_additive(d, p, q, k, w, isa);
+  prepare_additive(d, p, q, k, w, isa, /*all_eq=*/false);
   Tensor vf = f32(v);
   Tensor out = at::empty({p.B, p.H, p.Lq, p.Dv}, q.options().dtype(at::kFloat));
   Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
@@ -512,7 +512,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> additive_bwd(
   if (empty_problem(p))
     return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v), at::zeros_like(w), rel_grad_zeros(rel_bias)};
   AddData d;
-  prepare_additive(d, p, q, k, w, isa);
+  prepare_additive(d, p, q, k, w, isa, /*all_eq=*/true);
   Tensor vf = f32(v), dof = f32(dout), of = f32(out), lsef = lse.contiguous();
   std::vector<float> delta = row_delta(p, dof.data_ptr<float>(), of.data_ptr<float>());
   auto fo = q.options().dtype(at::kFloat);

@@ -68,8 +68,18 @@ float exp_sub_sum_scalar(float* x, int n, float m) {
   return s;
 }
 
-void exp2x_scalar(const float* x, float* y, int n) {
-  for (int j = 0; j < n; ++j) y[j] = std::exp(2.f * x[j]);
+bool exp2x_row_scalar(const float* x, float* y, int n, float lim, const float* w, float* yw, float* mx) {
+  bool bad = false;
+  for (int j = 0; j < n; ++j) bad |= !(std::fabs(x[j]) <= lim);
+  float m = *mx;
+  for (int j = 0; j < n; ++j) {
+    const float e = bad ? 1.f : std::exp(2.f * x[j]);
+    if (y != nullptr) y[j] = e;
+    if (yw != nullptr) yw[j] = e / w[j];
+    m = e > m ? e : m;
+  }
+  *mx = m;
+  return bad;
 }
 
 }  // namespace
@@ -81,8 +91,8 @@ void exp2x_scalar(const float* x, float* y, int n) {
     default: return call_scalar;                                    \
   }
 
-void exp2x(Isa isa, const float* x, float* y, int n) {
-  DISPATCH(exp2x_scalar(x, y, n), exp2x, x, y, n)
+bool exp2x_row(Isa isa, const float* x, float* y, int n, float lim, const float* w, float* yw, float* mx) {
+  DISPATCH(exp2x_row_scalar(x, y, n, lim, w, yw, mx), exp2x_row, x, y, n, lim, w, yw, mx)
 }
 
 void add_scores(Isa isa, int nr, int nc16, int A, const float* Eq, const float* Eqw, const float* EkT,

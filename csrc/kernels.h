@@ -71,8 +71,11 @@ inline bool pairable_dim(float w) {
 void add_bwd(Isa isa, int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk,
              const float* w, const float* dS, int ldS, float* dq, float* dkT, int ldd, float* dwr);
 
-// y[j] = exp(2 x[j]) for |x[j]| <= 40.
-void exp2x(Isa isa, const float* x, float* y, int n);
+// One row of the additive factor tables, in one pass over x (n values): e[j] = exp(2 x[j]), stored in y
+// and, when yw is non-null, yw[j] = e[j] / w[j] (correctly rounded); y may be null (yw only). A row with
+// some |x[j]| > lim (lim <= 40) or a NaN is flagged: then e[j] = 1 (yw[j] = 1 / w[j]). Returns whether
+// the row is flagged; *mx becomes max(*mx, max_j e[j]).
+bool exp2x_row(Isa isa, const float* x, float* y, int n, float lim, const float* w, float* yw, float* mx);
 
 // Row helpers of the online softmax.
 float row_max(Isa isa, const float* x, int n);
@@ -85,7 +88,7 @@ void add_scores(int nr, int nc16, int A, const float* Eq, const float* Eqw, cons
                 const float* w, const float* iw, const float* hw2, float* S, int ldS);
 void add_bwd(int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk, const float* w,
              const float* dS, int ldS, float* dq, float* dkT, int ldd, float* dwr);
-void exp2x(const float* x, float* y, int n);
+bool exp2x_row(const float* x, float* y, int n, float lim, const float* w, float* yw, float* mx);
 float row_max(const float* x, int n);
 float exp_sub_sum(float* x, int n, float m);
 }  // namespace avx2
@@ -94,7 +97,7 @@ void add_scores(int nr, int nc16, int A, const float* Eq, const float* Eqw, cons
                 const float* w, const float* iw, const float* hw2, float* S, int ldS);
 void add_bwd(int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk, const float* w,
              const float* dS, int ldS, float* dq, float* dkT, int ldd, float* dwr);
-void exp2x(const float* x, float* y, int n);
+bool exp2x_row(const float* x, float* y, int n, float lim, const float* w, float* yw, float* mx);
 float row_max(const float* x, int n);
 float exp_sub_sum(float* x, int n, float m);
 // x[j] = exp(s * x[j] - m) (s * x[j] rounded, as scale() would), returns their sum; s > 0. The

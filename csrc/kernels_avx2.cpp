@@ -9,6 +9,7 @@
 // float32 ulp, in the forward; the backward's products of r take two.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "kernels.h"
@@ -273,11 +274,40 @@ AVX2_FN float exp_sub_sum(float* x, int n, float m) {
   return hsum8(acc);
 }
 
-AVX2_FN void exp2x(const float* x, float* y, int n) {
-  const __m256 two = _mm256_set1_ps(2.f);
+AVX2_FN bool exp2x_row(const float* x, float* y, int n, float lim, const float* w, float* yw, float* mx) {
+  const __m256 two = _mm256_set1_ps(2.f), lv = _mm256_set1_ps(lim);
+  const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 m = _mm256_set1_ps(-INFINITY), bad = _mm256_setzero_ps();
   int j = 0;
-  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(y + j, exp8(_mm256_mul_ps(two, _mm256_loadu_ps(x + j))));
-  for (; j < n; ++j) y[j] = std::exp(2.f * x[j]);
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = _mm256_loadu_ps(x + j);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_and_ps(v, absm), lv, _CMP_NLE_UQ));  // NaN: true
+    const __m256 e = exp8(_mm256_mul_ps(two, v));
+    if (y != nullptr) _mm256_storeu_ps(y + j, e);
+    if (yw != nullptr) _mm256_storeu_ps(yw + j, _mm256_div_ps(e, _mm256_loadu_ps(w + j)));
+    m = _mm256_max_ps(m, e);
+  }
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  float r = std::max(*mx, _mm_cvtss_f32(h));
+  bool flag = _mm256_movemask_ps(bad) != 0;
+  for (; j < n; ++j) {  // the tail as the scalar level does it
+    flag |= !(std::fabs(x[j]) <= lim);
+    const float e = std::exp(2.f * x[j]);
+    if (y != nullptr) y[j] = e;
+    if (yw != nullptr) yw[j] = e / w[j];
+    r = e > r ? e : r;
+  }
+  if (flag) {  // rare: the row takes e^0 (the score loops then use a direct tanh for it)
+    r = std::max(*mx, 1.f);
+    for (int u = 0; u < n; ++u) {
+      if (y != nullptr) y[u] = 1.f;
+      if (yw != nullptr) yw[u] = 1.f / w[u];
+    }
+  }
+  *mx = r;
+  return flag;
 }
 
 }  // namespace avx2

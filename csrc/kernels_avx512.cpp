@@ -333,12 +333,29 @@ AVX512_FN float exp_sub_sum_in(float* x, int n, int lo, int hi, float s, float m
   return _mm512_reduce_add_ps(acc);
 }
 
-AVX512_FN void exp2x(const float* x, float* y, int n) {
-  const __m512 two = _mm512_set1_ps(2.f);
+AVX512_FN bool exp2x_row(const float* x, float* y, int n, float lim, const float* w, float* yw, float* mx) {
+  const __m512 two = _mm512_set1_ps(2.f), lv = _mm512_set1_ps(lim);
+  __m512 m = _mm512_set1_ps(*mx);
+  __mmask16 bad = 0;
   for (int j = 0; j < n; j += 16) {
     const __mmask16 live = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
-    _mm512_mask_storeu_ps(y + j, live, exp16(_mm512_mul_ps(two, _mm512_maskz_loadu_ps(live, x + j))));
+    const __m512 v = _mm512_maskz_loadu_ps(live, x + j);
+    bad |= _mm512_mask_cmp_ps_mask(live, _mm512_abs_ps(v), lv, _CMP_NLE_UQ);  // NaN: true
+    const __m512 e = exp16(_mm512_mul_ps(two, v));
+    if (y != nullptr) _mm512_mask_storeu_ps(y + j, live, e);
+    if (yw != nullptr)
+      _mm512_mask_storeu_ps(yw + j, live, _mm512_maskz_div_ps(live, e, _mm512_maskz_loadu_ps(live, w + j)));
+    m = _mm512_mask_max_ps(m, live, m, e);
   }
+  if (bad != 0) {  // rare: the row takes e^0 (the score loops then use a direct tanh for it)
+    m = _mm512_max_ps(_mm512_set1_ps(*mx), _mm512_set1_ps(1.f));
+    for (int u = 0; u < n; ++u) {
+      if (y != nullptr) y[u] = 1.f;
+      if (yw != nullptr) yw[u] = 1.f / w[u];
+    }
+  }
+  *mx = _mm512_reduce_max_ps(m);
+  return bad != 0;
 }
 
 namespace {

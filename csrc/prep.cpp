@@ -216,7 +216,7 @@ std::vector<float> row_delta(const Problem& p, const float* dout, const float* o
 }
 
 void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tensor& k, const Tensor& w,
-                      Isa isa) {
+                      Isa isa, bool all_eq) {
   const int64_t A = p.D;
   d.q = f32(q);
   d.k = f32(k);
@@ -282,12 +282,6 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
   float* ekt = d.EkT.data_ptr<float>();
   uint8_t* qf = d.qflag.data_ptr<uint8_t>();
   uint8_t* kf = d.kflag.data_ptr<uint8_t>();
-  // 1 when some |x| > kExpLimit or x is NaN (branch-free, so the loop vectorizes)
-  auto flagged_row = [](const float* x, int64_t n) {
-    int f = 0;
-    for (int64_t a = 0; a < n; ++a) f |= !(std::fabs(x[a]) <= kExpLimit);
-    return f != 0;
-  };
   // one parallel region: items [0, nqb) are blocks of 64 query rows, the rest key blocks of 64
   // (per kv head), transposed into EkT (A, LkP); padding and flagged keys hold 1.
   const int64_t nq = p.B * p.H * p.Lq, nqb = (nq + KB - 1) / KB, nkb = LkB / KB;
@@ -295,44 +289,33 @@ void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tenso
   parallel_items(nqb + p.B * p.Hk * nkb, [&](auto pull) {
     Buf tmp(KB * A);
     for (int64_t t; (t = pull()) >= 0;) {
-      if (t < nqb) {
+      if (t < nqb) {  // e^{2q}, and e^{2q} / w for the weight-scaled heads: one pass per row
+        float mx = -INFINITY;
         for (int64_t r = t * KB; r < std::min(nq, (t + 1) * KB); ++r) {
-          const float* x = qp + r * A;
-          const bool f = flagged_row(x, A);
-          qf[r] = f;
-          if (f) {
-            for (int64_t a = 0; a < A; ++a) eq[r * A + a] = 1.f;
-          } else {
-            exp2x(isa, x, eq + r * A, (int)A);
-          }
-          if (scaled && hs[(r / p.Lq) % p.H] != 0) {
-            const float* wh = wp + ((r / p.Lq) % p.H) * A;
-            for (int64_t a = 0; a < A; ++a) eqw[r * A + a] = eq[r * A + a] / wh[a];
-          }
+          const int64_t h = (r / p.Lq) % p.H;
+          const bool sw = scaled && hs[h] != 0;
+          // the score loops of a head whose weights are all weight_scaled_dim read only e^{2q} / w
+          float* y = all_eq || !sw || hs[h] != 1 ? eq + r * A : nullptr;
+          qf[r] = exp2x_row(isa, qp + r * A, y, (int)A, kExpLimit, wp + h * A, sw ? eqw + r * A : nullptr, &mx);
         }
-        if (qmx != nullptr) {  // max q over the block's rows (from their factors; flagged rows hold e^0)
-          const int64_t r0 = t * KB, r1 = std::min(nq, (t + 1) * KB);
-          qmx[t] = 0.5f * std::log(row_max(isa, eq + r0 * A, (int)((r1 - r0) * A)));
-        }
+        if (qmx != nullptr) qmx[t] = 0.5f * std::log(mx);  // max q over the block (flagged rows hold e^0)
         continue;
       }
       t -= nqb;
       const int64_t bh = t / nkb, jb = (t % nkb) * KB;
       float* tb = tmp.data();
+      float mx = -INFINITY;
       for (int64_t j = 0; j < KB; ++j) {
         const int64_t jj = jb + j;
-        bool f = jj >= p.Lk;
-        if (!f) {
-          const float* y = kp + (bh * p.Lk + jj) * A;
-          f = flagged_row(y, A);
-          kf[bh * p.Lk + jj] = f;
-          if (!f) exp2x(isa, y, tb + j * A, (int)A);
+        if (jj < p.Lk) {
+          kf[bh * p.Lk + jj] = exp2x_row(isa, kp + (bh * p.Lk + jj) * A, tb + j * A, (int)A, kExpLimit, nullptr,
+                                         nullptr, &mx);
+          continue;
         }
-        if (f)
-          for (int64_t a = 0; a < A; ++a) tb[j * A + a] = 1.f;
+        for (int64_t a = 0; a < A; ++a) tb[j * A + a] = 1.f;  // padding
+        mx = std::max(mx, 1.f);
       }
-      if (kmx != nullptr)  // max k over the block's keys (padding and flagged keys hold e^0)
-        kmx[t] = 0.5f * std::log(row_max(isa, tb, (int)(KB * A)));
+      if (kmx != nullptr) kmx[t] = 0.5f * std::log(mx);  // max k over the block's keys (padding and flagged: e^0)
       float* e = ekt + bh * A * LkP + jb;
       if (isa.level == Level::avx512) {  // 16 x 16 register transposes (the scalar loop: ~1/3 of a window call's set-up)
         avx512::transpose32(tb, A, (int)KB, (int)A, e, LkP);

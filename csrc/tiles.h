@@ -219,7 +219,7 @@ struct AddScores {
   const float* q;    // (B, H, Lq, A)
   const float* k;    // (B, Hk, Lk, A)
   const float* w;    // (H, A)
-  const float* Eq;   // (B, H, Lq, A): e^{2q}, 1 on flagged rows
+  const float* Eq;   // (B, H, Lq, A): e^{2q}, 1 on flagged rows (prepare_additive: not always every head)
   const float* Eqw = nullptr;  // (B, H, Lq, A): Eq / w[h] (vector levels; null at the scalar level)
   const float* iw = nullptr;   // (H, A): 1 / w (vector levels; null at the scalar level)
   // (H,): 1 when every weight of head h is weight_scaled_dim (kernels.h: the weight-scaled and the paired
@@ -312,9 +312,11 @@ struct AddData {
   AddScores sc;
 };
 
-// Fills d (float32 copies, the factor tables e^{2q}, e^{2k} transposed, the direct-tanh flags).
+// Fills d (float32 copies, the factor tables e^{2q}, e^{2k} transposed, the direct-tanh flags). Without
+// all_eq (the forward: only the score loops read the tables), the rows of e^{2q} of the heads that take
+// the weight-scaled loops (AddScores::scaled) are left unwritten; the backward's gradient loop reads them.
 void prepare_additive(AddData& d, const Problem& p, const Tensor& q, const Tensor& k, const Tensor& w,
-                      Isa isa);
+                      Isa isa, bool all_eq);
 
 // 1 for each of the `rows` rows of x (row length n) holding an inf or NaN.
 std::vector<uint8_t> nonfinite_rows(const float* x, int64_t rows, int64_t n);
