@@ -196,3 +196,25 @@ def test_model_records_count_the_tensor_cores():
     (m32,) = report.model_records([dict(r, dtype="float32")], counts)  # 3xTF32: three TF32 MMAs
     assert m32["time_ms"] == pytest.approx(m["time_ms"] * 3 * gpu_model.H100.tensor_flops_16bit
                                            / gpu_model.H100.tensor_flops_tf32)
+
+
+def test_modifier_window_comparison_counts_pairs_and_repeats_the_short_call(monkeypatch):
+    from fusedattn.bench import modifiers
+
+    calls = []
+    real = modifiers._call
+
+    def counting(score, q, k, v, w, **kw):
+        calls.append("window" if "window" in kw else "causal")
+        return real(score, q, k, v, w, **kw)
+
+    monkeypatch.setattr(modifiers, "_call", counting)
+    L, left = 64, 4
+    r = modifiers.window("additive", L, 1, 8, left, 2)
+    # rows 0..4 see i + 1 keys, the other 59 see left + 1 = 5
+    assert r["allowed_fraction"] == pytest.approx((1 + 2 + 3 + 4 + 5 * 60) / (L * (L + 1) / 2))
+    inner = round(1 / (2 * r["allowed_fraction"]))  # 3 at these sizes
+    assert inner == 3
+    assert calls.count("causal") == 1 + 2 and calls.count("window") == 1 + 2 * inner
+    assert r["window_over_scaled_causal"] == pytest.approx(
+        r["window_ms"] / (r["causal_ms"] * r["allowed_fraction"]))
