@@ -218,3 +218,4 @@ def test_modifier_window_comparison_counts_pairs_and_repeats_the_short_call(monk
     assert calls.count("causal") == 1 + 2 and calls.count("window") == 1 + 2 * inner
     assert r["window_over_scaled_causal"] == pytest.approx(
         r["window_ms"] / (r["causal_ms"] * r["allowed_fraction"]))
+    assert 0 < r["median_ratio"] < math.inf
