@@ -108,7 +108,7 @@ def window(score, L, H, D, left, reps):
             "median_ratio": med[0] / (med[1] * frac)}
 
 
-def overhead(score, L, H, D, reps):
+def overhead(score, L, H, D, reps, inner=1):
     g = torch.Generator().manual_seed(2)
     q, k, v, w = _inputs(score, 1, H, L, D, g)
     rel = torch.randn(H, 2 * 128 - 1, generator=g)
@@ -117,13 +117,17 @@ def overhead(score, L, H, D, reps):
     if score == "dot":
         variants["softcap"] = {"softcap": 30.0}
     names = list(variants)
+    samples = [[] for _ in names]
     with torch.no_grad():
-        ts = _race([lambda kw=variants[n]: _call(score, q, k, v, w, **kw) for n in names], reps)
+        ts = _race([lambda kw=variants[n]: _call(score, q, k, v, w, **kw) for n in names], reps,
+                   [inner] * len(names), samples)
+    med = [statistics.median(t) for t in samples]
     rec = {"case": f"modifier overhead {score} L={L} H={H} D={D}"}
-    for n, t in zip(names, ts):
+    for n, t, m in zip(names, ts, med):
         rec[f"{n}_ms"] = t * 1e3
         if n != "plain":
             rec[f"{n}_overhead"] = t / ts[0] - 1
+            rec[f"{n}_median_overhead"] = m / med[0] - 1
     return rec
 
 
@@ -144,7 +148,8 @@ def main(argv=None):
         for causal in (False, True):
             recs.append(varlen(score, L, H, D, 8, causal, 2))
         recs.append(window(score, WL, H if score == "dot" else 1, D, 256, 3))
-        recs.append(overhead(score, L if score == "dot" else L // 2, H, D, 3))
+        # a few per cent on calls of 10-100 ms: 5 calls of each variant per round, 3 rounds
+        recs.append(overhead(score, L if score == "dot" else L // 2, H, D, 3, 5))
     for r in recs:
         print(r["case"] + ": " + ", ".join(f"{k}={v:.3g}" for k, v in r.items() if k != "case"))
     print(f"threads={args.threads}, load average before: {load:.2f}, after: {os.getloadavg()[0]:.2f}")
