@@ -181,10 +181,11 @@ AVX512_FN inline __m512 add_bwd_u(__m512 e, __m512 k, __m512* r) {
   return _mm512_fnmadd_ps(*r, *r, *r);
 }
 
-// As add_bwd_rows in kernels_avx2.cpp: with 4 rows the last one uses recip_nr.
+// As add_bwd_rows in kernels_avx2.cpp: with 4 rows the last one uses recip_nr. With qs non-null, row i's
+// dq sum vector goes to qs[16 i] unreduced (add_bwd reduces 16 dims at once) instead of into dq.
 template <int NI>
 AVX512_FN inline __m512 add_bwd_rows(int nc, int A, int a, const float* Eq, const float* kp,
-                                     const float* dS, int ldS, float wa, float* dq, float* dk) {
+                                     const float* dS, int ldS, float wa, float* dq, float* dk, __m512* qs) {
   const __m512 half = _mm512_set1_ps(0.5f), w4 = _mm512_set1_ps(4.f * wa);
   __m512 e[NI], qa[NI], dw = _mm512_setzero_ps();
   for (int i = 0; i < NI; ++i) {
@@ -205,8 +206,31 @@ AVX512_FN inline __m512 add_bwd_rows(int nc, int A, int a, const float* Eq, cons
     }
     _mm512_storeu_ps(dk + j, _mm512_fmadd_ps(w4, msum, _mm512_loadu_ps(dk + j)));
   }
+  if (qs != nullptr) {
+    for (int i = 0; i < NI; ++i) qs[16 * i] = qa[i];
+    return dw;
+  }
   for (int i = 0; i < NI; ++i) dq[(int64_t)i * A + a] += 4.f * wa * _mm512_reduce_add_ps(qa[i]);
   return dw;
+}
+
+// r[u] = the sum of the lanes of v[u], u < 16: a transposing add tree, 45 shuffles and adds for the 16
+// sums (_mm512_reduce_add_ps takes about 8 per sum).
+AVX512_FN inline __m512 sum16(const __m512* v) {
+  __m512 t[8], x[4];
+  for (int u = 0; u < 8; ++u)  // per 128-bit lane L: [a0 + a2, b0 + b2, a1 + a3, b1 + b3] of v[2u], v[2u + 1]
+    t[u] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * u], v[2 * u + 1]), _mm512_unpackhi_ps(v[2 * u], v[2 * u + 1]));
+  for (int u = 0; u < 4; ++u) {  // per lane L: the lane sums of v[4u .. 4u + 3]
+    const __m512d a = _mm512_castps_pd(t[2 * u]), b = _mm512_castps_pd(t[2 * u + 1]);
+    x[u] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // across the four 128-bit lanes: lane m of the result gathers x[m]'s four lanes
+  const __m512 y0 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 y1 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(x[2], x[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(y0, y1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(y0, y1, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
 }  // namespace
@@ -221,17 +245,46 @@ AVX512_FN void add_scores(int nr, int nc16, int A, const float* Eq, const float*
 AVX512_FN void add_bwd(int nr, int nc16, int A, const float* Eq, const float* EkT, int64_t ldk,
                        const float* w, const float* dS, int ldS, float* dq, float* dkT, int ldd,
                        float* dwr) {
-  for (int a = 0; a < A; ++a) {
+  int a0 = 0;
+  // blocks of 16 dims: each row's 16 dq sums (and the 16 dw sums) reduced together by sum16; dk is
+  // updated in the same order as per dim (row blocks in order for each dim)
+  for (; a0 + 16 <= A; a0 += 16) {
+    __m512 dwt[16], qs[4 * 16];
+    for (int u = 0; u < 16; ++u) dwt[u] = _mm512_setzero_ps();
+    const __m512 w4 = _mm512_mul_ps(_mm512_set1_ps(4.f), _mm512_loadu_ps(w + a0));
+    int i = 0;
+    for (; i + 4 <= nr; i += 4) {
+      for (int u = 0; u < 16; ++u) {
+        const int a = a0 + u;
+        dwt[u] = _mm512_add_ps(dwt[u], add_bwd_rows<4>(nc16, A, a, Eq + (int64_t)i * A, EkT + a * ldk,
+                                                       dS + (int64_t)i * ldS, ldS, w[a], nullptr,
+                                                       dkT + (int64_t)a * ldd, qs + u));
+      }
+      for (int r = 0; r < 4; ++r) {
+        float* d = dq + (int64_t)(i + r) * A + a0;
+        _mm512_storeu_ps(d, _mm512_add_ps(_mm512_loadu_ps(d), _mm512_mul_ps(w4, sum16(qs + 16 * r))));
+      }
+    }
+    for (; i < nr; ++i)
+      for (int u = 0; u < 16; ++u) {
+        const int a = a0 + u;
+        dwt[u] = _mm512_add_ps(dwt[u], add_bwd_rows<1>(nc16, A, a, Eq + (int64_t)i * A, EkT + a * ldk,
+                                                       dS + (int64_t)i * ldS, ldS, w[a], dq + (int64_t)i * A,
+                                                       dkT + (int64_t)a * ldd, nullptr));
+      }
+    _mm512_storeu_ps(dwr + a0, _mm512_add_ps(_mm512_loadu_ps(dwr + a0), sum16(dwt)));
+  }
+  for (int a = a0; a < A; ++a) {  // the last A % 16 dims one at a time
     const float* kp = EkT + a * ldk;
     float* dk = dkT + (int64_t)a * ldd;
     __m512 dwt = _mm512_setzero_ps();
     int i = 0;
     for (; i + 4 <= nr; i += 4)
       dwt = _mm512_add_ps(dwt, add_bwd_rows<4>(nc16, A, a, Eq + (int64_t)i * A, kp, dS + (int64_t)i * ldS,
-                                               ldS, w[a], dq + (int64_t)i * A, dk));
+                                               ldS, w[a], dq + (int64_t)i * A, dk, nullptr));
     for (; i < nr; ++i)
       dwt = _mm512_add_ps(dwt, add_bwd_rows<1>(nc16, A, a, Eq + (int64_t)i * A, kp, dS + (int64_t)i * ldS,
-                                               ldS, w[a], dq + (int64_t)i * A, dk));
+                                               ldS, w[a], dq + (int64_t)i * A, dk, nullptr));
     dwr[a] += _mm512_reduce_add_ps(dwt);
   }
 }
