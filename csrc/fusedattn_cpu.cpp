@@ -450,7 +450,7 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
         }
       }
     }
-    if (sc.uses_brgemm()) brgemm_done();
+    if (sc.uses_brgemm() || bm.on) brgemm_done();
   });
 
   if (nchunk > 1) {  // dq = sum of the chunk buffers, in chunk order
@@ -519,11 +519,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> additive_bwd(
   Tensor dq = at::empty({p.B, p.H, p.Lq, p.D}, fo), dk = at::empty({p.B, p.Hk, p.Lk, p.D}, fo);
   Tensor dv = at::empty({p.B, p.Hk, p.Lk, p.Dv}, fo);
   AddGrad gr{&d.sc};
+  // dP = dO V^T and dV^T += dO^T P through brgemm at the avx512 level (no operand packing per call, as
+  // MKL's sgemm does), in float32 for every input dtype (the float32 copies: P is not rounded)
+  BwdMats bm;
+  if (use_brgemm(isa, at::kFloat)) prepare_bwd_brgemm(bm, p, d.q, d.k, vf, dof, false);
   int64_t n_items = 0;
   std::vector<double> drelp;
   std::vector<float> dwp = backward(p, d.sc, gr, vf.data_ptr<float>(), dof.data_ptr<float>(), of.data_ptr<float>(),
                                     lsef.data_ptr<float>(), delta.data(), dq.data_ptr<float>(),
-                                    dk.data_ptr<float>(), dv.data_ptr<float>(), &n_items, isa, &drelp);
+                                    dk.data_ptr<float>(), dv.data_ptr<float>(), &n_items, isa, &drelp, Low16(), bm);
   const int64_t A = p.D;
   Tensor dw = at::zeros({p.H, A}, fo);
   float* dwo = dw.data_ptr<float>();
