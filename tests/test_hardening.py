@@ -136,3 +136,85 @@ def test_flags_accept_numpy_bools_and_refuse_strings():
         fusedattn.dot_product_attention(q, k, v, return_lse="no")
     with pytest.raises(TypeError, match="causal must be a bool, got str"):
         fusedattn.dot_product_attention(q, k, v, causal="yes")
+
+
+# ---------------------------------------------------------------- the third campaign (session 2026-12-01)
+
+
+@pytest.mark.parametrize("w_given", [False, True])
+def test_attention_weights_without_keys_is_an_empty_row(w_given):
+    case = Case(score="additive" if w_given else "dot", B=2, H=2, Hk=1, Lq=5, Lk=0, D=6, Dv=3)
+    q, k, _, w, _ = make_inputs(case)
+    q.requires_grad_()
+    p = fusedattn.attention_weights(q, k, w=w if w_given else None)
+    assert p.shape == (2, 2, 5, 0)
+    p.sum().backward()  # the graph holds: no keys, no gradient
+    assert q.grad is None or (q.grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_window_sides_beyond_any_distance_are_unbounded(backend):
+    q, k, v, _, _ = _inputs()
+    base = fusedattn.dot_product_attention(q, k, v, window=(-1, 1), backend=backend)
+    for left in (12, 2 ** 40, 2 ** 70):  # Lq + Lk = 12: no aligned distance reaches the side
+        out = fusedattn.dot_product_attention(q, k, v, window=(left, 1), backend=backend)
+        torch.testing.assert_close(out, base, rtol=0, atol=0)
+    assert fusedattn.resolve_backend(q, k, v, window=(2 ** 70, 2 ** 70)).spec.modifiers() == frozenset()
+    # a side just inside the span still masks
+    assert not torch.equal(fusedattn.dot_product_attention(q, k, v, window=(0, 1), backend=backend), base)
+
+
+def test_a_device_no_backend_serves_is_refused_by_auto():
+    m = lambda *s: torch.empty(*s, device="meta")  # noqa: E731
+    q, k, v, w = m(2, 2, 5, 6), m(2, 1, 7, 6), m(2, 1, 7, 3), m(2, 6)
+    with pytest.raises(ValueError, match="no backend can run .* on meta"):
+        fusedattn.additive_attention(q, k, v, w)
+    with pytest.raises(ValueError, match="no backend can run .* on meta"):
+        fusedattn.dot_product_attention(q, k, v, key_lengths=torch.tensor([3, 7], device="meta"))
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device="meta")
+    with pytest.raises(ValueError, match="no backend can run .* on meta"):
+        fusedattn.dot_product_attention_varlen(m(9, 2, 6), m(9, 1, 6), m(9, 1, 3), cu, cu)
+    with pytest.raises(ValueError, match="no backend can run .* on meta"):
+        fusedattn.resolve_backend(q, k, v)
+    with pytest.raises(ValueError, match="attention_weights runs on .* got q on meta"):
+        fusedattn.attention_weights(q, k)
+
+
+def test_dot_only_arguments_are_refused_with_additive_scores():
+    q, k, v, w, _ = _inputs("additive")
+    with pytest.raises(ValueError, match="softcap applies to dot-product scores only"):
+        fusedattn.resolve_backend(q, k, v, w, softcap=1.0)
+    with pytest.raises(ValueError, match="scale applies to dot-product scores only"):
+        fusedattn.resolve_backend(q, k, v, w, scale=0.5)
+    with pytest.raises(ValueError, match="softcap applies to dot-product scores only"):
+        fusedattn.attention_weights(q, k, w=w, softcap=1.0)
+    assert fusedattn.resolve_backend(q, k, v, w, softcap=0.0).spec.softcap == 0.0
+
+
+def test_attention_weights_checks_the_device_of_lse():
+    q, k, v, _, _ = _inputs()
+    _, lse = fusedattn.dot_product_attention(q, k, v, return_lse=True)
+    for grad in (False, True):
+        with pytest.raises(ValueError, match="lse is on meta but q is on cpu"):
+            fusedattn.attention_weights(q.clone().requires_grad_(grad), k, lse=lse.to("meta"))
+
+
+@pytest.mark.parametrize("softcap, scale", [(1e-40, None), (1e-38, 1e4), (1e-30, 1e9)])
+def test_softcap_too_small_for_float32_is_refused(softcap, scale):
+    # the kernels take softcap and 2 log2(e) scale / softcap as float32 numbers (the triton backward's
+    # gradients were NaN with softcap = 1e-40)
+    q, k, v, _, _ = _inputs()
+    with pytest.raises(ValueError, match="softcap=.* is too small for float32"):
+        fusedattn.dot_product_attention(q, k, v, softcap=softcap, scale=scale)
+    q64, k64, v64, _, _ = _inputs(dtype=torch.float64)  # the reference in float64 takes it
+    assert torch.isfinite(fusedattn.dot_product_attention(q64, k64, v64, softcap=softcap, scale=scale,
+                                                          backend="reference")).all()
+    fusedattn.dot_product_attention(q, k, v, softcap=1e-30)  # small but within float32: served
+
+
+def test_sparse_key_lengths_and_alibi_slopes_are_refused_by_name():
+    q, k, v, _, _ = _inputs()
+    with pytest.raises(TypeError, match="key_lengths must be a dense"):
+        fusedattn.dot_product_attention(q, k, v, key_lengths=torch.tensor([3, 7]).to_sparse())
+    with pytest.raises(TypeError, match="alibi_slopes must be a dense"):
+        fusedattn.dot_product_attention(q, k, v, alibi_slopes=torch.rand(2).to_sparse())

@@ -309,3 +309,46 @@ def test_gemma2_softcap_and_alternating_sliding_window():
         # compare with float32 eager directly
         a, b = (m(ids, attention_mask=mask).logits for m in (eager, ours))
     assert (a - b)[valid].abs().max() <= 1e-5 * a[valid].abs().max()
+
+
+def test_malformed_arguments_are_refused_by_name():
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = False, 1
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 8)
+    f = fa_hf.attention_forward
+    with pytest.raises(ValueError, match="query must have shape"):
+        f(module, q[0], k, v, None)
+    with pytest.raises(TypeError, match="key must be a torch.Tensor"):
+        f(module, q, k.tolist(), v, None)
+    with pytest.raises(TypeError, match="attention_mask must be None or a torch.Tensor"):
+        f(module, q, k, v, [[True]])
+    with pytest.raises(TypeError, match="position_bias must be None or a torch.Tensor"):
+        f(module, q, k, v, None, position_bias=[[0.0]])
+    for bad in ("0.1", -0.1, 1.5):
+        with pytest.raises(ValueError, match="dropout must be a probability"):
+            f(module, q, k, v, None, dropout=bad)
+    with pytest.raises(TypeError, match="is_causal must be None or a bool"):
+        f(module, q, k, v, None, is_causal="no")
+    # what SDPA itself would refuse is refused here, by name, not handed to SDPA
+    with pytest.raises(ValueError, match=r"attention_mask of shape \(2, 1, 5, 6\) does not broadcast"):
+        f(module, q, k, v, torch.ones(2, 1, 5, 6, dtype=torch.bool))
+    with pytest.raises(TypeError, match="attention_mask must be a bool or floating tensor"):
+        f(module, q, k, v, torch.ones(2, 1, 5, 5, dtype=torch.int64))
+    # a Toeplitz bias built for another (Lq, Lk): SDPA refuses it, so do we (it was read as a rel_bias)
+    d = torch.arange(12)[None, :] - torch.arange(9)[:, None]
+    with pytest.raises(ValueError, match=r"position_bias of shape \(1, 4, 9, 12\) does not broadcast"):
+        f(module, q, k, v, None, position_bias=(0.3 * d.float()).expand(1, 4, 9, 12))
+
+
+def test_broadcast_masks_run_fused_like_sdpa():
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = False, 1
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 7, 8), torch.randn(2, 4, 7, 8)
+    pad = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
+    pad4 = pad[:, None, None, :]
+    masks = (pad4, pad4.expand(2, 4, 1, 7), torch.ones(5, 7, dtype=torch.bool))
+    for mask in masks:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", fa_hf.SdpaFallbackWarning)
+            ours, _ = fa_hf.attention_forward(module, q, k, v, mask)
+        torch.testing.assert_close(ours, sdpa_attention_forward(module, q, k, v, mask)[0])

@@ -39,6 +39,7 @@ from .spec import AttnSpec
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _F32_MAX = float(torch.finfo(torch.float32).max)
+_F32_TINY = float(torch.finfo(torch.float32).tiny)
 # auto falling back to the materializing reference warns once above this many score bytes
 FALLBACK_WARN_BYTES = 32 << 20
 
@@ -94,7 +95,9 @@ def _check_transforms(*tensors) -> None:
                 "(torch.autograd.grad / .backward()) or fusedattn.reference")
 
 
-def _check_window(window, causal: bool) -> tuple[int, int]:
+def _check_window(window, causal: bool, span: int) -> tuple[int, int]:
+    """(left, right) with -1 for an unbounded side; a side of at least ``span`` (Lq + Lk: no
+    aligned distance reaches it) is unbounded too, so any Python int is a valid side."""
     if window is None:
         left, right = -1, -1
     else:
@@ -104,6 +107,7 @@ def _check_window(window, causal: bool) -> tuple[int, int]:
         left, right = int(window[0]), int(window[1])
         if left < -1 or right < -1:
             raise ValueError(f"window sides must be >= -1 (-1: unbounded), got window={tuple(window)}")
+        left, right = (-1 if x >= span else x for x in (left, right))
     if causal:
         if right > 0:
             raise ValueError(f"causal=True means window right = 0; got window={tuple(window)}")
@@ -157,19 +161,32 @@ def _validate(q, k, v, w, *, additive: bool, key_lengths=None, scale=None, softc
         if not isinstance(key_lengths, Tensor):
             raise TypeError(f"key_lengths must be None or an integer tensor of shape (B,) = ({B},), "
                             f"got {type(key_lengths).__name__}")
+        if key_lengths.is_nested or key_lengths.layout != torch.strided:
+            raise TypeError(f"key_lengths must be a dense (strided) tensor, got layout {key_lengths.layout}")
         if key_lengths.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"key_lengths must have dtype int32 or int64, got {key_lengths.dtype}")
         if _shape(key_lengths) != (B,):
             raise ValueError(f"key_lengths must have shape (B,) = ({B},), got {_shape(key_lengths)}")
         if key_lengths.device != q.device:
             raise ValueError(f"key_lengths is on {key_lengths.device} but q is on {q.device}")
+    if additive and scale is not None:
+        raise ValueError(f"scale applies to dot-product scores only (w given: additive), "
+                         f"got scale={scale!r}")
+    if additive and (_is_bool(softcap) or not isinstance(softcap, numbers.Real) or softcap != 0):
+        raise ValueError(f"softcap applies to dot-product scores only (w given: additive), "
+                         f"got softcap={softcap!r}")
     scale = 1.0 / math.sqrt(D) if scale is None else _check_scalar("scale", scale, q.dtype)
     softcap = _check_scalar("softcap", softcap, q.dtype)
     if softcap < 0:
         raise ValueError(f"softcap must be >= 0 (0: off), got {softcap}")
+    # the kernels take softcap and scale / softcap (times 2 log2 e) as float32 numbers
+    if softcap > 0 and q.dtype != torch.float64 and \
+            (softcap < _F32_TINY or not abs(scale) / softcap < _F32_MAX / 4):
+        raise ValueError(f"softcap={softcap} is too small for float32 with scale={scale}: softcap must be "
+                         f"0 or >= {_F32_TINY:.3g}, and scale / softcap below {_F32_MAX / 4:.3g}")
     if not _is_bool(causal):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
-    left, right = _check_window(window, bool(causal))
+    left, right = _check_window(window, bool(causal), Lq + Lk)
     nseq = B if varlen is None else varlen[0].shape[0] - 1
     if rel_bias is not None:
         _check_tensor("rel_bias", rel_bias, 2, "(H, 2M - 1)")
@@ -183,6 +200,9 @@ def _validate(q, k, v, w, *, additive: bool, key_lengths=None, scale=None, softc
         if not isinstance(alibi_slopes, Tensor):
             raise TypeError(f"alibi_slopes must be a float32 tensor of shape (H,) or (B, H), "
                             f"got {type(alibi_slopes).__name__}")
+        if alibi_slopes.is_nested or alibi_slopes.layout != torch.strided:
+            raise TypeError(f"alibi_slopes must be a dense (strided) tensor, "
+                            f"got layout {alibi_slopes.layout}")
         if _shape(alibi_slopes) not in ((H,), (nseq, H)):
             raise ValueError(f"alibi_slopes must have shape (H,) = ({H},) or (B, H) = ({nseq}, {H}), "
                              f"got {_shape(alibi_slopes)}")
@@ -268,7 +288,8 @@ def additive_attention(q: Tensor, k: Tensor, v: Tensor, w: Tensor, *, key_length
         key_lengths: optional ``(B,)`` int32/int64 tensor of valid key counts in ``[0, Lk]``.
         causal: mask key ``j > i + (Lk - Lq)`` (bottom-right aligned, see the module docstring).
         window: ``(left, right)``: keys ``i + (Lk-Lq) - left <= j <= i + (Lk-Lq) + right`` only;
-            ``-1`` is unbounded; with ``causal`` right must be -1 or 0.
+            ``-1`` is unbounded (as is a side of at least ``Lq + Lk``); with ``causal`` right must
+            be -1 or 0.
         rel_bias: ``(H, 2M - 1)`` bias by clamped distance (``fusedattn.spec``); differentiable.
         alibi_slopes: ``(H,)`` or ``(B, H)`` float32: the score gains ``-slope * |d|``.
         return_lse: also return ``lse (B, H, Lq)``, the log-sum-exp of each score row
@@ -453,12 +474,17 @@ def attention_weights(q: Tensor, k: Tensor, *, w: Optional[Tensor] = None, scale
                      causal=causal, window=window, rel_bias=rel_bias, alibi_slopes=alibi_slopes)
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
+    devices = backends.get("reference").devices  # the reference formulas, chunk by chunk
+    if q.device.type not in devices:
+        raise ValueError(f"attention_weights runs on {sorted(devices)} tensors, got q on {q.device}")
     if lse is not None:
         _check_tensor("lse", lse, 3, "(B, H, Lq)")
         if _shape(lse) != (B, H, Lq):
             raise ValueError(f"lse must have shape (B, H, Lq) = {(B, H, Lq)}, got {_shape(lse)}")
         if not lse.dtype.is_floating_point:
             raise TypeError(f"lse must be a floating tensor (float32 from return_lse=True), got {lse.dtype}")
+        if lse.device != q.device:
+            raise ValueError(f"lse is on {lse.device} but q is on {q.device}")
     if key_lengths is not None:
         ops._checked_lengths(key_lengths, Lk)
     cd = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -472,6 +498,8 @@ def attention_weights(q: Tensor, k: Tensor, *, w: Optional[Tensor] = None, scale
                              alibi_slopes=alibi_slopes, row0=s0, Lq=Lq)
         if m is not None:
             s = s.masked_fill(~m, float("-inf"))
+        if s.shape[-1] == 0:  # no keys: an empty row of weights (amax has nothing to reduce)
+            return s
         if lse is not None and not need_grad:
             row_lse = lse[:, :, s0:s0 + qs.shape[2], None].to(cd)
             p = torch.where(torch.isneginf(row_lse), torch.zeros_like(s), torch.exp(s - row_lse))

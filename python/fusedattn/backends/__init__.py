@@ -61,7 +61,8 @@ def resolve(name: str, spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     """``(chosen, skipped)``: the backend that serves this call and, for each backend tried and
     passed over, the reasons. ``spec`` is an ``AttnSpec`` or a score name (no modifiers).
 
-    Raises ``ValueError`` naming the reasons when an explicitly requested backend cannot serve.
+    Raises ``ValueError`` naming the reasons when an explicitly requested backend cannot serve, or
+    when no backend serves an ``"auto"`` call (a device no backend runs on, e.g. ``meta``).
     """
     if name == "auto":
         skipped = {}
@@ -72,7 +73,9 @@ def resolve(name: str, spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
             if not reasons:
                 return cand, skipped
             skipped[cand] = reasons
-        return "reference", skipped
+        why = "; ".join(f"{n}: {', '.join(r)}" for n, r in skipped.items())
+        raise ValueError(f"no backend can run {spec if isinstance(spec, str) else str(spec)} on q "
+                         f"{tuple(q.shape)} {q.dtype} on {q.device} ({why})")
     if name not in _REGISTRY:
         raise ValueError(f"backend={name!r} is unknown; choose one of {['auto', *_REGISTRY]}")
     backend = get(name)

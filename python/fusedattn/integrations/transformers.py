@@ -26,12 +26,16 @@ T5-style ``position_bias`` ``(1 | B, H, Lq, Lk)`` becomes ``rel_bias`` when it d
 What it cannot serve falls back to transformers' SDPA function with a one-time
 ``SdpaFallbackWarning`` naming the reason (dropout > 0 while training, a float mask carrying
 values other than 0 / -inf, a mask that is not padding + window, a position bias that is not
-Toeplitz); ``output_attentions`` and attention sinks (``s_aux``) raise ``ValueError``.
+Toeplitz); ``output_attentions`` and attention sinks (``s_aux``) raise ``ValueError``. A mask or
+bias that SDPA would refuse (one that does not broadcast to ``(B, H, Lq, Lk)``, an integer mask)
+raises ``ValueError`` / ``TypeError`` naming it; masks that broadcast (a ``(B, 1, 1, Lk)`` padding
+mask, an ``(Lq, Lk)`` mask) are read as their 4-D form.
 Reading a mask costs a few passes over its ``B * Lq * Lk`` booleans per forward (not per layer),
 and uses ``.tolist()``: the function is meant for eager use, not inside ``torch.compile``.
 """
 from __future__ import annotations
 
+import numbers
 import warnings
 import weakref
 from typing import NamedTuple, Optional
@@ -102,14 +106,25 @@ def _window(lo, hi, p, n, has_keys, considered):
     return (left, right) if bool(ok[considered].all()) else None
 
 
+def _as_4d(name: str, t: Tensor, B: int, H: int, Lq: int, Lk: int) -> Tensor:
+    """``t`` as a ``(1 | B, 1 | H, Lq, Lk)`` view, if it broadcasts to ``(B, H, Lq, Lk)`` as SDPA's
+    ``attn_mask`` must; else a ValueError naming ``name``."""
+    full = (B, H, Lq, Lk)
+    if t.dim() > 4 or any(a not in (1, b) for a, b in zip(reversed(t.shape), reversed(full))):
+        raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to (B, H, Lq, Lk) = {full} "
+                         f"(query {(B, H, Lq)}, key length {Lk})")
+    t = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+    return t.expand(t.shape[0], t.shape[1], Lq, Lk)
+
+
 def _bool_mask(mask: Tensor, B: int, H: int, Lq: int, Lk: int):
-    """(B, Lq, Lk) bool from an SDPA-style 4-D mask, or a reason string."""
-    if mask.dim() != 4 or mask.shape[0] not in (1, B) or mask.shape[1] not in (1, H) or \
-            tuple(mask.shape[2:]) != (Lq, Lk):
-        return f"attention_mask of shape {tuple(mask.shape)} for (B, H, Lq, Lk) = {(B, H, Lq, Lk)}"
+    """(B, Lq, Lk) bool from an SDPA-style mask (broadcastable to (B, H, Lq, Lk)), or a reason
+    string (a mask SDPA takes and the fused kernels do not)."""
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise TypeError(f"attention_mask must be a bool or floating tensor (as SDPA's attn_mask), "
+                        f"got {mask.dtype}")
+    mask = _as_4d("attention_mask", mask, B, H, Lq, Lk)
     if mask.dtype != torch.bool:
-        if not mask.dtype.is_floating_point:
-            return f"attention_mask of dtype {mask.dtype}"
         lowest = torch.finfo(mask.dtype).min / 2
         allowed = mask == 0
         if not bool((allowed | (mask <= lowest)).all()):
@@ -189,9 +204,7 @@ _BIASES = _Memo()
 def _toeplitz(pb: Tensor, B: int, H: int, Lq: int, Lk: int):
     """``t (H, Lq + Lk - 1)`` with ``pb[b, h, i, j] == t[h, j - i + Lq - 1]``, "zero" for an all-zero
     bias, or a reason (differentiable: t gathers entries of pb)."""
-    if pb.dim() != 4 or pb.shape[0] not in (1, B) or pb.shape[1] not in (1, H) or \
-            tuple(pb.shape[2:]) != (Lq, Lk):
-        return f"position_bias of shape {tuple(pb.shape)} for (B, H, Lq, Lk) = {(B, H, Lq, Lk)}"
+    pb = _as_4d("position_bias", pb, B, H, Lq, Lk)
     with torch.no_grad():
         if not bool(pb.any()):
             return "zero"
@@ -249,12 +262,22 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
         raise ValueError("fusedattn attention takes padding and packing from the attention mask; packed "
                          "cu_seq_lens_q/k without a mask (continuous batching, paged caches) are not "
                          "supported")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        api._check_tensor(name, t, 4, "(B, H, L, D)")
+    for name, t in (("attention_mask", attention_mask), ("position_bias", position_bias)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be None or a torch.Tensor, got {type(t).__name__}")
+    if api._is_bool(dropout) or not isinstance(dropout, numbers.Real) or not 0 <= dropout <= 1:
+        raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
+    if is_causal is not None and not api._is_bool(is_causal):
+        raise TypeError(f"is_causal must be None or a bool, got {type(is_causal).__name__} {is_causal!r}")
     args = (module, query, key, value, attention_mask, dropout, scaling, is_causal, position_bias, softcap,
             sliding_window, kwargs)
-    if dropout and dropout > 0:
+    if dropout > 0:
         return _fallback(f"attention dropout {dropout} > 0 (training)", *args)
     B, H, Lq, _ = query.shape
     Lk = key.shape[2]
+    Lk_bias = Lk  # a position_bias covers the keys as passed (before a StaticCache prefill's crop below)
     causal, window, plan = False, None, None
     if attention_mask is None:
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)) and Lq > 1
@@ -276,7 +299,7 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
         window = None if causal or plan.window == (-1, -1) else plan.window
     rel_bias = None
     if position_bias is not None:
-        pb_rows, pb_cols = position_bias.shape[2:] if position_bias.dim() == 4 else (-1, -1)
+        pb_rows, pb_cols = Lq, Lk_bias
         t = _BIASES.get(position_bias, (B, H, pb_rows, pb_cols),
                         lambda: _toeplitz(position_bias, B, H, pb_rows, pb_cols))
         if isinstance(t, str) and t != "zero":
