@@ -9,6 +9,39 @@
 
 namespace fusedattn_cpu {
 
+namespace {
+
+void* lookup_symbol(const char* name) {
+  void* h = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
+  void* f = h != nullptr ? dlsym(h, name) : nullptr;
+  return f != nullptr ? f : dlsym(RTLD_DEFAULT, name);
+}
+
+// MKL picks its algorithm (and summation order) by its thread count, and a product called outside an
+// OpenMP region (a call with one work item runs inline) would run on every thread: the results then
+// depended on torch's thread count. Each product runs on the calling thread alone, as inside the
+// work-item loops; MKL's thread-local setting is restored afterwards (0: the global one). The C entry
+// point is the mixed-case name (mkl_service.h maps mkl_set_num_threads_local to it; the lower-case
+// symbol is the Fortran one, which takes a pointer).
+class OneMklThread {
+  using SetLocal = int (*)(int);
+  static SetLocal fn() {
+    static const SetLocal f = reinterpret_cast<SetLocal>(lookup_symbol("MKL_Set_Num_Threads_Local"));
+    return f;
+  }
+  int prev_ = 0;
+
+ public:
+  OneMklThread() {
+    if (fn() != nullptr) prev_ = fn()(1);
+  }
+  ~OneMklThread() {
+    if (fn() != nullptr) fn()(prev_);
+  }
+};
+
+}  // namespace
+
 // Single-precision GEMM of the BLAS bundled with libtorch_cpu (column-major, Fortran interface).
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
                        const int* k, const float* alpha, const float* a, const int* lda,
@@ -24,6 +57,7 @@ void gemm(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, in
   }
   // row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T
   const char ca = tb ? 'T' : 'N', cb = ta ? 'T' : 'N';
+  const OneMklThread one;
   sgemm_(&ca, &cb, &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
 }
 
@@ -35,12 +69,7 @@ using Gemm16Fn = void (*)(int, int, int, int, int, int, float, const void*, int,
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 
 // Looked up at run time in the already loaded libtorch_cpu: a torch built without MKL simply lacks it.
-Gemm16Fn lookup(const char* name) {
-  void* h = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
-  void* f = h != nullptr ? dlsym(h, name) : nullptr;
-  if (f == nullptr) f = dlsym(RTLD_DEFAULT, name);
-  return reinterpret_cast<Gemm16Fn>(f);
-}
+Gemm16Fn lookup(const char* name) { return reinterpret_cast<Gemm16Fn>(lookup_symbol(name)); }
 
 Gemm16Fn fn_for(at::ScalarType t) {
   static const Gemm16Fn bf = lookup("cblas_gemm_bf16bf16f32");
@@ -73,6 +102,7 @@ void gemm16(at::ScalarType t, bool ta, bool tb, int M, int N, int K, float alpha
       for (int j = 0; j < N; ++j) C[(int64_t)i * ldc + j] = beta == 0.f ? 0.f : beta * C[(int64_t)i * ldc + j];
     return;
   }
+  const OneMklThread one;
   fn_for(t)(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, M, N, K, alpha, A, lda, B, ldb, beta, C,
             ldc);
 }

@@ -96,20 +96,39 @@ def test_levels_agree(score, isa_level):
             torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
 
 
+def _mkl_max_threads():
+    """MKL's thread count for this thread (None without MKL's C service API)."""
+    import ctypes
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        return lib.MKL_Get_Max_Threads()
+    except (OSError, AttributeError):
+        return None
+
+
 @pytest.mark.parametrize("level", ISA_LEVELS)
 @pytest.mark.parametrize("score", ["additive", "dot"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_level_one_vs_two_threads_bitwise(level, score, dtype, isa_level):
+@pytest.mark.parametrize("shape", ["many-items", "one-item"])
+def test_level_one_vs_two_threads_bitwise(level, score, dtype, shape, isa_level):
+    # one-item: a backward with a single work item runs inline, outside an OpenMP region, where MKL's
+    # products (the avx2 and scalar levels) ran on both threads with another summation order
     _need(level)
     isa_level(level)
-    q, k, v, w, do = _inputs(score, 2, 4, 2, 70, 300, 64, 48, dtype=dtype)
-    kl = _lengths([295, 300])
+    if shape == "many-items":
+        q, k, v, w, do = _inputs(score, 2, 4, 2, 70, 300, 64, 48, dtype=dtype)
+        kl, causal = _lengths([295, 300]), True
+    else:
+        q, k, v, w, do = _inputs(score, 1, 4, 1, 5, 130, 17, 80, dtype=dtype)
+        kl, causal = None, False
     old = torch.get_num_threads()
     try:
         results = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            results.append(_fused(score, q, k, v, w, do, kl, True, 0.125))
+            results.append(_fused(score, q, k, v, w, do, kl, causal, 0.125))
+            # MKL's own setting for this thread is left as torch set it
+            assert _mkl_max_threads() in (None, n)
     finally:
         torch.set_num_threads(old)
     for a, b in zip(*results):
