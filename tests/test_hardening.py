@@ -218,3 +218,37 @@ def test_sparse_key_lengths_and_alibi_slopes_are_refused_by_name():
         fusedattn.dot_product_attention(q, k, v, key_lengths=torch.tensor([3, 7]).to_sparse())
     with pytest.raises(TypeError, match="alibi_slopes must be a dense"):
         fusedattn.dot_product_attention(q, k, v, alibi_slopes=torch.rand(2).to_sparse())
+
+
+def test_learnable_alibi_slopes_are_refused_not_silently_frozen():
+    q, k, v, _, _ = _inputs()
+    slopes = torch.tensor([0.5, 0.25], requires_grad=True)
+    with pytest.raises(ValueError, match="alibi_slopes get no gradient"):
+        fusedattn.dot_product_attention(q, k, v, alibi_slopes=slopes)
+    with torch.no_grad():  # no gradient asked for: served
+        fusedattn.dot_product_attention(q, k, v, alibi_slopes=slopes)
+    fusedattn.dot_product_attention(q, k, v, alibi_slopes=slopes.detach())
+
+
+def test_resolve_backend_names_an_unknown_keyword_and_max_seqlen_types():
+    q, k, v, _, _ = _inputs()
+    for bad in ("varlen", "dropout"):
+        with pytest.raises(TypeError, match=f"got an unexpected keyword argument '{bad}'"):
+            fusedattn.resolve_backend(q, k, v, **{bad: None})
+    qp, kp, vp = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))  # (total, H, D)
+    cu_q = torch.tensor([0, 5], dtype=torch.int32)
+    cu_k = torch.tensor([0, 7], dtype=torch.int32)
+    with pytest.raises(TypeError, match="max_seqlen_q must be None or an int >= 0, got str"):
+        fusedattn.dot_product_attention_varlen(qp, kp, vp, cu_q, cu_k, max_seqlen_q="5")
+    with pytest.raises(ValueError, match="max_seqlen_k must be None or an int >= 0, got -1"):
+        fusedattn.dot_product_attention_varlen(qp, kp, vp, cu_q, cu_k, max_seqlen_k=-1)
+
+
+def test_module_flags_must_be_bools():
+    from fusedattn.nn import AdditiveAttention
+    for name in ("normalize", "bias"):
+        with pytest.raises(TypeError, match=f"{name} must be a bool, got str"):
+            AdditiveAttention(8, 6, 8, **{name: "no"})
+    attn = AdditiveAttention(8, 6, 8)
+    with pytest.raises(TypeError, match="return_weights must be a bool, got str"):
+        attn(torch.randn(2, 3, 8), torch.randn(2, 4, 6), return_weights="no")

@@ -210,6 +210,9 @@ def _validate(q, k, v, w, *, additive: bool, key_lengths=None, scale=None, softc
             raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
         if alibi_slopes.device != q.device:
             raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {q.device}")
+        if alibi_slopes.requires_grad and torch.is_grad_enabled():
+            raise ValueError("alibi_slopes get no gradient (fixed slopes, as in FlashAttention); pass "
+                             "alibi_slopes.detach(), or a rel_bias (H, 2M - 1) for a learned bias")
     if not isinstance(backend, str) or backend not in ("auto", *backends.names()):
         raise ValueError(f"backend={backend!r} is unknown; choose one of {['auto', *backends.names()]}")
     cu_q, cu_k, mq, mk = varlen if varlen is not None else (None, None, -1, -1)
@@ -359,7 +362,9 @@ def _check_varlen(q, k, v, w, additive, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
         if m is None:
             ms.append(-1)
             continue
-        if _is_bool(m) or not isinstance(m, numbers.Integral) or m < 0:
+        if _is_bool(m) or not isinstance(m, numbers.Integral):
+            raise TypeError(f"{name} must be None or an int >= 0, got {type(m).__name__} {m!r}")
+        if m < 0:
             raise ValueError(f"{name} must be None or an int >= 0, got {m!r}")
         ms.append(int(m))
     if k.shape[0] != v.shape[0]:
@@ -429,6 +434,11 @@ def resolve_backend(q: Tensor, k: Tensor, v: Tensor, w: Optional[Tensor] = None,
     these tensors and keyword arguments (``scale``, ``softcap``, ``key_lengths``, ``causal``,
     ``window``, ``rel_bias``, ``alibi_slopes``), with the reasons the others were skipped."""
     additive = w is not None
+    allowed = ("scale", "softcap", "key_lengths", "causal", "window", "rel_bias", "alibi_slopes")
+    for name in modifiers:
+        if name not in allowed:
+            raise TypeError(f"resolve_backend() got an unexpected keyword argument {name!r} "
+                            f"(accepted: backend, {', '.join(allowed)})")
     _check_dense(q, k, v, w, additive)
     spec = _validate(q, k, v, w, additive=additive, backend=backend, **modifiers)
     name, skipped = backends.resolve(backend, spec, q, k, v)

@@ -171,6 +171,7 @@ class _Attention(nn.Module):
             ``context`` of shape ``(B, Lq, output_dim)`` (or ``(B, output_dim)``), and
             ``(context, weights)`` with ``return_weights=True``.
         """
+        return_weights = api._check_flag("return_weights", return_weights)
         if isinstance(memory, AttentionCache):
             if memory_lengths is not None:
                 raise ValueError("memory is a precomputed AttentionCache: give memory_lengths to "
@@ -265,6 +266,9 @@ class AdditiveAttention(_Attention):
         self.query_dim, self.key_dim, self.attn_dim, self.heads = query_dim, key_dim, attn_dim, heads
         self.head_dim = attn_dim // heads
         self.value_dim = value_dim
+        for name, val in (("normalize", normalize), ("bias", bias)):
+            if not api._is_bool(val):
+                raise TypeError(f"{name} must be a bool, got {type(val).__name__} {val!r}")
         self.normalize = bool(normalize)
         self.backend = backend
         self.output_dim = heads * key_dim if value_dim is None else value_dim
