@@ -390,8 +390,9 @@ def _drel_ends(DRELP, REL_M, below, above):
 
 
 @triton.jit
-def _drel_program(DREL, SKEW, pid, REL_M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _drel_program(DREL, SKEW, pid, REL_M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PMASS: tl.constexpr):
     """(partial row, skew scratch) of program ``pid`` (int64): DREL rows of 2M - 1 float32
-    (zero-initialized), SKEW blocks of 2 BLOCK_M BLOCK_N floats (>= the smaller tile side x
-    (BLOCK_M + BLOCK_N), what ``_drel_tile`` uses)."""
-    return DREL + pid * (2 * REL_M - 1), SKEW + pid * (2 * BLOCK_M * BLOCK_N)
+    (zero-initialized: dS sums by distance; with PMASS 2 (2M - 1): then the softmax mass), SKEW
+    blocks of 2 BLOCK_M BLOCK_N floats (>= the smaller tile side x (BLOCK_M + BLOCK_N), what
+    ``_drel_tile`` uses)."""
+    return DREL + pid * ((2 * REL_M - 1) * (2 if PMASS else 1)), SKEW + pid * (2 * BLOCK_M * BLOCK_N)

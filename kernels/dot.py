@@ -506,8 +506,8 @@ def _attn_bwd_dkdv_dot(Q, K, V, KLEN, DO, LSE, Delta, DK, DV,
 def _dq_loop(dq_acc, q, do, lse, delta, q_base, do_base, k_base, v_base, lo, hi, offs_m, offs_n0,
              offs_d, offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, scale, stride_qm, stride_dom, stride_kn,
              stride_vn, WINDOW_SHIFT, DIST_SHIFT, REL, rel_row, REL_M, slope, softcap_k, softcap,
-             start_m, drel_p, skew_p, below, above,
-             MASKED: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr,
+             start_m, drel_p, skew_p, below, above, pbelow, pabove,
+             MASKED: tl.constexpr, PMASS: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DC: tl.constexpr,
              DOT_PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, BIAS: tl.constexpr):
     k_offs = offs_n0[:, None] * stride_kn + offs_d[None, :]
@@ -532,13 +532,18 @@ def _dq_loop(dq_acc, q, do, lse, delta, q_base, do_base, k_base, v_base, lo, hi,
             dp = _chunked_dot(do_base, offs_m.to(tl.int64) * stride_dom, offs_m, Lq, vb, offs_n0 * stride_vn,
                               offs_n0, n_ok, Dv, BLOCK_M, BLOCK_N, BLOCK_DV, BLOCK_DC, EVEN, DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        if BIAS & 1:  # d rel_bias: dS of the final score, summed along the tile's diagonals
+        if BIAS & 1:  # d rel_bias: dS of the final score, summed along the tile's diagonals; for 16-bit
+            # inputs also the softmax mass P per distance (the row's second half: the launcher's
+            # residual correction, ``_drel_result``; float32 inputs have no residual worth it)
             below, above = _drel_tile(ds, start_n - start_m - DIST_SHIFT, skew_p, drel_p, REL_M, below, above,
                                       BLOCK_M, BLOCK_N)
+            if PMASS:
+                pbelow, pabove = _drel_tile(p, start_n - start_m - DIST_SHIFT, skew_p, drel_p + (2 * REL_M - 1),
+                                            REL_M, pbelow, pabove, BLOCK_M, BLOCK_N)
         if SOFTCAP:
             ds = ds * r  # through the cap: r = 1 - tanh^2 (``common._softcap``)
         dq_acc = _mma_acc(ds.to(k.dtype), k, dq_acc, DOT_PRECISION)
-    return dq_acc, below, above
+    return dq_acc, below, above, pbelow, pabove
 
 
 @triton.jit(do_not_specialize=SIZE_ARGS)
@@ -557,8 +562,10 @@ def _attn_bwd_dq_dot(Q, K, V, KLEN, DO, LSE, Delta, DQ,
     """One program: BLOCK_M query rows of one (b, h); loops over the allowed key tiles, the
     ones every row sees unmasked. BLOCK_DC < BLOCK_D: Q and dO are not kept in registers.
     Modifiers as in ``_attn_fwd_dot``; BIAS & 1 also writes this program's partial rel_bias
-    gradient (``common._drel_program``: DREL (B, H, cdiv(Lq, BLOCK_M), 2M - 1) float32 zeros,
-    SKEW scratch), which the launcher sums in a fixed order."""
+    gradient (``common._drel_program``: DREL (B, H, cdiv(Lq, BLOCK_M), 2M - 1) float32 zeros, the
+    dS sums by distance, and for 16-bit inputs (PMASS) twice that: then the softmax mass by
+    distance; SKEW scratch), which the launcher sums in a fixed order and corrects for the rows'
+    residuals (``_drel_result``)."""
     tl.static_assert(BLOCK_M >= 16)
     tl.static_assert(BLOCK_N >= 16)
     tl.static_assert(BLOCK_D >= 16)
@@ -614,9 +621,12 @@ def _attn_bwd_dq_dot(Q, K, V, KLEN, DO, LSE, Delta, DQ,
     skew_p = SKEW
     below = tl.zeros([], dtype=tl.float32)
     above = tl.zeros([], dtype=tl.float32)
+    pbelow = tl.zeros([], dtype=tl.float32)
+    pabove = tl.zeros([], dtype=tl.float32)
+    PMASS: tl.constexpr = DO.dtype.element_ty != tl.float32
     if BIAS & 1:
         drel_p, skew_p = _drel_program(DREL, SKEW, off_bh.to(tl.int64) * tl.num_programs(0) + pid_m, REL_M,
-                                       BLOCK_M, BLOCK_N)
+                                       BLOCK_M, BLOCK_N, PMASS)
 
     dq_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_lo = 0
@@ -627,28 +637,33 @@ def _attn_bwd_dq_dot(Q, K, V, KLEN, DO, LSE, Delta, DQ,
         n_lo = tl.maximum(start_m + WINDOW_SHIFT, 0) // BLOCK_N * BLOCK_N
         n_mid = tl.maximum(tl.minimum((tl.maximum(i_max + WINDOW_SHIFT, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N,
                                       n_hi), n_lo)
-        dq_acc, below, above = _dq_loop(
+        dq_acc, below, above, pbelow, pabove = _dq_loop(
             dq_acc, q, do, lse, delta, q_base, do_base, k_base, v_base, n_lo, n_mid, offs_m, offs_n0, offs_d,
             offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, scale, stride_qm, stride_dom, stride_kn, stride_vn,
             WINDOW_SHIFT, Lk - Lq, REL, rel_row, REL_M, slope, softcap_k, softcap, start_m, drel_p, skew_p,
-            below, above, True, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_DC, DOT_PRECISION, WINDOW,
+            below, above, pbelow, pabove, True, PMASS, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_DC, DOT_PRECISION,
+            WINDOW,
             SOFTCAP, BIAS)
         n_lo = n_mid
         n_full = tl.maximum(n_full, n_mid)
-    dq_acc, below, above = _dq_loop(
+    dq_acc, below, above, pbelow, pabove = _dq_loop(
         dq_acc, q, do, lse, delta, q_base, do_base, k_base, v_base, n_lo, n_full, offs_m, offs_n0, offs_d,
         offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, scale, stride_qm, stride_dom, stride_kn, stride_vn,
         WINDOW_SHIFT, Lk - Lq, REL, rel_row, REL_M, slope, softcap_k, softcap, start_m, drel_p, skew_p,
-        below, above, False, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_DC, DOT_PRECISION, WINDOW,
+        below, above, pbelow, pabove, False, PMASS, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_DC, DOT_PRECISION,
+        WINDOW,
         SOFTCAP, BIAS)
-    dq_acc, below, above = _dq_loop(
+    dq_acc, below, above, pbelow, pabove = _dq_loop(
         dq_acc, q, do, lse, delta, q_base, do_base, k_base, v_base, n_full, n_hi, offs_m, offs_n0, offs_d,
         offs_dv, klen, Lq, D, Dv, CAUSAL_SHIFT, scale, stride_qm, stride_dom, stride_kn, stride_vn,
         WINDOW_SHIFT, Lk - Lq, REL, rel_row, REL_M, slope, softcap_k, softcap, start_m, drel_p, skew_p,
-        below, above, True, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_DC, DOT_PRECISION, WINDOW,
+        below, above, pbelow, pabove, True, PMASS, EVEN, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_DC, DOT_PRECISION,
+        WINDOW,
         SOFTCAP, BIAS)
     if BIAS & 1:
         _drel_ends(drel_p, REL_M, below, above)
+        if PMASS:
+            _drel_ends(drel_p + (2 * REL_M - 1), REL_M, pbelow, pabove)
 
     dq_acc = dq_acc * scale
     dq_ptrs = (DQ + off_b64 * stride_dqb + off_h64 * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqm

@@ -91,3 +91,21 @@ def test_rel_bias_gpu_block_shape(monkeypatch):
                  Case(B=1, H=1, Hk=1, Lq=17, Lk=40, D=24, Dv=40, rel_bias=3, dtype=BF16)):  # BLOCK_DV 32
         assert tb._addb.bwd_config(tb.block_dim(case.D), False, True)["XB"] == 16
         testing.check_backend(case, "triton")
+
+
+def test_dot_rel_bias_gradient_takes_off_the_rows_residual():
+    """16-bit inputs: delta = rowsum(dO * O) comes from the output rounded to bfloat16, so each row's
+    dS keeps a residual, and a bin that collects every pair adds them all up. The dot dQ kernel also
+    sums the softmax mass by distance and the launcher takes each head's residual off the bins in
+    proportion to it (as the cpu backend does): a single bin (M = 1, a constant bias, whose gradient
+    is exactly 0) gets exactly 0, and the seeds of a fuzzer's case that missed the 2x rule by up to
+    3x pass it. (The additive dK/dV kernel sums no mass: no registers to spare.)"""
+    base = Case(score="dot", B=1, H=4, Hk=2, Lq=68, Lk=19, D=32, Dv=32, causal=True, lengths=(6,),
+                dtype=BF16, scale=3.0, seed=17, window=(-1, 0), rel_bias=1, alibi="BH")
+    q, k, v, w, lengths = testing.make_inputs(base)
+    mods = testing.make_modifiers(base)
+    res = testing.run(base, "triton", q, k, v, w, lengths, testing._dout(base, "cpu"), mods)
+    assert torch.equal(res["drel_bias"], torch.zeros_like(res["drel_bias"]))
+    for seed in (17, 18):
+        testing.check_backend(base.with_(seed=seed, rel_bias=3), "triton")
+        testing.check_backend(base.with_(seed=seed), "triton")

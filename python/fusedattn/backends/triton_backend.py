@@ -151,14 +151,15 @@ def _score_mods(spec: AttnSpec) -> bool:
     return spec.softcap > 0 or spec.rel_bias is not None or spec.alibi_slopes is not None
 
 
-def _drel_scratch(spec: AttnSpec, B: int, H: int, Lq: int, cfg_q: dict, device):
+def _drel_scratch(spec: AttnSpec, B: int, H: int, Lq: int, cfg_q: dict, device, pmass: bool):
     """(DREL, SKEW) of the dot dQ kernel (``kernels.common._drel_program``): per-program partial
-    rel_bias gradients (zeros, (B, H, query tiles, 2M - 1)) and skew scratch; dummies without
-    rel_bias."""
+    rel_bias gradients by distance (zeros, (B, H, query tiles, 2M - 1); with ``pmass``, 16-bit
+    inputs, twice that: then the softmax masses) and skew scratch; dummies without rel_bias."""
     if spec.rel_bias is None:
         return _dummy(device), _dummy(device)
     n_mt = triton.cdiv(Lq, cfg_q["BLOCK_M"])
-    drel = torch.zeros(B, H, n_mt, spec.rel_bias.shape[-1], dtype=torch.float32, device=device)
+    halves = 2 if pmass else 1  # 16-bit inputs: the softmax mass by distance too (``_drel_result``)
+    drel = torch.zeros(B, H, n_mt, halves * spec.rel_bias.shape[-1], dtype=torch.float32, device=device)
     skew = torch.empty(B * H * n_mt * 2 * cfg_q["BLOCK_M"] * cfg_q["BLOCK_N"], dtype=torch.float32,
                        device=device)
     return drel, skew
@@ -166,10 +167,24 @@ def _drel_scratch(spec: AttnSpec, B: int, H: int, Lq: int, cfg_q: dict, device):
 
 def _drel_result(spec: AttnSpec, drel: torch.Tensor):
     """d rel_bias (H, 2M - 1): the partials (B, H, tiles, 2M - 1) summed over batch and tiles (the dot
-    dQ kernel's query tiles, the additive dK/dV kernel's key blocks) in a fixed order."""
+    dQ kernel's query tiles, the additive dK/dV kernel's key blocks) in a fixed order, in float64.
+
+    Partials of 2 (2M - 1) hold the softmax mass by distance in their second half: each row's dS
+    should sum to 0, but delta = rowsum(dO * O) comes from the output as returned (rounded to 16 bits
+    for 16-bit inputs), so every row keeps a residual, and a distance bin that covers most of the
+    rows' keys (a clamped end, M = 1) would add them all up. The head's total residual is taken off
+    the bins in proportion to their softmax mass, as the cpu backend does (``csrc/prep.cpp``,
+    ``reduce_rel``). The dot kernels sum the mass for 16-bit inputs; the additive ones do not."""
     if spec.rel_bias is None:
         return None
-    return drel.sum(dim=(0, 2)).to(spec.rel_bias.dtype)
+    n = spec.rel_bias.shape[-1]
+    ds = drel[..., :n].double().sum(dim=(0, 2))
+    if drel.shape[-1] == 2 * n:
+        pm = drel[..., n:].double().sum(dim=(0, 2))
+        res, mass = ds.sum(-1, keepdim=True), pm.sum(-1, keepdim=True)
+        fix = torch.isfinite(res) & torch.isfinite(mass) & (mass > 0)
+        ds = torch.where(fix, ds - res * pm / torch.where(fix, mass, 1.0), ds)
+    return ds.to(spec.rel_bias.dtype)
 
 
 def _drel_fold(drel: torch.Tensor, lanes: int) -> torch.Tensor:
@@ -258,7 +273,9 @@ class TritonBackend(Backend):
         scratch = torch.empty(max(B * Hk * n_k * (4 if mods["REL_BIAS"] else 2), B * H * n_q) * blk * xb,
                               dtype=torch.float32, device=q.device)
         # d rel_bias: one partial row per (dK/dV program, query head): 2M - 1 bins + 2 x 2 XB lanes of
-        # the clamped ends (kernels.common._drel_skewed, chunks of 2 XB)
+        # the clamped ends (kernels.common._drel_skewed, chunks of 2 XB). No softmax mass here (the
+        # dK/dV kernel has no registers to spare for it: 8-byte spills on sm_90 at A = 64), so no
+        # residual correction (``_drel_result``)
         drel = (torch.zeros(B, H, n_k, 2 * rel_m - 1 + 4 * xb, dtype=torch.float32, device=q.device)
                 if mods["REL_BIAS"] else _dummy(q.device))
         common = dict(FAST_RCP=not interpreting(), DOT_PRECISION=dot_precision(q.dtype), **cfg, **LAUNCH_OPTS)
@@ -299,7 +316,7 @@ class TritonBackend(Backend):
                                                    _arch(q.device), _score_mods(spec))
         klen = _klen(key_lengths, B, Lk, q.device)
         shift, margs, flags = _mods(spec, B, H, Lq, Lk, q.device)
-        drel, skew = _drel_scratch(spec, B, H, Lq, cfg_q, q.device)
+        drel, skew = _drel_scratch(spec, B, H, Lq, cfg_q, q.device, dout.dtype != torch.float32)
         lse = _flat(lse)
         delta = _delta(out, dout, delta_shape(cfg_q, BLOCK_DV, cfg_q["BLOCK_DC"], q.dtype == torch.float32))
         dq = _empty_aligned(*q.shape, dtype=q.dtype, device=q.device)
