@@ -79,7 +79,9 @@ def _exp_fma(x):
     (relative error < 1e-8 before rounding) and 2^j put into the exponent bits; t < -126
     gives 0. The kernels take P = exp(s - lse) once per (own, other) pair in each of the S
     threads of a row, so this keeps the MUFU unit for the reciprocals (one per triple)."""
-    t = tl.minimum(tl.maximum(x * 1.4426950408889634, -127.0), 127.0)
+    # NaN stays NaN (a NaN query row's P, as on the reference): max/min would return the other operand
+    t = tl.minimum(tl.maximum(x * 1.4426950408889634, -127.0, propagate_nan=tl.PropagateNan.ALL), 127.0,
+                   propagate_nan=tl.PropagateNan.ALL)
     j = tl.floor(t + 0.5)
     f = t - j
     y = 1.5252733804059840e-05
