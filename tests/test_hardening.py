@@ -252,3 +252,35 @@ def test_module_flags_must_be_bools():
     attn = AdditiveAttention(8, 6, 8)
     with pytest.raises(TypeError, match="return_weights must be a bool, got str"):
         attn(torch.randn(2, 3, 8), torch.randn(2, 4, 6), return_weights="no")
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(fusedattn.available_backends()["triton"] is not None,
+                    reason="triton backend unavailable here")
+@pytest.mark.parametrize("score", ["additive", "dot"])
+@pytest.mark.parametrize("where", ["query", "key"])
+def test_triton_nan_reaches_every_gradient_it_reaches_on_the_reference(score, where):
+    """A NaN in one query row (or one key) gives NaN in every gradient entry the reference gives NaN
+    (the additive backward's exponential clamped NaN away: a NaN query row left every dV finite),
+    in exactly those of out and dv, and the finite entries match. dK (a NaN query) and dQ (a NaN
+    key) may have more: the tile products multiply the NaN row by the dS = 0 of pairs it does not
+    see (0 * NaN = NaN), as a NaN value does in P @ V on every backend (README, Guarantees)."""
+    q, k, v, w, _ = make_inputs(Case(score=score, B=1, H=2, Hk=1, Lq=9, Lk=11, D=8, Dv=4))
+    if where == "query":
+        q[0, 0, 3, 2] = float("nan")
+    else:
+        k[0, 0, 5, 1] = float("nan")
+    do = torch.randn(1, 2, 9, 4, generator=torch.Generator().manual_seed(3))
+    grads = {}
+    for backend in ("reference", "triton"):
+        leaves = [t.clone().requires_grad_() for t in ((q, k, v, w) if score == "additive" else (q, k, v))]
+        fn = fusedattn.additive_attention if score == "additive" else fusedattn.dot_product_attention
+        out = fn(*leaves, causal=True, backend=backend)
+        out.backward(do)
+        grads[backend] = [out.detach()] + [t.grad for t in leaves]
+    for name, a, b in zip(["out", "dq", "dk", "dv", "dw"], grads["triton"], grads["reference"]):
+        assert (a.isnan() >= b.isnan()).all(), (name, int(a.isnan().sum()), int(b.isnan().sum()))
+        if name in ("out", "dv"):
+            assert torch.equal(a.isnan(), b.isnan()), name
+        fin = ~a.isnan()
+        torch.testing.assert_close(a[fin], b[fin], rtol=1e-4, atol=1e-5, msg=name)
