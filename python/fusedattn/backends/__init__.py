@@ -18,7 +18,8 @@ _REGISTRY = {
     "triton": "fusedattn.backends.triton_backend:TritonBackend",
     "cpu": "fusedattn.backends.cpu_backend:CpuBackend",
 }
-# "auto" tries these in order for each device type; reference is the last resort.
+# "auto" tries these in order for each device type; reference is the last resort (other device types
+# try it alone, and a call it cannot serve either raises, see ``resolve``).
 _AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")}
 
 _INSTANCES: dict[str, Backend] = {}
