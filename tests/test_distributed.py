@@ -161,6 +161,21 @@ def _expect_value_error(label: str, fn, *must_contain: str) -> None:
     print(f"FAIL {label}: no error")
 
 
+def _expect_refusal(label: str, fn, *must_contain: str) -> None:
+    """A ValueError or TypeError (the rank whose own argument is bad raises its TypeError), naming
+    what is wrong."""
+    try:
+        fn()
+    except (ValueError, TypeError) as e:
+        missing = [s for s in must_contain if s not in str(e)]
+        print(f"FAIL {label}: message lacks {missing}: {e}" if missing else f"ok {label}: {e}")
+        return
+    except Exception as e:  # noqa: BLE001
+        print(f"FAIL {label}: {type(e).__name__} instead of ValueError/TypeError: {e}")
+        return
+    print(f"FAIL {label}: no error")
+
+
 def _mode_bad_input(rank: int, P: int) -> None:
     import torch.distributed as dist
     g = torch.Generator().manual_seed(0)
@@ -188,6 +203,21 @@ def _mode_bad_input(rank: int, P: int) -> None:
     kl = torch.tensor([6 * P + (1 if rank == 0 else 0)])
     _expect_value_error("key_lengths out of range",
                         lambda: ring_dot_product_attention(q, q, q, key_lengths=kl), "key_lengths")
+    # key_lengths with the same sum and weighted sum on every rank, different values (the agreement
+    # compared only those sums: a silently wrong result)
+    q3 = torch.randn(3, 2, 6, 8, generator=g)
+    kl3 = torch.tensor([1, 2, 3] if rank == 0 else [2, 0, 4])
+    _expect_value_error("key_lengths values differ",
+                        lambda: ring_dot_product_attention(q3, q3, q3, key_lengths=kl3), "disagree",
+                        "key_lengths.hash")
+    # a bad argument on one rank only: that rank's own error, a ValueError elsewhere, no rank waiting
+    # (a nested q raised before the agreement and left the others in all_gather)
+    nested = torch.nested.nested_tensor([torch.randn(2, 6, 8), torch.randn(2, 6, 8)])
+    _expect_refusal("nested q on one rank",
+                    lambda: ring_dot_product_attention(nested if rank == 0 else q, q, q), "q must be a dense")
+    _expect_refusal("return_lse not a bool on one rank",
+                    lambda: ring_dot_product_attention(q, q, q, return_lse="no" if rank == 0 else False),
+                    "return_lse")
     # wrong group: not a group; a group this rank is not a member of
     _expect_value_error("group not a ProcessGroup",
                         lambda: ring_dot_product_attention(q, q, q, group="world"), "ProcessGroup")
@@ -293,7 +323,7 @@ def test_bad_input_is_an_error_on_every_rank():
     _check_ok(results, "bad_input")
     for r, (_rc, out) in enumerate(results):
         n_ok = out.count("\nok ") + out.startswith("ok ")
-        assert n_ok == (9 if r == 0 else 10), out
+        assert n_ok == (12 if r == 0 else 13), out
 
 
 @pytest.mark.parametrize("mode", ["dead_peer", "hung_peer"])

@@ -284,3 +284,104 @@ def test_triton_nan_reaches_every_gradient_it_reaches_on_the_reference(score, wh
             assert torch.equal(a.isnan(), b.isnan()), name
         fin = ~a.isnan()
         torch.testing.assert_close(a[fin], b[fin], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ---------------------------------------------------------------- the fourth campaign (nn, compile, ring)
+
+
+def _modules():
+    from fusedattn.nn import AdditiveAttention, LuongAttention
+    torch.manual_seed(0)
+    return [AdditiveAttention(4, 3, 8, backend="cpu"), LuongAttention(4, 3, "general", backend="cpu"),
+            LuongAttention(4, 3, "concat", backend="cpu")]
+
+
+def test_module_weights_under_cpu_autocast():
+    # attention_weights follows autocast as the attention functions do (it got bfloat16 k and float32 w)
+    mem, q = torch.randn(2, 5, 3), torch.randn(2, 3, 4)
+    for m in _modules():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ctx, w = m(q, mem, [5, 2], return_weights=True)
+        assert ctx.dtype == torch.bfloat16 and w.shape == (2, 1, 3, 5)
+        ref = m(q, mem, [5, 2], return_weights=True)[1]  # float32 run
+        torch.testing.assert_close(w.float(), ref.float(), rtol=0.05, atol=0.02)
+        assert (w[1, :, :, 2:] == 0).all()
+
+
+def test_module_inputs_refused_by_name():
+    m = _modules()[0]
+    mem, q = torch.randn(2, 5, 3), torch.randn(2, 6, 4)
+    nested = torch.nested.nested_tensor([torch.randn(5, 3), torch.randn(4, 3)])
+    with pytest.raises(TypeError, match="memory must be a dense"):
+        m(q, nested)
+    with pytest.raises(TypeError, match="query must be a dense"):
+        m(torch.nested.nested_tensor([torch.randn(6, 4), torch.randn(3, 4)]), mem)
+    with pytest.raises(ValueError, match="memory is on meta but the module's parameters are on cpu"):
+        m(q, torch.randn(2, 5, 3, device="meta"))
+    with pytest.raises(ValueError, match="memory_lengths is on meta but memory is on cpu"):
+        m(q, mem, torch.tensor([1, 2], device="meta"))
+
+
+def test_compiled_weights_with_lengths_and_export():
+    # the range check of key_lengths is an op (fusedattn::checked_lengths): tracing reads no data
+    m = _modules()[1]
+    q, mem, lengths = torch.randn(2, 3, 4), torch.randn(2, 5, 3), torch.tensor([5, 2])
+    eager = m(q, mem, lengths, return_weights=True)[1]
+    compiled = torch.compile(lambda q, mem, lengths: m(q, mem, lengths, return_weights=True)[1],
+                             fullgraph=True)
+    torch.testing.assert_close(compiled(q, mem, lengths), eager)  # inductor: last-bit differences
+    qq, kk = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    f = torch.compile(lambda q, k, kl: fusedattn.attention_weights(q, k, key_lengths=kl), fullgraph=True)
+    torch.testing.assert_close(f(qq, kk, torch.tensor([5])),
+                               fusedattn.attention_weights(qq, kk, key_lengths=torch.tensor([5])))
+    with pytest.raises(ValueError, match=r"key_lengths must lie in \[0, Lk=8\]"):
+        f(qq, kk, torch.tensor([9]))
+    torch.library.opcheck(fusedattn.ops.checked_lengths, (torch.tensor([3, 5]), 8))
+
+    class WithWeights(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = m
+
+        def forward(self, q, mem, lengths):
+            return self.m(q, mem, lengths, return_weights=True)[1]
+
+    ep = torch.export.export(WithWeights(), (q, mem, lengths))
+    torch.testing.assert_close(ep.module()(q, mem, lengths), eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_the_first_call_of_a_process_may_be_a_compiled_one(backend):
+    # the backends were imported with importlib.import_module and the cpu backend asked its op for the
+    # instruction-set level while torch.compile traced: the first call had to be an eager one
+    import subprocess
+    import sys
+    code = ("import torch, fusedattn\n"
+            "q = torch.randn(1, 2, 8, 16)\n"
+            f"f = torch.compile(lambda q: fusedattn.dot_product_attention(q, q, q, backend={backend!r}), "
+            "fullgraph=True)\n"
+            "c = f(q)\n"  # before any eager call
+            f"e = fusedattn.dot_product_attention(q, q, q, backend={backend!r})\n"
+            "print(bool((c - e).abs().max() < 1e-6))\n")
+    if backend == "cpu" and fusedattn.available_backends()["cpu"] is not None:
+        pytest.skip("cpu backend unavailable")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("True"), r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("score", ["additive", "dot"])
+def test_compile_with_dynamic_shapes(score):
+    # dynamic=True traces floats and sizes as symbols: the default scale took math.sqrt of the head dim,
+    # and the scalar checks math.isfinite of a symbolic float
+    backend = BACKENDS[-1]
+    w = torch.randn(2, 16) * 0.3
+
+    def call(q, k, v):
+        if score == "additive":
+            return fusedattn.additive_attention(q, k, v, w, causal=True, backend=backend)
+        return fusedattn.dot_product_attention(q, k, v, causal=True, backend=backend)
+
+    f = torch.compile(call, fullgraph=True, dynamic=True)
+    for L in (8, 13):
+        q, k, v = (torch.randn(1, 2, L, 16) for _ in range(3))
+        torch.testing.assert_close(f(q, k, v), call(q, k, v), rtol=0, atol=0)

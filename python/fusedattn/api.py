@@ -121,7 +121,8 @@ def _check_scalar(name: str, x, dtype) -> float:
         raise TypeError(f"{name} must be{none} a real number, got {type(x).__name__}")
     x = float(x)
     limit = math.inf if dtype == torch.float64 else _F32_MAX
-    if not math.isfinite(x) or abs(x) > limit:
+    # comparisons, not math.isfinite: torch.compile(dynamic=True) traces a float argument as a symbol
+    if not (abs(x) <= limit and abs(x) < math.inf):  # NaN fails both
         raise ValueError(f"{name} must be finite{' in float32' if limit < math.inf else ''}, got {x}")
     return x
 
@@ -175,7 +176,8 @@ def _validate(q, k, v, w, *, additive: bool, key_lengths=None, scale=None, softc
     if additive and (_is_bool(softcap) or not isinstance(softcap, numbers.Real) or softcap != 0):
         raise ValueError(f"softcap applies to dot-product scores only (w given: additive), "
                          f"got softcap={softcap!r}")
-    scale = 1.0 / math.sqrt(D) if scale is None else _check_scalar("scale", scale, q.dtype)
+    # int(D): a head dim traced as a symbol (torch.compile dynamic=True) is specialized, not sqrt-ed
+    scale = 1.0 / math.sqrt(int(D)) if scale is None else _check_scalar("scale", scale, q.dtype)
     softcap = _check_scalar("softcap", softcap, q.dtype)
     if softcap < 0:
         raise ValueError(f"softcap must be >= 0 (0: off), got {softcap}")
@@ -479,6 +481,7 @@ def attention_weights(q: Tensor, k: Tensor, *, w: Optional[Tensor] = None, scale
     _check_tensor("k", k, 4, "(B, Hk, Lk, D)")
     if additive:
         _check_tensor("w", w, 2, "(H, D)")
+    q, k, _, w = _autocast(q, k, None, w)  # as the attention functions do (the nn modules' weights)
     # v's shape is irrelevant here; validate against a stand-in with k's (B, Hk, Lk).
     spec = _validate(q, k, k, w, additive=additive, key_lengths=key_lengths, scale=scale, softcap=softcap,
                      causal=causal, window=window, rel_bias=rel_bias, alibi_slopes=alibi_slopes)
@@ -496,7 +499,7 @@ def attention_weights(q: Tensor, k: Tensor, *, w: Optional[Tensor] = None, scale
         if lse.device != q.device:
             raise ValueError(f"lse is on {lse.device} but q is on {q.device}")
     if key_lengths is not None:
-        ops._checked_lengths(key_lengths, Lk)
+        key_lengths = ops.checked_lengths(key_lengths, Lk)  # int32, in [0, Lk] (or a ValueError)
     cd = torch.float64 if q.dtype == torch.float64 else torch.float32
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, w, rel_bias))

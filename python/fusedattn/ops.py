@@ -56,6 +56,21 @@ def _checked_lengths(key_lengths: Optional[Tensor], Lk: int) -> Optional[Tensor]
     return key_lengths.to(torch.int32).contiguous()
 
 
+def _checked_lengths_impl(key_lengths: Tensor, Lk: int) -> Tensor:
+    return _checked_lengths(key_lengths, Lk)
+
+
+# the range check as an op of its own, for code outside the attention ops (attention_weights): under
+# torch.compile / torch.export it runs when the graph runs (a ValueError then), so tracing reads no data
+checked_lengths = torch.library.custom_op("fusedattn::checked_lengths", _checked_lengths_impl,
+                                          mutates_args=(), schema="(Tensor key_lengths, SymInt Lk) -> Tensor")
+
+
+@checked_lengths.register_fake
+def _(key_lengths, Lk):
+    return key_lengths.new_empty(key_lengths.shape, dtype=torch.int32)
+
+
 def _check_cu(name: str, cu: Tensor, total: int, max_seqlen: int) -> None:
     vals = cu.tolist()
     if vals[0] != 0:

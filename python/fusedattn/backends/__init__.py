@@ -30,6 +30,20 @@ def names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
+def _import(name: str):
+    """The backend's module, through import statements: torch.compile traces those (it runs them),
+    not importlib.import_module, so the first call of a process may be a compiled one."""
+    if name == "reference":
+        from . import reference_backend as module
+    elif name == "cpu":
+        from . import cpu_backend as module
+    elif name == "triton":
+        from . import triton_backend as module
+    else:
+        module = importlib.import_module(_REGISTRY[name].split(":")[0])
+    return module
+
+
 def get(name: str) -> Optional[Backend]:
     """The backend object, or None if its module cannot be imported (reason kept)."""
     if name in _INSTANCES:
@@ -38,7 +52,7 @@ def get(name: str) -> Optional[Backend]:
         return None
     mod_name, attr = _REGISTRY[name].split(":")
     try:
-        backend = getattr(importlib.import_module(mod_name), attr)()
+        backend = getattr(_import(name), attr)()
     except ImportError as e:  # a missing optional dependency, reported by available_backends()
         _IMPORT_ERRORS[name] = f"cannot import {mod_name}: {e}"
         return None

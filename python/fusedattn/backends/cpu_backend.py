@@ -40,8 +40,6 @@ def _load() -> Optional[str]:
         except (ImportError, OSError) as e:
             _LOAD_ERROR = f"the C++ extension fusedattn._C is not available ({e}); " \
                           "build it with `pip install --no-build-isolation -e .`"
-        else:
-            _check_isa()
     return _LOAD_ERROR
 
 
@@ -75,19 +73,21 @@ def cpu_isa_levels() -> list[str]:
 
 
 _ISA_ERROR: Optional[str] = None
-
-
-def _check_isa() -> None:
-    """Read the level once, at load (FUSEDATTN_CPU_ISA is read once per process), so that the
-    per-call checks are plain Python (torch.compile traces them without calling an op)."""
-    global _ISA_ERROR
-    try:
-        torch.ops.fusedattn_cpu.isa()
-    except ValueError as e:
-        _ISA_ERROR = str(e).splitlines()[0]
+_ISA_CHECKED = False
 
 
 def _isa_error() -> Optional[str]:
+    """Why FUSEDATTN_CPU_ISA cannot be served (None: it can), read once per process (as the variable
+    is) by the first eager call, so that later checks are plain Python that torch.compile traces
+    without calling an op. A process whose first call is a compiled one checks nothing here: the
+    ops then raise the same ValueError when they run."""
+    global _ISA_ERROR, _ISA_CHECKED
+    if not _ISA_CHECKED and not torch.compiler.is_compiling():
+        _ISA_CHECKED = True
+        try:
+            torch.ops.fusedattn_cpu.isa()
+        except ValueError as e:
+            _ISA_ERROR = str(e).splitlines()[0]
     return _ISA_ERROR
 
 

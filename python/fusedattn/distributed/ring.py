@@ -330,17 +330,19 @@ class _RingAttention(torch.autograd.Function):
 
 
 def _shape_fields(name: str, t, ndim: int) -> dict:
-    dims = list(t.shape) if isinstance(t, Tensor) and t.dim() == ndim else [-1] * ndim
+    dense = isinstance(t, Tensor) and not t.is_nested and t.layout == torch.strided  # (its error: _validate)
+    dims = list(t.shape) if dense and t.dim() == ndim else [-1] * ndim
     fields = {f"{name}.shape[{i}]": d for i, d in enumerate(dims)}
     fields[f"{name}.dtype"] = sh.dtype_code(t.dtype) if isinstance(t, Tensor) else -1
     fields[f"{name}.requires_grad"] = int(isinstance(t, Tensor) and t.requires_grad)
     return fields
 
 
-def _prepare(score, q, k, v, w, scale, group, causal, key_lengths, layout, backend) -> _Spec:
+def _prepare(score, q, k, v, w, scale, group, causal, key_lengths, layout, backend, return_lse) -> _Spec:
     info = sh.group_info(group)
     error, name, lengths, c, attn = None, None, None, 0, None
     try:
+        api._check_flag("return_lse", return_lse)
         sh.check_layout(layout)
         attn = _validate_args(score, q, k, v, w, key_lengths, scale, causal, backend)
         Lq, Lk = q.shape[2], k.shape[2]
@@ -363,7 +365,8 @@ def _prepare(score, q, k, v, w, scale, group, causal, key_lengths, layout, backe
         fields["group.ranks"] = hash(tuple(dist.get_process_group_ranks(info.group))) & ((1 << 62) - 1)
     for n, t, nd in (("q", q, 4), ("k", k, 4), ("v", v, 4)) + ((("w", w, 2),) if score == "additive" else ()):
         fields.update(_shape_fields(n, t, nd))
-    kl = key_lengths.to(torch.int64).cpu() if isinstance(key_lengths, Tensor) else None
+    # read only once they passed the checks (a meta or sparse tensor must reach agree(), not raise here)
+    kl = lengths.cpu() if lengths is not None and error is None else None
     fields.update({
         "score": int(score == "additive"), "causal": int(causal) if isinstance(causal, bool) else -1,
         "layout": sh.LAYOUTS.index(layout) if layout in sh.LAYOUTS else -1,
@@ -374,6 +377,10 @@ def _prepare(score, q, k, v, w, scale, group, causal, key_lengths, layout, backe
         "key_lengths.sum": int(kl.sum()) if kl is not None and kl.dim() == 1 else -1,
         "key_lengths.weighted_sum": int((kl * torch.arange(1, kl.numel() + 1)).sum())
         if kl is not None and kl.dim() == 1 else -1,
+        # the values themselves (sums alone let [1, 2, 3] and [2, 0, 4] agree): a hash of the tuple,
+        # the same in every process for ints
+        "key_lengths.hash": hash(tuple(kl.tolist())) & ((1 << 62) - 1) if kl is not None else -1,
+        "return_lse": int(return_lse) if api._is_bool(return_lse) else -1,
     })
     t0 = time.perf_counter()
     what = "ring_additive_attention" if score == "additive" else "ring_dot_product_attention"
@@ -398,7 +405,7 @@ def ring_additive_attention(q: Tensor, k: Tensor, v: Tensor, w: Tensor, *, group
     all-reduced total, identical on every rank). ``group=None``: the default group, or a single process
     when torch.distributed is not initialized.
     """
-    spec = _prepare("additive", q, k, v, w, None, group, causal, key_lengths, layout, backend)
+    spec = _prepare("additive", q, k, v, w, None, group, causal, key_lengths, layout, backend, return_lse)
     out, lse = _RingAttention.apply(q, k, v, w, spec)
     return (out, lse) if return_lse else out
 
@@ -408,6 +415,6 @@ def ring_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: Option
                                layout: str = "zigzag", return_lse: bool = False, backend: str = "auto"):
     """Scaled dot-product attention over a sharded sequence; as ``ring_additive_attention`` with
     ``s = scale * q . k`` (default ``scale = 1 / sqrt(D)``) instead of the additive score."""
-    spec = _prepare("dot", q, k, v, None, scale, group, causal, key_lengths, layout, backend)
+    spec = _prepare("dot", q, k, v, None, scale, group, causal, key_lengths, layout, backend, return_lse)
     out, lse = _RingAttention.apply(q, k, v, None, spec)
     return (out, lse) if return_lse else out
