@@ -336,7 +336,8 @@ def test_compiled_weights_with_lengths_and_export():
                                fusedattn.attention_weights(qq, kk, key_lengths=torch.tensor([5])))
     with pytest.raises(ValueError, match=r"key_lengths must lie in \[0, Lk=8\]"):
         f(qq, kk, torch.tensor([9]))
-    torch.library.opcheck(fusedattn.ops.checked_lengths, (torch.tensor([3, 5]), 8))
+    for dtype in (torch.int64, torch.int32):  # int32: the checked lengths are the input's values
+        torch.library.opcheck(fusedattn.ops.checked_lengths, (torch.tensor([3, 5], dtype=dtype), 8))
 
     class WithWeights(torch.nn.Module):
         def __init__(self):

@@ -57,7 +57,7 @@ def _checked_lengths(key_lengths: Optional[Tensor], Lk: int) -> Optional[Tensor]
 
 
 def _checked_lengths_impl(key_lengths: Tensor, Lk: int) -> Tensor:
-    return _checked_lengths(key_lengths, Lk)
+    return _checked_lengths(key_lengths, Lk).clone()  # an op's output may not alias its input (int32)
 
 
 # the range check as an op of its own, for code outside the attention ops (attention_weights): under
