@@ -68,12 +68,18 @@ class _Shapes:
         return f"q {_shape(q)}, k {_shape(k)}, v {_shape(v)}"
 
 
+def _check_layout(name: str, t: Tensor, what: str = "") -> None:
+    """A TypeError naming ``name`` for a nested or sparse tensor (``what``: its expected shape)."""
+    if t.is_nested or t.layout != torch.strided:
+        layout = "nested" if t.is_nested else str(t.layout)
+        shape = f" of shape {what}" if what else ""
+        raise TypeError(f"{name} must be a dense (strided) tensor{shape}, got a {layout} tensor")
+
+
 def _check_tensor(name: str, t, ndim: int, what: str) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {what}, got {type(t).__name__}")
-    if t.is_nested or t.layout != torch.strided:
-        layout = "nested" if t.is_nested else str(t.layout)
-        raise TypeError(f"{name} must be a dense (strided) tensor of shape {what}, got a {layout} tensor")
+    _check_layout(name, t, what)
     if t.dim() != ndim:
         raise ValueError(f"{name} must have shape {what} ({ndim} dims), got {_shape(t)}")
 
@@ -162,8 +168,7 @@ def _validate(q, k, v, w, *, additive: bool, key_lengths=None, scale=None, softc
         if not isinstance(key_lengths, Tensor):
             raise TypeError(f"key_lengths must be None or an integer tensor of shape (B,) = ({B},), "
                             f"got {type(key_lengths).__name__}")
-        if key_lengths.is_nested or key_lengths.layout != torch.strided:
-            raise TypeError(f"key_lengths must be a dense (strided) tensor, got layout {key_lengths.layout}")
+        _check_layout("key_lengths", key_lengths)
         if key_lengths.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"key_lengths must have dtype int32 or int64, got {key_lengths.dtype}")
         if _shape(key_lengths) != (B,):
@@ -202,9 +207,7 @@ def _validate(q, k, v, w, *, additive: bool, key_lengths=None, scale=None, softc
         if not isinstance(alibi_slopes, Tensor):
             raise TypeError(f"alibi_slopes must be a float32 tensor of shape (H,) or (B, H), "
                             f"got {type(alibi_slopes).__name__}")
-        if alibi_slopes.is_nested or alibi_slopes.layout != torch.strided:
-            raise TypeError(f"alibi_slopes must be a dense (strided) tensor, "
-                            f"got layout {alibi_slopes.layout}")
+        _check_layout("alibi_slopes", alibi_slopes)
         if _shape(alibi_slopes) not in ((H,), (nseq, H)):
             raise ValueError(f"alibi_slopes must have shape (H,) = ({H},) or (B, H) = ({nseq}, {H}), "
                              f"got {_shape(alibi_slopes)}")

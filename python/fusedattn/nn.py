@@ -52,12 +52,6 @@ def _shape(t: Tensor) -> tuple:
     return tuple(t.shape)
 
 
-def _check_dense(name: str, t: Tensor) -> None:
-    if t.is_nested or t.layout != torch.strided:
-        layout = "nested" if t.is_nested else str(t.layout)
-        raise TypeError(f"{name} must be a dense (strided) tensor, got a {layout} tensor")
-
-
 def _autocast_on(t: Tensor) -> bool:
     """torch.autocast is active for t's device (the projections and the ops then pick the dtype)."""
     dev = t.device.type
@@ -101,7 +95,7 @@ class _Attention(nn.Module):
         if not isinstance(memory, Tensor):
             raise TypeError(f"memory must be a torch.Tensor of shape (B, Lk, key_dim={self.key_dim}) "
                             f"or the AttentionCache returned by precompute(), got {type(memory).__name__}")
-        _check_dense("memory", memory)
+        api._check_layout("memory", memory)
         pdev = self._param_device()
         if pdev is not None and memory.device != pdev:
             raise ValueError(f"memory is on {memory.device} but the module's parameters are on {pdev}")
@@ -126,7 +120,7 @@ class _Attention(nn.Module):
         if not isinstance(memory_lengths, Tensor):
             raise TypeError(f"memory_lengths must be None, a list of ints or an integer tensor of shape "
                             f"(B,) = ({B},), got {type(memory_lengths).__name__}")
-        _check_dense("memory_lengths", memory_lengths)
+        api._check_layout("memory_lengths", memory_lengths)
         if memory_lengths.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"memory_lengths must have dtype int32 or int64, got {memory_lengths.dtype}")
         if memory_lengths.device != device and memory_lengths.device.type != "cpu":  # CPU lengths are moved
@@ -202,7 +196,7 @@ class _Attention(nn.Module):
         if not isinstance(query, Tensor):
             raise TypeError(f"query must be a torch.Tensor of shape (B, Lq, query_dim={self.query_dim}) "
                             f"or (B, query_dim), got {type(query).__name__}")
-        _check_dense("query", query)
+        api._check_layout("query", query)
         if query.dim() not in (2, 3) or query.shape[-1] != self.query_dim:
             raise ValueError(f"query must have shape (B, Lq, query_dim={self.query_dim}) or "
                              f"(B, query_dim), got {_shape(query)}")
