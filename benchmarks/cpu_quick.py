@@ -81,12 +81,14 @@ def dot(B=1, H=4, L=4096, D=64, causal=False, dtype=torch.float32):
     do = torch.randn(B, H, L, D, dtype=dtype)
     scale = 1 / math.sqrt(D)
 
-    def f_fwd():
-        return ops.dot_fwd(q, k, v, None, scale, causal)
-
-    def f_fb():
+    def f_fwd():  # the op returns float32: round as the package does
         o, lse = ops.dot_fwd(q, k, v, None, scale, causal)
-        return ops.dot_bwd(do, q, k, v, None, scale, causal, o, lse)
+        return o.to(dtype), lse
+
+    def f_fb():  # the backward takes the float32 output, as the package passes it
+        o, lse = ops.dot_fwd(q, k, v, None, scale, causal)
+        o.to(dtype)
+        return [g.to(dtype) for g in ops.dot_bwd(do, q, k, v, None, scale, causal, o, lse)[:3]]
 
     def s_fwd():
         with torch.no_grad():

@@ -58,8 +58,9 @@ void check_bwd(const char* op, const Tensor& dout, const Tensor& out, const Tens
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Dv = v.size(3);
   for (const Tensor* t : {&dout, &out}) {
     TORCH_CHECK(t->defined() && t->device().is_cpu(), op, ": dout and out must be CPU tensors");
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(), op, ": dout/out dtype ", t->scalar_type(),
-                " differs from q dtype ", q.scalar_type());
+    // out may also be the forward's float32 result (before rounding to the input dtype)
+    TORCH_CHECK(t->scalar_type() == q.scalar_type() || (t == &out && t->scalar_type() == at::kFloat), op,
+                ": dout/out dtype ", t->scalar_type(), " differs from q dtype ", q.scalar_type());
     TORCH_CHECK(t->dim() == 4 && t->size(0) == B && t->size(1) == H && t->size(2) == Lq &&
                     t->size(3) == Dv,
                 op, ": dout/out must have shape (", B, ", ", H, ", ", Lq, ", ", Dv, "), got ", t->sizes());

@@ -5,6 +5,11 @@
 //   additive_bwd(dout, q, k, v, w, key_lengths?, causal, out, lse) -> (dq, dk, dv, dw)
 //   dot_fwd(q, k, v, key_lengths?, scale, causal) -> (out, lse)
 //   dot_bwd(dout, q, k, v, key_lengths?, scale, causal, out, lse) -> (dq, dk, dv)
+// The forward ops return out, the backward ops dq, dk, dv, dw in float32 for every input dtype (the
+// caller rounds them; ring attention sums the gradients of blocks unrounded); the backward ops take
+// out in float32 or in the input dtype; the rel_bias gradient comes in rel_bias's dtype. delta = rowsum(dout * out) from the float32 output
+// keeps each row's dS summing to ~0, which the gradients that sum dS over rows (dw, drel_bias) need
+// at 16-bit inputs: from the rounded output the row residuals add up (see docs/ARCHITECTURE.md).
 //
 // Layout: the launchers make q, k, v (and w, dout, out) contiguous float32 (a copy only when they
 // are strided or bfloat16); that is O(L*D) against the O(Lq*Lk*D) work. No Lq x Lk tensor is ever
@@ -465,8 +470,10 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
   return dw_part;
 }
 
+Tensor f32_zeros(const Tensor& t) { return at::zeros(t.sizes(), t.options().dtype(at::kFloat)); }
+
 std::tuple<Tensor, Tensor> empty_fwd(const Tensor& q, const Tensor& v) {
-  Tensor out = at::zeros({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
+  Tensor out = at::zeros({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options().dtype(at::kFloat));
   Tensor lse = at::full({q.size(0), q.size(1), q.size(2)}, kNegInf, q.options().dtype(at::kFloat));
   return {out, lse};
 }
@@ -493,7 +500,7 @@ std::tuple<Tensor, Tensor> additive_fwd(const Tensor& q, const Tensor& k, const 
   Tensor lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(at::kFloat));
   VMats vm{vf.data_ptr<float>(), use_brgemm(isa, at::kFloat)};
   forward(p, d.sc, vm, out.data_ptr<float>(), lse.data_ptr<float>(), isa, q.scalar_type() == at::kFloat);
-  return {out.to(q.scalar_type()), lse};
+  return {out, lse};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> additive_bwd(
@@ -510,7 +517,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> additive_bwd(
   std::vector<Tensor> keep;
   set_modifiers(op, p, window_left, window_right, 0.0, rel_bias, alibi_slopes, keep);
   if (empty_problem(p))
-    return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v), at::zeros_like(w), rel_grad_zeros(rel_bias)};
+    return {f32_zeros(q), f32_zeros(k), f32_zeros(v), f32_zeros(w), rel_grad_zeros(rel_bias)};
   AddData d;
   prepare_additive(d, p, q, k, w, isa, /*all_eq=*/true);
   Tensor vf = f32(v), dof = f32(dout), of = f32(out), lsef = lse.contiguous();
@@ -534,8 +541,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> additive_bwd(
   for_each_partial(p, dwp.data(), n_items, AddGrad::dw_size(p), [&](int64_t h, const float* st) {
     for (int64_t a = 0; a < A; ++a) dwo[h * A + a] += -2.f * st[a] + st[A + a];
   });
-  const auto dt = q.scalar_type();
-  return {dq.to(dt), dk.to(dt), dv.to(dt), dw.to(dt), reduce_rel(p, drelp, n_items, rel_bias)};
+  return {dq, dk, dv, dw, reduce_rel(p, drelp, n_items, rel_bias)};  // float32 (see the top)
 }
 
 std::tuple<Tensor, Tensor> dot_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -561,7 +567,7 @@ std::tuple<Tensor, Tensor> dot_fwd(const Tensor& q, const Tensor& k, const Tenso
     sc.raw = scale > 0 && !p.mods.any();  // the softmax applies the scale (no pass over the scores)
     sc.mods_in = p.mods.any();            // or the modifiers do
     forward(p, sc, vm, out.data_ptr<float>(), lse.data_ptr<float>(), isa, q.scalar_type() == at::kFloat);
-    return {out.to(q.scalar_type()), lse};
+    return {out, lse};
   }
   const Low16 qk16 = low16(isa, q, k);  // 16-bit scores: no float32 copies of q and k
   Tensor qf = qk16.on() ? Tensor() : f32(q), kf = qk16.on() ? Tensor() : f32(k), vf = f32(v);
@@ -569,7 +575,7 @@ std::tuple<Tensor, Tensor> dot_fwd(const Tensor& q, const Tensor& k, const Tenso
                (float)scale, &p, qk16.pa(), qk16.pb(), qk16.t};
   forward(p, sc, VMats{vf.data_ptr<float>()}, out.data_ptr<float>(), lse.data_ptr<float>(), isa,
           q.scalar_type() == at::kFloat);
-  return {out.to(q.scalar_type()), lse};
+  return {out, lse};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> dot_bwd(
@@ -585,7 +591,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dot_bwd(
   Problem p = make_problem(q, k, v, read_lengths(op, key_lengths, q.size(0), k.size(2)), causal);
   std::vector<Tensor> keep;
   set_modifiers(op, p, window_left, window_right, softcap, rel_bias, alibi_slopes, keep);
-  if (empty_problem(p)) return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v), rel_grad_zeros(rel_bias)};
+  if (empty_problem(p)) return {f32_zeros(q), f32_zeros(k), f32_zeros(v), rel_grad_zeros(rel_bias)};
   Tensor qf = f32(q), kf = f32(k), vf = f32(v), dof = f32(dout), of = f32(out), lsef = lse.contiguous();
   // the scores as the forward formed them (the same products, bit for bit: P = exp(s - lse))
   const bool brg = use_brgemm(isa, q.scalar_type());
@@ -615,8 +621,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dot_bwd(
   backward(p, sc, gr, vf.data_ptr<float>(), dof.data_ptr<float>(), of.data_ptr<float>(), lsef.data_ptr<float>(),
            delta.data(), dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(), &n_items, isa, &drelp,
            dv16, bm);
-  const auto dt = q.scalar_type();
-  return {dq.to(dt), dk.to(dt), dv.to(dt), reduce_rel(p, drelp, n_items, rel_bias)};
+  return {dq, dk, dv, reduce_rel(p, drelp, n_items, rel_bias)};  // float32 (see the top)
 }
 
 bool has_avx2() { return current_isa().level >= Level::avx2; }

@@ -402,6 +402,27 @@ def test_bfloat16(score):
     _compare(score, q, k, v, w, do, _lengths([45]), True)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_backward_takes_delta_from_the_unrounded_output(dtype):
+    """delta = rowsum(dO * O) comes from the float32 output (the op keeps it for the backward), not from
+    the output rounded to 16 bits. With every tanh saturated (q = 30) each pair's tanh is 1, so
+    dw = sum_ij dS_ij, which is 0 since each row's dS sums to 0. From the rounded output every row kept
+    a residual and dw added them up: 4.5e-3 (bfloat16) and 8.7e-4 (float16) here, against ~1e-6 now.
+    The same through ring attention (a group of one rank: its merge keeps float32 too)."""
+    g = torch.Generator().manual_seed(0)
+    B, H, Lq, Lk, D, Dv = 1, 2, 257, 97, 1, 8
+    q = torch.full((B, H, Lq, D), 30.0, dtype=dtype)
+    k, v = torch.randn(B, H, Lk, D, generator=g).to(dtype), torch.randn(B, H, Lk, Dv, generator=g).to(dtype)
+    w = torch.randn(H, D, generator=g).to(dtype).requires_grad_()
+    do = torch.randn(B, H, Lq, Dv, generator=g).to(dtype)
+    out = fusedattn.additive_attention(q, k, v, w, backend="cpu")
+    (dw,) = torch.autograd.grad(out, w, do)
+    assert float(dw.float().abs().max()) < 1e-5
+    for causal in (False, True):  # and within the rule, rows of any length
+        check_backend(Case(score="additive", B=1, H=2, Hk=1, Lq=65, Lk=63, D=1, Dv=8, causal=causal,
+                           dtype=dtype, magnitude=30.0, seed=3), "cpu")
+
+
 @pytest.mark.parametrize("score", ["additive", "dot"])
 def test_scalar_fallback(score, isa_level):
     """The scalar level (used on CPUs without AVX2) against the reference and the default level."""

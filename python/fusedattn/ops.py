@@ -1,6 +1,6 @@
 """The op layer: two ``torch.library`` custom ops with fake (meta) kernels and autograd::
 
-    fusedattn::attn_fwd(q, k, v, w?, <spec tensors>, <spec scalars>, backend) -> (out, lse)
+    fusedattn::attn_fwd(q, k, v, w?, <spec tensors>, <spec scalars>, backend) -> (out, lse, out32)
     fusedattn::attn_bwd(dout, q, k, v, w?, <spec tensors>, out, lse, <spec scalars>, backend)
         -> (dq, dk, dv, dw, drel_bias)
 
@@ -8,6 +8,13 @@ The spec arguments are the fields of ``fusedattn.spec.AttnSpec`` in field order;
 below are generated from them, so a new modifier needs no change here. ``backend`` is the
 name the public function resolved (once); the backward runs the same backend. ``dw`` and
 ``drel_bias`` are empty tensors when the call has no ``w`` / ``rel_bias``.
+
+``out32`` is the float32 output before rounding, for 16-bit inputs on a backend that computes it
+(``Backend.f32_out``), else an empty tensor: the backward takes it as ``out``, so that
+``delta = rowsum(dO * O)`` is not taken from the output rounded to 16 bits. (From the rounded
+output each row's ``dS`` sums to a residual of the rounding's size instead of ~0; ``dw`` and
+``drel_bias`` sum ``dS`` over all rows and added the residuals up: up to 2.1x the 2x rule's bound
+in a bfloat16 case.) It costs 4 bytes per output element kept for the backward.
 
 The implementations check what only the data can tell (``key_lengths`` and ``cu_seqlens``
 values, a finite ``w``), handle empty sizes, and call the backend. Shapes, dtypes and devices
@@ -38,7 +45,7 @@ _NS = len(AttnSpec.scalar_names())
 _TENSORS = AttnSpec.schema_args("tensors")
 _SCALARS = AttnSpec.schema_args("scalars")
 FWD_SCHEMA = (f"(Tensor q, Tensor k, Tensor v, Tensor? w, {_TENSORS}, {_SCALARS}, str backend) "
-              "-> (Tensor, Tensor)")
+              "-> (Tensor, Tensor, Tensor)")
 BWD_SCHEMA = (f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? w, {_TENSORS}, Tensor out, Tensor lse, "
               f"{_SCALARS}, str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 
@@ -105,9 +112,17 @@ def _empty(q: Tensor, v: Tensor) -> bool:
     return B == 0 or H == 0 or Lq == 0 or v.shape[2] == 0
 
 
-def _fwd_meta(q: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+def _out32_dtype(q: Tensor, backend: str) -> Optional[torch.dtype]:
+    """The dtype of the unrounded output ``backend`` returns for ``q``'s dtype when it differs."""
+    dt = backends.fwd_out_dtype(backend, q.dtype)
+    return None if dt == q.dtype else dt
+
+
+def _fwd_meta(q: Tensor, v: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     B, H, Lq, _ = q.shape
-    return q.new_empty(B, H, Lq, v.shape[-1]), q.new_empty(B, H, Lq, dtype=lse_dtype(q.dtype))
+    dt = _out32_dtype(q, backend)
+    out32 = q.new_empty(0) if dt is None else q.new_empty(B, H, Lq, v.shape[-1], dtype=dt)
+    return q.new_empty(B, H, Lq, v.shape[-1]), q.new_empty(B, H, Lq, dtype=lse_dtype(q.dtype)), out32
 
 
 def _none_as_empty(x: Optional[Tensor], like: Tensor) -> Tensor:
@@ -125,17 +140,24 @@ def _split_fwd(args):
 
 def _attn_fwd_impl(*args):
     q, k, v, w, spec, backend = _split_fwd(args)
-    return _fwd(spec, q, k, v, w, backend)
+    out, lse, out32 = _fwd(spec, q, k, v, w, backend)
+    return out, lse, q.new_empty(0) if out32 is None else out32
 
 
 def _fwd(spec: AttnSpec, q, k, v, w, backend: str):
+    """``(out, lse, out32 or None)``; ``out32``: the unrounded output (see the module docstring)."""
     spec = checked_spec(spec, q, k, w)
     if _empty(q, v):
         B, H, Lq, _ = q.shape
+        dt = _out32_dtype(q, backend)
         return (q.new_zeros(B, H, Lq, v.shape[-1]),
-                torch.full((B, H, Lq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device))
+                torch.full((B, H, Lq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device),
+                None if dt is None else q.new_zeros(B, H, Lq, v.shape[-1], dtype=dt))
     out, lse = backends.get(backend).forward(spec, q, k, v, w)
-    return out.contiguous(), lse.contiguous()     # the fake kernel's strides
+    out, lse = out.contiguous(), lse.contiguous()  # the fake kernel's strides
+    if out.dtype == q.dtype:
+        return out, lse, None
+    return out.to(q.dtype), lse, out
 
 
 attn_fwd = torch.library.custom_op("fusedattn::attn_fwd", _attn_fwd_impl, mutates_args=(), schema=FWD_SCHEMA)
@@ -144,7 +166,7 @@ attn_fwd = torch.library.custom_op("fusedattn::attn_fwd", _attn_fwd_impl, mutate
 @attn_fwd.register_fake
 def _(*args):
     q, k, v, *_ = args
-    return _fwd_meta(q, v)
+    return _fwd_meta(q, v, args[-1])
 
 
 # ---------------------------------------------------------------------------- backward
@@ -163,8 +185,12 @@ def _attn_bwd_impl(*args):
     return _bwd(spec, dout, q, k, v, w, out, lse, backend)
 
 
-def _bwd(spec: AttnSpec, dout, q, k, v, w, out, lse, backend: str):
+def _bwd(spec: AttnSpec, dout, q, k, v, w, out, lse, backend: str, unrounded: bool = False):
+    """The gradients in the dtypes of their inputs (``unrounded``: as the backend returns them,
+    float32 for 16-bit inputs on a backend with ``f32_out``)."""
     spec = checked_spec(spec, q, k, None)
+    if out.dtype != q.dtype and _out32_dtype(q, backend) != out.dtype:
+        out = out.to(q.dtype)  # an unrounded output (ring attention's merge) for a backend without it
     if _empty(q, v):
         g = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
              None if w is None else torch.zeros_like(w),
@@ -172,6 +198,11 @@ def _bwd(spec: AttnSpec, dout, q, k, v, w, out, lse, backend: str):
     else:
         g = backends.get(backend).backward(spec, dout, q, k, v, w, out, lse)
     dq, dk, dv, dw, drb = g
+    if not unrounded and dq.dtype != q.dtype:
+        dq, dk, dv = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        dw = None if dw is None else dw.to(w.dtype)
+    if not unrounded and drb is not None and drb.dtype != spec.rel_bias.dtype:
+        drb = drb.to(spec.rel_bias.dtype)
     # contiguous, as the fake kernel promises (torch.compile's inductor asserts the strides)
     return (dq.contiguous(), dk.contiguous(), dv.contiguous(), _none_as_empty(dw, q).contiguous(),
             _none_as_empty(drb, q).contiguous())
@@ -195,14 +226,14 @@ def _(*args):
 
 def _setup(ctx, inputs, output):
     q, k, v, w, spec, backend = _split_fwd(inputs)
-    out, lse = output
+    out, lse, out32 = output
     tensors = spec.tensor_args()
-    ctx.save_for_backward(q, k, v, w, out, lse, *tensors)
+    ctx.save_for_backward(q, k, v, w, out if out32.dim() != 4 else out32, lse, *tensors)
     ctx.scalars, ctx.backend = spec.scalar_args(), backend
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse, out32)
 
 
-def _backward(ctx, dout, dlse):
+def _backward(ctx, dout, dlse, dout32):
     q, k, v, w, out, lse, *tensors = ctx.saved_tensors
     dq, dk, dv, dw, drb = attn_bwd(dout.contiguous(), q, k, v, w, *tensors, out, lse, *ctx.scalars,
                                    ctx.backend)
@@ -256,8 +287,9 @@ class _EagerAttn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec, backend, q, k, v, w, rel_bias):  # rel_bias is spec.rel_bias (its gradient)
-        out, lse = _fwd(spec, q, k, v, w, backend)
-        ctx.save_for_backward(q, k, v, w, out, lse, *spec.tensor_args())  # version-checked
+        out, lse, out32 = _fwd(spec, q, k, v, w, backend)
+        ctx.save_for_backward(q, k, v, w, out if out32 is None else out32, lse,
+                              *spec.tensor_args())  # version-checked
         ctx.spec, ctx.backend = spec, backend
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -277,24 +309,38 @@ class _EagerAttn(torch.autograd.Function):
 # ---------------------------------------------------------------------------- entry points
 
 
-def forward(spec: AttnSpec, q: Tensor, k: Tensor, v: Tensor, w: Optional[Tensor], backend: str):
-    """Differentiable ``(out, lse)`` through ``fusedattn::attn_fwd`` (``backend`` already resolved)."""
+def forward(spec: AttnSpec, q: Tensor, k: Tensor, v: Tensor, w: Optional[Tensor], backend: str,
+            unrounded: bool = False):
+    """Differentiable ``(out, lse)`` through ``fusedattn::attn_fwd`` (``backend`` already resolved).
+    ``unrounded=True`` (not differentiable: callers that merge blocks themselves) returns ``out`` as
+    the backend computed it: float32 for 16-bit inputs on a backend with ``f32_out``."""
     tensors = spec.tensor_args()
+    if unrounded:
+        with torch.no_grad():
+            if _eager((q, k, v, w, *tensors)):
+                out, lse, out32 = _fwd(spec, q, k, v, w, backend)
+            else:
+                out, lse, out32 = attn_fwd(q, k, v, w, *tensors, *spec.scalar_args(), backend)
+                out32 = out32 if out32.dim() == 4 else None
+        return (out if out32 is None else out32), lse
     if _eager((q, k, v, w, *tensors)):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (q, k, v, w, spec.rel_bias)):
             return _EagerAttn.apply(spec, backend, q, k, v, w, spec.rel_bias)
-        return _fwd(spec, q, k, v, w, backend)
-    return attn_fwd(q, k, v, w, *tensors, *spec.scalar_args(), backend)
+        return _fwd(spec, q, k, v, w, backend)[:2]
+    return attn_fwd(q, k, v, w, *tensors, *spec.scalar_args(), backend)[:2]
 
 
 def backward(spec: AttnSpec, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, w: Optional[Tensor], out: Tensor,
-             lse: Tensor, backend: str):
+             lse: Tensor, backend: str, unrounded: bool = False):
     """``Grads``-like tuple ``(dq, dk, dv, dw|None, drel_bias|None)`` for given ``out``/``lse``
-    (for callers that merge blocks themselves, e.g. ring attention)."""
+    (for callers that merge blocks themselves, e.g. ring attention). ``out`` may be the unrounded
+    float32 output for 16-bit inputs (preferred: see the module docstring). ``unrounded=True``: the
+    gradients as the backend computed them (float32 for 16-bit inputs on a backend with ``f32_out``;
+    for callers that sum them) in eager calls; other contexts round them."""
     tensors = spec.tensor_args()
     if not torch.is_grad_enabled() and _eager((dout, q, k, v, w, *tensors, out, lse)):
-        dq, dk, dv, dw, drb = _bwd(spec, dout, q, k, v, w, out, lse, backend)
+        dq, dk, dv, dw, drb = _bwd(spec, dout, q, k, v, w, out, lse, backend, unrounded)
     else:
         dq, dk, dv, dw, drb = attn_bwd(dout, q, k, v, w, *tensors, out, lse, *spec.scalar_args(), backend)
     return dq, dk, dv, None if w is None else dw, None if spec.rel_bias is None else drb

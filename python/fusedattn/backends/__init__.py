@@ -60,6 +60,13 @@ def get(name: str) -> Optional[Backend]:
     return backend
 
 
+def fwd_out_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """``Backend.fwd_out_dtype`` read from the backend's class: no instance is made (fake kernels call
+    this while torch.compile traces, and a new entry in ``_INSTANCES`` then would fail its guards)."""
+    cls = getattr(_import(name), _REGISTRY[name].split(":")[1])
+    return cls.fwd_out_dtype(cls, dtype)
+
+
 def unavailable_reason(name: str) -> Optional[str]:
     backend = get(name)
     if backend is None:

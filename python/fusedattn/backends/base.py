@@ -14,11 +14,15 @@ Conventions shared by every launcher (all tensors may have arbitrary strides):
 - ``key_lengths``: ``None`` or an int32 tensor of shape ``(B,)`` on the inputs'
   device with values in ``[0, Lk]`` (already checked). Key ``j`` is allowed when
   ``j < key_lengths[b]`` and, if ``causal``, ``j <= i + (Lk - Lq)``.
-- ``out (B, H, Lq, Dv)`` in the input dtype; ``lse (B, H, Lq)`` in float32
+- ``out (B, H, Lq, Dv)`` in the input dtype, or in float32 for 16-bit inputs when the backend
+  declares ``f32_out`` (its unrounded result: the op layer rounds it and passes it to the
+  backward, whose ``delta = rowsum(dO * O)`` is then not taken from a rounded output; the
+  backward takes ``out`` in either dtype); ``lse (B, H, Lq)`` in float32
   (float64 for float64 inputs), natural log. A row with no allowed key has
   ``out = 0``, ``lse = -inf`` and contributes zero gradients.
 - Backward returns ``dq`` like ``q``, ``dk``/``dv`` like ``k``/``v`` (grouped heads
-  summed), and for additive ``dw (H, D)``; all in the input dtype.
+  summed), and for additive ``dw (H, D)``; in the input dtype, or in float32 on a backend with
+  ``f32_out`` (the op layer rounds them; ring attention sums blocks' gradients unrounded).
 """
 from __future__ import annotations
 
@@ -53,6 +57,9 @@ class Backend:
     modifiers: frozenset = frozenset({"key_lengths", "causal"})
     max_head_dim: int = 1 << 30
     description: str = ""
+    # forward returns the float32 output and backward float32 gradients for 16-bit inputs (see the
+    # module docstring)
+    f32_out: bool = False
 
     # -- environment ----------------------------------------------------------
     def unavailable_reason(self) -> Optional[str]:
@@ -62,6 +69,10 @@ class Backend:
     def serves(self) -> frozenset:
         """Every modifier a call to this backend may use."""
         return self.modifiers | {"varlen"}
+
+    def fwd_out_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the ``out`` that ``forward`` returns for inputs of ``dtype``."""
+        return torch.float32 if self.f32_out and dtype in (torch.float16, torch.bfloat16) else dtype
 
     # -- per call ---------------------------------------------------------------
     def not_supported_reasons(self, spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> list[str]:
@@ -147,7 +158,7 @@ def sequences(spec: AttnSpec):
 
 def _varlen_forward(backend: Backend, spec: AttnSpec, q, k, v, w):
     B, H, T, _ = q.shape  # B == 1
-    out = q.new_zeros(B, H, T, v.shape[-1])
+    out = q.new_zeros(B, H, T, v.shape[-1], dtype=backend.fwd_out_dtype(q.dtype))
     lse = torch.full((B, H, T), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
     for _, (q0, q1), (k0, k1), sb in sequences(spec):
         o, l = backend.forward(sb, q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], w)

@@ -98,6 +98,7 @@ class CpuBackend(Backend):
     description = ("fused C++ kernels (AVX-512 / AVX2+FMA / scalar, chosen at run time), float32 "
                    "compute, online softmax; never stores an Lq x Lk tensor")
     modifiers = frozenset({"key_lengths", "causal", "window", "softcap", "rel_bias", "alibi"})
+    f32_out = True  # the C++ ops return out and dq, dk, dv, dw in float32
 
     def unavailable_reason(self) -> Optional[str]:
         return _load() or _isa_error()
@@ -136,16 +137,20 @@ class CpuBackend(Backend):
                 float(spec.softcap), *tail)
         return Grads(dq, dk, dv, dw, drb if spec.rel_bias is not None else None)
 
-    # the four launchers (key_lengths and causal only)
+    # the four launchers (key_lengths and causal only); their results are in the input dtype
     def additive_forward(self, q, k, v, w, key_lengths, causal):
-        return torch.ops.fusedattn_cpu.additive_fwd(q, k, v, w, key_lengths, bool(causal))
+        out, lse = torch.ops.fusedattn_cpu.additive_fwd(q, k, v, w, key_lengths, bool(causal))
+        return out.to(q.dtype), lse
 
     def additive_backward(self, dout, q, k, v, w, key_lengths, causal, out, lse):
-        return torch.ops.fusedattn_cpu.additive_bwd(dout, q, k, v, w, key_lengths, bool(causal), out, lse)[:4]
+        g = torch.ops.fusedattn_cpu.additive_bwd(dout, q, k, v, w, key_lengths, bool(causal), out, lse)[:4]
+        return tuple(t.to(q.dtype) for t in g)
 
     def dot_forward(self, q, k, v, key_lengths, scale, causal):
-        return torch.ops.fusedattn_cpu.dot_fwd(q, k, v, key_lengths, float(scale), bool(causal))
+        out, lse = torch.ops.fusedattn_cpu.dot_fwd(q, k, v, key_lengths, float(scale), bool(causal))
+        return out.to(q.dtype), lse
 
     def dot_backward(self, dout, q, k, v, key_lengths, scale, causal, out, lse):
-        return torch.ops.fusedattn_cpu.dot_bwd(dout, q, k, v, key_lengths, float(scale), bool(causal),
-                                               out, lse)[:3]
+        g = torch.ops.fusedattn_cpu.dot_bwd(dout, q, k, v, key_lengths, float(scale), bool(causal),
+                                            out, lse)[:3]
+        return tuple(t.to(q.dtype) for t in g)

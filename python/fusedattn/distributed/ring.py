@@ -56,14 +56,18 @@ def _block_spec(spec: _Spec, key_lengths, causal: bool) -> AttnSpec:
 
 
 def _block_forward(spec: _Spec, q, k, v, w, key_lengths, causal: bool) -> tuple[Tensor, Tensor]:
-    """``(out, lse)`` of one block (a query slice against a key/value slice)."""
-    return ops.forward(_block_spec(spec, key_lengths, causal), q, k, v, w, spec.backend)
+    """``(out, lse)`` of one block (a query slice against a key/value slice); ``out`` unrounded (float32
+    for 16-bit inputs where the backend computes it so), as the merge and the backward want it."""
+    return ops.forward(_block_spec(spec, key_lengths, causal), q, k, v, w, spec.backend, unrounded=True)
 
 
 def _block_backward(spec: _Spec, dout, q, k, v, w, key_lengths, out, lse, causal: bool):
-    """``(dq, dk, dv, dw or None)`` of one block given the GLOBAL ``out`` and ``lse`` of its query rows."""
+    """``(dq, dk, dv, dw or None)`` of one block given the GLOBAL ``out`` and ``lse`` of its query rows;
+    unrounded (float32 for 16-bit inputs where the backend computes so): the caller sums the blocks'
+    gradients, and blocks' dw partials are large against their sum (rounding each to bfloat16 left
+    5e-3 in a dw that is 0)."""
     dq, dk, dv, dw, _ = ops.backward(_block_spec(spec, key_lengths, causal), dout, q, k, v, w, out, lse,
-                                     spec.backend)
+                                     spec.backend, unrounded=True)
     return dq, dk, dv, dw
 
 
@@ -205,6 +209,9 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _ring_forward(spec: _Spec, q: Tensor, k: Tensor, v: Tensor, w) -> tuple[Tensor, Tensor]:
+    """``(out, lse)`` with ``out`` in the accumulation dtype (float32 for 16-bit inputs): the caller
+    rounds it and the backward takes it unrounded (``fusedattn.ops``: delta from the rounded output
+    leaves each row's dS a residual that dw and drel_bias add up)."""
     B, H, Lq, _ = q.shape
     acc = _acc_dtype(q.dtype)
     out = torch.zeros(B, H, Lq, v.shape[-1], dtype=acc, device=q.device)
@@ -220,7 +227,7 @@ def _ring_forward(spec: _Spec, q: Tensor, k: Tensor, v: Tensor, w) -> tuple[Tens
             del o_b, l_b
         if pending is not None:
             k, v = pending.wait()
-    return out.to(q.dtype), lse
+    return out, lse
 
 
 # The cpu backend's backward keeps 8 private dq buffers of the call's query rows (for a fixed
@@ -314,10 +321,10 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, w, spec):
         out, lse = _ring_forward(spec, q, k, v, w)
-        ctx.save_for_backward(q, k, v, w, out, lse)
+        ctx.save_for_backward(q, k, v, w, out, lse)  # unrounded
         ctx.spec = spec
         ctx.mark_non_differentiable(lse)
-        return out, lse
+        return out.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
