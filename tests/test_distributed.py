@@ -209,6 +209,11 @@ def _mode_bad_input(rank: int, P: int) -> None:
     _expect_value_error("key_lengths values differ",
                         lambda: ring_dot_product_attention(q3, q3, q3, key_lengths=kl3), "disagree",
                         "key_lengths.hash")
+    # w differs on one rank (it is replicated: the ranks' scores would come from two models)
+    w1 = w.clone()
+    if rank == P - 1:
+        w1[1, 3] += 1e-3
+    _expect_value_error("w values differ", lambda: ring_additive_attention(q, q, q, w1), "disagree", "w.hash")
     # a bad argument on one rank only: that rank's own error, a ValueError elsewhere, no rank waiting
     # (a nested q raised before the agreement and left the others in all_gather)
     nested = torch.nested.nested_tensor([torch.randn(2, 6, 8), torch.randn(2, 6, 8)])
@@ -324,7 +329,7 @@ def test_bad_input_is_an_error_on_every_rank():
     _check_ok(results, "bad_input")
     for r, (_rc, out) in enumerate(results):
         n_ok = out.count("\nok ") + out.startswith("ok ")
-        assert n_ok == (12 if r == 0 else 13), out
+        assert n_ok == (13 if r == 0 else 14), out
 
 
 @pytest.mark.parametrize("mode", ["dead_peer", "hung_peer"])

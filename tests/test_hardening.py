@@ -386,3 +386,26 @@ def test_compile_with_dynamic_shapes(score):
     for L in (8, 13):
         q, k, v = (torch.randn(1, 2, L, 16) for _ in range(3))
         torch.testing.assert_close(f(q, k, v), call(q, k, v), rtol=0, atol=0)
+
+
+def test_varlen_shape_errors_name_the_callers_shapes():
+    """A packed call's q, k, v are (total, H, D); the shape errors named the internal (1, H, total, D)
+    views the backends receive."""
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    t = torch.randn
+    bad = {
+        "q and k must share the head dim D: q (10, 4, 8), k (10, 2, 6), v (10, 2, 8)":
+            (t(10, 4, 8), t(10, 2, 6), t(10, 2, 8)),
+        "multiple of the key/value heads Hk (grouped heads): q (10, 4, 8), k (10, 3, 8), v (10, 3, 8)":
+            (t(10, 4, 8), t(10, 3, 8), t(10, 3, 8)),
+        "k and v must share Hk and Lk: q (10, 4, 8), k (10, 2, 8), v (10, 4, 8)":
+            (t(10, 4, 8), t(10, 2, 8), t(10, 4, 8)),
+        "head dims D and Dv must be >= 1: q (10, 4, 0), k (10, 2, 0), v (10, 2, 8)":
+            (t(10, 4, 0), t(10, 2, 0), t(10, 2, 8)),
+    }
+    for msg, (q, k, v) in bad.items():
+        with pytest.raises(ValueError) as e:
+            fusedattn.dot_product_attention_varlen(q, k, v, cu, cu)
+        assert msg in str(e.value), str(e.value)
+    with pytest.raises(ValueError, match=r"got \(4, 6\) \(with q \(10, 4, 8\)\)"):
+        fusedattn.additive_attention_varlen(t(10, 4, 8), t(10, 2, 8), t(10, 2, 8), t(4, 6), cu, cu)

@@ -57,15 +57,22 @@ def _is_bool(x) -> bool:
     return isinstance(x, bool) or (np is not None and isinstance(x, np.bool_))
 
 
-class _Shapes:
-    """``"q (..), k (..), v (..)"`` in an error message, formatted only when one is raised."""
+def _user_shape(t, packed: bool) -> tuple:
+    """``t``'s shape as the caller passed it: a varlen call's ``(1, H, total, D)`` view is
+    ``(total, H, D)``."""
+    return (t.shape[2], t.shape[1], t.shape[3]) if packed else _shape(t)
 
-    def __init__(self, q, k, v):
-        self.qkv = (q, k, v)
+
+class _Shapes:
+    """``"q (..), k (..), v (..)"`` in an error message, formatted only when one is raised (in the
+    caller's layout: ``(total, H, D)`` for varlen calls)."""
+
+    def __init__(self, q, k, v, packed: bool = False):
+        self.qkv, self.packed = (q, k, v), packed
 
     def __format__(self, spec) -> str:
-        q, k, v = self.qkv
-        return f"q {_shape(q)}, k {_shape(k)}, v {_shape(v)}"
+        q, k, v = (_user_shape(t, self.packed) for t in self.qkv)
+        return f"q {q}, k {k}, v {v}"
 
 
 def _check_layout(name: str, t: Tensor, what: str = "") -> None:
@@ -150,7 +157,7 @@ def _validate(q, k, v, w, *, additive: bool, key_lengths=None, scale=None, softc
     B, H, Lq, D = q.shape
     Bk, Hk, Lk, Dk = k.shape
     Bv, Hv, Lv, Dv = v.shape
-    shapes = _Shapes(q, k, v)  # formatted only for a message
+    shapes = _Shapes(q, k, v, varlen is not None)  # formatted only for a message
     if Bk != B or Bv != B:
         raise ValueError(f"q, k and v must share the batch size B: {shapes}")
     if Hv != Hk or Lv != Lk:
@@ -163,7 +170,8 @@ def _validate(q, k, v, w, *, additive: bool, key_lengths=None, scale=None, softc
         raise ValueError(f"the query heads H must be a multiple of the key/value heads Hk "
                          f"(grouped heads): {shapes}")
     if additive and _shape(w) != (H, D):
-        raise ValueError(f"w must have shape (H, D) = {(H, D)}, got {_shape(w)} (with q {_shape(q)})")
+        raise ValueError(f"w must have shape (H, D) = {(H, D)}, got {_shape(w)} "
+                         f"(with q {_user_shape(q, varlen is not None)})")
     if key_lengths is not None:
         if not isinstance(key_lengths, Tensor):
             raise TypeError(f"key_lengths must be None or an integer tensor of shape (B,) = ({B},), "

@@ -345,6 +345,12 @@ def _shape_fields(name: str, t, ndim: int) -> dict:
     return fields
 
 
+def _bits_hash(t: Tensor) -> int:
+    """A hash of ``t``'s values, the same in every process (of its bytes as ints: NaN too)."""
+    b = t.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
+    return hash(tuple(b.tolist())) & ((1 << 62) - 1)
+
+
 def _prepare(score, q, k, v, w, scale, group, causal, key_lengths, layout, backend, return_lse) -> _Spec:
     info = sh.group_info(group)
     error, name, lengths, c, attn = None, None, None, 0, None
@@ -387,6 +393,8 @@ def _prepare(score, q, k, v, w, scale, group, causal, key_lengths, layout, backe
         # the values themselves (sums alone let [1, 2, 3] and [2, 0, 4] agree): a hash of the tuple,
         # the same in every process for ints
         "key_lengths.hash": hash(tuple(kl.tolist())) & ((1 << 62) - 1) if kl is not None else -1,
+        # w is replicated: one rank's other w would mix two models' scores (and dw is all-reduced)
+        "w.hash": _bits_hash(w) if score == "additive" and error is None else -1,
         "return_lse": int(return_lse) if api._is_bool(return_lse) else -1,
     })
     t0 = time.perf_counter()
@@ -404,13 +412,13 @@ def ring_additive_attention(q: Tensor, k: Tensor, v: Tensor, w: Tensor, *, group
 
     ``q (B, H, L/P, D)``, ``k (B, Hk, L/P, D)``, ``v (B, Hk, L/P, Dv)`` are this rank's shards (see
     ``shard_sequence``) of global ``(B, ·, L, ·)`` tensors in ``layout``; ``w (H, D)`` is the same on every
-    rank. Returns this rank's shard of the single-process ``fusedattn.additive_attention`` output (and of
-    its ``lse`` with ``return_lse``). ``key_lengths (B,)`` are global lengths in ``[0, L]``; ``causal`` is
-    bottom-right on the global sequence (``Lq == Lk``, so ``j <= i``). A collective: every rank of the
-    group calls it with the same options and shard shapes (checked: a ``ValueError`` on every rank
-    otherwise), and calls ``backward`` too. Differentiable in ``q, k, v`` (own shards) and ``w`` (the
-    all-reduced total, identical on every rank). ``group=None``: the default group, or a single process
-    when torch.distributed is not initialized.
+    rank (compared by value). Returns this rank's shard of the single-process
+    ``fusedattn.additive_attention`` output (and of its ``lse`` with ``return_lse``). ``key_lengths (B,)``
+    are global lengths in ``[0, L]``; ``causal`` is bottom-right on the global sequence (``Lq == Lk``, so
+    ``j <= i``). A collective: every rank of the group calls it with the same options and shard shapes
+    (checked: a ``ValueError`` on every rank otherwise), and calls ``backward`` too. Differentiable in
+    ``q, k, v`` (own shards) and ``w`` (the all-reduced total, identical on every rank). ``group=None``:
+    the default group, or a single process when torch.distributed is not initialized.
     """
     spec = _prepare("additive", q, k, v, w, None, group, causal, key_lengths, layout, backend, return_lse)
     out, lse = _RingAttention.apply(q, k, v, w, spec)
