@@ -296,13 +296,20 @@ def _modules():
             LuongAttention(4, 3, "concat", backend="cpu")]
 
 
+def _luong_dot():
+    from fusedattn.nn import LuongAttention
+    return LuongAttention(3, 3, "dot", backend="cpu")
+
+
 def test_module_weights_under_cpu_autocast():
-    # attention_weights follows autocast as the attention functions do (it got bfloat16 k and float32 w)
-    mem, q = torch.randn(2, 5, 3), torch.randn(2, 3, 4)
-    for m in _modules():
+    # attention_weights follows autocast as the attention functions do (it got bfloat16 k and float32 w);
+    # the weights come in the context's dtype (Luong "dot" and "general" gave float32 weights)
+    mem = torch.randn(2, 5, 3)
+    for m in _modules() + [_luong_dot()]:
+        q = torch.randn(2, 3, m.query_dim)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             ctx, w = m(q, mem, [5, 2], return_weights=True)
-        assert ctx.dtype == torch.bfloat16 and w.shape == (2, 1, 3, 5)
+        assert ctx.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and w.shape == (2, 1, 3, 5)
         ref = m(q, mem, [5, 2], return_weights=True)[1]  # float32 run
         torch.testing.assert_close(w.float(), ref.float(), rtol=0.05, atol=0.02)
         assert (w[1, :, :, 2:] == 0).all()

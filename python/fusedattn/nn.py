@@ -15,7 +15,8 @@ Shapes::
     memory         (B, Lk, key_dim)     encoder states h_j, or the cache of precompute()
     memory_lengths (B,) int             number of valid source positions, in [0, Lk]
     context        (B, Lq, output_dim)  or (B, output_dim) for a one-step query
-    weights        (B, heads, Lq, Lk)   or (B, heads, Lk) for a one-step query
+    weights        (B, heads, Lq, Lk)   or (B, heads, Lk) for a one-step query; in the context's
+                                        dtype (autocast's under torch.autocast)
 
 A decoder that queries step by step calls ``precompute(memory, lengths)`` once and
 passes the returned cache as ``memory``: the source is projected once, not once per
@@ -334,7 +335,7 @@ class AdditiveAttention(_Attention):
         weights = None
         if return_weights:
             weights = api.attention_weights(q, cache.keys, w=w, lse=lse, key_lengths=cache.lengths)
-            weights = weights.to(q.dtype)
+            weights = weights.to(out.dtype)  # the context's dtype (autocast's, under autocast)
         return out, weights
 
 
@@ -427,4 +428,5 @@ class LuongAttention(_Attention):
             if return_weights:
                 weights = api.attention_weights(q, cache.keys, scale=1.0, lse=lse,
                                                 key_lengths=cache.lengths)
-        return out, (None if weights is None else weights.to(q.dtype))
+        # the context's dtype (autocast's, under autocast: "dot" and "general" queries stay float32)
+        return out, (None if weights is None else weights.to(out.dtype))
