@@ -260,7 +260,7 @@ def _mode_dead_peer(rank: int, P: int, hang: bool = False) -> None:
     """Rank 1 exits (or, with ``hang``, stops answering) in the middle of the second call; the
     others must raise within the group timeout, not hang."""
     q = torch.randn(1, 2, 16, 8, requires_grad=True)
-    w = torch.randn(2, 8, requires_grad=True)
+    w = torch.randn(2, 8, generator=torch.Generator().manual_seed(0)).requires_grad_()  # one w on every rank
     calls = [0]
     real_block = ring_mod._block_forward
 
