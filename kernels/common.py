@@ -137,7 +137,7 @@ def _attn_bwd_preprocess(O, DO, Delta,
                          stride_dob, stride_doh, stride_dom, stride_dod,
                          H, Lq, Dv,
                          ROWS: tl.constexpr, COLS: tl.constexpr, CHUNK: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr):
+                         DOT_PRECISION: tl.constexpr, O32: tl.constexpr):
     """Delta[b, h, i] = sum_d O[b, h, i, d] * dO[b, h, i, d] (float32, Delta contiguous),
     computed with the same arithmetic as the backward kernels' dP = dO V^T: a (ROWS, COLS)
     ``_mma`` tile (the dQ kernel's BLOCK_M x BLOCK_N under the interpreter) summed over Dv in
@@ -145,7 +145,13 @@ def _attn_bwd_preprocess(O, DO, Delta,
     one value row v_j) the kernels' dP_ij - delta_i is then exactly 0, as the materializing
     reference's P * (dP - sum P dP) is, instead of a rounding difference that a large q, k or
     w multiplies into dq and dk. (A row sum in another order differs from the MMA by ~1 ulp of
-    |dO| |v|.) ROWS <= COLS; rows ROWS..COLS of the O tile are zero."""
+    |dO| |v|.) ROWS <= COLS; rows ROWS..COLS of the O tile are zero.
+
+    O32: O is the forward's float32 output and dO 16-bit. The MMA then takes O rounded to dO's
+    type (the arithmetic above) and the rounding's remainder O - round(O), exact in float32, is
+    added per row: delta is the float32 output's, so each row's dS sums to ~0 instead of to a
+    residual of the 16-bit rounding that dw and d rel_bias (sums over all rows) add up. A
+    saturated row's O is the 16-bit v_j exactly: remainder 0, the exact cancellation above kept."""
     tl.static_assert(ROWS <= COLS)
     pid_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -159,14 +165,26 @@ def _attn_bwd_preprocess(O, DO, Delta,
     n_rows = tl.minimum(Lq - start, ROWS)
     _, Dv = _dims(Dv, Dv)  # a multiple of 8 (launch contract): 128-bit masked loads
     acc = tl.zeros([ROWS, COLS], dtype=tl.float32)
+    rem = tl.zeros([ROWS], dtype=tl.float32)  # O32: sum_d dO (O - round(O))
     for c in range(0, Dv, CHUNK):
         offs_d = c + tl.arange(0, CHUNK)
-        do = tl.load(do_base + offs_r[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                     mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < Dv), other=0.0)
+        mask_r = (offs_r[:, None] < n_rows) & (offs_d[None, :] < Dv)
+        do = tl.load(do_base + offs_r[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=mask_r,
+                     other=0.0)
         o = tl.load(o_base + offs_c[:, None] * stride_om + offs_d[None, :] * stride_od,
                     mask=(offs_c[:, None] < n_rows) & (offs_d[None, :] < Dv), other=0.0)
-        acc += _mma(do, tl.trans(o), DOT_PRECISION)
-    delta = tl.sum(tl.where(offs_r[:, None] == offs_c[None, :], acc, 0.0), axis=1)
+        if O32:
+            o_hi = o.to(DO.dtype.element_ty)
+            acc += _mma(do, tl.trans(o_hi), DOT_PRECISION)
+            if ROWS == COLS:  # the GPU's shapes: the O tile's rows are dO's
+                rem += tl.sum(do.to(tl.float32) * (o - o_hi.to(tl.float32)), axis=1)
+            else:  # the interpreter's wider O tile: load dO's rows of O
+                o_r = tl.load(o_base + offs_r[:, None] * stride_om + offs_d[None, :] * stride_od, mask=mask_r,
+                              other=0.0)
+                rem += tl.sum(do.to(tl.float32) * (o_r - o_r.to(DO.dtype.element_ty).to(tl.float32)), axis=1)
+        else:
+            acc += _mma(do, tl.trans(o), DOT_PRECISION)
+    delta = tl.sum(tl.where(offs_r[:, None] == offs_c[None, :], acc, 0.0), axis=1) + rem
     tl.store(Delta + off_bh.to(tl.int64) * Lq + start + offs_r, delta, mask=offs_r < n_rows)
 
 

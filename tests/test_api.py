@@ -127,28 +127,29 @@ def test_opcheck(score):
                       alibi_slopes=torch.tensor([0.5, 0.25]), softcap=0.0 if score == "additive" else 2.0)]
     for spec in specs:
         opcheck(torch.ops.fusedattn.attn_fwd.default,
-                (q, k, v, w, *spec.tensor_args(), *spec.scalar_args(), "reference"))
+                (q, k, v, w, *spec.tensor_args(), *spec.scalar_args(), True, "reference"))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_opcheck_cpu_unrounded_output(dtype):
-    """On the cpu backend the op's third output is the float32 output for 16-bit inputs (kept for the
-    backward's delta) and an empty tensor otherwise; the fake kernel says the same, and a compiled
-    forward + backward gives the eager gradients bit for bit."""
+    """On the cpu backend the op's third output is, when keep32 asks for it, the float32 output for
+    16-bit inputs (kept for the backward's delta), and an empty tensor otherwise; the fake kernel says
+    the same, and a compiled forward + backward gives the eager gradients bit for bit."""
     if fusedattn.available_backends()["cpu"] is not None:
         pytest.skip(fusedattn.available_backends()["cpu"])
     q, k, v, w, lengths = make_inputs(Case(score="additive", B=2, H=2, Hk=1, Lq=5, Lk=6, D=4, Dv=3,
                                            lengths=(6, 2), dtype=dtype))
     leaves = [t.requires_grad_() for t in (q, k, v, w)]
     spec = AttnSpec(score="additive", key_lengths=lengths)
-    args = (q, k, v, w, *spec.tensor_args(), *spec.scalar_args(), "cpu")
-    out, lse, out32 = torch.ops.fusedattn.attn_fwd.default(*args)
-    if dtype == torch.float32:
-        assert out32.shape == (0,)
-    else:
-        assert out32.dtype == torch.float32 and out32.shape == out.shape
-        assert torch.equal(out32.to(dtype), out) and not torch.equal(out32, out.float())
-    opcheck(torch.ops.fusedattn.attn_fwd.default, args)
+    for keep32 in (True, False):
+        args = (q, k, v, w, *spec.tensor_args(), *spec.scalar_args(), keep32, "cpu")
+        out, lse, out32 = torch.ops.fusedattn.attn_fwd.default(*args)
+        if dtype == torch.float32 or not keep32:
+            assert out32.shape == (0,)
+        else:
+            assert out32.dtype == torch.float32 and out32.shape == out.shape
+            assert torch.equal(out32.to(dtype), out) and not torch.equal(out32, out.float())
+        opcheck(torch.ops.fusedattn.attn_fwd.default, args)
 
     def f(*xs):
         return (fusedattn.additive_attention(*xs, key_lengths=lengths, backend="cpu").float() ** 2).sum()

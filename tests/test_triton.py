@@ -586,6 +586,27 @@ _SAME_BLAS_ORDER = pytest.mark.skipif(
     reason="the interpreter's matmul (numpy's OpenBLAS) orders dP and delta differently on AVX2-only CPUs")
 
 
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_16bit_backward_takes_delta_from_the_float32_output(dtype):
+    """A differentiable 16-bit call keeps the kernels' float32 output for the backward
+    (``forward(out32=True)``), and the delta kernel adds its rounding remainder to the MMA of the
+    rounded output: with every tanh saturated, dw = sum_ij dS_ij = 0; from the rounded output
+    (the launchers' path) each row's residual adds up: 3.7e-3 (bfloat16), 4.0e-4 (float16) here."""
+    import fusedattn
+    g = torch.Generator().manual_seed(0)
+    B, H, Lq, Lk, D, Dv = 1, 2, 65, 33, 1, 8
+    q = torch.full((B, H, Lq, D), 30.0, dtype=dtype)
+    k, v = torch.randn(B, H, Lk, D, generator=g).to(dtype), torch.randn(B, H, Lk, Dv, generator=g).to(dtype)
+    w = torch.randn(H, D, generator=g).to(dtype).requires_grad_()
+    do = torch.randn(B, H, Lq, Dv, generator=g).to(dtype)
+    (dw,) = torch.autograd.grad(fusedattn.additive_attention(q, k, v, w, backend="triton"), w, do)
+    assert float(dw.float().abs().max()) < 1e-5
+    out, lse = BACKEND.additive_forward(q, k, v, w.detach(), None, False)  # rounded: the residual
+    assert out.dtype == dtype
+    dw_rounded = BACKEND.additive_backward(do, q, k, v, w.detach(), None, False, out, lse)[3]
+    assert float(dw_rounded.float().abs().max()) > 1e-4
+
+
 @_SAME_BLAS_ORDER
 def test_saturated_softmax_gradients():
     """One w element at 1e4 (additive) or one q element at 1e4 (dot): delta = rowsum(dO * O) is

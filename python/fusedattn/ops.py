@@ -1,6 +1,6 @@
 """The op layer: two ``torch.library`` custom ops with fake (meta) kernels and autograd::
 
-    fusedattn::attn_fwd(q, k, v, w?, <spec tensors>, <spec scalars>, backend) -> (out, lse, out32)
+    fusedattn::attn_fwd(q, k, v, w?, <spec tensors>, <spec scalars>, keep32, backend) -> (out, lse, out32)
     fusedattn::attn_bwd(dout, q, k, v, w?, <spec tensors>, out, lse, <spec scalars>, backend)
         -> (dq, dk, dv, dw, drel_bias)
 
@@ -9,8 +9,9 @@ below are generated from them, so a new modifier needs no change here. ``backend
 name the public function resolved (once); the backward runs the same backend. ``dw`` and
 ``drel_bias`` are empty tensors when the call has no ``w`` / ``rel_bias``.
 
-``out32`` is the float32 output before rounding, for 16-bit inputs on a backend that computes it
-(``Backend.f32_out``), else an empty tensor: the backward takes it as ``out``, so that
+``out32`` is the float32 output before rounding when ``keep32`` asks for it (a differentiable call),
+for 16-bit inputs on a backend that computes it (``Backend.f32_out``), else an empty tensor: the
+backward takes it as ``out``, so that
 ``delta = rowsum(dO * O)`` is not taken from the output rounded to 16 bits. (From the rounded
 output each row's ``dS`` sums to a residual of the rounding's size instead of ~0; ``dw`` and
 ``drel_bias`` sum ``dS`` over all rows and added the residuals up: up to 2.1x the 2x rule's bound
@@ -44,8 +45,8 @@ _NT = len(AttnSpec.tensor_names())
 _NS = len(AttnSpec.scalar_names())
 _TENSORS = AttnSpec.schema_args("tensors")
 _SCALARS = AttnSpec.schema_args("scalars")
-FWD_SCHEMA = (f"(Tensor q, Tensor k, Tensor v, Tensor? w, {_TENSORS}, {_SCALARS}, str backend) "
-              "-> (Tensor, Tensor, Tensor)")
+FWD_SCHEMA = (f"(Tensor q, Tensor k, Tensor v, Tensor? w, {_TENSORS}, {_SCALARS}, bool keep32, "
+              "str backend) -> (Tensor, Tensor, Tensor)")
 BWD_SCHEMA = (f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? w, {_TENSORS}, Tensor out, Tensor lse, "
               f"{_SCALARS}, str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 
@@ -118,9 +119,9 @@ def _out32_dtype(q: Tensor, backend: str) -> Optional[torch.dtype]:
     return None if dt == q.dtype else dt
 
 
-def _fwd_meta(q: Tensor, v: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _fwd_meta(q: Tensor, v: Tensor, keep32: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     B, H, Lq, _ = q.shape
-    dt = _out32_dtype(q, backend)
+    dt = _out32_dtype(q, backend) if keep32 else None
     out32 = q.new_empty(0) if dt is None else q.new_empty(B, H, Lq, v.shape[-1], dtype=dt)
     return q.new_empty(B, H, Lq, v.shape[-1]), q.new_empty(B, H, Lq, dtype=lse_dtype(q.dtype)), out32
 
@@ -135,29 +136,30 @@ def _none_as_empty(x: Optional[Tensor], like: Tensor) -> Tensor:
 def _split_fwd(args):
     q, k, v, w = args[:4]
     spec = AttnSpec.from_args(args[4:4 + _NT], args[4 + _NT:4 + _NT + _NS])
-    return q, k, v, w, spec, args[-1]
+    return q, k, v, w, spec, args[-2], args[-1]
 
 
 def _attn_fwd_impl(*args):
-    q, k, v, w, spec, backend = _split_fwd(args)
-    out, lse, out32 = _fwd(spec, q, k, v, w, backend)
+    q, k, v, w, spec, keep32, backend = _split_fwd(args)
+    out, lse, out32 = _fwd(spec, q, k, v, w, backend, keep32)
     return out, lse, q.new_empty(0) if out32 is None else out32
 
 
-def _fwd(spec: AttnSpec, q, k, v, w, backend: str):
-    """``(out, lse, out32 or None)``; ``out32``: the unrounded output (see the module docstring)."""
+def _fwd(spec: AttnSpec, q, k, v, w, backend: str, keep32: bool = False):
+    """``(out, lse, out32 or None)``; ``out32``: the unrounded output, when ``keep32`` asks for it and
+    the backend computes it (see the module docstring)."""
     spec = checked_spec(spec, q, k, w)
     if _empty(q, v):
         B, H, Lq, _ = q.shape
-        dt = _out32_dtype(q, backend)
+        dt = _out32_dtype(q, backend) if keep32 else None
         return (q.new_zeros(B, H, Lq, v.shape[-1]),
                 torch.full((B, H, Lq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device),
                 None if dt is None else q.new_zeros(B, H, Lq, v.shape[-1], dtype=dt))
-    out, lse = backends.get(backend).forward(spec, q, k, v, w)
+    out, lse = backends.get(backend).forward(spec, q, k, v, w, out32=keep32)
     out, lse = out.contiguous(), lse.contiguous()  # the fake kernel's strides
     if out.dtype == q.dtype:
         return out, lse, None
-    return out.to(q.dtype), lse, out
+    return out.to(q.dtype), lse, (out if keep32 else None)
 
 
 attn_fwd = torch.library.custom_op("fusedattn::attn_fwd", _attn_fwd_impl, mutates_args=(), schema=FWD_SCHEMA)
@@ -166,7 +168,7 @@ attn_fwd = torch.library.custom_op("fusedattn::attn_fwd", _attn_fwd_impl, mutate
 @attn_fwd.register_fake
 def _(*args):
     q, k, v, *_ = args
-    return _fwd_meta(q, v, args[-1])
+    return _fwd_meta(q, v, args[-2], args[-1])
 
 
 # ---------------------------------------------------------------------------- backward
@@ -225,7 +227,7 @@ def _(*args):
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, w, spec, backend = _split_fwd(inputs)
+    q, k, v, w, spec, _, backend = _split_fwd(inputs)
     out, lse, out32 = output
     tensors = spec.tensor_args()
     ctx.save_for_backward(q, k, v, w, out if out32.dim() != 4 else out32, lse, *tensors)
@@ -248,7 +250,7 @@ def _grads_out(tensors, w, dq, dk, dv, dw, drb):
     grads_t = [None] * _NT
     if tensors[_REL] is not None:
         grads_t[_REL] = drb
-    return (dq, dk, dv, None if w is None else dw, *grads_t, *([None] * _NS), None)
+    return (dq, dk, dv, None if w is None else dw, *grads_t, *([None] * _NS), None, None)  # keep32, backend
 
 
 attn_fwd.register_autograd(_backward, setup_context=_setup)
@@ -287,7 +289,7 @@ class _EagerAttn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec, backend, q, k, v, w, rel_bias):  # rel_bias is spec.rel_bias (its gradient)
-        out, lse, out32 = _fwd(spec, q, k, v, w, backend)
+        out, lse, out32 = _fwd(spec, q, k, v, w, backend, keep32=True)
         ctx.save_for_backward(q, k, v, w, out if out32 is None else out32, lse,
                               *spec.tensor_args())  # version-checked
         ctx.spec, ctx.backend = spec, backend
@@ -318,17 +320,18 @@ def forward(spec: AttnSpec, q: Tensor, k: Tensor, v: Tensor, w: Optional[Tensor]
     if unrounded:
         with torch.no_grad():
             if _eager((q, k, v, w, *tensors)):
-                out, lse, out32 = _fwd(spec, q, k, v, w, backend)
+                out, lse, out32 = _fwd(spec, q, k, v, w, backend, keep32=True)
             else:
-                out, lse, out32 = attn_fwd(q, k, v, w, *tensors, *spec.scalar_args(), backend)
+                out, lse, out32 = attn_fwd(q, k, v, w, *tensors, *spec.scalar_args(), True, backend)
                 out32 = out32 if out32.dim() == 4 else None
         return (out if out32 is None else out32), lse
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (q, k, v, w, spec.rel_bias))
     if _eager((q, k, v, w, *tensors)):
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                           for t in (q, k, v, w, spec.rel_bias)):
+        if grad:
             return _EagerAttn.apply(spec, backend, q, k, v, w, spec.rel_bias)
         return _fwd(spec, q, k, v, w, backend)[:2]
-    return attn_fwd(q, k, v, w, *tensors, *spec.scalar_args(), backend)[:2]
+    return attn_fwd(q, k, v, w, *tensors, *spec.scalar_args(), grad, backend)[:2]
 
 
 def backward(spec: AttnSpec, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, w: Optional[Tensor], out: Tensor,

@@ -15,8 +15,9 @@ Conventions shared by every launcher (all tensors may have arbitrary strides):
   device with values in ``[0, Lk]`` (already checked). Key ``j`` is allowed when
   ``j < key_lengths[b]`` and, if ``causal``, ``j <= i + (Lk - Lq)``.
 - ``out (B, H, Lq, Dv)`` in the input dtype, or in float32 for 16-bit inputs when the backend
-  declares ``f32_out`` (its unrounded result: the op layer rounds it and passes it to the
-  backward, whose ``delta = rowsum(dO * O)`` is then not taken from a rounded output; the
+  declares ``f32_out`` and the call asks for it (``forward(..., out32=True)``; the cpu backend
+  returns float32 always): its unrounded result, which the op layer rounds and keeps for the
+  backward, whose ``delta = rowsum(dO * O)`` is then not taken from a rounded output (the
   backward takes ``out`` in either dtype); ``lse (B, H, Lq)`` in float32
   (float64 for float64 inputs), natural log. A row with no allowed key has
   ``out = 0``, ``lse = -inf`` and contributes zero gradients.
@@ -102,10 +103,12 @@ class Backend:
         return reasons
 
     # -- the two entry points of the op layer ---------------------------------------
-    def forward(self, spec: AttnSpec, q, k, v, w):
-        """-> (out, lse). Dense: q ``(B, H, Lq, D)``; varlen: ``(1, H, total_q, D)`` views."""
+    def forward(self, spec: AttnSpec, q, k, v, w, out32: bool = False):
+        """-> (out, lse). Dense: q ``(B, H, Lq, D)``; varlen: ``(1, H, total_q, D)`` views.
+        ``out32``: the caller keeps the output for a backward; a backend with ``f32_out`` then
+        returns it unrounded (float32 for 16-bit inputs; it may do so always)."""
         if spec.varlen and "varlen" not in self.modifiers:
-            return _varlen_forward(self, spec, q, k, v, w)
+            return _varlen_forward(self, spec, q, k, v, w, out32)
         if spec.additive:
             return self.additive_forward(q, k, v, w, spec.key_lengths, spec.causal)
         return self.dot_forward(q, k, v, spec.key_lengths, spec.scale, spec.causal)
@@ -156,12 +159,12 @@ def sequences(spec: AttnSpec):
         yield b, (cq[b], cq[b + 1]), (ck[b], ck[b + 1]), sb
 
 
-def _varlen_forward(backend: Backend, spec: AttnSpec, q, k, v, w):
+def _varlen_forward(backend: Backend, spec: AttnSpec, q, k, v, w, out32: bool = False):
     B, H, T, _ = q.shape  # B == 1
-    out = q.new_zeros(B, H, T, v.shape[-1], dtype=backend.fwd_out_dtype(q.dtype))
+    out = q.new_zeros(B, H, T, v.shape[-1], dtype=backend.fwd_out_dtype(q.dtype) if out32 else q.dtype)
     lse = torch.full((B, H, T), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
     for _, (q0, q1), (k0, k1), sb in sequences(spec):
-        o, l = backend.forward(sb, q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], w)
+        o, l = backend.forward(sb, q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], w, out32)
         out[:, :, q0:q1] = o
         lse[:, :, q0:q1] = l
     return out, lse

@@ -112,9 +112,9 @@ class CpuBackend(Backend):
                 raise ValueError(err)
         return super().not_supported_reasons(spec, q, k, v)
 
-    def forward(self, spec, q, k, v, w):
+    def forward(self, spec, q, k, v, w, out32: bool = False):
         if spec.varlen:
-            return super().forward(spec, q, k, v, w)
+            return super().forward(spec, q, k, v, w, out32)
         mods = (spec.window_left, spec.window_right)
         tail = (spec.rel_bias, spec.alibi_slopes)
         if spec.additive:

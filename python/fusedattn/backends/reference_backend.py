@@ -22,9 +22,9 @@ class ReferenceBackend(Backend):
     modifiers = frozenset(MODIFIERS) - {"varlen"}  # packed batches: one call per sequence (base class)
     description = "plain PyTorch; materializes the (B, H, Lq, Lk) scores (and the tanh tensor)"
 
-    def forward(self, spec: AttnSpec, q, k, v, w):
+    def forward(self, spec: AttnSpec, q, k, v, w, out32: bool = False):
         if spec.varlen:
-            return super().forward(spec, q, k, v, w)
+            return super().forward(spec, q, k, v, w, out32)
         return reference.attention(q, k, v, w if spec.additive else None, scale=spec.scale,
                                    softcap=spec.softcap, key_lengths=spec.key_lengths, window=spec.window,
                                    rel_bias=spec.rel_bias, alibi_slopes=spec.alibi_slopes,

@@ -205,6 +205,7 @@ class TritonBackend(Backend):
     modifiers = frozenset({"key_lengths", "causal", "window", "softcap", "rel_bias", "alibi"})
     description = ("fused Triton kernels (FlashAttention-2 forward/backward, online softmax, "
                    "flash-decoding); CPU tensors only under TRITON_INTERPRET=1")
+    f32_out = True  # forward(out32=True): the kernels store the output in float32 (the launcher's Out)
 
     # -- environment ----------------------------------------------------------
     def unavailable_reason(self) -> Optional[str]:
@@ -217,10 +218,10 @@ class TritonBackend(Backend):
         return None
 
     # -- entry points (the spec's modifiers) ---------------------------------------
-    def forward(self, spec, q, k, v, w):
+    def forward(self, spec, q, k, v, w, out32: bool = False):
         if spec.varlen:
-            return super().forward(spec, q, k, v, w)
-        return _forward(spec, q, k, v, w if spec.additive else None, None)
+            return super().forward(spec, q, k, v, w, out32)
+        return _forward(spec, q, k, v, w if spec.additive else None, None, out32)
 
     def backward(self, spec, dout, q, k, v, w, out, lse):
         if spec.varlen:
@@ -482,27 +483,37 @@ def delta_shape(bwd_cfg: dict, width: int, chunk: int, fp32: bool) -> dict:
     return dict(ROWS=rows, COLS=rows, CHUNK=min(chunk, width))
 
 
+def delta_warps(o32: bool) -> int:
+    """Warps of the delta kernel: 8 with a float32 O (its tile and remainder spilled 48 bytes at 4
+    warps on sm_80, 64 x 64 rows x 128 columns)."""
+    return 8 if o32 else 4
+
+
 def _delta(out: torch.Tensor, dout: torch.Tensor, shape: dict) -> torch.Tensor:
-    """delta = rowsum(dO * O) in float32, contiguous (B, H, Lq), with the dP arithmetic."""
+    """delta = rowsum(dO * O) in float32, contiguous (B, H, Lq), with the dP arithmetic; ``out`` in
+    dO's dtype or, for 16-bit dO, the forward's float32 output (``O32``: its rounding remainder
+    added)."""
     B, H, Lq, Dv = out.shape
     delta = torch.empty(B, H, Lq, dtype=torch.float32, device=out.device)
+    o32 = out.dtype == torch.float32 and dout.dtype != torch.float32
     _attn_bwd_preprocess[(triton.cdiv(Lq, shape["ROWS"]), B * H)](
         out, dout, delta, *out.stride(), *dout.stride(), H, Lq, Dv,
-        **shape, DOT_PRECISION=dot_precision(out.dtype), num_warps=4, maxnreg=255, **LAUNCH_OPTS)
+        **shape, DOT_PRECISION=dot_precision(dout.dtype), O32=o32, num_warps=delta_warps(o32), maxnreg=255,
+        **LAUNCH_OPTS)
     return delta
 
 
-def _split_outputs(q, Lk, Dv, num_splits, block_n):
+def _split_outputs(q, Lk, Dv, num_splits, block_n, out32=False):
     """Flash-decoding: ``num_splits`` key ranges of whole ``block_n`` tiles (fewer when the keys run
     out) and the output buffers: ``(num_splits, split_n, out, lse, o_buf, l_buf)``; with several splits
     the kernels write float32 partials into ``o_buf``/``l_buf`` for ``_attn_fwd_merge``, else into
-    ``out``/``lse`` themselves."""
+    ``out``/``lse`` themselves. ``out32``: ``out`` in float32 (the kernels' stores cast to Out's type)."""
     B, H, Lq = q.shape[:3]
     n_tiles = triton.cdiv(Lk, block_n)
     num_splits = max(1, min(int(num_splits), n_tiles))
     split_n = triton.cdiv(n_tiles, num_splits) * block_n
     num_splits = triton.cdiv(Lk, split_n)
-    out = _empty_aligned(B, H, Lq, Dv, dtype=q.dtype, device=q.device)
+    out = _empty_aligned(B, H, Lq, Dv, dtype=torch.float32 if out32 else q.dtype, device=q.device)
     lse = _empty_aligned(B, H, Lq, dtype=torch.float32, device=q.device)
     if num_splits == 1:
         return num_splits, split_n, out, lse, out, lse
@@ -519,8 +530,9 @@ def _split_strides(o_buf, l_buf):
             *l_buf.stride()[-3:])
 
 
-def _forward(spec, q, k, v, w, num_splits):
-    """Shared forward launcher: single pass, or flash-decoding splits + LSE merge."""
+def _forward(spec, q, k, v, w, num_splits, out32=False):
+    """Shared forward launcher: single pass, or flash-decoding splits + LSE merge. ``out32``: the
+    output in float32 (kept for the backward's delta; see ``fusedattn.ops``)."""
     if spec.score == "dot" and spec.scale < 0:  # the kernels track the row max of q . k:
         q, spec = -q, spec.replace(scale=-spec.scale)  # scale * q . k = |scale| * (-q) . k
     score, key_lengths, scale = spec.score, spec.key_lengths, spec.scale
@@ -533,7 +545,7 @@ def _forward(spec, q, k, v, w, num_splits):
     _, Hk, Lk, Dv = v.shape
     BLOCK_D, BLOCK_DV = block_dim(D), block_dim(Dv)
     if score == "additive" and decode_route(spec, H, Hk, Lq):
-        return _forward_additive_decode(spec, q, k, v, w, num_splits, Dv_user)
+        return _forward_additive_decode(spec, q, k, v, w, num_splits, Dv_user, out32)
     if score == "dot":
         BLOCK_D = BLOCK_DV = max(BLOCK_D, BLOCK_DV)  # one width: fewer kernel variants
     decode = Lq <= DECODE_MAX_LQ
@@ -552,7 +564,7 @@ def _forward(spec, q, k, v, w, num_splits):
     heads, rows = (Hk, H // Hk * Lq) if score == "dot" else (H, Lq)
     if num_splits is None:
         num_splits = num_splits_for(B, heads, rows, Lk, cfg["BLOCK_M"], cfg["BLOCK_N"], q.device, decode)
-    num_splits, split_n, out, lse, o_buf, l_buf = _split_outputs(q, Lk, Dv, num_splits, cfg["BLOCK_N"])
+    num_splits, split_n, out, lse, o_buf, l_buf = _split_outputs(q, Lk, Dv, num_splits, cfg["BLOCK_N"], out32)
     klen = _klen(key_lengths, B, Lk, q.device)
     shift, margs, flags = _mods(spec, B, H, Lq, Lk, q.device)
     grid = (triton.cdiv(rows, cfg["BLOCK_M"]), B * heads, num_splits)
@@ -593,7 +605,7 @@ def decode_route(spec: AttnSpec, H: int, Hk: int, Lq: int) -> bool:
     return route
 
 
-def _forward_additive_decode(spec, q, k, v, w, num_splits, Dv_user):
+def _forward_additive_decode(spec, q, k, v, w, num_splits, Dv_user, out32=False):
     """``_forward`` for ``decode_route`` calls (q, k, v, w already aligned): one program per
     (batch, kv head, key split) over the group's (H / Hk) * Lq rows, then the LSE merge."""
     B, H, Lq, A = q.shape
@@ -603,7 +615,7 @@ def _forward_additive_decode(spec, q, k, v, w, num_splits, Dv_user):
     rows = H // Hk * Lq
     if num_splits is None:
         num_splits = num_splits_for(B, Hk, rows, Lk, cfg["ROWS"], cfg["BLOCK_N"], q.device, True)
-    num_splits, split_n, out, lse, o_buf, l_buf = _split_outputs(q, Lk, Dv, num_splits, cfg["BLOCK_N"])
+    num_splits, split_n, out, lse, o_buf, l_buf = _split_outputs(q, Lk, Dv, num_splits, cfg["BLOCK_N"], out32)
     klen = _klen(spec.key_lengths, B, Lk, q.device)
     shift = _causal_shift(spec.window_right, Lq, Lk)
     eq, qmax = _exp_table(q, torch.full((B,), Lq, dtype=torch.int32, device=q.device))

@@ -98,8 +98,10 @@ def _kernels():
 
 
 def _FWD_VARIANTS(dt):
-    """(variant, decode?, Out dtype): decode splits write float32 partials."""
-    return (("", False, dt), ("decode", True, dt), ("decode-split", True, "fp32"))
+    """(variant, decode?, Out dtype): decode splits write float32 partials; a differentiable 16-bit
+    call keeps the output in float32 ("o32"; decode steps then run the "decode-split" signature)."""
+    o32 = (("o32", False, "fp32"),) if dt != "fp32" else ()
+    return (("", False, dt), ("decode", True, dt), ("decode-split", True, "fp32")) + o32
 
 
 # score-modifier flags (constexprs of the main kernels); "+mods" turns every one on
@@ -130,7 +132,7 @@ def variants(quick: bool = False, arch: int = 90) -> list[dict]:
     "+alibi") are compiled for fp16 at head widths 64 and 128 (additive forward: Dv 64 and 128;
     additive backward, flags WINDOW / ALIBI / REL_BIAS: padded A 64 and 128), EVEN, not decode,
     where their per-element figures are reported against the base rows."""
-    from fusedattn.backends.triton_backend import delta_shape
+    from fusedattn.backends.triton_backend import delta_shape, delta_warps
 
     additive, dot, _, additive_bwd, additive_decode = _kernels()
     dtypes = QUICK_DTYPES if quick else DTYPES
@@ -173,10 +175,12 @@ def variants(quick: bool = False, arch: int = 90) -> list[dict]:
             _, dq_cfg = dot.prune_bwd_configs(bdv, bdv, dt == "fp32", arch)
             chunks = [dq_cfg["BLOCK_DC"]] + ([bdv] if bdv in ((32,) if dt == "fp32" else (32, 64)) else [])
             for chunk in chunks:
-                add("_attn_bwd_preprocess", dt, "", dict(delta_shape(dq_cfg, bdv, chunk, dt == "fp32"),
-                                                         DOT_PRECISION=prec, num_warps=4, num_stages=1,
-                                                         maxnreg=255),
-                    head_dim=bdv)
+                # O32: O is the forward's float32 output (16-bit dO), see kernels.common
+                for o32 in (False, True) if dt != "fp32" else (False,):
+                    add("_attn_bwd_preprocess", dt, "+o32" if o32 else "",
+                        dict(delta_shape(dq_cfg, bdv, chunk, dt == "fp32"), DOT_PRECISION=prec, O32=o32,
+                             num_warps=delta_warps(o32), num_stages=1, maxnreg=255),
+                        head_dim=bdv)
             add("_attn_fwd_merge", dt, "", dict(BLOCK_DV=bdv, num_warps=1, num_stages=1), head_dim=bdv)
         # -- additive (the backward walks Dv in chunks of at most 64 columns); head_dim is the A
         #    the per-tile overhead is amortized over --
@@ -267,6 +271,8 @@ def _signature(fn, v):
                 sig[name] = "*i32"
             elif name == "Out":
                 sig[name] = "*" + v["out_dtype"]
+            elif name == "O" and cfg.get("O32"):
+                sig[name] = "*fp32"
             else:
                 sig[name] = "*" + v["dtype"]
             attrs[(idx,)] = [["tt.divisibility", 16]]
