@@ -300,7 +300,7 @@ inline float dominant_ds(const float* dout, const float* out, const float* vj, i
 // written, so they may be uninitialized) and
 // returns the dw state partials (items x G x dw_size) for the caller to reduce.
 template <class Scores, class Grad>
-std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, const float* v,
+std::vector<double> backward(const Problem& p, const Scores& sc, const Grad& gr, const float* v,
                             const float* dout, const float* out, const float* lse, const float* delta,
                             float* dq, float* dk, float* dv, int64_t* n_items_out, Isa isa,
                             std::vector<double>* drel_part = nullptr, const Low16& dv16 = Low16(),
@@ -318,7 +318,7 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
   const int64_t n_items = bhk * nchunk;
   *n_items_out = n_items;
   const int dws = Grad::dw_size(p);
-  std::vector<float> dw_part(std::max<int64_t>(n_items * p.G * dws, 1), 0.f);
+  std::vector<double> dw_part(std::max<int64_t>(n_items * p.G * dws, 1), 0.0);
   const int Dv = (int)p.Dv;
   // rel_bias gradient partials per (item, group member), reduced by the caller in a fixed order
   const int64_t nrel = p.mods.rel != nullptr ? 2 * (2 * p.mods.M - 1) : 0;  // dS and P sums
@@ -337,7 +337,7 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
       float* dqbase = nchunk > 1 ? dq_part.data() + c * dq_numel : dq;
       if (nchunk == 1)  // this item owns the dq rows of its query heads
         std::memset(dq + (b * p.H + hk * p.G) * p.Lq * p.D, 0, sizeof(float) * p.G * p.Lq * p.D);
-      float* dwst_item = dw_part.data() + it * p.G * dws;
+      double* dwst_item = dw_part.data() + it * p.G * dws;
       for (int64_t kt = c; kt < nkt; kt += nchunk) {
         const int64_t j0 = kt * BK;
         const int nc = (int)std::min<int64_t>(BK, p.Lk - j0);
@@ -361,7 +361,7 @@ std::vector<float> backward(const Problem& p, const Scores& sc, const Grad& gr, 
         const int R = sub ? BR : BQ;
         for (int64_t g = 0; g < p.G; ++g) {
           const int64_t h = hk * p.G + g;
-          float* dwst = dwst_item + g * dws;
+          double* dwst = dwst_item + g * dws;
           double* drel = nrel > 0 ? drel_part->data() + (it * p.G + g) * nrel : nullptr;
           for (int64_t i0 = sub ? istart : ib; i0 < iend; i0 += R) {
             const int nr = (int)std::min<int64_t>(R, iend - i0);
@@ -532,15 +532,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> additive_bwd(
   if (use_brgemm(isa, at::kFloat)) prepare_bwd_brgemm(bm, p, d.q, d.k, vf, dof, false);
   int64_t n_items = 0;
   std::vector<double> drelp;
-  std::vector<float> dwp = backward(p, d.sc, gr, vf.data_ptr<float>(), dof.data_ptr<float>(), of.data_ptr<float>(),
+  std::vector<double> dwp = backward(p, d.sc, gr, vf.data_ptr<float>(), dof.data_ptr<float>(), of.data_ptr<float>(),
                                     lsef.data_ptr<float>(), delta.data(), dq.data_ptr<float>(),
                                     dk.data_ptr<float>(), dv.data_ptr<float>(), &n_items, isa, &drelp, Low16(), bm);
   const int64_t A = p.D;
   Tensor dw = at::zeros({p.H, A}, fo);
   float* dwo = dw.data_ptr<float>();
-  for_each_partial(p, dwp.data(), n_items, AddGrad::dw_size(p), [&](int64_t h, const float* st) {
-    for (int64_t a = 0; a < A; ++a) dwo[h * A + a] += -2.f * st[a] + st[A + a];
+  std::vector<double> dwd(p.H * A, 0.0);
+  for_each_partial(p, dwp.data(), n_items, AddGrad::dw_size(p), [&](int64_t h, const double* st) {
+    for (int64_t a = 0; a < A; ++a) dwd[h * A + a] += -2.0 * st[a] + st[A + a];
   });
+  for (int64_t e = 0; e < p.H * A; ++e) dwo[e] = (float)dwd[e];
   return {dq, dk, dv, dw, reduce_rel(p, drelp, n_items, rel_bias)};  // float32 (see the top)
 }
 

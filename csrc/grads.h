@@ -26,7 +26,7 @@ struct DotGrad {
   // them, but 0 * NaN is NaN: when the block's keys (queries) hold a non-finite value, dq (dk) takes
   // each row (column) over its allowed range only, so rows that never see a NaN key stay finite.
   void consume(Isa, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* dS,
-               const int* rng, float* dqr, float* dkacc, float*) const {
+               const int* rng, float* dqr, float* dkacc, double*) const {
     const Problem& p = *sc->p;
     const int D = (int)p.D, BK = DotScores::BK;
     const int64_t hk = h / p.G;
@@ -114,17 +114,23 @@ struct DotGrad {
   }
 };
 
-// dw state per (item, group member): [0..A) = sum dS (r - 1/2) over fast pairs, [A..2A) = sum dS t
-// over direct pairs; dw = -2 [0..A) + [A..2A). dk accumulator: A x BK, then an A x BK buffer.
+// dw state per (item, group member), in double: [0..A) = sum dS (r - 1/2) over fast pairs, [A..2A) =
+// sum dS t over direct pairs; dw = -2 [0..A) + [A..2A). A block's sums are taken in float32 (the ISA
+// kernels) and added to the state in double: the state sums every block of the item, and a float32
+// state lost ~eps x (sum of |block sums|) over long sequences (a float32 case, L = 700 x 512, tanh
+// saturated, missed the 2x rule for dw by 1.02x). dk accumulator: A x BK, then an A x BK buffer.
 struct AddGrad {
   const AddScores* sc;
   static int dk_size(const Problem& p, int BK) { return 2 * BK * (int)p.D; }
   static int64_t dk_offset(const Problem&, int ca) { return ca; }  // a column of dkT
   static int dw_size(const Problem& p) { return 2 * (int)p.D; }
   void consume(Isa isa, int64_t b, int64_t h, int64_t i0, int nr, int64_t j0, int nc, float* dS, const int*,
-               float* dqr, float* dkT, float* dwst) const {
+               float* dqr, float* dkT, double* dwst) const {
     const Problem& p = *sc->p;
     const int A = (int)p.D, BK = AddScores::BK;
+    thread_local std::vector<float> dwbuf;  // this block's dw sums
+    dwbuf.assign(2 * (size_t)A, 0.f);
+    float* dwb = dwbuf.data();
     const int64_t hk = h / p.G;
     const float* wh = sc->w + h * A;
     const int nc16 = (int)round_up(nc, 16);
@@ -141,7 +147,7 @@ struct AddGrad {
           const float g = ds * wh[a] * (1.f - t * t);
           dq[a] += g;
           dkT[a * BK + j] += g;
-          dwst[A + a] += ds * t;
+          dwb[A + a] += ds * t;
         }
         ds = 0.f;
       }
@@ -150,7 +156,8 @@ struct AddGrad {
     // tmp start at the block's first column (ld BK)
     float* tmp = dkT + (int64_t)A * BK;
     for (int a = 0; a < A; ++a) std::memset(tmp + (int64_t)a * BK, 0, sizeof(float) * nc16);
-    add_bwd(isa, nr, nc16, A, sc->eq(b, h, i0), sc->ekt(b, hk, j0), sc->LkP, wh, dS, BK, dqr, tmp, BK, dwst);
+    add_bwd(isa, nr, nc16, A, sc->eq(b, h, i0), sc->ekt(b, hk, j0), sc->LkP, wh, dS, BK, dqr, tmp, BK, dwb);
+    for (int e = 0; e < 2 * A; ++e) dwst[e] += dwb[e];
     for (int a = 0; a < A; ++a)
       for (int j = 0; j < nc16; ++j) dkT[(int64_t)a * BK + j] += tmp[(int64_t)a * BK + j];
   }

@@ -402,6 +402,21 @@ def test_bfloat16(score):
     _compare(score, q, k, v, w, do, _lengths([45]), True)
 
 
+@pytest.mark.parametrize("L, D", [(2048, 1), (1024, 4)])
+def test_additive_dw_state_sums_blocks_in_double(L, D):
+    """dw sums every (query block, key tile) of a work item: the blocks' sums are float32, the item's
+    state double. With every tanh saturated (q = 30) dw = sum of all dS = 0; a float32 state left
+    2.3e-5 / 4.6e-5 here (every ISA level; 4-7e-6 now), and a random float32 case (L = 700 x 512,
+    D = 3, operands x30) missed the 2x rule for dw by 1.02x."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.full((1, 2, L, D), 30.0)
+    k, v = torch.randn(1, 2, L, D, generator=g), torch.randn(1, 2, L, 8, generator=g)
+    w = torch.randn(2, D, generator=g).requires_grad_()
+    do = torch.randn(1, 2, L, 8, generator=g)
+    (dw,) = torch.autograd.grad(fusedattn.additive_attention(q, k, v, w, backend="cpu"), w, do)
+    assert float(dw.abs().max()) < 1.2e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16bit_backward_takes_delta_from_the_unrounded_output(dtype):
     """delta = rowsum(dO * O) comes from the float32 output (the op keeps it for the backward), not from
