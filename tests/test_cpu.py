@@ -18,7 +18,7 @@ import torch
 import fusedattn
 from fusedattn import reference as R
 from fusedattn.backends import unavailable_reason
-from fusedattn.testing import Case, check_backend
+from fusedattn.testing import Case, check_backend, saturated_additive
 
 _REASON = unavailable_reason("cpu")
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"cpu backend unavailable: {_REASON}")
@@ -408,11 +408,7 @@ def test_additive_dw_state_sums_blocks_in_double(L, D):
     state double. With every tanh saturated (q = 30) dw = sum of all dS = 0; a float32 state left
     2.3e-5 / 4.6e-5 here (every ISA level; 4-7e-6 now), and a random float32 case (L = 700 x 512,
     D = 3, operands x30) missed the 2x rule for dw by 1.02x."""
-    g = torch.Generator().manual_seed(0)
-    q = torch.full((1, 2, L, D), 30.0)
-    k, v = torch.randn(1, 2, L, D, generator=g), torch.randn(1, 2, L, 8, generator=g)
-    w = torch.randn(2, D, generator=g).requires_grad_()
-    do = torch.randn(1, 2, L, 8, generator=g)
+    q, k, v, w, do = saturated_additive(2, L, L, D, 8)
     (dw,) = torch.autograd.grad(fusedattn.additive_attention(q, k, v, w, backend="cpu"), w, do)
     assert float(dw.abs().max()) < 1.2e-5
 
@@ -423,13 +419,8 @@ def test_16bit_backward_takes_delta_from_the_unrounded_output(dtype):
     the output rounded to 16 bits. With every tanh saturated (q = 30) each pair's tanh is 1, so
     dw = sum_ij dS_ij, which is 0 since each row's dS sums to 0. From the rounded output every row kept
     a residual and dw added them up: 4.5e-3 (bfloat16) and 8.7e-4 (float16) here, against ~1e-6 now.
-    The same through ring attention (a group of one rank: its merge keeps float32 too)."""
-    g = torch.Generator().manual_seed(0)
-    B, H, Lq, Lk, D, Dv = 1, 2, 257, 97, 1, 8
-    q = torch.full((B, H, Lq, D), 30.0, dtype=dtype)
-    k, v = torch.randn(B, H, Lk, D, generator=g).to(dtype), torch.randn(B, H, Lk, Dv, generator=g).to(dtype)
-    w = torch.randn(H, D, generator=g).to(dtype).requires_grad_()
-    do = torch.randn(B, H, Lq, Dv, generator=g).to(dtype)
+    (Ring attention: test_distributed.py's saturated case.)"""
+    q, k, v, w, do = saturated_additive(2, 257, 97, 1, 8, dtype)
     out = fusedattn.additive_attention(q, k, v, w, backend="cpu")
     (dw,) = torch.autograd.grad(out, w, do)
     assert float(dw.float().abs().max()) < 1e-5

@@ -139,14 +139,10 @@ def _mode_equivalence(rank: int, P: int) -> None:
                 print("FAIL", msg)
         # every tanh saturated: dw = sum of all dS = 0 when delta comes from the unrounded merged output
         # (from the output rounded to 16 bits the rows' residuals add up: ~1e-3)
-        g = torch.Generator().manual_seed(7)
-        q = torch.full((1, 2, 4 * L, 1), 30.0, dtype=dtype)
-        k = torch.randn(1, 2, 4 * L, 1, generator=g).to(dtype)
-        v = torch.randn(1, 2, 4 * L, 8, generator=g).to(dtype)
-        w = torch.randn(2, 1, generator=g).to(dtype).requires_grad_()
-        shards = [shard_sequence(t, layout="zigzag") for t in (q, k, v)]
-        out = ring_additive_attention(*shards, w, causal=True)
-        (dw,) = torch.autograd.grad(out, w, torch.randn(out.shape, generator=g).to(dtype))
+        q, k, v, w, do = testing.saturated_additive(2, 4 * L, 4 * L, 1, 8, dtype, seed=7)
+        shards = [shard_sequence(t, layout="zigzag") for t in (q, k, v, do)]
+        out = ring_additive_attention(*shards[:3], w, causal=True)
+        (dw,) = torch.autograd.grad(out, w, shards[3])
         if float(dw.float().abs().max()) >= 1e-5:
             print("FAIL", f"{dtype}: saturated ring dw {dw.tolist()} (should be ~0)")
     print("bfloat16, float16: checked")

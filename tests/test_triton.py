@@ -593,12 +593,7 @@ def test_16bit_backward_takes_delta_from_the_float32_output(dtype):
     rounded output: with every tanh saturated, dw = sum_ij dS_ij = 0; from the rounded output
     (the launchers' path) each row's residual adds up: 3.7e-3 (bfloat16), 4.0e-4 (float16) here."""
     import fusedattn
-    g = torch.Generator().manual_seed(0)
-    B, H, Lq, Lk, D, Dv = 1, 2, 65, 33, 1, 8
-    q = torch.full((B, H, Lq, D), 30.0, dtype=dtype)
-    k, v = torch.randn(B, H, Lk, D, generator=g).to(dtype), torch.randn(B, H, Lk, Dv, generator=g).to(dtype)
-    w = torch.randn(H, D, generator=g).to(dtype).requires_grad_()
-    do = torch.randn(B, H, Lq, Dv, generator=g).to(dtype)
+    q, k, v, w, do = testing.saturated_additive(2, 65, 33, 1, 8, dtype)
     (dw,) = torch.autograd.grad(fusedattn.additive_attention(q, k, v, w, backend="triton"), w, do)
     assert float(dw.float().abs().max()) < 1e-5
     out, lse = BACKEND.additive_forward(q, k, v, w.detach(), None, False)  # rounded: the residual

@@ -160,6 +160,19 @@ def _dout(case: Case, device):
     return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=case.dtype)
 
 
+def saturated_additive(H: int, Lq: int, Lk: int, D: int, Dv: int, dtype=torch.float32, seed: int = 0):
+    """``(q, k, v, w, dout)`` of one batch entry whose every tanh saturates (q = 30, k ~ N(0, 1)): each
+    pair's tanh is 1, so ``dw = sum_ij dS_ij``, which is 0 as each row's dS sums to 0. ``w`` requires
+    grad. A test of how far a backend's rows' dS sums stay from 0."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.full((1, H, Lq, D), 30.0, dtype=dtype)
+    k = torch.randn(1, H, Lk, D, generator=g).to(dtype)
+    v = torch.randn(1, H, Lk, Dv, generator=g).to(dtype)
+    w = torch.randn(H, D, generator=g).to(dtype).requires_grad_()
+    dout = torch.randn(1, H, Lq, Dv, generator=g).to(dtype)
+    return q, k, v, w, dout
+
+
 def _names(case: Case, mods: dict):
     names = ["dq", "dk", "dv"] + (["dw"] if case.score == "additive" else [])
     return names + (["drel_bias"] if "rel_bias" in mods else [])
