@@ -11,11 +11,11 @@ name the public function resolved (once); the backward runs the same backend. ``
 
 ``out32`` is the float32 output before rounding when ``keep32`` asks for it (a differentiable call),
 for 16-bit inputs on a backend that computes it (``Backend.f32_out``), else an empty tensor: the
-backward takes it as ``out``, so that
-``delta = rowsum(dO * O)`` is not taken from the output rounded to 16 bits. (From the rounded
-output each row's ``dS`` sums to a residual of the rounding's size instead of ~0; ``dw`` and
-``drel_bias`` sum ``dS`` over all rows and added the residuals up: up to 2.1x the 2x rule's bound
-in a bfloat16 case.) It costs 4 bytes per output element kept for the backward.
+backward takes it as ``out``, so that ``delta = rowsum(dO * O)`` is not taken from the output
+rounded to 16 bits. (From the rounded output each row's ``dS`` sums to a residual of the rounding's
+size instead of ~0; ``dw`` and ``drel_bias`` sum ``dS`` over all rows and added the residuals up:
+up to 2.1x the 2x rule's bound in a bfloat16 case.) It costs 4 bytes per output element kept for
+the backward.
 
 The implementations check what only the data can tell (``key_lengths`` and ``cu_seqlens``
 values, a finite ``w``), handle empty sizes, and call the backend. Shapes, dtypes and devices
@@ -189,7 +189,7 @@ def _attn_bwd_impl(*args):
 
 def _bwd(spec: AttnSpec, dout, q, k, v, w, out, lse, backend: str, unrounded: bool = False):
     """The gradients in the dtypes of their inputs (``unrounded``: as the backend returns them,
-    float32 for 16-bit inputs on a backend with ``f32_out``)."""
+    float32 for 16-bit inputs on the cpu backend)."""
     spec = checked_spec(spec, q, k, None)
     if out.dtype != q.dtype and _out32_dtype(q, backend) != out.dtype:
         out = out.to(q.dtype)  # an unrounded output (ring attention's merge) for a backend without it
@@ -339,8 +339,8 @@ def backward(spec: AttnSpec, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, w: O
     """``Grads``-like tuple ``(dq, dk, dv, dw|None, drel_bias|None)`` for given ``out``/``lse``
     (for callers that merge blocks themselves, e.g. ring attention). ``out`` may be the unrounded
     float32 output for 16-bit inputs (preferred: see the module docstring). ``unrounded=True``: the
-    gradients as the backend computed them (float32 for 16-bit inputs on a backend with ``f32_out``;
-    for callers that sum them) in eager calls; other contexts round them."""
+    gradients as the backend computed them (float32 for 16-bit inputs on the cpu backend; for callers
+    that sum them) in eager calls; other contexts round them."""
     tensors = spec.tensor_args()
     if not torch.is_grad_enabled() and _eager((dout, q, k, v, w, *tensors, out, lse)):
         dq, dk, dv, dw, drb = _bwd(spec, dout, q, k, v, w, out, lse, backend, unrounded)

@@ -22,8 +22,8 @@ Conventions shared by every launcher (all tensors may have arbitrary strides):
   (float64 for float64 inputs), natural log. A row with no allowed key has
   ``out = 0``, ``lse = -inf`` and contributes zero gradients.
 - Backward returns ``dq`` like ``q``, ``dk``/``dv`` like ``k``/``v`` (grouped heads
-  summed), and for additive ``dw (H, D)``; in the input dtype, or in float32 on a backend with
-  ``f32_out`` (the op layer rounds them; ring attention sums blocks' gradients unrounded).
+  summed), and for additive ``dw (H, D)``; in the input dtype, or in float32 (the cpu backend:
+  the op layer rounds them; ring attention sums blocks' gradients unrounded).
 """
 from __future__ import annotations
 
@@ -58,8 +58,7 @@ class Backend:
     modifiers: frozenset = frozenset({"key_lengths", "causal"})
     max_head_dim: int = 1 << 30
     description: str = ""
-    # forward returns the float32 output and backward float32 gradients for 16-bit inputs (see the
-    # module docstring)
+    # forward(out32=True) returns the float32 output for 16-bit inputs (see the module docstring)
     f32_out: bool = False
 
     # -- environment ----------------------------------------------------------
@@ -72,7 +71,8 @@ class Backend:
         return self.modifiers | {"varlen"}
 
     def fwd_out_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        """The dtype of the ``out`` that ``forward`` returns for inputs of ``dtype``."""
+        """The dtype of the unrounded ``out`` that ``forward(..., out32=True)`` returns for inputs of
+        ``dtype``."""
         return torch.float32 if self.f32_out and dtype in (torch.float16, torch.bfloat16) else dtype
 
     # -- per call ---------------------------------------------------------------
