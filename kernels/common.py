@@ -149,9 +149,10 @@ def _attn_bwd_preprocess(O, DO, Delta,
 
     O32: O is the forward's float32 output and dO 16-bit. The MMA then takes O rounded to dO's
     type (the arithmetic above) and the rounding's remainder O - round(O), exact in float32, is
-    added per row: delta is the float32 output's, so each row's dS sums to ~0 instead of to a
-    residual of the 16-bit rounding that dw and d rel_bias (sums over all rows) add up. A
-    saturated row's O is the 16-bit v_j exactly: remainder 0, the exact cancellation above kept."""
+    added per row: delta is the float32 output's, so O's 16-bit rounding no longer leaves each
+    row's dS a residual that dw and d rel_bias (sums over all rows) add up (the forward's P @ V,
+    which takes P in 16 bits, still leaves a smaller one). A saturated row's O is the 16-bit v_j
+    exactly: remainder 0, the exact cancellation above kept."""
     tl.static_assert(ROWS <= COLS)
     pid_m = tl.program_id(0)
     off_bh = tl.program_id(1)
