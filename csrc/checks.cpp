@@ -71,7 +71,14 @@ void check_bwd(const char* op, const Tensor& dout, const Tensor& out, const Tens
               ": lse must have shape (", B, ", ", H, ", ", Lq, "), got ", lse.sizes());
 }
 
-Tensor f32(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
+Tensor f32(const Tensor& t) {
+  if (t.scalar_type() == at::kFloat && t.is_contiguous()) return t;
+  // a converted or strided input (bfloat16, a transposed view such as a packed (total, H, D) batch):
+  // the copy in scratch memory, whose pages the last call already touched
+  Tensor c = scratch_empty(t.sizes(), at::kFloat);
+  c.copy_(t);
+  return c;
+}
 
 Problem make_problem(const Tensor& q, const Tensor& k, const Tensor& v,
                      std::vector<int64_t> klen, bool causal) {
@@ -86,5 +93,45 @@ Problem make_problem(const Tensor& q, const Tensor& k, const Tensor& v,
 }
 
 bool empty_problem(const Problem& p) { return p.B == 0 || p.H == 0 || p.Lq == 0 || p.Lk == 0; }
+
+}  // namespace fusedattn_cpu
+
+namespace fusedattn_cpu {
+
+namespace {
+std::vector<int64_t> read_cu(const char* op, const char* name, const Tensor& t, int64_t total) {
+  TORCH_CHECK(t.defined() && t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) >= 1, op, ": ", name, " must have shape (batch + 1,), got ", t.sizes());
+  const Tensor c = t.contiguous();
+  const int32_t* x = c.data_ptr<int32_t>();
+  std::vector<int64_t> out(t.size(0));
+  for (int64_t s = 0; s < t.size(0); ++s) {
+    out[s] = x[s];
+    TORCH_CHECK(s > 0 || x[0] == 0, op, ": ", name, " must start at 0, got ", x[0]);
+    TORCH_CHECK(s == 0 || x[s] >= x[s - 1], op, ": ", name, " must be non-decreasing, got ", x[s - 1],
+                " then ", x[s], " at ", s);
+  }
+  TORCH_CHECK(out.back() == total, op, ": ", name, " must end at the packed total ", total, ", got ",
+              out.back());
+  return out;
+}
+}  // namespace
+
+void set_varlen(const char* op, Problem& p, const c10::optional<Tensor>& cu_q, const c10::optional<Tensor>& cu_k,
+                bool has_key_lengths) {
+  const bool hq = cu_q.has_value() && cu_q->defined(), hk = cu_k.has_value() && cu_k->defined();
+  if (!hq && !hk) return;
+  TORCH_CHECK(hq && hk, op, ": cu_seqlens_q and cu_seqlens_k go together");
+  TORCH_CHECK(p.B == 1, op, ": packed sequences take q of shape (1, H, total_q, D), got batch ", p.B);
+  TORCH_CHECK(!has_key_lengths, op, ": key_lengths and cu_seqlens exclude each other");
+  p.cq = read_cu(op, "cu_seqlens_q", *cu_q, p.Lq);
+  p.ck = read_cu(op, "cu_seqlens_k", *cu_k, p.Lk);
+  TORCH_CHECK(p.cq.size() == p.ck.size(), op, ": cu_seqlens_q and cu_seqlens_k must have the same length, got ",
+              p.cq.size(), " and ", p.ck.size());
+  p.seq.resize(p.Lq);
+  for (int64_t s = 0; s + 1 < (int64_t)p.cq.size(); ++s)
+    for (int64_t i = p.cq[s]; i < p.cq[s + 1]; ++i) p.seq[i] = (int32_t)s;
+}
 
 }  // namespace fusedattn_cpu

@@ -13,8 +13,8 @@ namespace fusedattn_cpu {
 // Score modifiers applied to each tile after the raw scores (modifiers.cpp):
 //   s = softcap * tanh(s / softcap)                       (softcap > 0)
 //   s += rel[h, clamp(d, -(M-1), M-1) + M - 1]            (rel != nullptr, (H, 2M-1) float32)
-//   s -= alibi[b * alibi_bstride + h] * |d|               (alibi != nullptr)
-// with d = j - i - (Lk - Lq), the bottom-right aligned distance.
+//   s -= alibi[b * alibi_bstride + h] * |d|               (alibi != nullptr; b: the sequence when varlen)
+// with d = j - i - (Lk - Lq), the bottom-right aligned distance (Problem::shift: per sequence when varlen).
 struct Mods {
   float softcap = 0.f;
   const float* rel = nullptr;
@@ -27,20 +27,66 @@ struct Mods {
 struct Problem {
   int64_t B, H, Hk, G, Lq, Lk, D, Dv;
   bool causal;
-  // window (left, right) on d = j - i - (Lk - Lq): -left <= d <= right; -1 = unbounded (causal: wr = 0)
+  // window (left, right) on d = j - i - shift(i): -left <= d <= right; -1 = unbounded (causal: wr = 0)
   int64_t wl = -1, wr = -1;
   std::vector<int64_t> klen;
   Mods mods;
+  // Packed variable-length batches (set_varlen): B == 1, sequence s holds the query rows
+  // [cq[s], cq[s + 1]) and the keys [ck[s], ck[s + 1]); seq[i] is the sequence of row i. A row's keys
+  // stay in its sequence and masks and distances align per sequence, so lo and lim stay
+  // non-decreasing in i across the whole packed batch (the drivers need only that).
+  std::vector<int64_t> cq, ck;
+  std::vector<int32_t> seq;
+  bool varlen() const { return !cq.empty(); }
+  // d = j - i - shift(i): the bottom-right aligned distance (of row i's sequence)
+  int64_t shift(int64_t i) const {
+    if (!varlen()) return Lk - Lq;
+    const int64_t s = seq[i];
+    return ck[s + 1] - cq[s + 1];
+  }
   // Keys lo(b, i) <= j < lim(b, i) are allowed for query i.
   int64_t lim(int64_t b, int64_t i) const {
+    if (varlen()) {
+      const int64_t s = seq[i];
+      int64_t l = ck[s + 1];
+      if (wr >= 0) l = std::min<int64_t>(l, i + shift(i) + wr + 1);
+      return std::max<int64_t>(l, ck[s]);
+    }
     int64_t l = klen[b];
     if (wr >= 0) l = std::min<int64_t>(l, i + Lk - Lq + wr + 1);
     return std::max<int64_t>(l, 0);
   }
-  int64_t lo(int64_t, int64_t i) const { return wl >= 0 ? std::max<int64_t>(0, i + Lk - Lq - wl) : 0; }
+  int64_t lo(int64_t, int64_t i) const {
+    if (varlen()) {
+      const int64_t s = seq[i];
+      return wl >= 0 ? std::max<int64_t>(ck[s], i + shift(i) - wl) : ck[s];
+    }
+    return wl >= 0 ? std::max<int64_t>(0, i + Lk - Lq - wl) : 0;
+  }
+  // The end of row i's sequence (packed batches; else none): a group of rows the drivers run together
+  // (sub-tile, backward block) stops there, so its keys are its sequence's.
+  int64_t seq_end(int64_t i) const { return varlen() ? cq[seq[i] + 1] : INT64_MAX; }
   // Query rows [first_row, end_row) may see some key of [j0, j1).
-  int64_t first_row(int64_t j0) const { return wr >= 0 ? std::max<int64_t>(0, j0 - wr - (Lk - Lq)) : 0; }
+  int64_t first_row(int64_t j0) const {
+    if (varlen()) {  // the first row with lim > j0 (lim is non-decreasing)
+      int64_t a = 0, e = Lq;
+      while (a < e) {
+        const int64_t m = (a + e) / 2;
+        if (lim(0, m) > j0) e = m; else a = m + 1;
+      }
+      return a;
+    }
+    return wr >= 0 ? std::max<int64_t>(0, j0 - wr - (Lk - Lq)) : 0;
+  }
   int64_t end_row(int64_t j1) const {
+    if (varlen()) {  // the first row with lo >= j1 (lo is non-decreasing)
+      int64_t a = 0, e = Lq;
+      while (a < e) {
+        const int64_t m = (a + e) / 2;
+        if (lo(0, m) >= j1) e = m; else a = m + 1;
+      }
+      return a;
+    }
     return wl >= 0 ? std::clamp<int64_t>(j1 - 1 + wl - (Lk - Lq) + 1, 0, Lq) : Lq;
   }
 };
@@ -62,11 +108,15 @@ std::vector<int64_t> read_lengths(const char* op, const c10::optional<at::Tensor
 void check_w(const char* op, const at::Tensor& w, const at::Tensor& q);
 void check_bwd(const char* op, const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse,
                const at::Tensor& q, const at::Tensor& v);
-// float32, contiguous.
+// float32, contiguous (a copy in scratch memory unless it already is).
 at::Tensor f32(const at::Tensor& t);
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      std::vector<int64_t> klen, bool causal);
 bool empty_problem(const Problem& p);
+// Packed sequences from int32 cu_seqlens_q / cu_seqlens_k (both or neither; checked: shapes, 0 start,
+// non-decreasing, ending at Lq / Lk; B == 1, no key_lengths). Call before set_modifiers.
+void set_varlen(const char* op, Problem& p, const c10::optional<at::Tensor>& cu_q,
+                const c10::optional<at::Tensor>& cu_k, bool has_key_lengths);
 // Window and score modifiers from the ops' optional arguments (checked; tensors kept alive by the caller
 // in `keep`, as contiguous float32).
 void set_modifiers(const char* op, Problem& p, int64_t window_left, int64_t window_right, double softcap,

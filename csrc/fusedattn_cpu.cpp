@@ -1,10 +1,18 @@
 // fusedattn_cpu: fused additive and dot-product attention for the CPU, forward and backward.
 //
-// Ops (schemas in TORCH_LIBRARY below):
-//   additive_fwd(q, k, v, w, key_lengths?, causal) -> (out, lse)
-//   additive_bwd(dout, q, k, v, w, key_lengths?, causal, out, lse) -> (dq, dk, dv, dw)
-//   dot_fwd(q, k, v, key_lengths?, scale, causal) -> (out, lse)
-//   dot_bwd(dout, q, k, v, key_lengths?, scale, causal, out, lse) -> (dq, dk, dv)
+// Ops (schemas in TORCH_LIBRARY below; each also takes the window, softcap (dot), rel_bias and
+// alibi_slopes, and cu_seqlens_q / cu_seqlens_k for a packed batch of sequences):
+//   additive_fwd(q, k, v, w, key_lengths?, causal, ...) -> (out, lse)
+//   additive_bwd(dout, q, k, v, w, key_lengths?, causal, out, lse, ...) -> (dq, dk, dv, dw, drel_bias)
+//   dot_fwd(q, k, v, key_lengths?, scale, causal, ...) -> (out, lse)
+//   dot_bwd(dout, q, k, v, key_lengths?, scale, causal, out, lse, ...) -> (dq, dk, dv, drel_bias)
+// Packed batches (cu_seqlens): q (1, H, total_q, D), k and v (1, Hk, total_k, .); one call runs every
+// sequence. Each row's allowed keys are its sequence's (Problem::lo / lim, per sequence; both stay
+// non-decreasing over the packed rows), so the tiles below run across sequence boundaries unchanged,
+// and the rows of a tile run in groups that stop at each boundary (group_rows), so a group computes
+// only its sequence's keys (from a multiple of 16: up to 15 keys of the sequence before, with a
+// softmax weight of exactly 0; the Python backend runs a call whose values or output gradient hold
+// a NaN or an infinity per sequence instead, since 0 times those is not 0).
 // The forward ops return out, the backward ops dq, dk, dv, dw in float32 for every input dtype (the
 // caller rounds them; ring attention sums the gradients of blocks unrounded); the backward ops take
 // out in float32 or in the input dtype; the rel_bias gradient comes in rel_bias's dtype. delta = rowsum(dout * out) from the float32 output
@@ -59,14 +67,20 @@ namespace {
 
 // ----------------------------------------------------------------------------- forward
 
-// Score entries computed for query rows [0, nr) with allowed keys [los[i], lims[i]) (both
-// non-decreasing in i), keys limited to [kb, ke), when the rows run in groups of R, each group over
-// the keys its rows see (from a multiple of 16).
-inline int64_t work_rows(const int64_t* los, const int64_t* lims, int nr, int R, int64_t kb, int64_t ke,
-                         int64_t align) {
+// Rows in the group that starts at row r0 of a tile of nr rows from row i0: R, cut at the end of
+// the tile and of r0's sequence (packed batches).
+inline int group_rows(const Problem& p, int64_t i0, int r0, int nr, int R) {
+  return (int)std::min<int64_t>(std::min(R, nr - r0), p.seq_end(i0 + r0) - (i0 + r0));
+}
+
+// Score entries computed for query rows [0, nr) of a tile from row i0 with allowed keys
+// [los[i], lims[i]) (both non-decreasing in i), keys limited to [kb, ke), when the rows run in groups
+// of R (group_rows), each group over the keys its rows see (from a multiple of 16).
+inline int64_t work_rows(const Problem& p, int64_t i0, const int64_t* los, const int64_t* lims, int nr, int R,
+                         int64_t kb, int64_t ke, int64_t align) {
   int64_t w = 0;
-  for (int r0 = 0; r0 < nr; r0 += R) {
-    const int rn = std::min(R, nr - r0);
+  for (int r0 = 0, rn; r0 < nr; r0 += rn) {
+    rn = group_rows(p, i0, r0, nr, R);
     w += rn * std::max<int64_t>(0, std::min(ke, lims[r0 + rn - 1]) - std::max(kb, los[r0]) / align * align);
   }
   return w;
@@ -148,11 +162,11 @@ void forward(const Problem& p, const Scores& sc, const VMats& vm, float* out, fl
         std::memset(O.data(), 0, sizeof(float) * nr * Dv);
         // A tile that straddles a window edge (or the start of a causal mask) runs in sub-tiles of BR
         // rows, each over its own key range (see work_rows), with key blocks as wide as the scratch allows.
-        const bool sub = nr > BR && work_rows(los, lims, nr, BR, kb, ke, KA) * Scores::SUB <
-                                        work_rows(los, lims, nr, nr, kb, ke, KA) * (Scores::SUB - 1);
+        const bool sub = nr > BR && work_rows(p, i0, los, lims, nr, BR, kb, ke, KA) * Scores::SUB <
+                                        work_rows(p, i0, los, lims, nr, nr, kb, ke, KA) * (Scores::SUB - 1);
         const int R = sub ? BR : nr, W = sub ? WS : BK;
-        for (int r0 = 0; r0 < nr; r0 += R) {
-          const int rn = std::min(R, nr - r0);
+        for (int r0 = 0, rn; r0 < nr; r0 += rn) {
+          rn = group_rows(p, i0, r0, nr, R);
           const int64_t kend = std::min(ke, lims[r0 + rn - 1]);
           // key blocks start on a multiple of KA (16: the additive tables are read in 16s; see DotScores)
           for (int64_t j0 = std::max(kb, los[r0]) / KA * KA; j0 < kend; j0 += W) {
@@ -276,8 +290,8 @@ inline bool block_cols(const Problem& p, int64_t b, int64_t i0, int nr, int64_t 
 // from row i (to iend), each over the columns its rows see.
 inline int64_t bwd_work(const Problem& p, int64_t b, int64_t j0, int ncv, int64_t i, int64_t iend, int R) {
   int64_t w = 0;
-  for (int ca, nc; i < iend; i += R) {
-    const int nr = (int)std::min<int64_t>(R, iend - i);
+  for (int ca, nc, nr; i < iend; i += nr) {
+    nr = (int)std::min<int64_t>(std::min<int64_t>(R, iend - i), p.seq_end(i) - i);
     if (block_cols(p, b, i, nr, j0, ncv, &ca, &nc)) w += (int64_t)nr * nc;
   }
   return w;
@@ -363,8 +377,8 @@ std::vector<double> backward(const Problem& p, const Scores& sc, const Grad& gr,
           const int64_t h = hk * p.G + g;
           double* dwst = dwst_item + g * dws;
           double* drel = nrel > 0 ? drel_part->data() + (it * p.G + g) * nrel : nullptr;
-          for (int64_t i0 = sub ? istart : ib; i0 < iend; i0 += R) {
-            const int nr = (int)std::min<int64_t>(R, iend - i0);
+          for (int64_t i0 = sub ? istart : ib, nr; i0 < iend; i0 += nr) {
+            nr = (int)std::min<int64_t>(std::min<int64_t>(R, iend - i0), p.seq_end(i0) - i0);
             int ca, nc;  // the block's key columns [ca, ca + nc) of the tile (ca a multiple of 16)
             if (!block_cols(p, b, i0, nr, j0, ncv, &ca, &nc)) continue;
             const int64_t c0 = j0 + ca, row0 = (b * p.H + h) * p.Lq + i0;
@@ -484,12 +498,15 @@ std::tuple<Tensor, Tensor> additive_fwd(const Tensor& q, const Tensor& k, const 
                                         const Tensor& w, const c10::optional<Tensor>& key_lengths,
                                         bool causal, int64_t window_left, int64_t window_right,
                                         const c10::optional<Tensor>& rel_bias,
-                                        const c10::optional<Tensor>& alibi_slopes) {
+                                        const c10::optional<Tensor>& alibi_slopes,
+                                        const c10::optional<Tensor>& cu_seqlens_q,
+                                        const c10::optional<Tensor>& cu_seqlens_k) {
   const char* op = "fusedattn_cpu::additive_fwd";
   const Isa isa = current_isa();  // once per call
   check_qkv(op, q, k, v);
   check_w(op, w, q);
   Problem p = make_problem(q, k, v, read_lengths(op, key_lengths, q.size(0), k.size(2)), causal);
+  set_varlen(op, p, cu_seqlens_q, cu_seqlens_k, key_lengths.has_value() && key_lengths->defined());
   std::vector<Tensor> keep;
   set_modifiers(op, p, window_left, window_right, 0.0, rel_bias, alibi_slopes, keep);
   if (empty_problem(p)) return empty_fwd(q, v);
@@ -507,13 +524,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> additive_bwd(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& w,
     const c10::optional<Tensor>& key_lengths, bool causal, const Tensor& out, const Tensor& lse,
     int64_t window_left, int64_t window_right, const c10::optional<Tensor>& rel_bias,
-    const c10::optional<Tensor>& alibi_slopes) {
+    const c10::optional<Tensor>& alibi_slopes, const c10::optional<Tensor>& cu_seqlens_q,
+    const c10::optional<Tensor>& cu_seqlens_k) {
   const char* op = "fusedattn_cpu::additive_bwd";
   const Isa isa = current_isa();  // once per call
   check_qkv(op, q, k, v);
   check_w(op, w, q);
   check_bwd(op, dout, out, lse, q, v);
   Problem p = make_problem(q, k, v, read_lengths(op, key_lengths, q.size(0), k.size(2)), causal);
+  set_varlen(op, p, cu_seqlens_q, cu_seqlens_k, key_lengths.has_value() && key_lengths->defined());
   std::vector<Tensor> keep;
   set_modifiers(op, p, window_left, window_right, 0.0, rel_bias, alibi_slopes, keep);
   if (empty_problem(p))
@@ -550,12 +569,15 @@ std::tuple<Tensor, Tensor> dot_fwd(const Tensor& q, const Tensor& k, const Tenso
                                    const c10::optional<Tensor>& key_lengths, double scale, bool causal,
                                    int64_t window_left, int64_t window_right, double softcap,
                                    const c10::optional<Tensor>& rel_bias,
-                                   const c10::optional<Tensor>& alibi_slopes) {
+                                   const c10::optional<Tensor>& alibi_slopes,
+                                   const c10::optional<Tensor>& cu_seqlens_q,
+                                   const c10::optional<Tensor>& cu_seqlens_k) {
   const char* op = "fusedattn_cpu::dot_fwd";
   const Isa isa = current_isa();  // once per call
   check_qkv(op, q, k, v);
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
   Problem p = make_problem(q, k, v, read_lengths(op, key_lengths, q.size(0), k.size(2)), causal);
+  set_varlen(op, p, cu_seqlens_q, cu_seqlens_k, key_lengths.has_value() && key_lengths->defined());
   std::vector<Tensor> keep;
   set_modifiers(op, p, window_left, window_right, softcap, rel_bias, alibi_slopes, keep);
   if (empty_problem(p)) return empty_fwd(q, v);
@@ -584,13 +606,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dot_bwd(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
     const c10::optional<Tensor>& key_lengths, double scale, bool causal, const Tensor& out, const Tensor& lse,
     int64_t window_left, int64_t window_right, double softcap, const c10::optional<Tensor>& rel_bias,
-    const c10::optional<Tensor>& alibi_slopes) {
+    const c10::optional<Tensor>& alibi_slopes, const c10::optional<Tensor>& cu_seqlens_q,
+    const c10::optional<Tensor>& cu_seqlens_k) {
   const char* op = "fusedattn_cpu::dot_bwd";
   const Isa isa = current_isa();  // once per call
   check_qkv(op, q, k, v);
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
   check_bwd(op, dout, out, lse, q, v);
   Problem p = make_problem(q, k, v, read_lengths(op, key_lengths, q.size(0), k.size(2)), causal);
+  set_varlen(op, p, cu_seqlens_q, cu_seqlens_k, key_lengths.has_value() && key_lengths->defined());
   std::vector<Tensor> keep;
   set_modifiers(op, p, window_left, window_right, softcap, rel_bias, alibi_slopes, keep);
   if (empty_problem(p)) return {f32_zeros(q), f32_zeros(k), f32_zeros(v), rel_grad_zeros(rel_bias)};
@@ -647,9 +671,10 @@ std::string gemm_path(c10::string_view dtype) {
 TORCH_LIBRARY(fusedattn_cpu, m) {
   // the trailing window / softcap / bias arguments are fusedattn.spec's modifiers (defaults: none);
   // the backward ops return the rel_bias gradient last (an empty tensor without rel_bias)
-#define MODS "int window_left=-1, int window_right=-1, Tensor? rel_bias=None, Tensor? alibi_slopes=None"
+#define MODS "int window_left=-1, int window_right=-1, Tensor? rel_bias=None, Tensor? alibi_slopes=None, " \
+             "Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None"
 #define DOT_MODS "int window_left=-1, int window_right=-1, float softcap=0., Tensor? rel_bias=None, " \
-                 "Tensor? alibi_slopes=None"
+                 "Tensor? alibi_slopes=None, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None"
   m.def("additive_fwd(Tensor q, Tensor k, Tensor v, Tensor w, Tensor? key_lengths, bool causal, " MODS
         ") -> (Tensor, Tensor)");
   m.def("additive_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor w, Tensor? key_lengths, bool causal, "

@@ -177,8 +177,9 @@ void set_modifiers(const char* op, Problem& p, int64_t window_left, int64_t wind
   if (alibi_slopes.has_value() && alibi_slopes->defined()) {
     const at::Tensor& a = *alibi_slopes;
     const bool per_b = a.dim() == 2;
-    TORCH_CHECK((a.dim() == 1 && a.size(0) == p.H) || (per_b && a.size(0) == p.B && a.size(1) == p.H), op,
-                ": alibi_slopes must have shape (H,) or (B, H) = (", p.B, ", ", p.H, "), got ", a.sizes());
+    const int64_t nb = p.varlen() ? (int64_t)p.cq.size() - 1 : p.B;  // packed: a row per sequence
+    TORCH_CHECK((a.dim() == 1 && a.size(0) == p.H) || (per_b && a.size(0) == nb && a.size(1) == p.H), op,
+                ": alibi_slopes must have shape (H,) or (B, H) = (", nb, ", ", p.H, "), got ", a.sizes());
     keep.push_back(a.to(at::kFloat).contiguous());
     p.mods.alibi = keep.back().data_ptr<float>();
     p.mods.alibi_bstride = per_b ? p.H : 0;
@@ -190,11 +191,13 @@ void apply_mods(const Problem& p, int64_t b, int64_t h, int64_t i0, int nr, int6
   const Mods& m = p.mods;
   const Level level = current_isa().level;  // FUSEDATTN_CPU_ISA / set_level apply here too
   const float* rel = m.rel != nullptr ? m.rel + h * (2 * m.M - 1) + (m.M - 1) : nullptr;  // rel[d]
-  const float slope = m.alibi != nullptr ? m.alibi[b * m.alibi_bstride + h] : 0.f;
-  const int64_t shift = p.Lk - p.Lq, M1 = m.M - 1;
+  const int64_t M1 = m.M - 1;
   for (int i = 0; i < nr; ++i) {
     float* s = S + (int64_t)i * ldS;
-    const int64_t d0 = j0 - (i0 + i) - shift;  // distance of key j0; key j0 + j has d0 + j
+    const int64_t d0 = j0 - (i0 + i) - p.shift(i0 + i);  // distance of key j0; key j0 + j has d0 + j
+    // per batch row, or per sequence of a packed batch
+    const float slope =
+        m.alibi != nullptr ? m.alibi[(p.varlen() ? p.seq[i0 + i] : b) * m.alibi_bstride + h] : 0.f;
     float* t = T != nullptr ? T + (int64_t)i * ldS : nullptr;
     if (level == Level::avx512) {  // the scale folded into the first modifier
       if (m.softcap > 0.f) softcap_avx512(s, t, nc, m.softcap, pre);
@@ -222,11 +225,10 @@ void apply_mods(const Problem& p, int64_t b, int64_t h, int64_t i0, int nr, int6
 void mods_backward(const Problem& p, int64_t i0, int nr, int64_t j0, int nc, float* dS, const float* P, int ldS,
                    const float* T, double* drel) {
   const Mods& m = p.mods;
-  const int64_t shift = p.Lk - p.Lq;
   for (int i = 0; i < nr; ++i) {
     float* ds = dS + (int64_t)i * ldS;
     if (m.rel != nullptr) {  // drel[d + M - 1] += dS, as apply_mods reads rel: three segments
-      const int64_t M1 = m.M - 1, d0 = j0 - (i0 + i) - shift, n = 2 * M1 + 1;
+      const int64_t M1 = m.M - 1, d0 = j0 - (i0 + i) - p.shift(i0 + i), n = 2 * M1 + 1;
       const float* pr = P + (int64_t)i * ldS;
       const int lo = (int)std::clamp<int64_t>(-M1 - d0, 0, nc), hi = (int)std::clamp<int64_t>(M1 - d0 + 1, lo, nc);
       double below = 0.0, above = 0.0, pbelow = 0.0, pabove = 0.0;

@@ -96,7 +96,10 @@ def test_rel_bias_gradcheck(score):
 
 @pytest.mark.parametrize("score", ["additive", "dot"])
 def test_varlen_equals_separate_calls(score):
-    """Each packed sequence gives what a dense call on that sequence alone gives (every backend here)."""
+    """Each packed sequence gives what a dense call on that sequence alone gives (every backend here):
+    bit for bit where the backend runs a packed batch per sequence (reference), within float32
+    rounding where one call runs the whole batch (cpu: its tiles start elsewhere, so its sums round
+    in another order)."""
     lens = [(5, 9), (0, 4), (12, 12), (3, 0), (1, 7)]
     H, Hk, D, Dv = 4, 2, 12, 6
     g = torch.Generator().manual_seed(3)
@@ -121,8 +124,9 @@ def test_varlen_equals_separate_calls(score):
             args = (qb, kb, vb, w) if score == "additive" else (qb, kb, vb)
             fn = fusedattn.additive_attention if score == "additive" else fusedattn.dot_product_attention
             ob, lb = fn(*args, causal=True, return_lse=True, backend=backend)
-            torch.testing.assert_close(out[q0:q0 + a], ob[0].transpose(0, 1), rtol=0, atol=0)
-            torch.testing.assert_close(lse[:, q0:q0 + a], lb[0], rtol=0, atol=0)
+            tol = dict(rtol=0, atol=0) if backend == "reference" else dict(rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(out[q0:q0 + a], ob[0].transpose(0, 1), **tol)
+            torch.testing.assert_close(lse[:, q0:q0 + a], lb[0], **tol)
 
 
 def test_window_matches_an_explicit_mask():

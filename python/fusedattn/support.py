@@ -18,8 +18,8 @@ _SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", 
 
 def support_matrix() -> list[dict]:
     """One row per registered backend: devices, dtypes, scores, modifiers (``varlen`` is served by
-    every backend, per sequence where the kernels do not declare it), max head dim, and whether it is
-    usable in this process (``None``) or why not."""
+    every backend, per sequence where the kernels do not declare it: the row's ``varlen`` says which),
+    max head dim, and whether it is usable in this process (``None``) or why not."""
     rows = []
     for name in backends.names():
         b = backends.get(name)
@@ -32,6 +32,8 @@ def support_matrix() -> list[dict]:
             "dtypes": [_SHORT[d] for d in _DTYPES if d in b.dtypes],
             "scores": sorted(b.scores),
             "modifiers": [m for m in MODIFIERS if m in b.serves()],
+            # a packed batch in one kernel call, or one call per sequence (Backend.forward)
+            "varlen": "one call" if "varlen" in b.modifiers else "per sequence",
             "max_head_dim": b.max_head_dim if b.max_head_dim < (1 << 30) else None,
             "available": b.unavailable_reason(),
         })
@@ -50,7 +52,8 @@ def markdown() -> str:
             continue
         here = "yes" if r["available"] is None else f"no: {r['available']}"
         cells = [r["backend"], ", ".join(r["devices"]), *(yes(_SHORT[d] in r["dtypes"]) for d in _DTYPES),
-                 ", ".join(r["scores"]), *(yes(m in r["modifiers"]) for m in MODIFIERS),
+                 ", ".join(r["scores"]),
+                 *(r["varlen"] if m == "varlen" else yes(m in r["modifiers"]) for m in MODIFIERS),
                  str(r["max_head_dim"] or "any"), here]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from .base import Backend, Grads
+from .base import Backend, Grads, _varlen_backward, _varlen_forward
 
 _LOAD_ERROR: Optional[str] = None
 _LOADED = False
@@ -91,13 +91,24 @@ def _isa_error() -> Optional[str]:
     return _ISA_ERROR
 
 
+def _all_finite(*ts: torch.Tensor) -> bool:
+    """Whether every element is finite (one sum each: a NaN or an infinity makes the sum non-finite;
+    a sum that overflows says False too). A packed call multiplies the softmax's exact zeros by the
+    values (and, backward, by dO) of rows next to a sequence's own in the same tile: 0 * x = 0 for
+    every finite x, but a NaN or infinity there would reach another sequence. Such calls run per
+    sequence, as separate calls would."""
+    return all(bool(torch.isfinite(t.sum())) for t in ts if t.numel())
+
+
 class CpuBackend(Backend):
     name = "cpu"
     devices = frozenset({"cpu"})
     dtypes = frozenset({torch.float32, torch.bfloat16, torch.float16})
     description = ("fused C++ kernels (AVX-512 / AVX2+FMA / scalar, chosen at run time), float32 "
                    "compute, online softmax; never stores an Lq x Lk tensor")
-    modifiers = frozenset({"key_lengths", "causal", "window", "softcap", "rel_bias", "alibi"})
+    # varlen natively: one op call over the packed batch (each row's keys, masks and distances are its
+    # sequence's), not a call per sequence
+    modifiers = frozenset({"key_lengths", "causal", "window", "softcap", "rel_bias", "alibi", "varlen"})
     f32_out = True  # the C++ ops return out and dq, dk, dv, dw in float32
 
     def unavailable_reason(self) -> Optional[str]:
@@ -113,20 +124,20 @@ class CpuBackend(Backend):
         return super().not_supported_reasons(spec, q, k, v)
 
     def forward(self, spec, q, k, v, w, out32: bool = False):
-        if spec.varlen:
-            return super().forward(spec, q, k, v, w, out32)
+        if spec.varlen and not _all_finite(v):
+            return _varlen_forward(self, spec, q, k, v, w, out32)
         mods = (spec.window_left, spec.window_right)
-        tail = (spec.rel_bias, spec.alibi_slopes)
+        tail = (spec.rel_bias, spec.alibi_slopes, spec.cu_seqlens_q, spec.cu_seqlens_k)
         if spec.additive:
             return torch.ops.fusedattn_cpu.additive_fwd(q, k, v, w, spec.key_lengths, False, *mods, *tail)
         return torch.ops.fusedattn_cpu.dot_fwd(q, k, v, spec.key_lengths, float(spec.scale), False, *mods,
                                                float(spec.softcap), *tail)
 
     def backward(self, spec, dout, q, k, v, w, out, lse):
-        if spec.varlen:
-            return super().backward(spec, dout, q, k, v, w, out, lse)
+        if spec.varlen and not _all_finite(v, dout):
+            return _varlen_backward(self, spec, dout, q, k, v, w, out, lse)
         mods = (spec.window_left, spec.window_right)
-        tail = (spec.rel_bias, spec.alibi_slopes)
+        tail = (spec.rel_bias, spec.alibi_slopes, spec.cu_seqlens_q, spec.cu_seqlens_k)
         if spec.additive:
             dq, dk, dv, dw, drb = torch.ops.fusedattn_cpu.additive_bwd(
                 dout, q, k, v, w, spec.key_lengths, False, out, lse, *mods, *tail)

@@ -4,7 +4,8 @@
 
 * varlen: a batch of sequences with lengths uniform in ``[L/8, L]`` (fixed seed), packed, against
   the same sequences in separate calls and against one padded ``(B, H, L, D)`` call with
-  ``key_lengths`` (padded query rows included, as a padded batch has them); causal and not.
+  ``key_lengths`` (padded query rows included, as a padded batch has them); causal and not; and 1,000
+  short sequences (lengths in ``[8, 64]``, causal), where the calls per sequence cost most.
 * window: ``window=(256, 0)`` at ``--window-length`` against the causal call, the causal time scaled
   by the allowed fraction of (query, key) pairs.
 * softcap / rel_bias / alibi: forward time against the plain forward at ``--length``.
@@ -147,6 +148,8 @@ def main(argv=None):
         D, H = (64, 4) if score == "dot" else (64, 1)
         for causal in (False, True):
             recs.append(varlen(score, L, H, D, 8, causal, 2))
+        # many short sequences: what a packed call saves over a call per sequence
+        recs.append(varlen(score, 64, H, D, 1000, True, 3))
         recs.append(window(score, WL, H if score == "dot" else 1, D, 256, 3))
         # a few per cent on calls of 10-100 ms: 5 calls of each variant per round, 3 rounds
         recs.append(overhead(score, L if score == "dot" else L // 2, H, D, 3, 5))
