@@ -44,12 +44,14 @@ _CASES = [
     Case(H=2, Hk=1, D=20, Dv=12, seqlens=_MIXED, window=(9, 2), rel_bias=12, alibi="BH"),
     Case(H=2, Hk=2, D=17, Dv=17, seqlens=_CROSS),
     Case(H=4, Hk=1, D=33, Dv=16, seqlens=_MIXED, causal=True, alibi="H", window=(40, -1)),
+    # decoding: one query per sequence against its keys (the forward splits the keys: few query tiles)
+    Case(H=2, Hk=1, D=16, Dv=16, seqlens=((1, 300), (1, 0), (1, 1), (2, 517), (1, 64)) * 3, causal=True),
 ]
 
 
 @pytest.mark.parametrize("level", ISA_LEVELS)
 @pytest.mark.parametrize("score", ["additive", "dot"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("n", range(len(_CASES)))
 def test_level_varlen_matches_reference(level, score, dtype, n, isa_level):
     _need(level)
