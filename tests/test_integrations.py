@@ -352,3 +352,76 @@ def test_broadcast_masks_run_fused_like_sdpa():
             warnings.simplefilter("error", fa_hf.SdpaFallbackWarning)
             ours, _ = fa_hf.attention_forward(module, q, k, v, mask)
         torch.testing.assert_close(ours, sdpa_attention_forward(module, q, k, v, mask)[0])
+
+
+_PACK = [5, 9, 3, 8]
+
+
+def _packed_and_padded(seed=4):
+    """The same sequences as a padding-free packed batch (flash attention's kwargs) and right-padded."""
+    ids = _ids(B=len(_PACK), L=max(_PACK), seed=seed)
+    seqs = [ids[b, :n].tolist() for b, n in enumerate(_PACK)]
+    col = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_position_ids=True)
+    packed = col([{"input_ids": s} for s in seqs])
+    mask = torch.tensor([[1] * n + [0] * (max(_PACK) - n) for n in _PACK])
+    padded = dict(input_ids=ids.masked_fill(mask == 0, 0), attention_mask=mask,
+                  labels=ids.masked_fill(mask == 0, -100))
+    return packed, padded, mask.bool()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_padding_free_packing_matches_padded_sdpa(family):
+    """DataCollatorWithFlattening(return_flash_attn_kwargs=True) hands the attention function no mask
+    and cu_seq_lens_q/k (what flash attention takes): each packed sequence attends to itself only
+    (mistral: with its sliding window of 4), logits and loss gradients as SDPA on the padded batch."""
+    models = _models(_config(family))
+    packed, padded, valid = _packed_and_padded()
+    ref, ours, truth = models
+    for m in models:
+        m.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fa_hf.SdpaFallbackWarning)
+        out_ours = ours(**packed)
+        out_ours.loss.backward()
+    out_ref, out_truth = ref(**padded), truth(**padded)
+    out_ref.loss.backward()
+    out_truth.loss.backward()
+    _as_close_as_sdpa(out_ours.logits[0], out_ref.logits[valid], out_truth.logits[valid], "logits")
+    for (name, p), q, t in zip(ref.named_parameters(), ours.parameters(), truth.parameters()):
+        _as_close_as_sdpa(q.grad, p.grad, t.grad, name)
+    # and the packing matters: the same packed ids without the kwargs run as one sequence
+    with torch.no_grad():
+        one = ours(input_ids=packed["input_ids"]).logits[0]
+    assert (one - out_ours.logits[0].detach()).abs().max() > 1e-2
+
+
+def test_packed_kwargs_that_are_not_a_packed_batch_are_refused():
+    _, ours = _pair(_config("llama"))
+    packed, _, _ = _packed_and_padded()
+    bad = dict(packed, cu_seq_lens_k=packed["cu_seq_lens_k"] + 1)
+    with pytest.raises(ValueError, match="cu_seq_lens_k"), torch.no_grad():
+        ours(**bad)
+    ids2 = torch.cat([packed["input_ids"]] * 2)
+    with pytest.raises(ValueError, match="packed batch"), torch.no_grad():
+        ours(input_ids=ids2, position_ids=torch.cat([packed["position_ids"]] * 2),
+             cu_seq_lens_q=packed["cu_seq_lens_q"], cu_seq_lens_k=packed["cu_seq_lens_k"])
+
+
+def test_packed_kwargs_without_a_mask_take_the_sliding_window_per_sequence():
+    """No mask, cu_seq_lens_q/k and sliding_window (flash attention's call): each sequence alone with
+    keys i - sliding_window < j <= i, as a dense call per sequence with window (sliding_window - 1, 0)."""
+    import fusedattn
+
+    g = torch.Generator().manual_seed(5)
+    lens = [6, 1, 11]
+    q, k, v = (torch.randn(1, 4, sum(lens), 8, generator=g) for _ in range(3))
+    cu = torch.tensor([0, 6, 7, 18], dtype=torch.int32)
+    module = torch.nn.Module()
+    module.is_causal = True
+    out, _ = fa_hf.attention_forward(module, q, k, v, None, scaling=0.3, sliding_window=3, cu_seq_lens_q=cu,
+                                     cu_seq_lens_k=cu)
+    assert out.shape == (1, sum(lens), 4, 8)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        sl = [t[:, :, a:b] for t in (q, k, v)]
+        want = fusedattn.dot_product_attention(*sl, scale=0.3, window=(2, 0), backend="reference")
+        torch.testing.assert_close(out[0, a:b], want[0].transpose(0, 1), rtol=1e-5, atol=1e-6)

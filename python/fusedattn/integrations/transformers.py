@@ -19,7 +19,10 @@ layers share it), into what the fused kernels take:
 The mask is checked, not assumed: the plan is used only if, for every query row, the keys it
 allows are exactly the keys the mask allows (a row no key reaches gives 0, as SDPA does).
 Without a mask it follows SDPA's reading of ``is_causal`` (top-left alignment: a StaticCache
-prefill with ``Lq`` queries against more cache slots sees only the first ``Lq`` keys).
+prefill with ``Lq`` queries against more cache slots sees only the first ``Lq`` keys). Without a mask
+but with ``cu_seq_lens_q/k`` (padding-free packing, ``DataCollatorWithFlattening(
+return_flash_attn_kwargs=True)``) it runs the packed sequences as flash attention does: each sequence
+alone, causal, with the sliding window per sequence.
 T5-style ``position_bias`` ``(1 | B, H, Lq, Lk)`` becomes ``rel_bias`` when it depends only on
 ``j - i`` (Toeplitz; T5's bucketed bias is), and stays differentiable.
 
@@ -244,6 +247,35 @@ def _fallback(reason: str, module, query, key, value, attention_mask, dropout, s
                                   sliding_window=sliding_window, **kwargs)
 
 
+def _packed_kwargs_forward(query, key, value, scaling, causal, window, position_bias, softcap, kwargs):
+    """Padding-free packing as transformers hands it to flash attention (``DataCollatorWithFlattening(
+    return_flash_attn_kwargs=True)``): ``B == 1`` and the sequences' boundaries in ``cu_seq_lens_q/k``;
+    runs the packed batch through the varlen function, each sequence alone with the causal mask or
+    window the model asks for, as flash attention does."""
+    B, H, Lq, _ = query.shape
+    Lk = key.shape[2]
+    cu = [kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")]
+    for n, (name, t) in enumerate((("cu_seq_lens_q", cu[0]), ("cu_seq_lens_k", cu[1]))):
+        if t is None:
+            cu[n] = cu[1 - n]  # flash attention's rule: one of them stands for both
+        elif not isinstance(t, Tensor) or t.dim() != 1 or t.dtype not in (torch.int32, torch.int64):
+            got = type(t).__name__ if not isinstance(t, Tensor) else (t.dtype, tuple(t.shape))
+            raise ValueError(f"{name} must be a 1-D integer tensor, got {got}")
+    cu_q, cu_k = (t.to(device=query.device, dtype=torch.int32) for t in cu)
+    if B != 1 or int(cu_q[-1]) != Lq or int(cu_k[-1]) != Lk:
+        raise ValueError("fusedattn attention serves cu_seq_lens_q/k for a packed batch (padding-free "
+                         f"training): batch 1 with cu_seq_lens_q[-1] == Lq and cu_seq_lens_k[-1] == Lk; got "
+                         f"query {tuple(query.shape)}, key {tuple(key.shape)}, cu_seq_lens_q[-1]="
+                         f"{int(cu_q[-1])}, cu_seq_lens_k[-1]={int(cu_k[-1])} (continuous batching and paged "
+                         "caches are not supported)")
+    if position_bias is not None:
+        raise ValueError("fusedattn attention takes no position_bias with cu_seq_lens_q/k (packed sequences)")
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (total, H, D)
+    out = api.dot_product_attention_varlen(q, k, v, cu_q, cu_k, scale=scaling, softcap=float(softcap or 0.0),
+                                           causal=causal, window=window, backend=_BACKEND["name"])
+    return out[None].contiguous(), None
+
+
 def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                       attention_mask: Optional[Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
                       is_causal: Optional[bool] = None, position_bias: Optional[Tensor] = None,
@@ -258,10 +290,7 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
                          "recompute them with fusedattn.attention_weights")
     if s_aux is not None:
         raise ValueError("fusedattn attention does not support attention sinks (s_aux)")
-    if attention_mask is None and any(kwargs.get(n) is not None for n in ("cu_seq_lens_q", "cu_seq_lens_k")):
-        raise ValueError("fusedattn attention takes padding and packing from the attention mask; packed "
-                         "cu_seq_lens_q/k without a mask (continuous batching, paged caches) are not "
-                         "supported")
+    packed_kw = any(kwargs.get(n) is not None for n in ("cu_seq_lens_q", "cu_seq_lens_k"))
     for name, t in (("query", query), ("key", key), ("value", value)):
         api._check_tensor(name, t, 4, "(B, H, L, D)")
     for name, t in (("attention_mask", attention_mask), ("position_bias", position_bias)):
@@ -277,6 +306,13 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
         return _fallback(f"attention dropout {dropout} > 0 (training)", *args)
     B, H, Lq, _ = query.shape
     Lk = key.shape[2]
+    if packed_kw and attention_mask is None:
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+        window = None
+        if sliding_window is not None:  # flash attention's window_size=(sliding_window - 1, ...)
+            window = (int(sliding_window) - 1, 0 if causal else int(sliding_window) - 1)
+        return _packed_kwargs_forward(query, key, value, scaling, causal, window, position_bias, softcap,
+                                      kwargs)
     Lk_bias = Lk  # a position_bias covers the keys as passed (before a StaticCache prefill's crop below)
     causal, window, plan = False, None, None
     if attention_mask is None:
@@ -292,6 +328,14 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
             return m if isinstance(m, str) else _plan(m)
 
         plan = _MASKS.get(attention_mask, (B, H, Lq, Lk), make)
+        if packed_kw:  # the mask over the whole packed row (a sliding window's): its window, per sequence
+            if isinstance(plan, str) or plan.rows is not None or plan.key_lengths is not None:
+                raise ValueError("fusedattn attention takes cu_seq_lens_q/k (packed sequences) with no mask "
+                                 "or with a causal / sliding-window mask over the packed row, not padding")
+            causal = plan.window == (-1, 0)
+            window = None if causal or plan.window == (-1, -1) else plan.window
+            return _packed_kwargs_forward(query, key, value, scaling, causal, window, position_bias, softcap,
+                                          kwargs)
         if isinstance(plan, str):
             return _fallback(plan, *args)
         shift = plan.shift
