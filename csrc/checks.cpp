@@ -94,10 +94,6 @@ Problem make_problem(const Tensor& q, const Tensor& k, const Tensor& v,
 
 bool empty_problem(const Problem& p) { return p.B == 0 || p.H == 0 || p.Lq == 0 || p.Lk == 0; }
 
-}  // namespace fusedattn_cpu
-
-namespace fusedattn_cpu {
-
 namespace {
 std::vector<int64_t> read_cu(const char* op, const char* name, const Tensor& t, int64_t total) {
   TORCH_CHECK(t.defined() && t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
