@@ -116,6 +116,20 @@ def test_varlen_is_one_native_call(score, monkeypatch):
     assert calls == [1, 2] and all(torch.isfinite(t).all() for t in res)
 
 
+def test_float16_values_with_a_large_sum_stay_one_call(monkeypatch):
+    """The finiteness check sums in float32: a float16 sum of ordinary values passes 65504."""
+    def refuse(*a, **k):
+        raise AssertionError("the per-sequence path ran")
+
+    monkeypatch.setattr(cpu_backend, "_varlen_forward", refuse)
+    monkeypatch.setattr(cpu_backend, "_varlen_backward", refuse)
+    q, k, v, w, cq, ck = _packed("dot", _MIXED, Dv=64, dtype=torch.float16)
+    v = torch.full_like(v, 4.0)  # sum 4 * 499 keys * 2 heads * 64 = 255,488
+    assert not torch.isfinite(v.sum())
+    res = _run("dot", q, k, v, w, cq, ck, causal=True)
+    assert all(torch.isfinite(t).all() for t in res)
+
+
 @pytest.mark.parametrize("score", ["additive", "dot"])
 @pytest.mark.parametrize("where", ["v", "dout", "q", "k"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])

@@ -92,12 +92,13 @@ def _isa_error() -> Optional[str]:
 
 
 def _all_finite(*ts: torch.Tensor) -> bool:
-    """Whether every element is finite (one sum each: a NaN or an infinity makes the sum non-finite;
-    a sum that overflows says False too). A packed call multiplies the softmax's exact zeros by the
-    values (and, backward, by dO) of rows next to a sequence's own in the same tile: 0 * x = 0 for
-    every finite x, but a NaN or infinity there would reach another sequence. Such calls run per
-    sequence, as separate calls would."""
-    return all(bool(torch.isfinite(t.sum())) for t in ts if t.numel())
+    """Whether every element is finite (one float32 sum each: a NaN or an infinity makes the sum
+    non-finite; a sum that overflows says False too, and that call runs per sequence). A packed call
+    multiplies the softmax's exact zeros by the values (and, backward, by dO) of rows next to a
+    sequence's own in the same tile: 0 * x = 0 for every finite x, but a NaN or infinity there would
+    reach another sequence. Such calls run per sequence, as separate calls would."""
+    # float32 sums: a float16 sum overflows past 65504 for ordinary values
+    return all(bool(torch.isfinite(t.sum(dtype=torch.float32))) for t in ts if t.numel())
 
 
 class CpuBackend(Backend):
