@@ -1,44 +1,27 @@
 // fusedattn_cpu: fused additive and dot-product attention for the CPU, forward and backward.
 //
-// Ops (schemas in TORCH_LIBRARY below; each also takes the window, softcap (dot), rel_bias and
-// alibi_slopes, and cu_seqlens_q / cu_seqlens_k for a packed batch of sequences):
-//   additive_fwd(q, k, v, w, key_lengths?, causal, ...) -> (out, lse)
-//   additive_bwd(dout, q, k, v, w, key_lengths?, causal, out, lse, ...) -> (dq, dk, dv, dw, drel_bias)
-//   dot_fwd(q, k, v, key_lengths?, scale, causal, ...) -> (out, lse)
-//   dot_bwd(dout, q, k, v, key_lengths?, scale, causal, out, lse, ...) -> (dq, dk, dv, drel_bias)
-// Packed batches (cu_seqlens): q (1, H, total_q, D), k and v (1, Hk, total_k, .); one call runs every
-// sequence. Each row's allowed keys are its sequence's (Problem::lo / lim, per sequence; both stay
-// non-decreasing over the packed rows), so the tiles below run across sequence boundaries unchanged,
-// and the rows of a tile run in groups that stop at each boundary (group_rows), so a group computes
-// only its sequence's keys (from a multiple of 16: up to 15 keys of the sequence before, with a
-// softmax weight of exactly 0; the Python backend runs a call whose values or output gradient hold
-// a NaN or an infinity per sequence instead, since 0 times those is not 0).
-// The forward ops return out, the backward ops dq, dk, dv, dw in float32 for every input dtype (the
-// caller rounds them; ring attention sums the gradients of blocks unrounded); the backward ops take
-// out in float32 or in the input dtype; the rel_bias gradient comes in rel_bias's dtype. delta = rowsum(dout * out) from the float32 output
-// keeps each row's dS summing to ~0, which the gradients that sum dS over rows (dw, drel_bias) need
-// at 16-bit inputs: from the rounded output the row residuals add up (see docs/ARCHITECTURE.md).
+// Ops (schemas in TORCH_LIBRARY below): additive_fwd, additive_bwd, dot_fwd, dot_bwd, each with the
+// window, softcap (dot), rel_bias, alibi_slopes and, for a packed batch, cu_seqlens_q / cu_seqlens_k
+// (q (1, H, total_q, D): every sequence in one call; Problem in checks.h gives each row its sequence's
+// keys and distances, and the row groups below end at sequence boundaries; docs/ARCHITECTURE.md).
+// out, dq, dk, dv, dw come back in float32 for every input dtype (the caller rounds them; ring
+// attention sums blocks' gradients unrounded); the backward takes out in float32 or the input dtype,
+// and delta = rowsum(dout * out) from the float32 output keeps each row's dS summing to ~0, which the
+// row-summed gradients (dw, drel_bias) need at 16-bit inputs (see docs/ARCHITECTURE.md).
 //
-// Layout: the launchers make q, k, v (and w, dout, out) contiguous float32 (a copy only when they
-// are strided or bfloat16); that is O(L*D) against the O(Lq*Lk*D) work. No Lq x Lk tensor is ever
-// stored: work is done on (query tile x key tile) blocks held in per-thread scratch. Tiles go
-// through the sgemm bundled with libtorch_cpu (QK^T, PV and the backward products; bf16 QK^T and
-// dO.V^T through its 16-bit gemm where the CPU multiplies bf16 in hardware, gemm.h) and through the
-// per-ISA loops of kernels*.cpp (additive scores, softmax exponentials), level chosen in isa.cpp.
-//
-// Additive scores use tanh(x + y) = 1 - 2 / (1 + e^{2x} e^{2y}) with e^{2q} per query row and
-// e^{2k} per key row computed once per call; a row with some |value| > 20 (or NaN) is flagged and
-// its pairs use tanh directly, so the result is accurate for every finite input.
-//
+// Layout: the launchers make q, k, v (and w, dout, out) contiguous float32 (a copy in scratch only
+// when they are strided or 16-bit), O(L*D) against the O(Lq*Lk*D) work; no Lq x Lk tensor is stored:
+// (query tile x key tile) blocks live in per-thread scratch. Products: oneDNN's brgemm at the avx512
+// level, else MKL's sgemm or 16-bit gemm (gemm.h); the per-ISA loops of kernels*.cpp do the rest.
+// Additive scores use tanh(x + y) = 1 - 2 / (1 + e^{2x} e^{2y}) with per-row e^{2q} and e^{2k}; a row
+// with some |value| > 20 (or NaN) is flagged and its pairs use tanh directly.
 // Forward: work items (batch, head, query tile, key split); each owns its output rows. When there
 // are few items (a decoder step against long keys) the keys are split and the partial results are
 // merged by their log-sum-exp. The split count depends only on the sizes, never on the thread
 // count, so results are bitwise equal for any number of threads.
-//
 // Backward: work items (batch, kv head, key chunk); an item owns the dK/dV rows of its key tiles
 // (grouped query heads are summed inside the item) and writes dQ into a buffer private to its key
 // chunk; the chunk buffers (and dw partials) are then summed in a fixed order.
-//
 // Masks: a tile only computes the keys (forward) or key columns (backward) its rows may see. Where
 // a window edge (or the start of a causal mask) cuts a tile diagonally, the forward runs it in
 // sub-tiles of BR query rows and the backward its key tile in query blocks of BR rows, each over
